@@ -1,0 +1,102 @@
+//! `Emitter`: appends new nodes and initializers to a graph under unique, readable names.
+
+use std::collections::HashMap;
+
+use super::proto::{AttributeProto, NodeProto, TensorProto};
+use super::tensor;
+
+/// Collects the nodes and initializers a rewrite adds. Names are `<prefix><label>` plus a counter when needed.
+pub struct Emitter {
+    pub nodes: Vec<NodeProto>,
+    pub initializers: Vec<TensorProto>,
+    prefix: String,
+    used: HashMap<String, usize>,
+    consts: HashMap<String, String>,
+}
+
+impl Emitter {
+    pub fn new(prefix: &str) -> Self {
+        Emitter { nodes: Vec::new(), initializers: Vec::new(), prefix: prefix.to_string(), used: HashMap::new(), consts: HashMap::new() }
+    }
+
+    /// Changes the prefix of the names made from now on (one per backward chain).
+    pub fn set_prefix(&mut self, prefix: &str) {
+        self.prefix = prefix.to_string();
+    }
+
+    /// A fresh tensor name derived from `label`.
+    pub fn fresh(&mut self, label: &str) -> String {
+        let base = format!("{}{}", self.prefix, label);
+        let n = self.used.entry(base.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 { base } else { format!("{base}.{}", *n - 1) }
+    }
+
+    /// Adds a node with one output and returns the output's name.
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, label: &str) -> String {
+        let out = self.fresh(label);
+        self.op_into(op, inputs, attrs, &out);
+        out
+    }
+
+    /// Adds a node whose single output has the given exact name.
+    pub fn op_into(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, output: &str) {
+        self.nodes.push(NodeProto {
+            name: Some(output.to_string()),
+            op_type: Some(op.to_string()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.to_string()],
+            attribute: attrs,
+            ..Default::default()
+        });
+    }
+
+    /// Adds a node with several outputs.
+    pub fn op_n(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, label: &str, n: usize) -> Vec<String> {
+        let outputs: Vec<String> = (0..n).map(|i| self.fresh(&format!("{label}.{i}"))).collect();
+        self.nodes.push(NodeProto {
+            name: Some(outputs[0].clone()),
+            op_type: Some(op.to_string()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.clone(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        outputs
+    }
+
+    /// A float32 initializer; identical constants are shared.
+    pub fn const_f32(&mut self, dims: &[i64], data: &[f32]) -> String {
+        let key = format!("f{dims:?}{:?}", data.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        self.constant(key, |name| tensor::f32_tensor(name, dims, data))
+    }
+
+    pub fn const_i64(&mut self, dims: &[i64], data: &[i64]) -> String {
+        let key = format!("i{dims:?}{data:?}");
+        self.constant(key, |name| tensor::i64_tensor(name, dims, data))
+    }
+
+    /// A float32 scalar (rank 0).
+    pub fn scalar(&mut self, v: f32) -> String {
+        self.const_f32(&[], &[v])
+    }
+
+    /// A 1-D int64 tensor.
+    pub fn ints(&mut self, v: &[i64]) -> String {
+        self.const_i64(&[v.len() as i64], v)
+    }
+
+    fn constant(&mut self, key: String, make: impl FnOnce(&str) -> TensorProto) -> String {
+        if key.len() < 256 {
+            if let Some(name) = self.consts.get(&key) {
+                return name.clone();
+            }
+        }
+        let name = format!("camserve/const/{}", self.initializers.len());
+        self.initializers.push(make(&name));
+        if key.len() < 256 {
+            self.consts.insert(key, name.clone());
+        }
+        name
+    }
+}
