@@ -1,0 +1,23 @@
+# camserve: the two commands a newcomer needs are `make serve` and `make test` (see README.md).
+CARGO ?= cargo
+
+.PHONY: serve test ort build fixtures
+
+# ONNX Runtime's shared library from the PyPI wheel (pip download; nothing else is fetched).
+ort:
+	scripts/fetch-ort.sh
+
+build: ort
+	$(CARGO) build --release --locked
+
+# Serve the bundled demo model on 0.0.0.0:8080.
+serve: build
+	./target/release/camserve serve
+
+# Everything CI runs.
+test: ort
+	$(CARGO) test --locked
+
+# Regenerate the PyTorch reference fixtures (needs torch, torchvision, grad-cam: see tests/fixtures/README.md).
+fixtures:
+	python3 tests/fixtures/make_fixtures.py
