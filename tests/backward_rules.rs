@@ -266,6 +266,29 @@ fn batch_norm_inference() {
     });
 }
 
+#[test]
+fn layer_norm_last_axis() {
+    check(&DIMS, uniform(&mut rng(4), &DIMS, -1.0, 1.0), 1e-2, SMOOTH, |g| {
+        let x = g.x();
+        let scale = g.rand(&[7], 1.0);
+        let bias = g.rand(&[7], 1.0);
+        let y = g.op("LayerNormalization", &[&x, &scale, &bias], vec![a_f("epsilon", 1e-3)]);
+        let k = g.rand(&[1, 2, 7, 7], 1.0);
+        g.op("Mul", &[&y, &k], vec![])
+    });
+}
+
+#[test]
+fn layer_norm_channels_and_spatial() {
+    check(&DIMS, uniform(&mut rng(4), &DIMS, -1.0, 1.0), 1e-2, SMOOTH, |g| {
+        let x = g.x();
+        let scale = g.rand(&[2, 7, 7], 1.0);
+        let y = g.op("LayerNormalization", &[&x, &scale], vec![a_i("axis", 1)]);
+        let k = g.rand(&[1, 2, 7, 7], 1.0);
+        g.op("Mul", &[&y, &k], vec![])
+    });
+}
+
 // ---------------------------------------------------------------- activations
 
 /// Inputs at least `margin` away from every kink in `kinks`, within [-range, range].

@@ -132,7 +132,22 @@ impl Explainable {
             .filter(|o| deps.contains(*o) && **o != logits)
             .filter_map(|o| probed.dims(o).filter(|d| d.len() == 4).map(|d| LayerInfo { name: o.clone(), dims: d.to_vec() }))
             .collect();
-        let default_layer = layers.iter().rev().find(|l| l.dims[2] * l.dims[3] > 1).map(|l| l.name.clone());
+        // The default layer: the last 4-D tensor with spatial size > 1 before global pooling. Tensors computed
+        // after a global pooling (e.g. ConvNeXt's LayerNorm2d permutes [N,C,1,1] to [N,1,1,C]) do not count.
+        let pooled: HashSet<String> = path
+            .iter()
+            .map(|&i| &graph.node[i])
+            .filter(|n| {
+                let spatial = |t: &str| probed.dims(t).filter(|d| d.len() == 4).map(|d| d[2] * d[3]);
+                n.output.first().and_then(|o| spatial(o)) == Some(1) && spatial(&n.input[0]).is_some_and(|s| s > 1)
+            })
+            .flat_map(|n| index.dependents(graph, &n.output[0]))
+            .collect();
+        let default_layer = layers
+            .iter()
+            .rev()
+            .find(|l| l.dims[2] * l.dims[3] > 1 && !pooled.contains(&l.name))
+            .map(|l| l.name.clone());
         Ok(Explainable {
             model,
             index,

@@ -2,12 +2,13 @@
 
 use std::collections::HashMap;
 
-use super::{dy0, not_differentiable, BackwardRule, RuleCtx};
+use super::{dy0, norm_axis, not_differentiable, BackwardRule, RuleCtx};
 use crate::onnx::proto::NodeProto;
 use crate::onnx::{attr, OnnxError, Result};
 
 pub(super) fn register(m: &mut HashMap<&'static str, BackwardRule>) {
     m.insert("BatchNormalization", batch_norm);
+    m.insert("LayerNormalization", layer_norm);
 }
 
 fn batch_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Result<Vec<Option<String>>> {
@@ -41,4 +42,44 @@ fn batch_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs:
         }
     };
     Ok(vec![Some(ctx.mul(dy, &factor)), None, None, None, None])
+}
+
+fn layer_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Result<Vec<Option<String>>> {
+    // Over the normalised axes (axis..rank): xhat = (x - mean) * rstd, y = xhat * scale + bias, so with
+    // g = dy * scale:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+    if needs.iter().skip(1).any(|&n| n) {
+        return Err(not_differentiable(node, "scale or bias"));
+    }
+    let dy = dy0(node, dy)?;
+    let x = &node.input[0];
+    let xd = ctx.dims(x)?;
+    let axis = norm_axis(attr::int_or(node, "axis", -1), xd.len());
+    if axis <= 0 || axis as usize >= xd.len() {
+        return Err(OnnxError::node(node, "LayerNormalization over the batch axis"));
+    }
+    let axes: Vec<i64> = (axis..xd.len() as i64).collect();
+    let count: i64 = xd[axis as usize..].iter().product();
+    let eps = attr::float_or(node, "epsilon", 1e-5);
+    let a = ctx.e.ints(&axes);
+    let mut mean = |ctx: &mut RuleCtx, t: &str, label: &str| {
+        let s = ctx.e.op("ReduceSum", &[t, &a], vec![attr::make_int("keepdims", 1)], label);
+        ctx.mul_scalar(&s, 1.0 / count as f32)
+    };
+    let mu = mean(ctx, x, "ln_mean");
+    let xc = ctx.e.op("Sub", &[x, &mu], vec![], "ln_centred");
+    let sq = ctx.mul(&xc, &xc);
+    let var = mean(ctx, &sq, "ln_var");
+    let e = ctx.e.scalar(eps);
+    let ve = ctx.e.op("Add", &[&var, &e], vec![], "ln_var_eps");
+    let sd = ctx.e.op("Sqrt", &[&ve], vec![], "ln_std");
+    let rstd = ctx.e.op("Reciprocal", &[&sd], vec![], "ln_rstd");
+    let xhat = ctx.mul(&xc, &rstd);
+    let g = ctx.mul(dy, &node.input[1]);
+    let mg = mean(ctx, &g, "ln_mean_g");
+    let gx = ctx.mul(&g, &xhat);
+    let mgx = mean(ctx, &gx, "ln_mean_gx");
+    let t = ctx.mul(&xhat, &mgx);
+    let d1 = ctx.e.op("Sub", &[&g, &mg], vec![], "ln_d1");
+    let d2 = ctx.e.op("Sub", &[&d1, &t], vec![], "ln_d2");
+    Ok(vec![Some(ctx.mul(&rstd, &d2)), None, None])
 }
