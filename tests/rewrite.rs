@@ -361,3 +361,39 @@ fn dynamic_input_size_needs_a_size() {
     let ex = Explainable::analyse(model, &PrepareOptions { input_size: Some((20, 20)) }).unwrap();
     assert_eq!(ex.input_dims, vec![1, 3, 20, 20]);
 }
+
+#[test]
+fn targets_chosen_in_the_graph() {
+    // Rows: top-1, top-2, explicit class 4 (rank -1): the gradients must equal a plain plan with those seeds.
+    let ex = Explainable::analyse(small_cnn(), &PrepareOptions::default()).unwrap();
+    let layer = ex.default_layer.clone().unwrap();
+    let selecting = ex.build(&ExplainPlan::new(layer.clone(), [ReluRule::Guided]).with_target_selection()).unwrap();
+    let plain = ex.build(&ExplainPlan::new(layer, [ReluRule::Guided])).unwrap();
+    let mut r = rng(12);
+    let one = uniform(&mut r, &[1, 3, 16, 16], -1.0, 1.0);
+    let x = ndarray::concatenate(ndarray::Axis(0), &[one.view(), one.view(), one.view()]).unwrap();
+    let mut seed = ArrayD::<f32>::zeros(IxDyn(&[3, 5]));
+    seed[[2, 4]] = 1.0;
+    let mut s = session(&selecting, Level::All);
+    let vals: Vec<(String, ort::value::DynValue)> = vec![
+        ("x".into(), ort::value::Tensor::from_array(x.clone()).unwrap().into_dyn()),
+        (contract::SEED.into(), ort::value::Tensor::from_array(seed.clone()).unwrap().into_dyn()),
+        (contract::TARGET_RANK.into(), ort::value::Tensor::from_array(ndarray::arr1(&[0i64, 1, -1])).unwrap().into_dyn()),
+    ];
+    let out = s.run(vals).unwrap();
+    let logits = out[ex.logits.as_str()].try_extract_array::<f32>().unwrap().to_owned();
+    let chosen = out[contract::TARGET_INDEX].try_extract_array::<i64>().unwrap().to_owned();
+    let grads = out[contract::GRADIENTS].try_extract_array::<f32>().unwrap().to_owned();
+    let guided = out["camserve.input_grad.guided"].try_extract_array::<f32>().unwrap().to_owned();
+    let row: Vec<f32> = logits.index_axis(ndarray::Axis(0), 0).iter().copied().collect();
+    let mut order: Vec<usize> = (0..5).collect();
+    order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap());
+    assert_eq!(chosen[0], order[0] as i64);
+    assert_eq!(chosen[1], order[1] as i64);
+    let mut expected_seed = seed.clone();
+    expected_seed[[0, order[0]]] = 1.0;
+    expected_seed[[1, order[1]]] = 1.0;
+    let reference = run_explain(&plain, &x, &expected_seed, Level::All, &[contract::GRADIENTS, "camserve.input_grad.guided"]);
+    assert!(rel_err(&grads.into_dyn(), &reference[0]) < 1e-6);
+    assert!(rel_err(&guided.into_dyn(), &reference[1]) < 1e-6);
+}

@@ -8,6 +8,9 @@ pub const SEED: &str = "camserve.seed";
 pub const ACTIVATIONS: &str = "camserve.activations";
 pub const GRADIENTS: &str = "camserve.gradients";
 pub const INPUT_GRAD_PREFIX: &str = "camserve.input_grad.";
+/// Engine-internal extension (see `ExplainPlan::select_targets`).
+pub const TARGET_RANK: &str = "camserve.target_rank";
+pub const TARGET_INDEX: &str = "camserve.target_index";
 pub const META_CONTRACT: &str = "camserve.contract";
 pub const META_LAYER: &str = "camserve.layer";
 pub const META_RULES: &str = "camserve.rules";

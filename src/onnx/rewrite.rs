@@ -25,6 +25,11 @@ use super::{io, tensor, upgrade, OnnxError, Result};
 pub struct ExplainPlan {
     pub layer: String,
     pub rules: Vec<ReluRule>,
+    /// Adds the input `camserve.target_rank [N] int64`: a row with rank r >= 0 uses the one-hot of its r-th
+    /// highest logit as its seed (so "explain the top prediction" needs one run, not a forward pass first);
+    /// a row with rank < 0 uses its `camserve.seed` row. Also adds the output `camserve.target_index [N]`.
+    /// An engine-internal extension: files written by `camserve augment` follow the plain contract.
+    pub select_targets: bool,
 }
 
 impl ExplainPlan {
@@ -32,7 +37,12 @@ impl ExplainPlan {
         let mut rules: Vec<ReluRule> = rules.into_iter().collect();
         rules.sort();
         rules.dedup();
-        ExplainPlan { layer: layer.into(), rules }
+        ExplainPlan { layer: layer.into(), rules, select_targets: false }
+    }
+
+    pub fn with_target_selection(mut self) -> Self {
+        self.select_targets = true;
+        self
     }
 }
 
@@ -168,6 +178,22 @@ impl Explainable {
         super::default_opset(&self.model).unwrap_or(upgrade::TARGET_OPSET)
     }
 
+    /// The forward model alone: the image input and the logits output (a trailing Softmax removed), with a
+    /// dynamic batch dimension. Used for predictions without explanations.
+    pub fn forward_model(&self) -> Result<ModelProto> {
+        let mut model = self.model.clone();
+        let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
+        let logit_dims = self.probe.dims(&self.logits).unwrap_or(&[]).to_vec();
+        let with_batch = |d: &[i64]| -> Vec<Dim> {
+            std::iter::once(Dim::Param("N".into())).chain(d.iter().skip(1).map(|&v| Dim::Value(v))).collect()
+        };
+        graph.input = vec![value_info(&self.input, tensor::FLOAT, &with_batch(&self.input_dims))];
+        graph.output = vec![value_info(&self.logits, tensor::FLOAT, &with_batch(&logit_dims))];
+        graph.value_info.clear();
+        prune(graph);
+        Ok(model)
+    }
+
     pub fn layer(&self, name: &str) -> Option<&LayerInfo> {
         self.layers.iter().find(|l| l.name == name)
     }
@@ -196,12 +222,17 @@ impl Explainable {
         let mut e = Emitter::new("camserve/");
         let mut memo = HashMap::new();
         let logit_dims = self.probe.dims(&self.logits).unwrap_or(&[]).to_vec();
-        let seed = if logit_dims.len() == 2 {
-            SEED.to_string()
-        } else {
+        let k = self.num_classes as i64;
+        let mut seed = SEED.to_string();
+        if plan.select_targets {
+            let (class, selected) = select_targets(&mut e, &self.logits, k);
+            e.op_into("Identity", &[&class], vec![], contract::TARGET_INDEX);
+            seed = selected;
+        }
+        if logit_dims.len() != 2 {
             let shape = e.op("Shape", &[&self.logits], vec![], "logits_shape");
-            e.op("Reshape", &[SEED, &shape], vec![], "seed")
-        };
+            seed = e.op("Reshape", &[&seed, &shape], vec![], "seed");
+        }
         let mut layer_grad = None;
         let mut input_grads = Vec::new();
         for (rule, start, nodes) in &chains {
@@ -246,6 +277,10 @@ impl Explainable {
             outputs.push(value_info(&contract::input_grad_name(*rule), tensor::FLOAT, &with_batch(&self.input_dims)));
         }
         graph.input = vec![input_vi, seed_vi];
+        if plan.select_targets {
+            graph.input.push(value_info(contract::TARGET_RANK, tensor::INT64, &[batch()]));
+            outputs.push(value_info(contract::TARGET_INDEX, tensor::INT64, &[batch()]));
+        }
         graph.output = outputs;
         graph.value_info.clear();
         graph.node.extend(e.nodes);
@@ -260,6 +295,28 @@ impl Explainable {
         model.producer_version = Some(env!("CARGO_PKG_VERSION").into());
         Ok(model)
     }
+}
+
+/// The seed rows when targets are chosen in the graph: returns (chosen class [N], seed [N, K]).
+fn select_targets(e: &mut Emitter, logits: &str, k: i64) -> (String, String) {
+    use super::attr::make_int;
+    let shape = e.ints(&[-1, k]);
+    let flat = e.op("Reshape", &[logits, &shape], vec![], "logits_2d");
+    let kk = e.ints(&[k]);
+    let sorted = e.op_n("TopK", &[&flat, &kk], vec![make_int("axis", 1), make_int("largest", 1), make_int("sorted", 1)], "ranked", 2);
+    let (zero, last) = (e.const_i64(&[], &[0]), e.const_i64(&[], &[k - 1]));
+    let lo = e.op("Max", &[contract::TARGET_RANK, &zero], vec![], "rank_lo");
+    let rank = e.op("Min", &[&lo, &last], vec![], "rank");
+    let axis1 = e.ints(&[1]);
+    let rank2 = e.op("Unsqueeze", &[&rank, &axis1], vec![], "rank_2d");
+    let chosen = e.op("GatherElements", &[&sorted[1], &rank2], vec![make_int("axis", 1)], "chosen_2d");
+    let class = e.op("Squeeze", &[&chosen, &axis1], vec![], "chosen");
+    let values = e.const_f32(&[2], &[0.0, 1.0]);
+    let onehot = e.op("OneHot", &[&class, &kk, &values], vec![make_int("axis", -1)], "onehot");
+    let by_rank = e.op("GreaterOrEqual", &[contract::TARGET_RANK, &zero], vec![], "by_rank");
+    let by_rank2 = e.op("Unsqueeze", &[&by_rank, &axis1], vec![], "by_rank_2d");
+    let seed = e.op("Where", &[&by_rank2, &onehot, contract::SEED], vec![], "seed_selected");
+    (class, seed)
 }
 
 /// One backward chain from the logits (gradient `seed`) down to `start`; returns the gradients of `wanted`.

@@ -61,7 +61,7 @@ fn layer_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs:
     let count: i64 = xd[axis as usize..].iter().product();
     let eps = attr::float_or(node, "epsilon", 1e-5);
     let a = ctx.e.ints(&axes);
-    let mut mean = |ctx: &mut RuleCtx, t: &str, label: &str| {
+    let mean = |ctx: &mut RuleCtx, t: &str, label: &str| {
         let s = ctx.e.op("ReduceSum", &[t, &a], vec![attr::make_int("keepdims", 1)], label);
         ctx.mul_scalar(&s, 1.0 / count as f32)
     };
