@@ -4,4 +4,7 @@
 //! makes gradients available from ONNX Runtime lives in [`onnx`] and has no server code in it.
 
 pub mod onnx;
+pub mod render;
+pub mod engine;
+pub mod explain;
 pub mod runtime;

@@ -1,0 +1,373 @@
+//! The engine: ONNX Runtime sessions for a model's plans, on CPU or CUDA.
+//!
+//! A [`ModelRunner`] owns every session of one model and is meant to live on one worker thread
+//! (`Session::run` takes `&mut self`). Sessions are built lazily, one per [`PlanKey`]: ONNX Runtime runs every
+//! node of a graph whatever outputs are fetched, so a Grad-CAM request must not run a graph that also holds an
+//! input-gradient chain. [`ModelInfo`] is the immutable description the HTTP layer reads.
+
+mod session;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ndarray::{Array1, Array2, Array4, ArrayD, Axis, Ix2, Ix4};
+use ort::session::Session;
+use ort::value::Tensor;
+
+use crate::onnx::contract::{self, ContractInfo};
+use crate::onnx::rewrite::{ExplainPlan, Explainable, LayerInfo, PrepareOptions};
+use crate::onnx::rules::ReluRule;
+use crate::onnx::{io, OnnxError};
+pub use session::{Device, DeviceChoice, EngineOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error("model `{model}`: {reason}")]
+    Model { model: String, reason: String },
+    #[error("the model's worker has stopped")]
+    WorkerGone,
+}
+
+pub(crate) fn ort_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Ort(e.to_string())
+}
+
+/// What a model file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// A plain classifier: camserve builds its explain graphs.
+    Plain,
+    /// A model that already satisfies the explain-model contract (design §3).
+    Contract,
+}
+
+/// Everything the API says about a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub kind: ModelKind,
+    pub input_name: String,
+    /// `[C, H, W]`.
+    pub input_shape: [usize; 3],
+    pub num_classes: usize,
+    pub labels: Option<Vec<String>>,
+    pub layers: Vec<LayerInfo>,
+    pub default_layer: String,
+    /// Input-gradient rules the model can compute.
+    pub rules: Vec<ReluRule>,
+    pub device: Device,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl ModelInfo {
+    pub fn label(&self, class: usize) -> Option<&str> {
+        self.labels.as_ref().and_then(|l| l.get(class)).map(String::as_str)
+    }
+
+    pub fn class_by_label(&self, label: &str) -> Option<usize> {
+        self.labels.as_ref()?.iter().position(|l| l == label)
+    }
+
+    pub fn layer(&self, name: &str) -> Option<&LayerInfo> {
+        self.layers.iter().find(|l| l.name == name)
+    }
+}
+
+/// The graph a batch runs through.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PlanKey {
+    /// Logits only.
+    Predict,
+    Explain(ExplainPlan),
+}
+
+/// One batch: images with a seed row and a target rank each (rank >= 0: the rank-th prediction; -1: the seed).
+pub struct Batch {
+    pub images: Array4<f32>,
+    pub seeds: Array2<f32>,
+    pub ranks: Array1<i64>,
+}
+
+/// A batch's results, row-aligned with the batch.
+#[derive(Debug, Clone)]
+pub struct BatchOutput {
+    pub logits: Array2<f32>,
+    /// The class each row explained (explain plans only).
+    pub targets: Option<Vec<usize>>,
+    pub activations: Option<Array4<f32>>,
+    pub gradients: Option<Array4<f32>>,
+    pub input_grads: Vec<(ReluRule, Array4<f32>)>,
+}
+
+/// Where the model's graphs come from.
+enum Source {
+    Plain(Box<Explainable>),
+    Contract { bytes: Vec<u8>, info: ContractInfo },
+}
+
+/// A model and its sessions; lives on one worker thread.
+pub struct ModelRunner {
+    info: Arc<ModelInfo>,
+    source: Source,
+    sessions: HashMap<PlanKey, Session>,
+    options: EngineOptions,
+}
+
+pub struct ModelSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub labels: Option<Vec<String>>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub default_layer: Option<String>,
+    pub input_size: Option<(i64, i64)>,
+}
+
+impl ModelRunner {
+    /// Loads, analyses and places a model; fails if the device choice cannot be honoured.
+    pub fn load(spec: &ModelSpec, options: &EngineOptions) -> Result<ModelRunner, EngineError> {
+        let bad = |reason: String| EngineError::Model { model: spec.name.clone(), reason };
+        crate::runtime::environment(options.ort_library.as_deref())?;
+        let model = io::load_model(&spec.path)?;
+        let (source, kind, input_name, input_shape, num_classes, layers, default_layer, rules) =
+            if let Some(ci) = contract::contract_info(&model) {
+                let bytes = io::encode_model(&model)?;
+                let g = model.graph.as_ref().ok_or_else(|| bad("no graph".into()))?;
+                let dims_of = |name: &str, list: &[crate::onnx::proto::ValueInfoProto]| -> Vec<i64> {
+                    list.iter().find(|v| v.name() == name).map(static_dims).unwrap_or_default()
+                };
+                let input = dims_of(&ci.input, &g.input);
+                let acts = dims_of(contract::ACTIVATIONS, &g.output);
+                let logits = dims_of(&ci.logits, &g.output);
+                if input.len() != 4 || acts.len() != 4 || logits.len() != 2 || input[1..].iter().chain(&acts[1..]).any(|&d| d <= 0) || logits[1] <= 0 {
+                    return Err(bad("a contract model needs static [N,C,H,W] input, activations and [N,K] logits".into()));
+                }
+                let layer = LayerInfo { name: ci.layer.clone(), dims: vec![1, acts[1], acts[2], acts[3]] };
+                let shape = [input[1] as usize, input[2] as usize, input[3] as usize];
+                let rules = ci.rules.clone();
+                (Source::Contract { bytes, info: ci.clone() }, ModelKind::Contract, ci.input.clone(), shape,
+                    logits[1] as usize, vec![layer], ci.layer.clone(), rules)
+            } else {
+                let ex = Explainable::analyse(model, &PrepareOptions { input_size: spec.input_size })?;
+                let default = match &spec.default_layer {
+                    Some(l) if ex.layer(l).is_none() => return Err(bad(format!("configured default layer `{l}` is not a candidate layer"))),
+                    Some(l) => l.clone(),
+                    None => ex.default_layer.clone().ok_or_else(|| bad("no 4-D layer with spatial size > 1".into()))?,
+                };
+                let d = &ex.input_dims;
+                let shape = [d[1] as usize, d[2] as usize, d[3] as usize];
+                let (input, classes, layers) = (ex.input.clone(), ex.num_classes, ex.layers.clone());
+                (Source::Plain(Box::new(ex)), ModelKind::Plain, input, shape, classes, layers, default, ReluRule::ALL.to_vec())
+            };
+        if shape_channels(input_shape) != 3 {
+            return Err(bad(format!("the image input must have 3 channels, it has {}", input_shape[0])));
+        }
+        if let Some(l) = &spec.labels {
+            if l.len() != num_classes {
+                return Err(bad(format!("{} labels for {num_classes} classes", l.len())));
+            }
+        }
+        let device = session::choose_device(options)?;
+        let info = ModelInfo {
+            name: spec.name.clone(),
+            kind,
+            input_name,
+            input_shape,
+            num_classes,
+            labels: spec.labels.clone(),
+            layers,
+            default_layer,
+            rules,
+            device,
+            mean: spec.mean,
+            std: spec.std,
+        };
+        Ok(ModelRunner { info: Arc::new(info), source, sessions: HashMap::new(), options: options.clone() })
+    }
+
+    pub fn info(&self) -> Arc<ModelInfo> {
+        self.info.clone()
+    }
+
+    /// Builds the sessions for `keys` and runs each once on a batch of zeros.
+    pub fn warm_up(&mut self, keys: &[PlanKey]) -> Result<(), EngineError> {
+        let [c, h, w] = self.info.input_shape;
+        for key in keys {
+            let batch = Batch {
+                images: Array4::zeros((1, c, h, w)),
+                seeds: Array2::zeros((1, self.info.num_classes)),
+                ranks: Array1::from_elem(1, 0),
+            };
+            self.run(key, &batch)?;
+        }
+        Ok(())
+    }
+
+    fn session(&mut self, key: &PlanKey) -> Result<&mut Session, EngineError> {
+        if !self.sessions.contains_key(key) {
+            let started = Instant::now();
+            let bytes = match (&self.source, key) {
+                (Source::Plain(ex), PlanKey::Predict) => io::encode_model(&ex.forward_model()?)?,
+                (Source::Plain(ex), PlanKey::Explain(plan)) => io::encode_model(&ex.build(plan)?)?,
+                (Source::Contract { bytes, .. }, _) => bytes.clone(),
+            };
+            let s = session::build(&bytes, self.info.device, &self.options)?;
+            tracing::info!(model = %self.info.name, plan = ?key, ms = started.elapsed().as_millis() as u64, "session built");
+            self.sessions.insert(key.clone(), s);
+        }
+        Ok(self.sessions.get_mut(key).expect("inserted above. This is a bug."))
+    }
+
+    /// Runs one batch through the plan's graph.
+    pub fn run(&mut self, key: &PlanKey, batch: &Batch) -> Result<BatchOutput, EngineError> {
+        if let Source::Contract { info, .. } = &self.source {
+            return self.run_contract(key, batch, info.clone());
+        }
+        let input_name = self.info.input_name.clone();
+        let session = self.session(key)?;
+        let mut inputs: Vec<(String, ort::value::DynValue)> =
+            vec![(input_name, Tensor::from_array(batch.images.clone()).map_err(ort_err)?.into_dyn())];
+        if let PlanKey::Explain(plan) = key {
+            inputs.push((contract::SEED.into(), Tensor::from_array(batch.seeds.clone()).map_err(ort_err)?.into_dyn()));
+            if plan.select_targets {
+                inputs.push((contract::TARGET_RANK.into(), Tensor::from_array(batch.ranks.clone()).map_err(ort_err)?.into_dyn()));
+            }
+        }
+        let outputs = session.run(inputs).map_err(ort_err)?;
+        let f32_out = |name: &str| -> Result<ArrayD<f32>, EngineError> {
+            Ok(outputs[name].try_extract_array::<f32>().map_err(ort_err)?.to_owned())
+        };
+        let logits_name = outputs.keys().next().map(str::to_string).unwrap_or_default();
+        let logits = f32_out(&logits_name)?.into_dimensionality::<Ix2>().map_err(ort_err)?;
+        let mut out = BatchOutput { logits, targets: None, activations: None, gradients: None, input_grads: vec![] };
+        if let PlanKey::Explain(plan) = key {
+            out.activations = Some(f32_out(contract::ACTIVATIONS)?.into_dimensionality::<Ix4>().map_err(ort_err)?);
+            out.gradients = Some(f32_out(contract::GRADIENTS)?.into_dimensionality::<Ix4>().map_err(ort_err)?);
+            for &rule in &plan.rules {
+                let g = f32_out(&contract::input_grad_name(rule))?.into_dimensionality::<Ix4>().map_err(ort_err)?;
+                out.input_grads.push((rule, g));
+            }
+            out.targets = Some(if plan.select_targets {
+                let t = outputs[contract::TARGET_INDEX].try_extract_array::<i64>().map_err(ort_err)?;
+                t.iter().zip(batch.seeds.outer_iter()).zip(&batch.ranks)
+                    .map(|((&chosen, seed), &rank)| if rank >= 0 { chosen as usize } else { argmax(seed.iter()) })
+                    .collect()
+            } else {
+                batch.seeds.outer_iter().map(|s| argmax(s.iter())).collect()
+            });
+        }
+        Ok(out)
+    }
+
+    /// A contract model has one graph computing everything; targets chosen by rank need its logits first.
+    fn run_contract(&mut self, key: &PlanKey, batch: &Batch, ci: ContractInfo) -> Result<BatchOutput, EngineError> {
+        let input_name = self.info.input_name.clone();
+        let classes = self.info.num_classes;
+        let session = self.session(key)?;
+        let mut go = |seeds: &Array2<f32>| -> Result<HashMap<String, ArrayD<f32>>, EngineError> {
+            let inputs: Vec<(String, ort::value::DynValue)> = vec![
+                (input_name.clone(), Tensor::from_array(batch.images.clone()).map_err(ort_err)?.into_dyn()),
+                (contract::SEED.into(), Tensor::from_array(seeds.clone()).map_err(ort_err)?.into_dyn()),
+            ];
+            let outputs = session.run(inputs).map_err(ort_err)?;
+            outputs
+                .iter()
+                .map(|(k, v)| Ok((k.to_string(), v.try_extract_array::<f32>().map_err(ort_err)?.to_owned())))
+                .collect()
+        };
+        let mut seeds = batch.seeds.clone();
+        let mut res = go(&seeds)?;
+        let needs_rank = batch.ranks.iter().any(|&r| r >= 0);
+        let get2 = |res: &HashMap<String, ArrayD<f32>>| res[&ci.logits].clone().into_dimensionality::<Ix2>().map_err(ort_err);
+        let logits = get2(&res)?;
+        let mut targets = Vec::with_capacity(batch.ranks.len());
+        for (i, &rank) in batch.ranks.iter().enumerate() {
+            if rank >= 0 {
+                let order = ranked(logits.row(i).iter().copied());
+                let class = order[(rank as usize).min(classes - 1)];
+                seeds.row_mut(i).fill(0.0);
+                seeds[[i, class]] = 1.0;
+                targets.push(class);
+            } else {
+                targets.push(argmax(batch.seeds.row(i).iter()));
+            }
+        }
+        if needs_rank && matches!(key, PlanKey::Explain(_)) {
+            res = go(&seeds)?;
+        }
+        let get4 = |name: &str| -> Result<Array4<f32>, EngineError> {
+            res.get(name).cloned().ok_or_else(|| EngineError::Ort(format!("output {name} missing")))?.into_dimensionality::<Ix4>().map_err(ort_err)
+        };
+        let mut out = BatchOutput { logits, targets: None, activations: None, gradients: None, input_grads: vec![] };
+        if let PlanKey::Explain(plan) = key {
+            out.activations = Some(get4(contract::ACTIVATIONS)?);
+            out.gradients = Some(get4(contract::GRADIENTS)?);
+            for &rule in &plan.rules {
+                out.input_grads.push((rule, get4(&contract::input_grad_name(rule))?));
+            }
+            out.targets = Some(targets);
+        }
+        Ok(out)
+    }
+}
+
+fn shape_channels(s: [usize; 3]) -> usize {
+    s[0]
+}
+
+fn static_dims(vi: &crate::onnx::proto::ValueInfoProto) -> Vec<i64> {
+    use crate::onnx::proto::{tensor_shape_proto::dimension::Value, type_proto};
+    match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(t)) => t
+            .shape
+            .as_ref()
+            .map(|s| s.dim.iter().map(|d| match d.value { Some(Value::DimValue(v)) => v, _ => -1 }).collect())
+            .unwrap_or_default(),
+        _ => vec![],
+    }
+}
+
+pub fn argmax<'a>(it: impl Iterator<Item = &'a f32>) -> usize {
+    it.enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
+}
+
+/// Class indices by decreasing score (stable for ties: the lower index first).
+pub fn ranked(scores: impl Iterator<Item = f32>) -> Vec<usize> {
+    let v: Vec<f32> = scores.collect();
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx
+}
+
+/// Copies rows `range` of every array of a batch output (fan-out of a batch to its requests).
+impl BatchOutput {
+    pub fn rows(&self, range: std::ops::Range<usize>) -> BatchOutput {
+        let r = || ndarray::s![range.clone(), ..];
+        let r4 = || ndarray::s![range.clone(), .., .., ..];
+        BatchOutput {
+            logits: self.logits.slice(r()).to_owned(),
+            targets: self.targets.as_ref().map(|t| t[range.clone()].to_vec()),
+            activations: self.activations.as_ref().map(|a| a.slice(r4()).to_owned()),
+            gradients: self.gradients.as_ref().map(|a| a.slice(r4()).to_owned()),
+            input_grads: self.input_grads.iter().map(|(k, a)| (*k, a.slice(r4()).to_owned())).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.logits.len_of(Axis(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
