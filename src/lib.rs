@@ -4,7 +4,13 @@
 //! makes gradients available from ONNX Runtime lives in [`onnx`] and has no server code in it.
 
 pub mod onnx;
+pub mod options;
+pub mod preprocess;
 pub mod render;
+pub mod batcher;
+pub mod config;
 pub mod engine;
 pub mod explain;
+pub mod http;
 pub mod runtime;
+pub mod service;

@@ -2,20 +2,48 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use base64::Engine as _;
+use camserve::config::{Config, ModelConfig, IMAGENET_MEAN, IMAGENET_STD};
+use camserve::engine::DeviceChoice;
 use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
 use camserve::onnx::{contract, inspect, io};
+use camserve::options::RawOptions;
+use camserve::service::{Endpoint, Service};
 use clap::{Parser, Subcommand};
+use figment::providers::Serialized;
+use figment::Figment;
 
 #[derive(Parser)]
-#[command(name = "camserve", version, about = "Visual explanations for ONNX image classifiers")]
+#[command(name = "camserve", version, about = "Visual explanations (Grad-CAM and friends) for ONNX image classifiers")]
 struct Cli {
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "CAMSERVE_LOG_FORMAT", default_value = "text")]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API. With no arguments: the bundled demo model on 0.0.0.0:8080.
+    Serve {
+        /// TOML configuration file (see config/camserve.toml).
+        #[arg(long, env = "CAMSERVE_CONFIG")]
+        config: Option<PathBuf>,
+        /// A model to serve as NAME=PATH (repeatable); replaces the configured models.
+        #[arg(long = "model", value_name = "NAME=PATH")]
+        models: Vec<String>,
+        /// Address to listen on (server.bind).
+        #[arg(long)]
+        bind: Option<String>,
+        /// auto, cpu or cuda (runtime.device).
+        #[arg(long)]
+        device: Option<String>,
+        /// ONNX Runtime intra-op threads per session (runtime.threads).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Rewrite a plain classifier into an explain model (design §3).
     Augment {
         input: PathBuf,
@@ -24,7 +52,7 @@ enum Command {
         /// Target tensor (default: the last 4-D tensor with spatial size > 1).
         #[arg(long)]
         layer: Option<String>,
-        /// Input-gradient rules to include: guided, deconvnet, plain.
+        /// Input-gradient rules to include: guided, deconvnet, plain (comma-separated; "none" for none).
         #[arg(long, value_delimiter = ',', default_value = "guided")]
         rules: Vec<String>,
         /// Input height and width (HxW), for models whose input size is dynamic.
@@ -37,6 +65,42 @@ enum Command {
         #[arg(long)]
         input_size: Option<String>,
     },
+    /// Explain one image offline: writes the HTTP API's JSON and the PNG files.
+    Explain {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        image: PathBuf,
+        /// Method (repeatable): gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, guided_backprop,
+        /// deconvnet, saliency, guided_gradcam.
+        #[arg(long = "method")]
+        methods: Vec<String>,
+        /// Class index or label (repeatable); default: the top prediction.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        #[arg(long)]
+        top_k: Option<i64>,
+        #[arg(long)]
+        layer: Option<String>,
+        /// heatmap, overlay, mask, raw (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        outputs: Vec<String>,
+        #[arg(long)]
+        colormap: Option<String>,
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// model or original.
+        #[arg(long)]
+        size: Option<String>,
+        /// A labels file (one label per line).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Input height and width (HxW), for models whose input size is dynamic.
+        #[arg(long)]
+        input_size: Option<String>,
+        #[arg(long, default_value = "camserve-out")]
+        out: PathBuf,
+    },
 }
 
 fn parse_size(s: &Option<String>) -> anyhow::Result<Option<(i64, i64)>> {
@@ -45,10 +109,20 @@ fn parse_size(s: &Option<String>) -> anyhow::Result<Option<(i64, i64)>> {
     Ok(Some((h.trim().parse()?, w.trim().parse()?)))
 }
 
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
-    match run(cli) {
+    init_logging(&cli.log_format);
+    match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -57,8 +131,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { config, models, bind, device, threads } => {
+            let mut overrides = Figment::new();
+            if !models.is_empty() {
+                let list: Vec<ModelConfig> = models
+                    .iter()
+                    .map(|m| {
+                        let (name, path) = m.split_once('=').with_context(|| format!("--model `{m}`: expected NAME=PATH"))?;
+                        Ok(ModelConfig {
+                            name: name.to_string(),
+                            path: path.into(),
+                            labels: None,
+                            mean: IMAGENET_MEAN,
+                            std: IMAGENET_STD,
+                            default_layer: None,
+                            input_size: None,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                overrides = overrides.merge(Serialized::default("models", list));
+            }
+            if let Some(b) = bind {
+                overrides = overrides.merge(Serialized::default("server.bind", b));
+            }
+            if let Some(d) = device {
+                overrides = overrides.merge(Serialized::default("runtime.device", d));
+            }
+            if let Some(t) = threads {
+                overrides = overrides.merge(Serialized::default("runtime.threads", t));
+            }
+            let config = Config::load(config.as_deref(), overrides)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(camserve::http::serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Augment { input, output, layer, rules, input_size } => {
             let started = std::time::Instant::now();
             let model = io::load_model(&input)?;
@@ -87,6 +195,73 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = inspect::inspect(model, &PrepareOptions { input_size: parse_size(&input_size)? })?;
             print!("{report}");
             Ok(if report.has_unsupported() { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        }
+        Command::Explain { model, image, methods, targets, top_k, layer, outputs, colormap, alpha, size, labels, input_size, out } => {
+            let name = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_");
+            let mut config = Config::default();
+            config.runtime.device = DeviceChoice::Auto;
+            config.models = vec![ModelConfig {
+                name: name.clone(),
+                path: model,
+                labels,
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+                default_layer: None,
+                input_size: parse_size(&input_size)?.map(|(h, w)| [h, w]),
+            }];
+            config.validate()?;
+            let mut raw = RawOptions::default();
+            for m in &methods {
+                raw.set_text("methods", m)?;
+            }
+            for t in &targets {
+                raw.set_text("target", t)?;
+            }
+            if let Some(k) = top_k {
+                raw.top_k = Some(k);
+            }
+            raw.layer = layer;
+            if !outputs.is_empty() {
+                raw.outputs = Some(outputs);
+            }
+            raw.colormap = colormap;
+            raw.alpha = alpha;
+            raw.size = size;
+            let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let response = rt.block_on(async {
+                let service = Service::new(camserve::http::service_limits(&config));
+                let handle = tokio::runtime::Handle::current();
+                let models = tokio::task::spawn_blocking(move || {
+                    let _g = handle.enter();
+                    camserve::http::load_models(&config)
+                })
+                .await??;
+                service.install(models);
+                service.handle(&name, Endpoint::Explain, bytes.into(), raw).await.map_err(anyhow::Error::from)
+            })?;
+            std::fs::create_dir_all(&out)?;
+            let json = serde_json::to_value(&response)?;
+            std::fs::write(out.join("explanation.json"), serde_json::to_string_pretty(&json)?)?;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            for e in json["explanations"].as_array().into_iter().flatten() {
+                let stem = format!("{}_{}", e["method"].as_str().unwrap_or("m").replace('+', "p"), e["target"]["index"]);
+                for kind in ["heatmap", "overlay", "mask"] {
+                    if let Some(data) = e[format!("{kind}_png")].as_str() {
+                        std::fs::write(out.join(format!("{stem}_{kind}.png")), b64.decode(data)?)?;
+                    }
+                }
+            }
+            let top = &response.predictions[0];
+            eprintln!(
+                "{}: {} ({:.3}); wrote {} explanations to {}",
+                image.display(),
+                top.label.clone().unwrap_or_else(|| top.index.to_string()),
+                top.score,
+                json["explanations"].as_array().map_or(0, |a| a.len()),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

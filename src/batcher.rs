@@ -1,0 +1,238 @@
+//! Dynamic batching (design §2): one queue and one worker thread per model.
+//!
+//! Requests (jobs) arrive with an image and one or more rows (one per target). A collector task groups waiting
+//! jobs by plan and hands the worker thread a batch as soon as it is free: up to `max_batch` rows, after the
+//! oldest job has waited `max_wait` for company. While the worker runs a batch, new jobs pile up and form the
+//! next one, so batches grow with load. Jobs whose client has gone, or whose deadline has passed, are dropped
+//! before they cost compute. A full queue refuses new jobs at once (the HTTP layer answers 429).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array1, Array2, Array3, Array4, Axis};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{Batch, BatchOutput, EngineError, ModelInfo, ModelRunner, PlanKey};
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherConfig {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    /// Rows waiting (not yet running) beyond which `submit` refuses.
+    pub queue_capacity: usize,
+}
+
+/// What one row explains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The n-th highest logit (0 = the prediction).
+    Rank(usize),
+    Class(usize),
+}
+
+pub struct Job {
+    pub plan: PlanKey,
+    /// The preprocessed image `[C, H, W]`.
+    pub image: Array3<f32>,
+    pub targets: Vec<Target>,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
+}
+
+/// A job's share of a batch run.
+#[derive(Debug)]
+pub struct JobOutput {
+    pub output: BatchOutput,
+    pub queue: Duration,
+    pub inference: Duration,
+    /// Rows in the batch this job ran in.
+    pub batch_rows: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full")]
+    QueueFull,
+    #[error("the model's worker has stopped")]
+    Closed,
+}
+
+struct Queued {
+    job: Job,
+    enqueued: Instant,
+}
+
+/// The submitting side of a model's queue.
+#[derive(Clone)]
+pub struct Queue {
+    tx: mpsc::UnboundedSender<Queued>,
+    waiting_rows: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl Queue {
+    /// Queues a job, or refuses at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let rows = job.targets.len().max(1);
+        let before = self.waiting_rows.fetch_add(rows, Ordering::SeqCst);
+        if before + rows > self.capacity {
+            self.waiting_rows.fetch_sub(rows, Ordering::SeqCst);
+            metrics::counter!("camserve_queue_rejections_total").increment(1);
+            return Err(SubmitError::QueueFull);
+        }
+        self.tx.send(Queued { job, enqueued: Instant::now() }).map_err(|_| {
+            self.waiting_rows.fetch_sub(rows, Ordering::SeqCst);
+            SubmitError::Closed
+        })
+    }
+
+    /// Rows waiting to run.
+    pub fn depth(&self) -> usize {
+        self.waiting_rows.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts a model's collector task and worker thread. Must be called inside a tokio runtime.
+pub fn spawn(runner: ModelRunner, config: BatcherConfig) -> Queue {
+    let info = runner.info();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let waiting_rows = Arc::new(AtomicUsize::new(0));
+    // Capacity 1: the collector hands over the next batch only when the worker has taken the previous one.
+    let (work_tx, work_rx) = mpsc::channel::<Vec<Queued>>(1);
+    let name = info.name.clone();
+    std::thread::Builder::new()
+        .name(format!("camserve-worker-{name}"))
+        .spawn(move || worker(runner, work_rx))
+        .expect("spawning a thread. This is a bug.");
+    tokio::spawn(collector(rx, work_tx, waiting_rows.clone(), config, info));
+    Queue { tx, waiting_rows, capacity: config.queue_capacity }
+}
+
+async fn collector(
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    work_tx: mpsc::Sender<Vec<Queued>>,
+    waiting_rows: Arc<AtomicUsize>,
+    config: BatcherConfig,
+    info: Arc<ModelInfo>,
+) {
+    let mut pending: VecDeque<Queued> = VecDeque::new();
+    let rows = |q: &Queued| q.job.targets.len().max(1);
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(q) => pending.push_back(q),
+                None => return,
+            }
+        }
+        // Wait for company until the oldest job has waited max_wait or its plan has max_batch rows.
+        let deadline = pending[0].enqueued + config.max_wait;
+        loop {
+            while let Ok(q) = rx.try_recv() {
+                pending.push_back(q);
+            }
+            let plan = &pending[0].job.plan;
+            let same: usize = pending.iter().filter(|q| &q.job.plan == plan).map(rows).sum();
+            if same >= config.max_batch {
+                break;
+            }
+            tokio::select! {
+                q = rx.recv() => match q {
+                    Some(q) => pending.push_back(q),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => break,
+            }
+        }
+        // The batch: the oldest job's plan, in arrival order, up to max_batch rows (one oversized job runs alone).
+        let plan = pending[0].job.plan.clone();
+        let now = Instant::now();
+        let (mut batch, mut taken, mut rest) = (Vec::new(), 0usize, VecDeque::new());
+        while let Some(q) = pending.pop_front() {
+            if q.job.plan != plan || (taken > 0 && taken + rows(&q) > config.max_batch) {
+                rest.push_back(q);
+                continue;
+            }
+            waiting_rows.fetch_sub(rows(&q), Ordering::SeqCst);
+            if q.job.reply.is_closed() {
+                metrics::counter!("camserve_jobs_dropped_total", "reason" => "client_gone").increment(1);
+                continue;
+            }
+            if q.job.deadline <= now {
+                metrics::counter!("camserve_jobs_dropped_total", "reason" => "timeout").increment(1);
+                continue;
+            }
+            taken += rows(&q);
+            batch.push(q);
+        }
+        pending = rest;
+        metrics::gauge!("camserve_queue_depth_rows", "model" => info.name.clone()).set(waiting_rows.load(Ordering::SeqCst) as f64);
+        if batch.is_empty() {
+            continue;
+        }
+        if work_tx.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn worker(mut runner: ModelRunner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
+    let info = runner.info();
+    while let Some(jobs) = work_rx.blocking_recv() {
+        let started = Instant::now();
+        let plan = jobs[0].job.plan.clone();
+        let batch = assemble(&jobs, &info);
+        let rows = batch.ranks.len();
+        let result = runner.run(&plan, &batch);
+        let inference = started.elapsed();
+        let plan_label = plan_label(&plan);
+        metrics::histogram!("camserve_inference_duration_seconds", "model" => info.name.clone(), "plan" => plan_label.clone())
+            .record(inference.as_secs_f64());
+        metrics::histogram!("camserve_batch_rows", "model" => info.name.clone()).record(rows as f64);
+        metrics::counter!("camserve_rows_total", "model" => info.name.clone(), "plan" => plan_label).increment(rows as u64);
+        let mut offset = 0;
+        for q in jobs {
+            let n = q.job.targets.len().max(1);
+            let reply = match &result {
+                Ok(out) => Ok(JobOutput { output: out.rows(offset..offset + n), queue: started - q.enqueued, inference, batch_rows: rows }),
+                Err(e) => Err(EngineError::Ort(e.to_string())),
+            };
+            offset += n;
+            let _ = q.job.reply.send(reply);
+        }
+    }
+}
+
+/// Stacks the jobs' images (one copy per row) with their seed rows and ranks.
+fn assemble(jobs: &[Queued], info: &ModelInfo) -> Batch {
+    let [c, h, w] = info.input_shape;
+    let rows: usize = jobs.iter().map(|q| q.job.targets.len().max(1)).sum();
+    let mut images = Array4::<f32>::zeros((rows, c, h, w));
+    let mut seeds = Array2::<f32>::zeros((rows, info.num_classes));
+    let mut ranks = Array1::<i64>::zeros(rows);
+    let mut r = 0;
+    for q in jobs {
+        let targets: &[Target] = if q.job.targets.is_empty() { &[Target::Rank(0)] } else { &q.job.targets };
+        for t in targets {
+            images.index_axis_mut(Axis(0), r).assign(&q.job.image);
+            match *t {
+                Target::Rank(k) => ranks[r] = k as i64,
+                Target::Class(class) => {
+                    ranks[r] = -1;
+                    seeds[[r, class]] = 1.0;
+                }
+            }
+            r += 1;
+        }
+    }
+    Batch { images, seeds, ranks }
+}
+
+pub fn plan_label(plan: &PlanKey) -> String {
+    match plan {
+        PlanKey::Predict => "predict".into(),
+        PlanKey::Explain(p) if p.rules.is_empty() => "cam".into(),
+        PlanKey::Explain(p) => format!("cam+{}", p.rules.iter().map(|r| r.as_str()).collect::<Vec<_>>().join("+")),
+    }
+}

@@ -1,0 +1,267 @@
+//! Configuration (design §6): built-in defaults, then a TOML file, then `CAMSERVE_SECTION__KEY` environment
+//! variables, then command-line flags. Unknown keys and invalid values fail at start with the key's name.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::DeviceChoice;
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub runtime: RuntimeConfig,
+    pub batching: BatchingConfig,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub bind: String,
+    /// Largest request body accepted, in bytes (413 above).
+    pub body_limit_bytes: usize,
+    /// Largest image accepted, in pixels (width * height, read from the header before decoding; 413 above).
+    pub max_image_pixels: u64,
+    /// Largest image width or height accepted.
+    pub max_image_dimension: u32,
+    /// A request that has not been answered after this long gets 504.
+    pub request_timeout_ms: u64,
+    /// API keys; when any is set, /v1 routes need `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+    pub api_keys: Vec<String>,
+    /// A file with one API key per line (added to `api_keys`).
+    pub api_keys_file: Option<PathBuf>,
+    /// Origins allowed by CORS (`*` for any).
+    pub cors_origins: Vec<String>,
+    /// Limits per request.
+    pub max_top_k: usize,
+    pub max_targets: usize,
+    pub max_methods: usize,
+    /// On SIGTERM, how long in-flight and queued requests may take before the process exits.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Path of libonnxruntime.so; default: ORT_DYLIB_PATH, then .ort/ beside the project (scripts/fetch-ort.sh).
+    pub ort_library: Option<PathBuf>,
+    /// auto (CUDA when its execution provider registers, else CPU), cpu, or cuda (fail if unavailable).
+    pub device: DeviceChoice,
+    /// ONNX Runtime intra-op threads per session; 0 = one per core.
+    pub threads: usize,
+    pub cuda_device: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// Most rows (image x target) in one ONNX Runtime run.
+    pub max_batch: usize,
+    /// How long the first request of a batch waits for others.
+    pub max_wait_ms: u64,
+    /// Rows waiting per model beyond which requests get 429.
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// A text file with one class label per line.
+    #[serde(default)]
+    pub labels: Option<PathBuf>,
+    #[serde(default = "imagenet_mean")]
+    pub mean: [f32; 3],
+    #[serde(default = "imagenet_std")]
+    pub std: [f32; 3],
+    /// Target layer when a request names none (default: the last 4-D tensor with spatial size > 1).
+    #[serde(default)]
+    pub default_layer: Option<String>,
+    /// [height, width] for models whose input size is dynamic.
+    #[serde(default)]
+    pub input_size: Option<[i64; 2]>,
+}
+
+fn imagenet_mean() -> [f32; 3] {
+    IMAGENET_MEAN
+}
+fn imagenet_std() -> [f32; 3] {
+    IMAGENET_STD
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: "0.0.0.0:8080".into(),
+            body_limit_bytes: 20 << 20,
+            max_image_pixels: 40_000_000,
+            max_image_dimension: 16_384,
+            request_timeout_ms: 30_000,
+            api_keys: vec![],
+            api_keys_file: None,
+            cors_origins: vec![],
+            max_top_k: 10,
+            max_targets: 10,
+            max_methods: 10,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { ort_library: None, device: DeviceChoice::Auto, threads: 0, cuda_device: 0 }
+    }
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig { max_batch: 8, max_wait_ms: 2, queue_capacity: 64 }
+    }
+}
+
+impl Default for Config {
+    /// Serves the bundled demo model.
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            runtime: RuntimeConfig::default(),
+            batching: BatchingConfig::default(),
+            models: vec![ModelConfig {
+                name: "demo".into(),
+                path: "models/demo.onnx".into(),
+                labels: Some("models/demo.labels.txt".into()),
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+                default_layer: None,
+                input_size: None,
+            }],
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then `CAMSERVE_*` variables, then `overrides` (command-line flags).
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Config, ConfigError> {
+        let mut f = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(invalid("--config", format!("{} is not a file", file.display())));
+            }
+            // A file that lists models replaces the default (demo) model list.
+            f = f.merge(Toml::file_exact(file));
+        }
+        f = f.merge(Env::prefixed("CAMSERVE_").split("__").ignore(&["config", "log_format", "log"]));
+        f = f.merge(overrides);
+        let config: Config = f.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.bind.parse::<SocketAddr>().map_err(|e| invalid("server.bind", e.to_string()))?;
+        let positive = [
+            ("server.body_limit_bytes", self.server.body_limit_bytes as u64),
+            ("server.max_image_pixels", self.server.max_image_pixels),
+            ("server.max_image_dimension", self.server.max_image_dimension as u64),
+            ("server.request_timeout_ms", self.server.request_timeout_ms),
+            ("server.max_top_k", self.server.max_top_k as u64),
+            ("server.max_targets", self.server.max_targets as u64),
+            ("server.max_methods", self.server.max_methods as u64),
+            ("batching.max_batch", self.batching.max_batch as u64),
+            ("batching.queue_capacity", self.batching.queue_capacity as u64),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.models.is_empty() {
+            return Err(invalid("models", "no model configured"));
+        }
+        let mut names = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |k: &str| format!("models[{i}].{k}");
+            if m.name.is_empty() || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(invalid(&key("name"), format!("`{}` must be non-empty and use only A-Z a-z 0-9 - _ .", m.name)));
+            }
+            if !names.insert(&m.name) {
+                return Err(invalid(&key("name"), format!("`{}` is used twice", m.name)));
+            }
+            if m.std.iter().any(|&s| !(s > 0.0) || !s.is_finite()) || m.mean.iter().any(|v| !v.is_finite()) {
+                return Err(invalid(&key("std"), "mean must be finite and std positive"));
+            }
+            if let Some([h, w]) = m.input_size {
+                if h <= 0 || w <= 0 {
+                    return Err(invalid(&key("input_size"), "height and width must be positive"));
+                }
+            }
+        }
+        for o in &self.server.cors_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(invalid("server.cors_origins", format!("`{o}` is not an origin like https://example.com")));
+            }
+        }
+        Ok(())
+    }
+
+    /// All API keys: `server.api_keys` plus the lines of `server.api_keys_file`.
+    pub fn api_keys(&self) -> Result<Vec<String>, ConfigError> {
+        let mut keys: Vec<String> = self.server.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect();
+        if let Some(file) = &self.server.api_keys_file {
+            let text = std::fs::read_to_string(file).map_err(|e| invalid("server.api_keys_file", format!("{}: {e}", file.display())))?;
+            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+        }
+        Ok(keys)
+    }
+}
+
+/// Resolves a relative path against the working directory, else against the folders above the executable
+/// (so `camserve serve` finds the bundled `models/` from the project root and from target/release).
+pub fn resolve(path: &Path) -> PathBuf {
+    if path.is_absolute() || path.exists() {
+        return path.to_path_buf();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(4) {
+            let p = dir.join(path);
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    path.to_path_buf()
+}
+
+/// Reads a labels file: one label per line, trailing empty lines ignored.
+pub fn read_labels(path: &Path) -> Result<Vec<String>, std::io::Error> {
+    let text = std::fs::read_to_string(path)?;
+    let mut labels: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+    while labels.last().is_some_and(|l| l.is_empty()) {
+        labels.pop();
+    }
+    Ok(labels)
+}

@@ -1,0 +1,278 @@
+//! HTTP API v1 (design §5): routes, request parsing, problem+json errors, API keys, CORS, metrics.
+//!
+//! `app()` builds the router from an [`AppState`] (tests drive it in-process or bind 127.0.0.1:0);
+//! `serve()` loads the configured models, warms them and serves until SIGTERM, then drains.
+
+pub mod error;
+mod routes;
+pub mod upload;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method as HttpMethod};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::batcher::{self, BatcherConfig};
+use crate::config::{self, Config};
+use crate::engine::{EngineOptions, ModelRunner, ModelSpec, PlanKey};
+use crate::onnx::rewrite::ExplainPlan;
+use crate::onnx::rules::ReluRule;
+use crate::options::OptionLimits;
+use crate::preprocess::DecodeLimits;
+use crate::service::{ModelHandle, Service, ServiceLimits};
+use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Service>,
+    pub metrics: PrometheusHandle,
+    pub api_keys: Arc<Vec<String>>,
+    pub body_limit: usize,
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+                .expect("static buckets. This is a bug.")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+pub fn app(state: AppState, cors_origins: &[String]) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models/{model}", get(routes::get_model))
+        .route("/v1/models/{model}/predict", post(routes::predict))
+        .route("/v1/models/{model}/explain", post(routes::explain))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    let mut router = Router::new()
+        .route("/", get(routes::page))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.yaml", get(routes::openapi))
+        .merge(v1)
+        .fallback(routes::not_found)
+        // The body limit is enforced while reading (413 problem+json); the default 2 MB limit would cut it.
+        .layer(axum::extract::DefaultBodyLimit::max(state.body_limit))
+        .layer(middleware::from_fn(record_request))
+        .with_state(state);
+    if !cors_origins.is_empty() {
+        let origins = if cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        };
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([HttpMethod::GET, HttpMethod::POST, HttpMethod::OPTIONS])
+                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, "x-api-key".parse().expect("static header name. This is a bug.")])
+                .max_age(Duration::from_secs(3600)),
+        );
+    }
+    router
+}
+
+/// Requests by route and status, and their duration.
+async fn record_request(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    metrics::counter!("camserve_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
+    metrics::histogram!("camserve_http_request_duration_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    res
+}
+
+/// With API keys configured, /v1 needs `Authorization: Bearer <key>` or `X-API-Key: <key>` (constant time).
+async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+    if state.api_keys.is_empty() {
+        return Ok(next.run(req).await);
+    }
+    let headers = req.headers();
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim);
+    let ok = presented.is_some_and(|p| {
+        use subtle::ConstantTimeEq;
+        state.api_keys.iter().fold(false, |acc, k| acc | bool::from(k.as_bytes().ct_eq(p.as_bytes())))
+    });
+    if ok { Ok(next.run(req).await) } else { Err(ApiError::unauthorized()) }
+}
+
+/// Loads, warms and queues every configured model (blocking; call from a blocking thread).
+pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHandle>> {
+    let options = EngineOptions {
+        device: config.runtime.device,
+        intra_threads: config.runtime.threads,
+        ort_library: config.runtime.ort_library.clone(),
+        cuda_device: config.runtime.cuda_device,
+    };
+    let batching = BatcherConfig {
+        max_batch: config.batching.max_batch,
+        max_wait: Duration::from_millis(config.batching.max_wait_ms),
+        queue_capacity: config.batching.queue_capacity,
+    };
+    let mut models = BTreeMap::new();
+    for m in &config.models {
+        let started = Instant::now();
+        let labels = match &m.labels {
+            Some(p) => {
+                let p = config::resolve(p);
+                Some(config::read_labels(&p).map_err(|e| anyhow::anyhow!("model `{}`: labels {}: {e}", m.name, p.display()))?)
+            }
+            None => None,
+        };
+        let spec = ModelSpec {
+            name: m.name.clone(),
+            path: config::resolve(&m.path),
+            labels,
+            mean: m.mean,
+            std: m.std,
+            default_layer: m.default_layer.clone(),
+            input_size: m.input_size.map(|[h, w]| (h, w)),
+        };
+        let mut runner = ModelRunner::load(&spec, &options).map_err(|e| anyhow::anyhow!("model `{}` ({}): {e}", m.name, spec.path.display()))?;
+        let info = runner.info();
+        // Warm the graphs the default request uses: predict, and Grad-CAM + guided Grad-CAM.
+        let mut keys = vec![PlanKey::Predict];
+        if info.rules.contains(&ReluRule::Guided) {
+            let plan = ExplainPlan::new(info.default_layer.clone(), [ReluRule::Guided]);
+            keys.push(PlanKey::Explain(if info.kind == crate::engine::ModelKind::Plain { plan.with_target_selection() } else { plan }));
+        }
+        runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
+        tracing::info!(model = %m.name, device = %info.device, classes = info.num_classes, layer = %info.default_layer,
+            seconds = started.elapsed().as_secs_f64(), "model loaded and warmed");
+        let queue = batcher::spawn(runner, batching);
+        models.insert(m.name.clone(), ModelHandle { info, queue });
+    }
+    Ok(models)
+}
+
+pub fn service_limits(config: &Config) -> ServiceLimits {
+    ServiceLimits {
+        decode: DecodeLimits { max_pixels: config.server.max_image_pixels, max_dimension: config.server.max_image_dimension },
+        options: OptionLimits {
+            max_top_k: config.server.max_top_k,
+            max_targets: config.server.max_targets,
+            max_methods: config.server.max_methods,
+        },
+        request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+    }
+}
+
+/// Binds, loads the models in the background (readyz 503 until they are warm), serves until SIGTERM or
+/// Ctrl-C, then drains: readyz 503 at once, in-flight requests get `shutdown_grace_ms`.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&config.server.bind).await?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    serve_on(listener, config, shutdown_signal()).await
+}
+
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let service = Arc::new(Service::new(service_limits(&config)));
+    let state = AppState {
+        service: service.clone(),
+        metrics: metrics_handle(),
+        api_keys: Arc::new(config.api_keys()?),
+        body_limit: config.server.body_limit_bytes,
+    };
+    let router = app(state, &config.server.cors_origins);
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let loader = {
+        let service = service.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let handle = tokio::runtime::Handle::current();
+            let models = tokio::task::spawn_blocking(move || {
+                let _guard = handle.enter();
+                load_models(&config)
+            })
+            .await??;
+            service.install(models);
+            tracing::info!("ready");
+            anyhow::Ok(())
+        })
+    };
+    let draining = service.clone();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        draining.start_draining();
+        tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
+    });
+    let mut server = tokio::spawn(async move { server.await });
+    let mut loader = Some(loader);
+    // After the signal, in-flight requests get `grace`; then the process exits regardless.
+    let deadline = async {
+        while !service.is_draining() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            res = async { loader.as_mut().expect("guarded by the select condition. This is a bug.").await }, if loader.is_some() => {
+                loader = None;
+                // A model that fails to load stops the process with its error.
+                res??;
+            }
+            res = &mut server => {
+                res??;
+                return Ok(());
+            }
+            _ = &mut deadline => {
+                tracing::warn!("grace period over; exiting with requests in flight");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,111 @@
+//! Route handlers: short, reading like the API description.
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse};
+use axum::Json;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::{upload, AppState};
+use crate::engine::{Device, ModelInfo, ModelKind};
+use crate::explain::Method;
+use crate::service::{Endpoint, ExplainResponse};
+
+const OPENAPI: &str = include_str!("../../openapi.yaml");
+const PAGE: &str = include_str!("page.html");
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.service.is_draining() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "the server is shutting down"));
+    }
+    if !state.service.is_ready() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "the models are still loading"));
+    }
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    if let Ok(models) = state.service.models() {
+        for (name, m) in models {
+            metrics::gauge!("camserve_queue_depth_rows", "model" => name.clone()).set(m.queue.depth() as f64);
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+pub async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI)
+}
+
+pub async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+pub async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+#[derive(Serialize)]
+pub struct LayerView {
+    name: String,
+    /// `[C, h, w]`
+    shape: [i64; 3],
+}
+
+#[derive(Serialize)]
+pub struct ModelView {
+    name: String,
+    kind: ModelKind,
+    device: Device,
+    /// `[C, H, W]`
+    input_shape: [usize; 3],
+    classes: usize,
+    labels: bool,
+    default_layer: String,
+    layers: Vec<LayerView>,
+    methods: Vec<Method>,
+}
+
+fn model_view(info: &ModelInfo) -> ModelView {
+    ModelView {
+        name: info.name.clone(),
+        kind: info.kind,
+        device: info.device,
+        input_shape: info.input_shape,
+        classes: info.num_classes,
+        labels: info.labels.is_some(),
+        default_layer: info.default_layer.clone(),
+        layers: info.layers.iter().map(|l| LayerView { name: l.name.clone(), shape: [l.dims[1], l.dims[2], l.dims[3]] }).collect(),
+        methods: Method::ALL.into_iter().filter(|m| m.input_rule().is_none_or(|r| info.rules.contains(&r))).collect(),
+    }
+}
+
+pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let models: Vec<ModelView> = state.service.models()?.values().map(|m| model_view(&m.info)).collect();
+    Ok(Json(serde_json::json!({ "models": models })))
+}
+
+pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelView>, ApiError> {
+    Ok(Json(model_view(&state.service.model(&model)?.info)))
+}
+
+async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -> Result<Json<ExplainResponse>, ApiError> {
+    // Unknown model or not ready: answer before reading the body.
+    state.service.model(&model)?;
+    let up = upload::parse(req, state.body_limit).await?;
+    Ok(Json(state.service.handle(&model, endpoint, up.image, up.options).await?))
+}
+
+pub async fn predict(State(state): State<AppState>, Path(model): Path<String>, req: Request) -> Result<Json<ExplainResponse>, ApiError> {
+    run(state, model, Endpoint::Predict, req).await
+}
+
+pub async fn explain(State(state): State<AppState>, Path(model): Path<String>, req: Request) -> Result<Json<ExplainResponse>, ApiError> {
+    run(state, model, Endpoint::Explain, req).await
+}
+

@@ -1,0 +1,135 @@
+//! The three request forms of design §5: multipart (file part `image`, options as text parts or one JSON part
+//! `options`), JSON (`{"image": "<base64>", ...options}`), and a raw `image/*` body. Options may also come in
+//! the query string with every form; options in the body win.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::header;
+use base64::Engine as _;
+use bytes::Bytes;
+
+use super::error::ApiError;
+use crate::options::{OptionError, RawOptions};
+
+pub struct Upload {
+    pub image: Bytes,
+    pub options: RawOptions,
+}
+
+fn option_error(e: OptionError) -> ApiError {
+    match e {
+        OptionError::Malformed(m) => ApiError::bad_request(m),
+        OptionError::Invalid(m) => ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, "invalid-option", m),
+    }
+}
+
+fn query_options(query: Option<&str>) -> Result<RawOptions, ApiError> {
+    let mut o = RawOptions::default();
+    if let Some(q) = query {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(q).map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
+        for (k, v) in pairs {
+            o.set_text(&k, &v).map_err(option_error)?;
+        }
+    }
+    Ok(o)
+}
+
+async fn body_bytes(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) || e.to_string().contains("length limit") {
+            ApiError::too_large(format!("the request body is larger than {limit} bytes"))
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> {
+    let mut options = query_options(req.uri().query())?;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let image = match content_type.as_str() {
+        "multipart/form-data" => {
+            let mut mp = Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(e.body_text()))?;
+            let mut image = None;
+            let mut body_opts = RawOptions::default();
+            let mut json_opts = None;
+            loop {
+                let field = match mp.next_field().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                        return Err(ApiError::too_large(format!("the request body is larger than {body_limit} bytes")));
+                    }
+                    Err(e) => return Err(ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))),
+                };
+                let name = field.name().unwrap_or("").to_string();
+                let data = field.bytes().await.map_err(|e| {
+                    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::too_large(format!("the request body is larger than {body_limit} bytes"))
+                    } else {
+                        ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+                    }
+                })?;
+                match name.as_str() {
+                    "image" | "file" => {
+                        if image.replace(data).is_some() {
+                            return Err(ApiError::bad_request("more than one `image` part"));
+                        }
+                    }
+                    "options" => json_opts = Some(RawOptions::from_json_object(&data).map_err(option_error)?),
+                    other => {
+                        let text = std::str::from_utf8(&data).map_err(|_| ApiError::bad_request(format!("part `{other}` is not UTF-8 text")))?;
+                        body_opts.set_text(other, text).map_err(option_error)?;
+                    }
+                }
+            }
+            options.merge(body_opts);
+            if let Some(j) = json_opts {
+                options.merge(j);
+            }
+            image.ok_or_else(|| ApiError::bad_request("the multipart body has no `image` part"))?
+        }
+        "application/json" => {
+            let bytes = body_bytes(req.into_body(), body_limit).await?;
+            let value: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+            let serde_json::Value::Object(map) = value else {
+                return Err(ApiError::bad_request("the JSON body must be an object with an `image` member"));
+            };
+            let mut body_opts = RawOptions::default();
+            let mut image = None;
+            for (k, v) in &map {
+                if k == "image" {
+                    let s = v.as_str().ok_or_else(|| ApiError::bad_request("`image` must be a base64 string"))?;
+                    // Accept data URLs as browsers produce them.
+                    let s = s.split_once(";base64,").map(|(_, b)| b).unwrap_or(s);
+                    let decoded = base64::engine::general_purpose::STANDARD
+                        .decode(s.trim())
+                        .map_err(|e| ApiError::bad_request(format!("`image` is not valid base64: {e}")))?;
+                    image = Some(Bytes::from(decoded));
+                } else {
+                    body_opts.set_json(k, v).map_err(option_error)?;
+                }
+            }
+            options.merge(body_opts);
+            image.ok_or_else(|| ApiError::bad_request("the JSON body has no `image` member"))?
+        }
+        ct if ct.starts_with("image/") || ct == "application/octet-stream" => body_bytes(req.into_body(), body_limit).await?,
+        "" => return Err(ApiError::unsupported_media_type("no Content-Type; send multipart/form-data, application/json or image/*")),
+        other => {
+            return Err(ApiError::unsupported_media_type(format!(
+                "Content-Type `{other}` is not supported; send multipart/form-data, application/json or image/*"
+            )));
+        }
+    };
+    if image.is_empty() {
+        return Err(ApiError::bad_request("the image is empty"));
+    }
+    Ok(Upload { image, options })
+}

@@ -1,0 +1,286 @@
+//! Request options (design §5 table): parsed from a query string, multipart text parts or a JSON body, then
+//! validated against the model into an [`ExplainOptions`].
+
+use serde_json::Value;
+
+use crate::batcher::Target;
+use crate::engine::ModelInfo;
+use crate::explain::Method;
+use crate::render::Colormap;
+
+/// An option as received, before validation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawOptions {
+    pub methods: Option<Vec<String>>,
+    pub target: Option<Vec<TargetSpec>>,
+    pub top_k: Option<i64>,
+    pub layer: Option<String>,
+    pub outputs: Option<Vec<String>>,
+    pub colormap: Option<String>,
+    pub alpha: Option<f64>,
+    pub size: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetSpec {
+    Index(i64),
+    Label(String),
+}
+
+/// An invalid option: 400 when the request is malformed, 422 when well-formed but not acceptable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OptionError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(s: impl Into<String>) -> OptionError {
+    OptionError::Invalid(s.into())
+}
+
+const KEYS: [&str; 8] = ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size"];
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+fn target_from_str(s: &str) -> TargetSpec {
+    match s.parse::<i64>() {
+        Ok(i) => TargetSpec::Index(i),
+        Err(_) => TargetSpec::Label(s.to_string()),
+    }
+}
+
+impl RawOptions {
+    /// Sets one option from a text value (query string or multipart text part). Lists are comma-separated.
+    pub fn set_text(&mut self, key: &str, value: &str) -> Result<(), OptionError> {
+        match key {
+            "methods" | "method" => self.methods.get_or_insert_with(Vec::new).extend(list(value)),
+            "target" | "targets" => self.target.get_or_insert_with(Vec::new).extend(list(value).iter().map(|s| target_from_str(s))),
+            "top_k" => self.top_k = Some(value.trim().parse().map_err(|_| invalid(format!("top_k must be an integer, not `{value}`")))?),
+            "layer" => self.layer = Some(value.to_string()),
+            "outputs" | "output" => self.outputs.get_or_insert_with(Vec::new).extend(list(value)),
+            "colormap" => self.colormap = Some(value.trim().to_string()),
+            "alpha" => {
+                self.alpha = Some(value.trim().parse().map_err(|_| invalid(format!("alpha must be a number, not `{value}`")))?)
+            }
+            "size" => self.size = Some(value.trim().to_string()),
+            other => return Err(invalid(format!("unknown option `{other}` (known: {})", KEYS.join(", ")))),
+        }
+        Ok(())
+    }
+
+    /// Sets options from a JSON object's members (the `image` member excluded by the caller).
+    pub fn set_json(&mut self, key: &str, value: &Value) -> Result<(), OptionError> {
+        let strings = |v: &Value, what: &str| -> Result<Vec<String>, OptionError> {
+            match v {
+                Value::String(s) => Ok(list(s)),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_string).ok_or_else(|| invalid(format!("{what} must be strings"))))
+                    .collect(),
+                _ => Err(invalid(format!("{what} must be a string or a list of strings"))),
+            }
+        };
+        let target = |v: &Value| -> Result<TargetSpec, OptionError> {
+            match v {
+                Value::Number(n) => n.as_i64().map(TargetSpec::Index).ok_or_else(|| invalid(format!("target {n} is not an integer"))),
+                Value::String(s) => Ok(target_from_str(s)),
+                _ => Err(invalid("target must be a class index, a label, or a list of them")),
+            }
+        };
+        match key {
+            "methods" | "method" => self.methods = Some(strings(value, "methods")?),
+            "target" | "targets" => {
+                self.target = Some(match value {
+                    Value::Array(a) => a.iter().map(target).collect::<Result<_, _>>()?,
+                    v => vec![target(v)?],
+                })
+            }
+            "top_k" => {
+                self.top_k = Some(match value {
+                    Value::Number(n) => n.as_i64().ok_or_else(|| invalid(format!("top_k must be an integer, not {n}")))?,
+                    Value::String(s) => s.trim().parse().map_err(|_| invalid(format!("top_k must be an integer, not `{s}`")))?,
+                    _ => return Err(invalid("top_k must be an integer")),
+                })
+            }
+            "layer" => self.layer = Some(value.as_str().ok_or_else(|| invalid("layer must be a string"))?.to_string()),
+            "outputs" | "output" => self.outputs = Some(strings(value, "outputs")?),
+            "colormap" => self.colormap = Some(value.as_str().ok_or_else(|| invalid("colormap must be a string"))?.to_string()),
+            "alpha" => {
+                self.alpha = Some(match value {
+                    Value::Number(n) => n.as_f64().ok_or_else(|| invalid("alpha must be a number"))?,
+                    Value::String(s) => s.trim().parse().map_err(|_| invalid(format!("alpha must be a number, not `{s}`")))?,
+                    _ => return Err(invalid("alpha must be a number")),
+                })
+            }
+            "size" => self.size = Some(value.as_str().ok_or_else(|| invalid("size must be a string"))?.to_string()),
+            other => return Err(invalid(format!("unknown option `{other}` (known: {})", KEYS.join(", ")))),
+        }
+        Ok(())
+    }
+
+    /// Options from a JSON object (e.g. the multipart part `options`).
+    pub fn from_json_object(text: &[u8]) -> Result<RawOptions, OptionError> {
+        let v: Value = serde_json::from_slice(text).map_err(|e| OptionError::Malformed(format!("options are not valid JSON: {e}")))?;
+        let Value::Object(map) = v else {
+            return Err(OptionError::Malformed("options must be a JSON object".into()));
+        };
+        let mut o = RawOptions::default();
+        for (k, v) in &map {
+            o.set_json(k, v)?;
+        }
+        Ok(o)
+    }
+
+    /// `other`'s options override ours where set.
+    pub fn merge(&mut self, other: RawOptions) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(methods, target, top_k, layer, outputs, colormap, alpha, size);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputSize {
+    /// Maps at the model's input size.
+    Model,
+    /// Maps at the uploaded image's size.
+    Original,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outputs {
+    pub heatmap: bool,
+    pub overlay: bool,
+    pub mask: bool,
+    pub raw: bool,
+}
+
+/// Validated options of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExplainOptions {
+    pub methods: Vec<Method>,
+    pub targets: Vec<Target>,
+    /// How many predictions the response lists.
+    pub top_k: usize,
+    pub layer: String,
+    pub outputs: Outputs,
+    pub colormap: Colormap,
+    pub alpha: f32,
+    pub size: OutputSize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct OptionLimits {
+    pub max_top_k: usize,
+    pub max_targets: usize,
+    pub max_methods: usize,
+}
+
+pub const DEFAULT_METHODS: [Method; 2] = [Method::GradCam, Method::GuidedGradCam];
+
+impl RawOptions {
+    pub fn validate(&self, model: &ModelInfo, limits: OptionLimits) -> Result<ExplainOptions, OptionError> {
+        let mut methods = Vec::new();
+        match &self.methods {
+            None => methods.extend(DEFAULT_METHODS),
+            Some(list) => {
+                for m in list {
+                    let method = Method::parse(m).ok_or_else(|| {
+                        let known: Vec<&str> = Method::ALL.iter().map(|m| m.as_str()).collect();
+                        invalid(format!("unknown method `{m}` (known: {})", known.join(", ")))
+                    })?;
+                    if !methods.contains(&method) {
+                        methods.push(method);
+                    }
+                }
+            }
+        }
+        if methods.is_empty() {
+            return Err(invalid("methods is empty"));
+        }
+        if methods.len() > limits.max_methods {
+            return Err(invalid(format!("{} methods requested, at most {} allowed", methods.len(), limits.max_methods)));
+        }
+        for m in &methods {
+            if let Some(rule) = m.input_rule() {
+                if !model.rules.contains(&rule) {
+                    return Err(invalid(format!("method `{m}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name)));
+                }
+            }
+        }
+        let top_k = match self.top_k {
+            None => 1,
+            Some(k) if k < 1 || k as usize > limits.max_top_k.min(model.num_classes) => {
+                return Err(invalid(format!("top_k must be between 1 and {}, not {k}", limits.max_top_k.min(model.num_classes))));
+            }
+            Some(k) => k as usize,
+        };
+        let targets = match &self.target {
+            None => (0..top_k).map(Target::Rank).collect(),
+            Some(specs) => {
+                if self.top_k.is_some_and(|k| k > 1) {
+                    return Err(invalid("give either target or top_k, not both"));
+                }
+                if specs.is_empty() {
+                    return Err(invalid("target is empty"));
+                }
+                if specs.len() > limits.max_targets {
+                    return Err(invalid(format!("{} targets requested, at most {} allowed", specs.len(), limits.max_targets)));
+                }
+                specs
+                    .iter()
+                    .map(|s| match s {
+                        TargetSpec::Index(i) if *i >= 0 && (*i as usize) < model.num_classes => Ok(Target::Class(*i as usize)),
+                        TargetSpec::Index(i) => Err(invalid(format!("class index {i} is out of range 0..{}", model.num_classes))),
+                        TargetSpec::Label(l) => model.class_by_label(l).map(Target::Class).ok_or_else(|| {
+                            if model.labels.is_none() {
+                                invalid(format!("model `{}` has no labels; give the class index instead of `{l}`", model.name))
+                            } else {
+                                invalid(format!("unknown class label `{l}`"))
+                            }
+                        }),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        let layer = match &self.layer {
+            None => model.default_layer.clone(),
+            Some(l) if model.layer(l).is_some() => l.clone(),
+            Some(l) => return Err(invalid(format!("unknown layer `{l}`; GET /v1/models/{} lists the candidate layers", model.name))),
+        };
+        let mut outputs = Outputs::default();
+        let requested = self.outputs.clone().unwrap_or_else(|| vec!["heatmap".into(), "overlay".into()]);
+        if requested.is_empty() {
+            return Err(invalid("outputs is empty"));
+        }
+        for o in &requested {
+            match o.as_str() {
+                "heatmap" => outputs.heatmap = true,
+                "overlay" => outputs.overlay = true,
+                "mask" => outputs.mask = true,
+                "raw" => outputs.raw = true,
+                other => return Err(invalid(format!("unknown output `{other}` (known: heatmap, overlay, mask, raw)"))),
+            }
+        }
+        let colormap = match &self.colormap {
+            None => Colormap::Jet,
+            Some(c) => Colormap::parse(c).ok_or_else(|| invalid(format!("unknown colormap `{c}` (known: jet, turbo, viridis, inferno, gray)")))?,
+        };
+        let alpha = match self.alpha {
+            None => 0.5,
+            Some(a) if a.is_finite() && (0.0..=1.0).contains(&a) => a as f32,
+            Some(a) => return Err(invalid(format!("alpha must be between 0 and 1, not {a}"))),
+        };
+        let size = match self.size.as_deref() {
+            None | Some("model") => OutputSize::Model,
+            Some("original") => OutputSize::Original,
+            Some(s) => return Err(invalid(format!("size must be `model` or `original`, not `{s}`"))),
+        };
+        Ok(ExplainOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size })
+    }
+}

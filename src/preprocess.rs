@@ -1,0 +1,167 @@
+//! Image decoding and preprocessing (design §5): decode, honour EXIF orientation, convert to RGB, resize to the
+//! model input with a bilinear filter (none when the size already matches), scale to [0, 1], normalise with
+//! the model's mean/std, NCHW.
+
+use std::io::Cursor;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use ndarray::Array3;
+
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest width * height accepted (checked from the header, before decoding).
+    pub max_pixels: u64,
+    /// Largest width or height accepted.
+    pub max_dimension: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("the body is empty")]
+    Empty,
+    #[error("the data is not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)")]
+    UnknownFormat,
+    #[error("the image is {width}x{height} pixels, over the limit of {limit}")]
+    TooLarge { width: u32, height: u32, limit: String },
+    #[error("the image cannot be decoded: {0}")]
+    Undecodable(String),
+}
+
+const FORMATS: [ImageFormat; 6] =
+    [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Gif, ImageFormat::Tiff];
+
+/// Decodes an uploaded file into an upright RGB image.
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Undecodable(e.to_string()))?;
+    match reader.format() {
+        Some(f) if FORMATS.contains(&f) => {}
+        _ => return Err(ImageError::UnknownFormat),
+    }
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(limits.max_dimension);
+    l.max_image_height = Some(limits.max_dimension);
+    // Decoded RGBA16 at the pixel limit, plus slack for the decoder's own buffers.
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(l);
+    let mut decoder = reader.into_decoder().map_err(|e| too_large_or(e, limits))?;
+    let (w, h) = decoder.dimensions();
+    if w as u64 * h as u64 > limits.max_pixels {
+        return Err(ImageError::TooLarge { width: w, height: h, limit: format!("{} pixels", limits.max_pixels) });
+    }
+    if w == 0 || h == 0 {
+        return Err(ImageError::Undecodable("zero width or height".into()));
+    }
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| too_large_or(e, limits))?;
+    img.apply_orientation(orientation);
+    Ok(img.to_rgb8())
+}
+
+fn too_large_or(e: image::ImageError, limits: DecodeLimits) -> ImageError {
+    match e {
+        image::ImageError::Limits(l) => ImageError::TooLarge {
+            width: 0,
+            height: 0,
+            limit: format!("{} pixels / {} per side ({l})", limits.max_pixels, limits.max_dimension),
+        },
+        other => ImageError::Undecodable(other.to_string()),
+    }
+}
+
+/// Resizes with fast_image_resize's bilinear convolution (like PIL's and torchvision's antialiased bilinear).
+pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    if img.dimensions() == (width, height) {
+        return img.clone();
+    }
+    let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3).expect("an RgbImage is a valid U8x3 buffer. This is a bug.");
+    let mut dst = Image::new(width, height, PixelType::U8x3);
+    Resizer::new()
+        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
+        .expect("same pixel types. This is a bug.");
+    RgbImage::from_raw(width, height, dst.into_vec()).expect("w*h*3 bytes. This is a bug.")
+}
+
+/// The model input `[3, H, W]` from an image already at model size.
+pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Array3<f32> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut out = Array3::<f32>::zeros((3, h, w));
+    let raw = img.as_raw();
+    for c in 0..3 {
+        let (m, s) = (mean[c], std[c]);
+        let plane = out.index_axis_mut(ndarray::Axis(0), c).into_slice().expect("standard layout. This is a bug.");
+        for (i, v) in plane.iter_mut().enumerate() {
+            *v = (raw[i * 3 + c] as f32 / 255.0 - m) / s;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 1 << 20, max_dimension: 4096 };
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 9]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn decodes_and_normalises() {
+        let img = decode(&png(4, 3), LIMITS).unwrap();
+        assert_eq!(img.dimensions(), (4, 3));
+        let x = normalize(&img, [0.5, 0.0, 0.0], [0.5, 1.0, 1.0]);
+        assert_eq!(x.shape(), &[3, 3, 4]);
+        assert!((x[[0, 0, 2]] - (2.0 / 255.0 - 0.5) / 0.5).abs() < 1e-6);
+        assert!((x[[1, 2, 0]] - 2.0 / 255.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn refuses_garbage_empty_and_truncated() {
+        assert!(matches!(decode(b"", LIMITS), Err(ImageError::Empty)));
+        assert!(matches!(decode(b"hello world, not an image", LIMITS), Err(ImageError::UnknownFormat)));
+        let p = png(40, 40);
+        assert!(matches!(decode(&p[..p.len() / 2], LIMITS), Err(ImageError::Undecodable(_))));
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+
+    #[test]
+    fn refuses_decompression_bombs_from_the_header() {
+        // A PNG header claiming 50000x50000 pixels: refused before any pixel is decoded.
+        let mut p = png(1, 1);
+        p[16..20].copy_from_slice(&50000u32.to_be_bytes());
+        p[20..24].copy_from_slice(&50000u32.to_be_bytes());
+        let crc = crc32(&p[12..29]);
+        p[29..33].copy_from_slice(&crc.to_be_bytes());
+        let big = DecodeLimits { max_pixels: 40_000_000, max_dimension: 100_000 };
+        assert!(matches!(decode(&p, big), Err(ImageError::TooLarge { width: 50000, height: 50000, .. })), "{:?}", decode(&p, big));
+        assert!(matches!(decode(&p, LIMITS), Err(ImageError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn resize_keeps_size_when_equal_and_changes_it_otherwise() {
+        let img = RgbImage::from_pixel(10, 6, image::Rgb([10, 20, 30]));
+        assert_eq!(resize(&img, 10, 6), img);
+        let r = resize(&img, 5, 3);
+        assert_eq!(r.dimensions(), (5, 3));
+        assert!(r.pixels().all(|p| p.0 == [10, 20, 30]));
+    }
+}
