@@ -39,6 +39,9 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
     }
     let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Undecodable(e.to_string()))?;
     match reader.format() {
+        Some(ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
+            return Err(ImageError::Undecodable("the JPEG data is truncated (no end-of-image marker after the last scan)".into()));
+        }
         Some(f) if FORMATS.contains(&f) => {}
         _ => return Err(ImageError::UnknownFormat),
     }
@@ -60,6 +63,18 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| too_large_or(e, limits))?;
     img.apply_orientation(orientation);
     Ok(img.to_rgb8())
+}
+
+/// The JPEG decoder fills missing data with grey instead of failing, so a truncated upload would be explained
+/// as if it were whole. A complete file has an end-of-image marker (FF D9) after its last start-of-scan
+/// (FF DA); markers cannot occur inside entropy-coded data, and an EXIF thumbnail's EOI comes before the main
+/// image's scans.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == marker);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
 }
 
 fn too_large_or(e: image::ImageError, limits: DecodeLimits) -> ImageError {
@@ -130,6 +145,12 @@ mod tests {
         assert!(matches!(decode(b"hello world, not an image", LIMITS), Err(ImageError::UnknownFormat)));
         let p = png(40, 40);
         assert!(matches!(decode(&p[..p.len() / 2], LIMITS), Err(ImageError::Undecodable(_))));
+        let img = RgbImage::from_fn(40, 40, |x, y| image::Rgb([x as u8 * 6, y as u8 * 6, 9]));
+        let mut jpeg = Cursor::new(Vec::new());
+        img.write_to(&mut jpeg, ImageFormat::Jpeg).unwrap();
+        let jpeg = jpeg.into_inner();
+        assert!(decode(&jpeg, LIMITS).is_ok());
+        assert!(matches!(decode(&jpeg[..jpeg.len() - 40], LIMITS), Err(ImageError::Undecodable(_))));
     }
 
     fn crc32(data: &[u8]) -> u32 {

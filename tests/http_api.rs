@@ -1,0 +1,400 @@
+//! The HTTP API end to end: a real server on 127.0.0.1:0, a real HTTP client, every request form, method,
+//! output kind and error of design §5, each response checked against openapi.yaml.
+
+#[path = "support/server.rs"]
+mod server;
+
+use base64::Engine as _;
+use reqwest::multipart::{Form, Part};
+use serde_json::{json, Value};
+use server::*;
+
+const EXPLAIN: &str = "/v1/models/{model}/explain";
+const PREDICT: &str = "/v1/models/{model}/predict";
+
+async fn json_of(r: reqwest::Response, path: &str, method: &str) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body: Value = r.json().await.unwrap();
+    check_response(path, method, status, &ct, &body);
+    if status >= 400 {
+        assert_eq!(ct, "application/problem+json", "errors are problem+json");
+        assert_eq!(body["status"], status);
+    }
+    (status, body)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn png_dims(b64png: &str) -> (u32, u32) {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64png).unwrap();
+    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap();
+    (img.width(), img.height())
+}
+
+#[tokio::test]
+async fn service_routes() {
+    let s = Server::start(demo_config()).await;
+    let (st, body) = json_of(s.client.get(s.url("/healthz")).send().await.unwrap(), "/healthz", "get").await;
+    assert_eq!((st, body["status"].as_str()), (200, Some("ok")));
+    let (st, _) = json_of(s.client.get(s.url("/readyz")).send().await.unwrap(), "/readyz", "get").await;
+    assert_eq!(st, 200);
+    let yaml = s.client.get(s.url("/openapi.yaml")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(yaml, std::fs::read_to_string(root().join("openapi.yaml")).unwrap());
+    let page = s.client.get(s.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+
+    let (st, body) = json_of(s.client.get(s.url("/v1/models")).send().await.unwrap(), "/v1/models", "get").await;
+    assert_eq!(st, 200);
+    let m = &body["models"][0];
+    assert_eq!(m["name"], "demo");
+    assert_eq!(m["input_shape"], json!([3, 64, 64]));
+    assert_eq!(m["classes"], 6);
+    assert_eq!(m["labels"], true);
+    assert_eq!(m["device"], "cpu");
+    assert_eq!(m["methods"].as_array().unwrap().len(), 10);
+    assert!(m["layers"].as_array().unwrap().iter().any(|l| l["name"] == m["default_layer"]));
+    let (st, one) = json_of(s.client.get(s.url("/v1/models/demo")).send().await.unwrap(), "/v1/models/{model}", "get").await;
+    assert_eq!((st, &one), (200, m));
+    let (st, _) = json_of(s.client.get(s.url("/v1/models/nope")).send().await.unwrap(), "/v1/models/{model}", "get").await;
+    assert_eq!(st, 404);
+
+    // Some traffic, then the metrics show it.
+    let _ = s.client.post(s.url("/v1/models/demo/predict")).header("content-type", "image/jpeg").body(image_bytes("000.jpg")).send().await.unwrap();
+    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in ["camserve_http_requests_total", "camserve_inference_duration_seconds", "camserve_batch_rows"] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn three_request_forms_agree() {
+    let s = Server::start(demo_config()).await;
+    let img = image_bytes("001.jpg");
+    let url = s.url("/v1/models/demo/explain");
+    // multipart, options as text parts
+    let form = Form::new().part("image", Part::bytes(img.clone()).file_name("001.jpg").mime_str("image/jpeg").unwrap())
+        .text("methods", "gradcam,guided_gradcam").text("outputs", "raw");
+    let (st, a) = json_of(s.client.post(&url).multipart(form).send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 200, "{a}");
+    // multipart, options as one JSON part
+    let form = Form::new().part("image", Part::bytes(img.clone()).file_name("x.jpg"))
+        .text("options", json!({"methods": ["gradcam", "guided_gradcam"], "outputs": ["raw"]}).to_string());
+    let (_, b) = json_of(s.client.post(&url).multipart(form).send().await.unwrap(), EXPLAIN, "post").await;
+    // JSON with base64
+    let body = json!({"image": b64(&img), "methods": ["gradcam", "guided_gradcam"], "outputs": "raw"});
+    let (_, c) = json_of(s.client.post(&url).json(&body).send().await.unwrap(), EXPLAIN, "post").await;
+    // raw body, options in the query string
+    let r = s.client.post(format!("{url}?methods=gradcam,guided_gradcam&outputs=raw")).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap();
+    let (_, d) = json_of(r, EXPLAIN, "post").await;
+    for other in [&b, &c, &d] {
+        assert_eq!(a["predictions"], other["predictions"]);
+        for (x, y) in a["explanations"].as_array().unwrap().iter().zip(other["explanations"].as_array().unwrap()) {
+            assert_eq!(x["raw"], y["raw"]);
+            assert_eq!(x["peak"], y["peak"]);
+        }
+    }
+    assert_eq!(a["model"], "demo");
+    assert_eq!(a["image"], json!({"width": 64, "height": 64}));
+    assert_eq!(a["predictions"].as_array().unwrap().len(), 5, "top max(5, top_k)");
+    let ex = a["explanations"].as_array().unwrap();
+    assert_eq!(ex.len(), 2);
+    assert_eq!(ex[0]["method"], "gradcam");
+    assert_eq!(ex[0]["raw"]["shape"], json!([16, 16]));
+    assert_eq!(ex[1]["raw"]["shape"], json!([3, 64, 64]));
+    assert_eq!(ex[0]["target"]["index"], a["predictions"][0]["index"], "default target: the top prediction");
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_method_and_output() {
+    let s = Server::start(demo_config()).await;
+    let methods = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "deconvnet", "saliency", "guided_gradcam"];
+    let body = json!({"image": b64(&image_bytes("002.jpg")), "methods": methods, "outputs": ["heatmap", "overlay", "mask", "raw"], "colormap": "turbo", "alpha": 0.3});
+    let (st, r) = json_of(s.client.post(s.url("/v1/models/demo/explain")).json(&body).send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 200, "{r}");
+    let ex = r["explanations"].as_array().unwrap();
+    assert_eq!(ex.len(), methods.len());
+    for (e, m) in ex.iter().zip(methods) {
+        assert_eq!(e["method"], m);
+        for k in ["heatmap_png", "overlay_png", "mask_png"] {
+            assert_eq!(png_dims(e[k].as_str().unwrap()), (64, 64), "{m} {k}");
+        }
+        let raw = &e["raw"];
+        let n: usize = raw["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).product();
+        let data = base64::engine::general_purpose::STANDARD.decode(raw["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data.len(), n * 4, "{m}: raw data length");
+        let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert!(values.iter().all(|v| v.is_finite()));
+        assert!(values.iter().any(|&v| v != 0.0), "{m}: all-zero raw map");
+        let cam = !matches!(m, "guided_backprop" | "deconvnet" | "saliency" | "guided_gradcam");
+        if cam && m != "eigencam" {
+            assert!(values.iter().all(|&v| v >= 0.0), "{m}: CAM raw maps are after the method's ReLU");
+        }
+        assert_eq!(raw["shape"], if cam { json!([16, 16]) } else { json!([3, 64, 64]) });
+        assert_eq!(e.get("layer").is_some(), cam || m == "guided_gradcam");
+        let p = &e["peak"];
+        assert!(p["x"].as_u64().unwrap() < 64 && p["y"].as_u64().unwrap() < 64);
+        let b = &e["bbox"];
+        assert!(b["x"].as_u64().unwrap() + b["width"].as_u64().unwrap() <= 64);
+    }
+    // predict: no explanations
+    let r = s.client.post(s.url("/v1/models/demo/predict")).header("content-type", "image/jpeg").body(image_bytes("002.jpg")).send().await.unwrap();
+    let (st, p) = json_of(r, PREDICT, "post").await;
+    assert_eq!(st, 200);
+    assert!(p.get("explanations").is_none());
+    assert_eq!(p["predictions"], r_predictions(&r_body(&s, "002.jpg").await));
+    s.stop().await.unwrap();
+}
+
+async fn r_body(s: &Server, name: &str) -> Value {
+    let r = s.client.post(s.url("/v1/models/demo/explain?methods=gradcam&outputs=raw")).header("content-type", "image/jpeg").body(image_bytes(name)).send().await.unwrap();
+    r.json().await.unwrap()
+}
+
+fn r_predictions(v: &Value) -> Value {
+    v["predictions"].clone()
+}
+
+#[tokio::test]
+async fn targets_top_k_and_sizes() {
+    let s = Server::start(demo_config()).await;
+    let url = s.url("/v1/models/demo/explain");
+    let img = image_bytes("003.jpg");
+    // top_k = 3: three targets per method, in prediction order, from one batched run
+    let (st, r) = json_of(s.client.post(format!("{url}?top_k=3&methods=gradcam,saliency&outputs=raw")).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 200);
+    let ex = r["explanations"].as_array().unwrap();
+    assert_eq!(ex.len(), 6);
+    for k in 0..3 {
+        assert_eq!(ex[2 * k]["target"]["index"], r["predictions"][k]["index"]);
+        assert_eq!(ex[2 * k]["target"]["score"], r["predictions"][k]["score"]);
+        assert_eq!(ex[2 * k + 1]["target"]["index"], r["predictions"][k]["index"]);
+    }
+    // explicit targets by label and index, the same as top-k rows
+    let second = r["predictions"][1]["label"].as_str().unwrap().to_string();
+    let idx = r["predictions"][2]["index"].as_u64().unwrap();
+    let (st, t) = json_of(
+        s.client.post(&url).json(&json!({"image": b64(&img), "target": [second, idx], "methods": "gradcam,saliency", "outputs": "raw"})).send().await.unwrap(),
+        EXPLAIN, "post").await;
+    assert_eq!(st, 200);
+    let tex = t["explanations"].as_array().unwrap();
+    assert_eq!(tex.len(), 4);
+    assert_eq!(tex[0]["raw"], ex[2]["raw"], "target by label = the rank-2 row");
+    assert_eq!(tex[2]["raw"], ex[4]["raw"], "target by index = the rank-3 row");
+    // size=original with a larger upload: maps at the upload's size
+    let big = image::load_from_memory(&img).unwrap().resize_exact(150, 100, image::imageops::FilterType::Triangle);
+    let mut png = std::io::Cursor::new(Vec::new());
+    big.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let r = s.client.post(format!("{url}?size=original&methods=gradcam,guided_backprop&outputs=heatmap,overlay,mask")).header("content-type", "image/png").body(png.into_inner()).send().await.unwrap();
+    let (st, o) = json_of(r, EXPLAIN, "post").await;
+    assert_eq!(st, 200);
+    assert_eq!(o["image"], json!({"width": 150, "height": 100}));
+    for e in o["explanations"].as_array().unwrap() {
+        for k in ["heatmap_png", "overlay_png", "mask_png"] {
+            assert_eq!(png_dims(e[k].as_str().unwrap()), (150, 100));
+        }
+        assert!(e["peak"]["x"].as_u64().unwrap() < 150);
+    }
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn image_formats_and_orientation() {
+    let s = Server::start(demo_config()).await;
+    let src = image::load_from_memory(&image_bytes("004.jpg")).unwrap();
+    let url = s.url("/v1/models/demo/predict");
+    let mut reference = None;
+    for (fmt, mime) in [
+        (image::ImageFormat::Png, "image/png"),
+        (image::ImageFormat::Bmp, "image/bmp"),
+        (image::ImageFormat::Tiff, "image/tiff"),
+        (image::ImageFormat::WebP, "image/webp"),
+        (image::ImageFormat::Gif, "image/gif"),
+    ] {
+        let img = if fmt == image::ImageFormat::Gif { image::DynamicImage::ImageRgba8(src.to_rgba8()) } else { src.clone() };
+        let mut buf = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut buf, fmt).unwrap();
+        let (st, r) = json_of(s.client.post(&url).header("content-type", mime).body(buf.into_inner()).send().await.unwrap(), PREDICT, "post").await;
+        assert_eq!(st, 200, "{mime}: {r}");
+        if fmt != image::ImageFormat::Gif {
+            // Lossless formats decode to the same pixels, hence the same prediction.
+            let top = r["predictions"][0]["index"].clone();
+            assert_eq!(reference.get_or_insert(top.clone()), &top, "{mime}");
+        }
+    }
+    // greyscale and RGBA are converted to RGB
+    for img in [image::DynamicImage::ImageLuma8(src.to_luma8()), image::DynamicImage::ImageRgba8(src.to_rgba8())] {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+        let (st, _) = json_of(s.client.post(&url).header("content-type", "image/png").body(buf.into_inner()).send().await.unwrap(), PREDICT, "post").await;
+        assert_eq!(st, 200);
+    }
+    s.stop().await.unwrap();
+}
+
+/// A JPEG with an EXIF orientation tag (6 = rotate 90 degrees clockwise) made from a 48x32 picture.
+fn jpeg_with_orientation(orientation: u16) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(48, 32, |x, _| if x < 24 { image::Rgb([250, 10, 10]) } else { image::Rgb([10, 10, 250]) });
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95).encode_image(&img).unwrap();
+    // APP1 Exif segment: "Exif\0\0" + a little-endian TIFF header with one IFD entry (Orientation).
+    let mut tiff = vec![b'I', b'I', 42, 0, 8, 0, 0, 0, 1, 0];
+    tiff.extend_from_slice(&0x0112u16.to_le_bytes());
+    tiff.extend_from_slice(&3u16.to_le_bytes());
+    tiff.extend_from_slice(&1u32.to_le_bytes());
+    tiff.extend_from_slice(&orientation.to_le_bytes());
+    tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend(tiff);
+    let mut out = vec![0xFF, 0xD8, 0xFF, 0xE1];
+    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    out.extend(app1);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+#[tokio::test]
+async fn exif_orientation_is_honoured() {
+    let s = Server::start(demo_config()).await;
+    let r = s.client.post(s.url("/v1/models/demo/predict")).header("content-type", "image/jpeg").body(jpeg_with_orientation(6)).send().await.unwrap();
+    let (st, body) = json_of(r, PREDICT, "post").await;
+    assert_eq!(st, 200);
+    assert_eq!(body["image"], json!({"width": 32, "height": 48}), "rotated by the EXIF orientation");
+    let r = s.client.post(s.url("/v1/models/demo/predict")).header("content-type", "image/jpeg").body(jpeg_with_orientation(1)).send().await.unwrap();
+    let (_, body) = json_of(r, PREDICT, "post").await;
+    assert_eq!(body["image"], json!({"width": 48, "height": 32}));
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_are_problems_with_the_right_status() {
+    let mut config = demo_config();
+    config.server.body_limit_bytes = 200_000;
+    config.server.max_image_pixels = 100_000;
+    let s = Server::start(config).await;
+    let url = s.url("/v1/models/demo/explain");
+    let jpg = image_bytes("005.jpg");
+    let big_png = {
+        let img = image::RgbImage::from_pixel(400, 300, image::Rgb([1, 2, 3]));
+        let mut b = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut b, image::ImageFormat::Png).unwrap();
+        b.into_inner()
+    };
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        ("garbage", s.client.post(&url).header("content-type", "image/jpeg").body(&b"definitely not an image"[..]), 400, "not an image"),
+        ("truncated", s.client.post(&url).header("content-type", "image/jpeg").body(jpg[..jpg.len() / 2].to_vec()), 400, "cannot be decoded"),
+        ("empty", s.client.post(&url).header("content-type", "image/jpeg").body(Vec::<u8>::new()), 400, "empty"),
+        ("media type", s.client.post(&url).header("content-type", "text/plain").body(jpg.clone()), 415, "text/plain"),
+        ("no media type", s.client.post(&url).body(jpg.clone()), 415, "Content-Type"),
+        ("body limit", s.client.post(&url).header("content-type", "image/jpeg").body(vec![0u8; 300_000]), 413, "larger than"),
+        ("pixel limit", s.client.post(&url).header("content-type", "image/png").body(big_png), 413, "over the limit"),
+        ("bad base64", s.client.post(&url).json(&json!({"image": "%%%not base64%%%"})), 400, "base64"),
+        ("json without image", s.client.post(&url).json(&json!({"methods": "gradcam"})), 400, "no `image`"),
+        ("malformed json", s.client.post(&url).header("content-type", "application/json").body("{\"image\": "), 400, "not valid JSON"),
+        ("multipart without image", s.client.post(&url).multipart(Form::new().text("methods", "gradcam")), 400, "no `image` part"),
+        ("unknown model", s.client.post(s.url("/v1/models/nope/explain")).header("content-type", "image/jpeg").body(jpg.clone()), 404, "nope"),
+        ("unknown method", s.client.post(format!("{url}?methods=gradcam,magic")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "magic"),
+        ("unknown layer", s.client.post(format!("{url}?layer=conv99")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "conv99"),
+        ("class index", s.client.post(format!("{url}?target=6")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "out of range"),
+        ("negative class", s.client.post(format!("{url}?target=-1")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "out of range"),
+        ("class label", s.client.post(format!("{url}?target=dodecahedron")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "dodecahedron"),
+        ("alpha", s.client.post(format!("{url}?alpha=2")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "alpha"),
+        ("alpha nan", s.client.post(format!("{url}?alpha=NaN")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "alpha"),
+        ("top_k 0", s.client.post(format!("{url}?top_k=0")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "top_k"),
+        ("top_k huge", s.client.post(format!("{url}?top_k=100000")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "top_k"),
+        ("top_k text", s.client.post(format!("{url}?top_k=three")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "top_k"),
+        ("size", s.client.post(format!("{url}?size=huge")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "size"),
+        ("colormap", s.client.post(format!("{url}?colormap=rainbow")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "rainbow"),
+        ("outputs", s.client.post(format!("{url}?outputs=svg")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "svg"),
+        ("unknown option", s.client.post(format!("{url}?colour=red")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "colour"),
+        ("target and top_k", s.client.post(format!("{url}?target=1&top_k=2")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "not both"),
+        ("json option types", s.client.post(&url).json(&json!({"image": b64(&jpg), "top_k": 1.5})), 422, "top_k"),
+    ];
+    for (name, req, status, needle) in cases {
+        let r = req.send().await.unwrap();
+        let (st, body) = json_of(r, EXPLAIN, "post").await;
+        assert_eq!(st, status, "{name}: {body}");
+        assert!(body["detail"].as_str().unwrap().contains(needle), "{name}: `{needle}` not in {body}");
+    }
+    // Unknown routes are problems too, and the server still answers.
+    let r = s.client.get(s.url("/v2/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let (st, _) = json_of(s.client.post(&url).header("content-type", "image/jpeg").body(jpg).send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 200);
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn queue_full_and_timeout() {
+    let mut config = demo_config();
+    config.batching.queue_capacity = 1;
+    let s = Server::start(config).await;
+    // Two target rows cannot fit a queue of one row: refused at once with Retry-After.
+    let r = s.client.post(s.url("/v1/models/demo/explain?top_k=2")).header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send().await.unwrap();
+    assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("1".into()));
+    let (st, _) = json_of(r, EXPLAIN, "post").await;
+    assert_eq!(st, 429);
+    s.stop().await.unwrap();
+
+    let mut config = demo_config();
+    config.server.request_timeout_ms = 1;
+    let s = Server::start(config).await;
+    let r = s.client.post(s.url("/v1/models/demo/explain")).header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send().await.unwrap();
+    let (st, _) = json_of(r, EXPLAIN, "post").await;
+    assert_eq!(st, 504);
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn api_keys_and_cors() {
+    let mut config = demo_config();
+    config.server.api_keys = vec!["s3cret-key".into()];
+    config.server.cors_origins = vec!["https://app.example.com".into()];
+    let s = Server::start(config).await;
+    let url = s.url("/v1/models");
+    let (st, _) = json_of(s.client.get(&url).send().await.unwrap(), "/v1/models", "get").await;
+    assert_eq!(st, 401);
+    let (st, _) = json_of(s.client.get(&url).bearer_auth("wrong").send().await.unwrap(), "/v1/models", "get").await;
+    assert_eq!(st, 401);
+    let (st, _) = json_of(s.client.get(&url).bearer_auth("s3cret-key").send().await.unwrap(), "/v1/models", "get").await;
+    assert_eq!(st, 200);
+    let (st, _) = json_of(s.client.get(&url).header("x-api-key", "s3cret-key").send().await.unwrap(), "/v1/models", "get").await;
+    assert_eq!(st, 200);
+    assert_eq!(s.client.get(s.url("/healthz")).send().await.unwrap().status(), 200, "health stays open");
+    // CORS preflight from the allowed origin, and none for another
+    let pre = s.client.request(reqwest::Method::OPTIONS, s.url("/v1/models/demo/explain"))
+        .header("origin", "https://app.example.com").header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type,authorization").send().await.unwrap();
+    assert!(pre.status().is_success());
+    assert_eq!(pre.headers()["access-control-allow-origin"], "https://app.example.com");
+    let other = s.client.request(reqwest::Method::OPTIONS, s.url("/v1/models/demo/explain"))
+        .header("origin", "https://evil.example.com").header("access-control-request-method", "POST").send().await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn explain_cli_writes_json_and_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
+        .args(["explain", "--method", "gradcam", "--method", "guided_backprop", "--outputs", "heatmap,mask,raw"])
+        .arg("--model").arg(root().join("models/demo.onnx"))
+        .arg("--labels").arg(root().join("models/demo.labels.txt"))
+        .arg("--image").arg(root().join("tests/data/shapes/007.jpg"))
+        .arg("--out").arg(dir.path())
+        .output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("explanation.json")).unwrap()).unwrap();
+    check_response(EXPLAIN, "post", 200, "application/json", &json);
+    let target = json["explanations"][0]["target"]["index"].as_u64().unwrap();
+    for f in [format!("gradcam_{target}_heatmap.png"), format!("gradcam_{target}_mask.png"), format!("guided_backprop_{target}_heatmap.png")] {
+        let img = image::open(dir.path().join(&f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!((img.width(), img.height()), (64, 64));
+    }
+}
