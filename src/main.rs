@@ -109,8 +109,8 @@ fn parse_size(s: &Option<String>) -> anyhow::Result<Option<(i64, i64)>> {
     Ok(Some((h.trim().parse()?, w.trim().parse()?)))
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into());
+fn init_logging(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| format!("{default_level},ort=warn").into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -121,7 +121,8 @@ fn init_logging(format: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    // The server logs its life; the one-shot commands only warnings.
+    init_logging(&cli.log_format, if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" });
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {

@@ -142,21 +142,32 @@ impl Explainable {
             .filter(|o| deps.contains(*o) && **o != logits)
             .filter_map(|o| probed.dims(o).filter(|d| d.len() == 4).map(|d| LayerInfo { name: o.clone(), dims: d.to_vec() }))
             .collect();
-        // The default layer: the last 4-D tensor with spatial size > 1 before global pooling. Tensors computed
-        // after a global pooling (e.g. ConvNeXt's LayerNorm2d permutes [N,C,1,1] to [N,1,1,C]) do not count.
-        let pooled: HashSet<String> = path
+        // The default layer: the last 4-D tensor with spatial size > 1 before global pooling. A tensor counts
+        // only if the input reaches it without passing a global pooling: squeeze-excitation gates (pooled, then
+        // multiplied back) keep the main path, while ConvNeXt's LayerNorm2d after its pooling (which permutes
+        // [N,C,1,1] to [N,1,1,C]) does not.
+        let spatial = |t: &str| probed.dims(t).filter(|d| d.len() == 4).map(|d| d[2] * d[3]);
+        let pooled: HashSet<&str> = path
             .iter()
             .map(|&i| &graph.node[i])
-            .filter(|n| {
-                let spatial = |t: &str| probed.dims(t).filter(|d| d.len() == 4).map(|d| d[2] * d[3]);
-                n.output.first().and_then(|o| spatial(o)) == Some(1) && spatial(&n.input[0]).is_some_and(|s| s > 1)
-            })
-            .flat_map(|n| index.dependents(graph, &n.output[0]))
+            .filter(|n| n.output.first().and_then(|o| spatial(o)) == Some(1) && spatial(&n.input[0]).is_some_and(|s| s > 1))
+            .map(|n| n.output[0].as_str())
             .collect();
+        let mut unpooled: HashSet<&str> = HashSet::from([input.as_str()]);
+        let mut stack = vec![input.as_str()];
+        while let Some(t) = stack.pop() {
+            for &c in index.consumers_of(t) {
+                for o in graph.node[c].output.iter().map(String::as_str) {
+                    if deps.contains(o) && !pooled.contains(o) && unpooled.insert(o) {
+                        stack.push(o);
+                    }
+                }
+            }
+        }
         let default_layer = layers
             .iter()
             .rev()
-            .find(|l| l.dims[2] * l.dims[3] > 1 && !pooled.contains(&l.name))
+            .find(|l| l.dims[2] * l.dims[3] > 1 && unpooled.contains(l.name.as_str()))
             .map(|l| l.name.clone());
         Ok(Explainable {
             model,
