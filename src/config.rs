@@ -265,3 +265,72 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>, std::io::Error> {
     }
     Ok(labels)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn the_documented_file_is_the_defaults() {
+        figment::Jail::expect_with(|_| {
+            let c = Config::load(Some(&root().join("config/camserve.toml")), Figment::new()).map_err(|e| e.to_string())?;
+            assert_eq!(c, Config::default());
+            Ok(())
+        });
+    }
+
+    fn load_err(toml: &str) -> String {
+        let mut out = String::new();
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", toml)?;
+            out = Config::load(Some(Path::new("c.toml")), Figment::new()).expect_err("must fail").to_string();
+            Ok(())
+        });
+        out
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        assert!(load_err("[server]\nbind = \"nowhere\"").contains("server.bind"));
+        assert!(load_err("[batching]\nmax_batch = 0").contains("batching.max_batch"));
+        assert!(load_err("[server]\nbnid = \"x\"").contains("bnid"));
+        assert!(load_err("[runtime]\ndevice = \"tpu\"").contains("tpu"));
+        assert!(load_err("[[models]]\nname = \"a b\"\npath = \"m.onnx\"").contains("models[0].name"));
+        assert!(load_err("[[models]]\nname = \"a\"\npath = \"m.onnx\"\nstd = [1, 0, 1]").contains("models[0].std"));
+        assert!(load_err("[server]\ncors_origins = [\"example.com\"]").contains("server.cors_origins"));
+        assert!(load_err("[server]\nrequest_timeout_ms = -5").contains("request_timeout_ms"));
+    }
+
+    #[test]
+    fn environment_and_flags_override_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[server]\nbind = \"127.0.0.1:1000\"\n[batching]\nmax_batch = 4")?;
+            jail.set_env("CAMSERVE_SERVER__BIND", "127.0.0.1:2000");
+            jail.set_env("CAMSERVE_BATCHING__MAX_WAIT_MS", "7");
+            jail.set_env("CAMSERVE_CONFIG", "ignored-by-figment.toml");
+            let c = Config::load(Some(Path::new("c.toml")), Figment::new()).map_err(|e| e.to_string())?;
+            assert_eq!(c.server.bind, "127.0.0.1:2000");
+            assert_eq!((c.batching.max_batch, c.batching.max_wait_ms), (4, 7));
+            let flags = Figment::from(Serialized::default("server.bind", "127.0.0.1:3000"));
+            let c = Config::load(Some(Path::new("c.toml")), flags).map_err(|e| e.to_string())?;
+            assert_eq!(c.server.bind, "127.0.0.1:3000");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn api_keys_from_a_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("keys", "# comment\nk1\n\n  k2  \n")?;
+            let mut c = Config::default();
+            c.server.api_keys = vec!["k0".into()];
+            c.server.api_keys_file = Some("keys".into());
+            assert_eq!(c.api_keys().map_err(|e| e.to_string())?, vec!["k0", "k1", "k2"]);
+            Ok(())
+        });
+    }
+}

@@ -77,6 +77,38 @@ fn conv_stride2_even_size() {
     });
 }
 
+// Convolutions with 16 or more input channels take the polyphase path (stride-1 convs per output phase).
+
+#[test]
+fn conv_stride2_polyphase_odd_and_even() {
+    for size in [7, 8] {
+        check_dims(&[2, 16, size, size], |g| {
+            let x = g.x();
+            conv(g, &x, 16, 4, 3, vec![a_is("strides", &[2, 2]), a_is("pads", &[1, 1, 1, 1])], 1)
+        });
+    }
+}
+
+#[test]
+fn conv_stride2_polyphase_1x1_and_7x7() {
+    check_dims(&[2, 16, 9, 9], |g| {
+        let x = g.x();
+        let a = conv(g, &x, 16, 16, 1, vec![a_is("strides", &[2, 2])], 1);
+        let w = g.rand(&[16, 16, 7, 7], 0.2);
+        let b = g.op("Conv", &[&x, &w], vec![a_is("strides", &[2, 2]), a_is("pads", &[3, 3, 3, 3])]);
+        g.op("Add", &[&a, &b], vec![])
+    });
+}
+
+#[test]
+fn conv_stride3_polyphase_depthwise_asymmetric() {
+    check_dims(&[2, 16, 10, 11], |g| {
+        let x = g.x();
+        let w = g.rand(&[16, 1, 4, 3], 0.5);
+        g.op("Conv", &[&x, &w], vec![a_i("group", 16), a_is("strides", &[3, 2]), a_is("pads", &[2, 0, 1, 1])])
+    });
+}
+
 #[test]
 fn conv_stride3_unused_border() {
     // 8 = 3*2 + 2: the last column is never read by a 1x1 stride-3 conv: its gradient must be 0.
@@ -101,6 +133,23 @@ fn conv_depthwise_stride2() {
     check_dims(&[2, 3, 7, 7], |g| {
         let x = g.x();
         conv(g, &x, 3, 3, 3, vec![a_is("pads", &[1, 1, 1, 1]), a_is("strides", &[2, 2])], 3)
+    });
+}
+
+#[test]
+fn conv_depthwise_stride1_dilated() {
+    check_dims(&[2, 3, 7, 7], |g| {
+        let x = g.x();
+        conv(g, &x, 3, 3, 3, vec![a_is("pads", &[2, 2, 2, 2]), a_is("dilations", &[2, 2])], 3)
+    });
+}
+
+#[test]
+fn conv_grouped_1x1_stride1_unpadded_asymmetric() {
+    check_dims(&[2, 4, 6, 5], |g| {
+        let x = g.x();
+        let w = g.rand(&[6, 2, 2, 3], 0.5);
+        g.op("Conv", &[&x, &w], vec![a_i("group", 2), a_is("pads", &[0, 1, 1, 0])])
     });
 }
 

@@ -398,3 +398,45 @@ async fn explain_cli_writes_json_and_pngs() {
         assert_eq!((img.width(), img.height()), (64, 64));
     }
 }
+
+#[tokio::test]
+async fn contract_models_are_served_as_they_are() {
+    use camserve::onnx::{io, rewrite::{ExplainPlan, Explainable, PrepareOptions}, rules::ReluRule};
+    let dir = tempfile::tempdir().unwrap();
+    let ex = Explainable::analyse(io::load_model(&root().join("models/demo.onnx")).unwrap(), &PrepareOptions::default()).unwrap();
+    let layer = ex.default_layer.clone().unwrap();
+    let path = dir.path().join("demo-explain.onnx");
+    io::save_model(&ex.build(&ExplainPlan::new(layer.clone(), [ReluRule::Guided])).unwrap(), &path).unwrap();
+    let mut config = demo_config();
+    let mut contract = config.models[0].clone();
+    contract.name = "contract".into();
+    contract.path = path;
+    config.models.push(contract);
+    let s = Server::start(config).await;
+    let (_, m) = json_of(s.client.get(s.url("/v1/models/contract")).send().await.unwrap(), "/v1/models/{model}", "get").await;
+    assert_eq!(m["kind"], "contract");
+    assert_eq!(m["default_layer"], json!(layer));
+    assert_eq!(m["methods"], json!(["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "guided_gradcam"]));
+    let img = image_bytes("008.jpg");
+    for query in ["methods=gradcam,guided_gradcam&outputs=raw&top_k=2", "methods=gradcam&outputs=raw&target=3"] {
+        let mut bodies = vec![];
+        for model in ["demo", "contract"] {
+            let r = s.client.post(s.url(&format!("/v1/models/{model}/explain?{query}"))).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap();
+            let (st, b) = json_of(r, EXPLAIN, "post").await;
+            assert_eq!(st, 200, "{model}: {b}");
+            bodies.push(b);
+        }
+        assert_eq!(bodies[0]["predictions"], bodies[1]["predictions"]);
+        let (a, b) = (bodies[0]["explanations"].as_array().unwrap(), bodies[1]["explanations"].as_array().unwrap());
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x["target"], y["target"], "{query}");
+            assert_eq!(x["peak"], y["peak"], "{query}");
+        }
+    }
+    let r = s.client.post(s.url("/v1/models/contract/explain?methods=deconvnet")).header("content-type", "image/jpeg").body(img).send().await.unwrap();
+    let (st, body) = json_of(r, EXPLAIN, "post").await;
+    assert_eq!(st, 422);
+    assert!(body["detail"].as_str().unwrap().contains("deconvnet"));
+    s.stop().await.unwrap();
+}

@@ -5,6 +5,9 @@ use std::collections::HashMap;
 use super::proto::{AttributeProto, NodeProto, TensorProto};
 use super::tensor;
 
+/// Constants with at most this many elements are shared between identical uses.
+const SHARED_MAX: usize = 16;
+
 /// Collects the nodes and initializers a rewrite adds. Names are `<prefix><label>` plus a counter when needed.
 pub struct Emitter {
     pub nodes: Vec<NodeProto>,
@@ -67,12 +70,12 @@ impl Emitter {
 
     /// A float32 initializer; identical constants are shared.
     pub fn const_f32(&mut self, dims: &[i64], data: &[f32]) -> String {
-        let key = format!("f{dims:?}{:?}", data.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        let key = (data.len() <= SHARED_MAX).then(|| format!("f{dims:?}{:?}", data.iter().map(|x| x.to_bits()).collect::<Vec<_>>()));
         self.constant(key, |name| tensor::f32_tensor(name, dims, data))
     }
 
     pub fn const_i64(&mut self, dims: &[i64], data: &[i64]) -> String {
-        let key = format!("i{dims:?}{data:?}");
+        let key = (data.len() <= SHARED_MAX).then(|| format!("i{dims:?}{data:?}"));
         self.constant(key, |name| tensor::i64_tensor(name, dims, data))
     }
 
@@ -86,16 +89,15 @@ impl Emitter {
         self.const_i64(&[v.len() as i64], v)
     }
 
-    fn constant(&mut self, key: String, make: impl FnOnce(&str) -> TensorProto) -> String {
-        if key.len() < 256 {
-            if let Some(name) = self.consts.get(&key) {
-                return name.clone();
-            }
+    /// `key` identifies small constants so that identical ones are shared; large ones are never compared.
+    fn constant(&mut self, key: Option<String>, make: impl FnOnce(&str) -> TensorProto) -> String {
+        if let Some(name) = key.as_ref().and_then(|k| self.consts.get(k)) {
+            return name.clone();
         }
         let name = format!("camserve/const/{}", self.initializers.len());
         self.initializers.push(make(&name));
-        if key.len() < 256 {
-            self.consts.insert(key, name.clone());
+        if let Some(k) = key {
+            self.consts.insert(k, name.clone());
         }
         name
     }

@@ -41,9 +41,18 @@ fn relu_like(ctx: &mut RuleCtx, pass: &str, dy: &str) -> String {
 
 fn relu(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
     let dy = dy0(node, dy)?;
-    // Masking on Y (= X > 0) keeps ONNX Runtime's Conv+Relu fusion possible.
-    let zero = ctx.e.scalar(0.0);
-    let pass = ctx.e.op("Greater", &[&node.output[0], &zero], vec![], "relu_mask");
+    // Masking on Y (= X > 0) keeps ONNX Runtime's Conv+Relu fusion possible; every chain shares the mask.
+    let y = &node.output[0];
+    let key = format!("Greater({y}, 0)");
+    let pass = match ctx.memo.get(&key) {
+        Some(p) => p.clone(),
+        None => {
+            let zero = ctx.e.scalar(0.0);
+            let p = ctx.e.op("Greater", &[y, &zero], vec![], "relu_mask");
+            ctx.memo.insert(key, p.clone());
+            p
+        }
+    };
     Ok(vec![Some(relu_like(ctx, &pass, dy))])
 }
 

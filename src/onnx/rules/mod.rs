@@ -146,10 +146,22 @@ impl RuleCtx<'_> {
         self.mul(a, &c)
     }
 
-    /// `Where(cond, a, 0)`.
+    /// `a` where `cond` holds, else 0, as `a * Cast(cond)`: ONNX Runtime's Where with a broadcast scalar is about
+    /// four times slower than Cast + Mul, which also stay closer to the convolutions' NCHWc layout.
     pub fn where_else_zero(&mut self, cond: &str, a: &str) -> String {
-        let z = self.e.scalar(0.0);
-        self.e.op("Where", &[cond, a, &z], vec![], "where")
+        let mask = self.float_mask(cond);
+        self.mul(a, &mask)
+    }
+
+    /// A boolean tensor as 0.0 / 1.0, emitted once per tensor.
+    pub fn float_mask(&mut self, cond: &str) -> String {
+        let key = format!("FloatMask({cond})");
+        if let Some(m) = self.memo.get(&key) {
+            return m.clone();
+        }
+        let m = self.e.op("Cast", &[cond], vec![attr::make_int("to", super::tensor::FLOAT as i64)], "mask");
+        self.memo.insert(key, m.clone());
+        m
     }
 
     /// Sums `g` (shaped like `g_dims`) down to the shape of `target` (`t_dims`) over NumPy-broadcast axes.
