@@ -34,6 +34,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // RUST_LOG=ort=debug shows ONNX Runtime's node placement (which nodes run on which execution provider).
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     let device = match args.device.as_str() {
         "cpu" => DeviceChoice::Cpu,
         "cuda" => DeviceChoice::Cuda,
