@@ -46,7 +46,10 @@ pub struct ServerConfig {
     pub max_top_k: usize,
     pub max_targets: usize,
     pub max_methods: usize,
-    /// On SIGTERM, how long in-flight and queued requests may take before the process exits.
+    /// On SIGTERM, readyz turns 503 and the server keeps accepting for this long, so load balancers see it
+    /// before connections are refused.
+    pub drain_delay_ms: u64,
+    /// Then, how long in-flight and queued requests may take before the process exits.
     pub shutdown_grace_ms: u64,
 }
 
@@ -114,6 +117,7 @@ impl Default for ServerConfig {
             max_top_k: 10,
             max_targets: 10,
             max_methods: 10,
+            drain_delay_ms: 1_000,
             shutdown_grace_ms: 30_000,
         }
     }

@@ -36,7 +36,7 @@ fn png_dims(b64png: &str) -> (u32, u32) {
 
 #[tokio::test]
 async fn service_routes() {
-    let s = Server::start(demo_config()).await;
+    let mut s = Server::start(demo_config()).await;
     let (st, body) = json_of(s.client.get(s.url("/healthz")).send().await.unwrap(), "/healthz", "get").await;
     assert_eq!((st, body["status"].as_str()), (200, Some("ok")));
     let (st, _) = json_of(s.client.get(s.url("/readyz")).send().await.unwrap(), "/readyz", "get").await;
@@ -73,7 +73,7 @@ async fn service_routes() {
 
 #[tokio::test]
 async fn three_request_forms_agree() {
-    let s = Server::start(demo_config()).await;
+    let mut s = Server::start(demo_config()).await;
     let img = image_bytes("001.jpg");
     let url = s.url("/v1/models/demo/explain");
     // multipart, options as text parts
@@ -112,7 +112,7 @@ async fn three_request_forms_agree() {
 
 #[tokio::test]
 async fn every_method_and_output() {
-    let s = Server::start(demo_config()).await;
+    let mut s = Server::start(demo_config()).await;
     let methods = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "deconvnet", "saliency", "guided_gradcam"];
     let body = json!({"image": b64(&image_bytes("002.jpg")), "methods": methods, "outputs": ["heatmap", "overlay", "mask", "raw"], "colormap": "turbo", "alpha": 0.3});
     let (st, r) = json_of(s.client.post(s.url("/v1/models/demo/explain")).json(&body).send().await.unwrap(), EXPLAIN, "post").await;
@@ -162,7 +162,7 @@ fn r_predictions(v: &Value) -> Value {
 
 #[tokio::test]
 async fn targets_top_k_and_sizes() {
-    let s = Server::start(demo_config()).await;
+    let mut s = Server::start(demo_config()).await;
     let url = s.url("/v1/models/demo/explain");
     let img = image_bytes("003.jpg");
     // top_k = 3: three targets per method, in prediction order, from one batched run
@@ -205,7 +205,7 @@ async fn targets_top_k_and_sizes() {
 
 #[tokio::test]
 async fn image_formats_and_orientation() {
-    let s = Server::start(demo_config()).await;
+    let mut s = Server::start(demo_config()).await;
     let src = image::load_from_memory(&image_bytes("004.jpg")).unwrap();
     let url = s.url("/v1/models/demo/predict");
     let mut reference = None;
@@ -260,7 +260,7 @@ fn jpeg_with_orientation(orientation: u16) -> Vec<u8> {
 
 #[tokio::test]
 async fn exif_orientation_is_honoured() {
-    let s = Server::start(demo_config()).await;
+    let mut s = Server::start(demo_config()).await;
     let r = s.client.post(s.url("/v1/models/demo/predict")).header("content-type", "image/jpeg").body(jpeg_with_orientation(6)).send().await.unwrap();
     let (st, body) = json_of(r, PREDICT, "post").await;
     assert_eq!(st, 200);
@@ -276,7 +276,7 @@ async fn errors_are_problems_with_the_right_status() {
     let mut config = demo_config();
     config.server.body_limit_bytes = 200_000;
     config.server.max_image_pixels = 100_000;
-    let s = Server::start(config).await;
+    let mut s = Server::start(config).await;
     let url = s.url("/v1/models/demo/explain");
     let jpg = image_bytes("005.jpg");
     let big_png = {
@@ -334,7 +334,7 @@ async fn errors_are_problems_with_the_right_status() {
 async fn queue_full_and_timeout() {
     let mut config = demo_config();
     config.batching.queue_capacity = 1;
-    let s = Server::start(config).await;
+    let mut s = Server::start(config).await;
     // Two target rows cannot fit a queue of one row: refused at once with Retry-After.
     let r = s.client.post(s.url("/v1/models/demo/explain?top_k=2")).header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send().await.unwrap();
     assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("1".into()));
@@ -344,7 +344,7 @@ async fn queue_full_and_timeout() {
 
     let mut config = demo_config();
     config.server.request_timeout_ms = 1;
-    let s = Server::start(config).await;
+    let mut s = Server::start(config).await;
     let r = s.client.post(s.url("/v1/models/demo/explain")).header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send().await.unwrap();
     let (st, _) = json_of(r, EXPLAIN, "post").await;
     assert_eq!(st, 504);
@@ -356,7 +356,7 @@ async fn api_keys_and_cors() {
     let mut config = demo_config();
     config.server.api_keys = vec!["s3cret-key".into()];
     config.server.cors_origins = vec!["https://app.example.com".into()];
-    let s = Server::start(config).await;
+    let mut s = Server::start(config).await;
     let url = s.url("/v1/models");
     let (st, _) = json_of(s.client.get(&url).send().await.unwrap(), "/v1/models", "get").await;
     assert_eq!(st, 401);
@@ -412,7 +412,7 @@ async fn contract_models_are_served_as_they_are() {
     contract.name = "contract".into();
     contract.path = path;
     config.models.push(contract);
-    let s = Server::start(config).await;
+    let mut s = Server::start(config).await;
     let (_, m) = json_of(s.client.get(s.url("/v1/models/contract")).send().await.unwrap(), "/v1/models/{model}", "get").await;
     assert_eq!(m["kind"], "contract");
     assert_eq!(m["default_layer"], json!(layer));

@@ -10,7 +10,7 @@ use server::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gradcam_points_at_the_object() {
-    let s = Server::start(demo_config()).await;
+    let mut s = Server::start(demo_config()).await;
     let boxes: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(root().join("tests/data/shapes/boxes.json")).unwrap()).unwrap();
     assert_eq!(boxes.len(), 200);
     let (mut hits, mut correct) = (0, 0);

@@ -92,16 +92,50 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
     router
 }
 
-/// Requests by route and status, and their duration.
-async fn record_request(req: Request, next: Next) -> Response {
+/// The request's `x-request-id` (kept if the client sent a sane one, else made here), echoed in the response;
+/// requests by route and status and their duration as metrics; one log line per request with the timings.
+async fn record_request(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
-    let res = next.run(req).await;
-    let status = res.status().as_u16().to_string();
-    metrics::counter!("camserve_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
-    metrics::histogram!("camserve_http_request_duration_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    let path = req.uri().path().to_string();
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        req.headers_mut().insert(REQUEST_ID, v);
+    }
+    let mut res = next.run(req).await;
+    let status = res.status().as_u16();
+    let elapsed = started.elapsed();
+    metrics::counter!("camserve_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status.to_string()).increment(1);
+    metrics::histogram!("camserve_http_request_duration_seconds", "route" => route).record(elapsed.as_secs_f64());
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        res.headers_mut().insert(REQUEST_ID, v);
+    }
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    match res.extensions().get::<crate::service::Timings>() {
+        Some(t) => tracing::info!(request_id, method, path, status, ms, queue_ms = t.queue, decode_ms = t.decode,
+            inference_ms = t.inference, explain_ms = t.explain, render_ms = t.render, "request"),
+        None => tracing::info!(request_id, method, path, status, ms, "request"),
+    }
     res
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// A process-unique id: start time and a counter, hex.
+fn new_request_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static START: OnceLock<u64> = OnceLock::new();
+    let start = *START.get_or_init(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    });
+    format!("{start:016x}-{:08x}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// With API keys configured, /v1 needs `Authorization: Bearer <key>` or `X-API-Key: <key>` (constant time).
@@ -206,6 +240,7 @@ pub async fn serve_on(
     };
     let router = app(state, &config.server.cors_origins);
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let drain_delay = Duration::from_millis(config.server.drain_delay_ms);
     let loader = {
         let service = service.clone();
         let config = config.clone();
@@ -225,16 +260,18 @@ pub async fn serve_on(
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         shutdown.await;
         draining.start_draining();
-        tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
+        tracing::info!(delay_ms = drain_delay.as_millis() as u64, grace_ms = grace.as_millis() as u64, "draining: readyz is 503");
+        tokio::time::sleep(drain_delay).await;
+        tracing::info!("closing the listener; finishing in-flight requests");
     });
     let mut server = tokio::spawn(async move { server.await });
     let mut loader = Some(loader);
-    // After the signal, in-flight requests get `grace`; then the process exits regardless.
+    // After the signal and the drain delay, in-flight requests get `grace`; then the process exits regardless.
     let deadline = async {
         while !service.is_draining() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(grace).await;
+        tokio::time::sleep(drain_delay + grace).await;
     };
     tokio::pin!(deadline);
     loop {

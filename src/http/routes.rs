@@ -2,7 +2,7 @@
 
 use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse};
+use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
@@ -94,18 +94,23 @@ pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>)
     Ok(Json(model_view(&state.service.model(&model)?.info)))
 }
 
-async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -> Result<Json<ExplainResponse>, ApiError> {
+async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -> Result<Response, ApiError> {
     // Unknown model or not ready: answer before reading the body.
     state.service.model(&model)?;
     let up = upload::parse(req, state.body_limit).await?;
-    Ok(Json(state.service.handle(&model, endpoint, up.image, up.options).await?))
+    let response: ExplainResponse = state.service.handle(&model, endpoint, up.image, up.options).await?;
+    let timings = response.timings_ms;
+    let mut res = Json(response).into_response();
+    // For the request log line.
+    res.extensions_mut().insert(timings);
+    Ok(res)
 }
 
-pub async fn predict(State(state): State<AppState>, Path(model): Path<String>, req: Request) -> Result<Json<ExplainResponse>, ApiError> {
+pub async fn predict(State(state): State<AppState>, Path(model): Path<String>, req: Request) -> Result<Response, ApiError> {
     run(state, model, Endpoint::Predict, req).await
 }
 
-pub async fn explain(State(state): State<AppState>, Path(model): Path<String>, req: Request) -> Result<Json<ExplainResponse>, ApiError> {
+pub async fn explain(State(state): State<AppState>, Path(model): Path<String>, req: Request) -> Result<Response, ApiError> {
     run(state, model, Endpoint::Explain, req).await
 }
 

@@ -36,6 +36,11 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
+        let mut config = config;
+        // Tests stop servers often: no drain delay unless a test asks for one.
+        if config.server.drain_delay_ms == camserve::config::Config::default().server.drain_delay_ms {
+            config.server.drain_delay_ms = 0;
+        }
         let task = tokio::spawn(camserve::http::serve_on(listener, config, async {
             let _ = rx.await;
         }));
@@ -56,12 +61,12 @@ impl Server {
         format!("http://{}{}", self.addr, path)
     }
 
-    /// Sends the shutdown signal and waits for the server to exit.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    /// Sends the shutdown signal (if not sent yet) and waits for the server to exit.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        self.task.take().unwrap().await.unwrap()
+        self.task.take().expect("stopped twice").await.unwrap()
     }
 
     pub fn signal_stop(&mut self) {
