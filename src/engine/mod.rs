@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use ndarray::{Array1, Array2, Array4, ArrayD, Axis, Ix2, Ix4};
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::session::SessionInputValue;
+use ort::value::{Tensor, TensorRef};
 
 use crate::onnx::contract::{self, ContractInfo};
 use crate::onnx::rewrite::{ExplainPlan, Explainable, LayerInfo, PrepareOptions};
@@ -235,12 +236,13 @@ impl ModelRunner {
         }
         let input_name = self.info.input_name.clone();
         let session = self.session(key)?;
-        let mut inputs: Vec<(String, ort::value::DynValue)> =
-            vec![(input_name, Tensor::from_array(batch.images.clone()).map_err(ort_err)?.into_dyn())];
+        // Views, not copies: ONNX Runtime reads the batch's buffers directly.
+        let mut inputs: Vec<(String, SessionInputValue)> =
+            vec![(input_name, TensorRef::from_array_view(batch.images.view()).map_err(ort_err)?.into())];
         if let PlanKey::Explain(plan) = key {
-            inputs.push((contract::SEED.into(), Tensor::from_array(batch.seeds.clone()).map_err(ort_err)?.into_dyn()));
+            inputs.push((contract::SEED.into(), TensorRef::from_array_view(batch.seeds.view()).map_err(ort_err)?.into()));
             if plan.select_targets {
-                inputs.push((contract::TARGET_RANK.into(), Tensor::from_array(batch.ranks.clone()).map_err(ort_err)?.into_dyn()));
+                inputs.push((contract::TARGET_RANK.into(), TensorRef::from_array_view(batch.ranks.view()).map_err(ort_err)?.into()));
             }
         }
         let outputs = session.run(inputs).map_err(ort_err)?;

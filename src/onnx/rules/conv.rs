@@ -65,14 +65,24 @@ impl Window {
 
     /// `pads` and `output_padding` for the ConvTranspose that maps an output of spatial size `out` back onto an
     /// input of size `input`: output length = s*(O-1) + op + d*(k-1) + 1 - pb - pe must equal H exactly.
-    /// The end pad absorbs any excess; output_padding (< stride) makes up a shortfall.
+    /// Symmetric pads (pe = pb) with output_padding (< stride) making up the difference are preferred: ONNX
+    /// Runtime's CUDA ConvTranspose does not take asymmetric pads and would run the node on the CPU. Otherwise
+    /// the end pad absorbs any excess and output_padding makes up a shortfall.
     pub fn transpose_geometry(&self, input: &[i64], out: &[i64]) -> (Vec<i64>, Vec<i64>) {
         let n = self.kernel.len();
         let mut pe = vec![0; n];
         let mut op = vec![0; n];
         for i in 0..n {
             let eff = self.dilations[i] * (self.kernel[i] - 1) + 1;
-            let excess = self.strides[i] * (out[i] - 1) + eff - self.pads_begin[i] - input[i];
+            let full = self.strides[i] * (out[i] - 1) + eff;
+            let symmetric_op = input[i] - (full - 2 * self.pads_begin[i]);
+            let limit = self.strides[i].max(self.dilations[i]);
+            if (0..limit).contains(&symmetric_op) {
+                pe[i] = self.pads_begin[i];
+                op[i] = symmetric_op;
+                continue;
+            }
+            let excess = full - self.pads_begin[i] - input[i];
             if excess >= 0 {
                 pe[i] = excess;
             } else {
