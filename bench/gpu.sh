@@ -16,6 +16,7 @@ UNPACK=${UNPACK:-/tmp/gpu/unpack.sh}
 mkdir -p "$OUT"
 export NO_COLOR=1
 source "$UNPACK"
+set +e  # unpack.sh turns errexit on; a failed step here must not end the run
 nvidia-smi -L 2>&1 | tee "$OUT/gpu.txt"
 "$PY" - <<'PY' 2>&1 | tail -2
 import torch, torchvision
