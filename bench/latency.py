@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import time
+import urllib.parse
 import urllib.request
 
 METHODS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "deconvnet",
@@ -33,15 +34,14 @@ def main():
     ap.add_argument("--image", required=True)
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--outputs", default="heatmap,overlay")
-    ap.add_argument("--methods", default=",".join(m.replace(",", "+") for m in METHODS))
+    ap.add_argument("--methods", default=";".join(METHODS), help="semicolon-separated; each item is one request's methods")
     a = ap.parse_args()
     body = open(a.image, "rb").read()
     ctype = "image/png" if a.image.endswith(".png") else "image/jpeg"
     print(f"| method | median ms | p90 ms | inference ms | explain ms | render ms |")
     print(f"|---|---|---|---|---|---|")
-    for m in a.methods.split(","):
-        m = m.replace("+", ",")
-        url = f"{a.url}/v1/models/{a.model}/explain?methods={m}&outputs={a.outputs}"
+    for m in a.methods.split(";"):
+        url = f"{a.url}/v1/models/{a.model}/explain?methods={urllib.parse.quote(m)}&outputs={a.outputs}"
         for _ in range(3):
             post(url, body, ctype)
         lat, tim = [], []

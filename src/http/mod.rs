@@ -65,6 +65,7 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     let mut router = Router::new()
         .route("/", get(routes::page))
+        .route("/examples/{name}", get(routes::example))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))

@@ -46,6 +46,19 @@ pub async fn page() -> Html<&'static str> {
     Html(PAGE)
 }
 
+/// Example pictures for the demo page, embedded in the binary.
+const EXAMPLES: [(&str, &[u8]); 4] = [
+    ("chelsea.jpg", include_bytes!("../../tests/data/photos/chelsea.jpg")),
+    ("coffee.jpg", include_bytes!("../../tests/data/photos/coffee.jpg")),
+    ("astronaut.jpg", include_bytes!("../../tests/data/photos/astronaut.jpg")),
+    ("shapes.jpg", include_bytes!("../../tests/data/shapes/000.jpg")),
+];
+
+pub async fn example(Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let (_, bytes) = EXAMPLES.iter().find(|(n, _)| *n == name).ok_or_else(|| ApiError::not_found(format!("no example `{name}`")))?;
+    Ok(([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "public, max-age=86400")], *bytes))
+}
+
 pub async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
 }
