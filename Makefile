@@ -14,9 +14,10 @@ build: ort
 serve: build
 	./target/release/camserve serve
 
-# Everything CI runs.
+# Everything CI runs: the Rust tests, then the demo page in headless Chromium (skipped if it is not installed).
 test: ort
 	$(CARGO) test --locked
+	scripts/browser-test.sh
 
 # Regenerate the PyTorch reference fixtures (needs torch, torchvision, grad-cam: see tests/fixtures/README.md).
 fixtures:

@@ -4,6 +4,7 @@
     cargo build --release && python3 scripts/make_figures.py
 
 docs/images/demo-output.png: the demo model on a held-out shapes picture.
+docs/images/methods-grid.png: six methods on three held-out pictures (the demo model).
 """
 
 import base64
@@ -74,7 +75,30 @@ def demo_figure():
     grid(tiles, labels, size, ROOT / "docs/images/demo-output.png")
 
 
+def methods_grid():
+    methods = ["gradcam", "gradcam++", "layercam", "guided_backprop", "guided_gradcam", "deconvnet"]
+    size, pad, text_h = 160, 6, 18
+    pictures = ["001.jpg", "005.jpg", "009.jpg"]
+    out = Image.new("RGB", ((len(methods) + 1) * (size + pad) + pad, len(pictures) * (size + pad) + pad + text_h), (255, 255, 255))
+    d = ImageDraw.Draw(out)
+    for col, label in enumerate(["input"] + methods):
+        d.text((pad + col * (size + pad) + 2, 3), label, fill=(0, 0, 0))
+    for row, name in enumerate(pictures):
+        image = ROOT / "tests/data/shapes" / name
+        r = explain(ROOT / "models/demo.onnx", image, methods, ["--labels", str(ROOT / "models/demo.labels.txt")])
+        ex = {e["method"]: e for e in r["explanations"]}
+        y = text_h + pad + row * (size + pad)
+        out.paste(Image.open(image).convert("RGB").resize((size, size), Image.NEAREST), (pad, y))
+        for col, m in enumerate(methods, start=1):
+            key = "heatmap_png" if m in ("guided_backprop", "guided_gradcam", "deconvnet") else "overlay_png"
+            out.paste(png(ex[m][key]).resize((size, size), Image.NEAREST), (pad + col * (size + pad), y))
+    path = ROOT / "docs/images/methods-grid.png"
+    out.save(path, optimize=True)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
 if __name__ == "__main__":
     if not EXE.exists():
         sys.exit("build first: cargo build --release")
     demo_figure()
+    methods_grid()

@@ -1,0 +1,75 @@
+// The demo page end to end in headless Chromium: load it from a real camserve, upload a real photo, wait for
+// the heatmaps, check they rendered (canvas pixels not blank), click another class, check the explanations
+// follow it, try the keyboard path, and save screenshots (desktop and phone-sized) under docs/images/.
+// Run by scripts/browser-test.sh.
+import { chromium } from "playwright-core";
+import { strict as assert } from "node:assert";
+
+const [url, photo, outDir] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+const errors = [];
+page.on("pageerror", (e) => errors.push(String(e)));
+await page.goto(url);
+await page.waitForFunction(() => document.querySelectorAll("#model option").length > 0);
+
+// Upload a real photo through the file input.
+await page.setInputFiles("#file", photo);
+await page.waitForSelector(".card canvas", { timeout: 60000 });
+await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("Explained"));
+const cards = await page.$$eval(".card h3 span", (s) => s.map((x) => x.textContent));
+assert.deepEqual(cards, ["gradcam", "guided_gradcam"], "the default methods");
+
+// The canvases hold real pictures: many distinct colours, not a blank or uniform image.
+const variety = await page.$$eval(".card canvas", (cs) => cs.map((c) => {
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  const colours = new Set();
+  for (let i = 0; i < d.length; i += 16) colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+  return { w: c.width, h: c.height, colours: colours.size };
+}));
+for (const v of variety) {
+  assert.ok(v.w > 0 && v.h > 0, "canvas has a size");
+  assert.ok(v.colours > 20, `canvas is not blank (${v.colours} colours)`);
+}
+const first = await page.$eval(".card h3 small", (s) => s.textContent);
+await page.screenshot({ path: `${outDir}/page.png`, fullPage: true });
+
+// Click the second class of the bar chart: every explanation now targets it.
+const buttons = await page.$$(".preds li button");
+assert.ok(buttons.length >= 2, "a list of predictions");
+const second = await buttons[1].evaluate((b) => b.querySelector("span").textContent);
+await buttons[1].click();
+await page.waitForFunction((label) => [...document.querySelectorAll(".card h3 small")].every((s) => s.textContent.startsWith(label)), second, { timeout: 60000 });
+// The list is redrawn: the pressed button is now the second one.
+assert.equal(await page.$eval(".preds li:nth-child(2) button", (b) => b.getAttribute("aria-pressed")), "true");
+const now = await page.$eval(".card h3 small", (s) => s.textContent);
+assert.notEqual(now, first, "the explanation changed with the class");
+await page.screenshot({ path: `${outDir}/page-second-class.png`, fullPage: true });
+
+// Keyboard: reach the methods and the Explain button with Tab, pick LayerCAM, press Enter.
+await page.check('#methods input[value="layercam"]');
+await page.focus("#go");
+await page.keyboard.press("Enter");
+await page.waitForFunction(() => [...document.querySelectorAll(".card h3 span")].some((s) => s.textContent === "layercam"), null, { timeout: 60000 });
+
+// A phone-sized screen: one column, nothing wider than the viewport.
+await page.setViewportSize({ width: 390, height: 844 });
+const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+assert.ok(overflow <= 1, `no horizontal scrolling on a phone (overflow ${overflow}px)`);
+await page.screenshot({ path: `${outDir}/page-phone.png`, fullPage: false });
+
+// Errors are shown as the server phrased them.
+await page.setViewportSize({ width: 1280, height: 900 });
+await page.evaluate(() => { document.getElementById("layer").add(new Option("no/such/layer", "no/such/layer", true, true)); });
+await page.click("#go");
+await page.waitForFunction(() => document.getElementById("status").className === "error");
+const msg = await page.$eval("#status", (s) => s.textContent);
+assert.match(msg, /Unprocessable Entity: unknown layer `no\/such\/layer`/);
+
+assert.deepEqual(errors, [], "no JavaScript errors");
+await browser.close();
+console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}; screenshots in ${outDir}`);
