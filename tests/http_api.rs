@@ -314,6 +314,20 @@ async fn errors_are_problems_with_the_right_status() {
         ("unknown option", s.client.post(format!("{url}?colour=red")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "colour"),
         ("target and top_k", s.client.post(format!("{url}?target=1&top_k=2")).header("content-type", "image/jpeg").body(jpg.clone()), 422, "not both"),
         ("json option types", s.client.post(&url).json(&json!({"image": b64(&jpg), "top_k": 1.5})), 422, "top_k"),
+        ("negative top_k", s.client.post(&url).json(&json!({"image": b64(&jpg), "top_k": -3})), 422, "top_k"),
+        ("deeply nested json", s.client.post(&url).header("content-type", "application/json")
+            .body(format!("{}{}", "[".repeat(5000), "]".repeat(5000))), 400, "not valid JSON"),
+        ("non-finite number", s.client.post(&url).header("content-type", "application/json")
+            .body(format!("{{\"image\": \"{}\", \"alpha\": 1e999}}", b64(&jpg))), 400, "not valid JSON"),
+        ("NaN in json", s.client.post(&url).header("content-type", "application/json").body("{\"image\": \"\", \"alpha\": NaN}"), 400, "not valid JSON"),
+        ("unknown method among many", s.client.post(&url).json(&json!({"image": b64(&jpg), "methods": ["gradcam", "gradcam++", "xgradcam",
+            "hirescam", "layercam", "eigencam", "guided_backprop", "deconvnet", "saliency", "guided_gradcam", "nope"]})), 422, "nope"),
+        ("too many targets", s.client.post(&url).json(&json!({"image": b64(&jpg), "target": vec![1; 11]})), 422, "11 targets"),
+        ("image not a string", s.client.post(&url).json(&json!({"image": 42})), 400, "base64 string"),
+        ("json array body", s.client.post(&url).json(&json!([1, 2])), 400, "must be an object"),
+        ("options part not json", s.client.post(&url).multipart(Form::new().part("image", Part::bytes(jpg.clone())).text("options", "{nope")), 400, "options are not valid JSON"),
+        ("two image parts", s.client.post(&url).multipart(Form::new().part("image", Part::bytes(jpg.clone())).part("image", Part::bytes(jpg.clone()))), 400, "more than one"),
+        ("zero bytes image", s.client.post(&url).header("content-type", "image/png").body(vec![0u8; 1000]), 400, "not an image"),
     ];
     for (name, req, status, needle) in cases {
         let r = req.send().await.unwrap();
