@@ -215,14 +215,13 @@ impl Config {
             if !names.insert(&m.name) {
                 return Err(invalid(&key("name"), format!("`{}` is used twice", m.name)));
             }
-            if m.std.iter().any(|&s| !(s > 0.0) || !s.is_finite()) || m.mean.iter().any(|v| !v.is_finite()) {
+            if m.std.iter().any(|&s| s.is_nan() || s <= 0.0 || !s.is_finite()) || m.mean.iter().any(|v| !v.is_finite()) {
                 return Err(invalid(&key("std"), "mean must be finite and std positive"));
             }
-            if let Some([h, w]) = m.input_size {
-                if h <= 0 || w <= 0 {
+            if let Some([h, w]) = m.input_size
+                && (h <= 0 || w <= 0) {
                     return Err(invalid(&key("input_size"), "height and width must be positive"));
                 }
-            }
         }
         for o in &self.server.cors_origins {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {

@@ -207,11 +207,10 @@ impl RawOptions {
             return Err(invalid(format!("{} methods requested, at most {} allowed", methods.len(), limits.max_methods)));
         }
         for m in &methods {
-            if let Some(rule) = m.input_rule() {
-                if !model.rules.contains(&rule) {
+            if let Some(rule) = m.input_rule()
+                && !model.rules.contains(&rule) {
                     return Err(invalid(format!("method `{m}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name)));
                 }
-            }
         }
         let top_k = match self.top_k {
             None => 1,

@@ -35,15 +35,14 @@ pub fn candidate_paths(explicit: Option<&Path>) -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         out.push(PathBuf::from(p));
     }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent() {
             // target/{debug,release}[/deps]/camserve -> project root
             for up in dir.ancestors().take(4) {
                 out.push(up.join(".ort/libonnxruntime.so"));
             }
             out.push(dir.join("libonnxruntime.so"));
         }
-    }
     if let Ok(cwd) = std::env::current_dir() {
         out.push(cwd.join(".ort/libonnxruntime.so"));
     }

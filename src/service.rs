@@ -293,7 +293,7 @@ struct Prepared {
     display: Display,
 }
 
-fn input_grad<'a>(out: &'a BatchOutput, method: Method) -> Result<&'a ndarray::Array4<f32>, ServiceError> {
+fn input_grad(out: &BatchOutput, method: Method) -> Result<&ndarray::Array4<f32>, ServiceError> {
     let rule = method.input_rule().ok_or_else(|| ServiceError::Internal(format!("{method} reads no input gradient. This is a bug.")))?;
     out.input_grads
         .iter()

@@ -48,7 +48,7 @@ fn seeds() -> &'static Vec<Vec<u8>> {
 }
 
 /// A valid seed with up to 8 mutations: byte flips, overwrites, truncation, duplication of a slice.
-fn mutated(seed_pool: &'static Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+fn mutated(seed_pool: &'static [Vec<u8>]) -> impl Strategy<Value = Vec<u8>> {
     (0..seed_pool.len(), prop::collection::vec((any::<u8>(), any::<u32>(), any::<u8>()), 0..8), any::<u32>()).prop_map(
         move |(i, edits, cut)| {
             let mut b = seed_pool[i].clone();
@@ -129,13 +129,12 @@ proptest! {
         for (k, v) in &pairs {
             if o.set_text(k, v).is_err() { ok = false; break; }
         }
-        if ok {
-            if let Ok(v) = o.validate(demo_info(), OPTION_LIMITS) {
+        if ok
+            && let Ok(v) = o.validate(demo_info(), OPTION_LIMITS) {
                 prop_assert!(!v.methods.is_empty() && v.methods.len() <= 10);
                 prop_assert!(!v.targets.is_empty() && v.targets.len() <= 10);
                 prop_assert!((0.0..=1.0).contains(&v.alpha));
             }
-        }
     }
 
     #[test]
@@ -227,10 +226,9 @@ proptest! {
     fn model_rewrites_never_panic(edits in model_mutation()) {
         let m = io::decode_model(Bytes::from(demo_bytes()[0].clone()), None).unwrap();
         let m = mutate_model(m, &edits);
-        if let Ok(ex) = Explainable::analyse(m, &PrepareOptions::default()) {
-            if let Some(layer) = ex.default_layer.clone() {
+        if let Ok(ex) = Explainable::analyse(m, &PrepareOptions::default())
+            && let Some(layer) = ex.default_layer.clone() {
                 let _ = ex.build(&camserve::onnx::rewrite::ExplainPlan::new(layer, camserve::onnx::rules::ReluRule::ALL));
             }
-        }
     }
 }

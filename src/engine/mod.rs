@@ -173,11 +173,10 @@ impl ModelRunner {
         if shape_channels(input_shape) != 3 {
             return Err(bad(format!("the image input must have 3 channels, it has {}", input_shape[0])));
         }
-        if let Some(l) = &spec.labels {
-            if l.len() != num_classes {
+        if let Some(l) = &spec.labels
+            && l.len() != num_classes {
                 return Err(bad(format!("{} labels for {num_classes} classes", l.len())));
             }
-        }
         let device = session::choose_device(options)?;
         let info = ModelInfo {
             name: spec.name.clone(),

@@ -89,7 +89,7 @@ pub fn peak(m: &Array2<f32>) -> Point {
 /// region above it. None for an all-zero map.
 pub fn bbox(m: &Array2<f32>, fraction: f32) -> Option<BBox> {
     let max = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !(max > 0.0) {
+    if max.is_nan() || max <= 0.0 {
         return None;
     }
     let thr = max * fraction;

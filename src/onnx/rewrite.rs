@@ -96,11 +96,10 @@ impl Explainable {
         let (input, input_dims) = image_input(graph, opts)?;
         let output = graph.output.first().ok_or_else(|| OnnxError::Invalid("the model has no outputs".into()))?;
         let mut logits = output.name().to_string();
-        if let Some(p) = graph.node.iter().find(|n| n.output.first() == Some(&logits)) {
-            if matches!(p.op_type(), "Softmax" | "LogSoftmax") {
+        if let Some(p) = graph.node.iter().find(|n| n.output.first() == Some(&logits))
+            && matches!(p.op_type(), "Softmax" | "LogSoftmax") {
                 logits = p.input[0].clone();
             }
-        }
         let mut probed = probe(&model, &input, &input_dims)?;
         let rank = |n: &str| probed.dims(n).map(|d| d.len());
         let source_opset = upgrade::upgrade(&mut model, &rank)?;

@@ -47,11 +47,10 @@ impl Server {
         let client = reqwest::Client::new();
         let server = Server { addr, client, stop: Some(tx), task: Some(task) };
         for _ in 0..600 {
-            if let Ok(r) = server.client.get(server.url("/readyz")).send().await {
-                if r.status() == 200 {
+            if let Ok(r) = server.client.get(server.url("/readyz")).send().await
+                && r.status() == 200 {
                     return server;
                 }
-            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("the server did not become ready");

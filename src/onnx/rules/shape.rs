@@ -34,7 +34,7 @@ fn identity(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: 
     if node.op_type() == "Cast" {
         // Only float32 -> float32 casts carry a gradient here (exporters emit them as no-ops).
         let to = attr::int_or(node, "to", 0);
-        if to != crate::onnx::tensor::FLOAT as i64 || !ctx.probe.get(&node.input[0]).is_some_and(|t| t.elem == crate::onnx::tensor::FLOAT) {
+        if to != crate::onnx::tensor::FLOAT as i64 || ctx.probe.get(&node.input[0]).is_none_or(|t| t.elem != crate::onnx::tensor::FLOAT) {
             return Err(OnnxError::node(node, "a Cast between float types on the gradient path"));
         }
     }
