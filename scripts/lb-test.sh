@@ -19,7 +19,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for i in 1 2 3; do
-  CAMSERVE_SERVER__DRAIN_DELAY_MS=1500 CAMSERVE_SERVER__SHUTDOWN_GRACE_MS=10000 CAMSERVE_RUNTIME__THREADS=1 \
+  NO_COLOR=1 CAMSERVE_SERVER__DRAIN_DELAY_MS=1500 CAMSERVE_SERVER__SHUTDOWN_GRACE_MS=10000 CAMSERVE_RUNTIME__THREADS=1 \
     "$exe" serve --model "m=$model" --bind "127.0.0.1:1809$i" > "$work/camserve-$i.log" 2>&1 &
   pids+=($!)
 done

@@ -5,6 +5,12 @@
 
 docs/images/demo-output.png: the demo model on a held-out shapes picture.
 docs/images/methods-grid.png: six methods on three held-out pictures (the demo model).
+
+With an ImageNet classifier of your own, the grid on the bundled real photos:
+    python3 scripts/make_figures.py --model resnet50.onnx --labels imagenet.txt \
+        --photos tests/data/photos/chelsea.jpg tests/data/photos/coffee.jpg --out docs/images/methods-photos.png
+(The repository's pictures use the demo model: no pretrained ImageNet weights can be fetched from the package
+registries these machines reach.)
 """
 
 import base64
@@ -75,30 +81,41 @@ def demo_figure():
     grid(tiles, labels, size, ROOT / "docs/images/demo-output.png")
 
 
-def methods_grid():
+def methods_grid(model=None, labels=None, pictures=None, path=None):
     methods = ["gradcam", "gradcam++", "layercam", "guided_backprop", "guided_gradcam", "deconvnet"]
     size, pad, text_h = 160, 6, 18
-    pictures = ["001.jpg", "005.jpg", "009.jpg"]
+    model = model or ROOT / "models/demo.onnx"
+    labels = labels or ROOT / "models/demo.labels.txt"
+    pictures = pictures or [ROOT / "tests/data/shapes" / n for n in ["001.jpg", "005.jpg", "009.jpg"]]
+    path = path or ROOT / "docs/images/methods-grid.png"
     out = Image.new("RGB", ((len(methods) + 1) * (size + pad) + pad, len(pictures) * (size + pad) + pad + text_h), (255, 255, 255))
     d = ImageDraw.Draw(out)
     for col, label in enumerate(["input"] + methods):
         d.text((pad + col * (size + pad) + 2, 3), label, fill=(0, 0, 0))
-    for row, name in enumerate(pictures):
-        image = ROOT / "tests/data/shapes" / name
-        r = explain(ROOT / "models/demo.onnx", image, methods, ["--labels", str(ROOT / "models/demo.labels.txt")])
+    for row, image in enumerate(pictures):
+        r = explain(model, image, methods, ["--labels", str(labels)] if labels else [])
         ex = {e["method"]: e for e in r["explanations"]}
         y = text_h + pad + row * (size + pad)
         out.paste(Image.open(image).convert("RGB").resize((size, size), Image.NEAREST), (pad, y))
         for col, m in enumerate(methods, start=1):
             key = "heatmap_png" if m in ("guided_backprop", "guided_gradcam", "deconvnet") else "overlay_png"
             out.paste(png(ex[m][key]).resize((size, size), Image.NEAREST), (pad + col * (size + pad), y))
-    path = ROOT / "docs/images/methods-grid.png"
     out.save(path, optimize=True)
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=pathlib.Path)
+    ap.add_argument("--labels", type=pathlib.Path)
+    ap.add_argument("--photos", type=pathlib.Path, nargs="+")
+    ap.add_argument("--out", type=pathlib.Path)
+    a = ap.parse_args()
     if not EXE.exists():
         sys.exit("build first: cargo build --release")
-    demo_figure()
-    methods_grid()
+    if a.model:
+        methods_grid(a.model, a.labels, a.photos, a.out or ROOT / "docs/images/methods-photos.png")
+    else:
+        demo_figure()
+        methods_grid()

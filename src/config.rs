@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub api_keys: Vec<String>,
     /// A file with one API key per line (added to `api_keys`).
     pub api_keys_file: Option<PathBuf>,
+    /// Operational routes reachable without a key when keys are set: any of "healthz", "readyz", "metrics".
+    pub open_endpoints: Vec<String>,
     /// Origins allowed by CORS (`*` for any).
     pub cors_origins: Vec<String>,
     /// Limits per request.
@@ -113,6 +115,7 @@ impl Default for ServerConfig {
             request_timeout_ms: 30_000,
             api_keys: vec![],
             api_keys_file: None,
+            open_endpoints: vec!["healthz".into(), "readyz".into(), "metrics".into()],
             cors_origins: vec![],
             max_top_k: 10,
             max_targets: 10,
@@ -222,6 +225,11 @@ impl Config {
                 && (h <= 0 || w <= 0) {
                     return Err(invalid(&key("input_size"), "height and width must be positive"));
                 }
+        }
+        for e in &self.server.open_endpoints {
+            if !["healthz", "readyz", "metrics"].contains(&e.as_str()) {
+                return Err(invalid("server.open_endpoints", format!("`{e}` is not one of healthz, readyz, metrics")));
+            }
         }
         for o in &self.server.cors_origins {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {

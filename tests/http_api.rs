@@ -369,6 +369,7 @@ async fn queue_full_and_timeout() {
 async fn api_keys_and_cors() {
     let mut config = demo_config();
     config.server.api_keys = vec!["s3cret-key".into()];
+    config.server.open_endpoints = vec!["healthz".into(), "readyz".into()];
     config.server.cors_origins = vec!["https://app.example.com".into()];
     let mut s = Server::start(config).await;
     let url = s.url("/v1/models");
@@ -381,6 +382,8 @@ async fn api_keys_and_cors() {
     let (st, _) = json_of(s.client.get(&url).header("x-api-key", "s3cret-key").send().await.unwrap(), "/v1/models", "get").await;
     assert_eq!(st, 200);
     assert_eq!(s.client.get(s.url("/healthz")).send().await.unwrap().status(), 200, "health stays open");
+    assert_eq!(s.client.get(s.url("/metrics")).send().await.unwrap().status(), 401, "metrics protected when not listed as open");
+    assert_eq!(s.client.get(s.url("/metrics")).header("x-api-key", "s3cret-key").send().await.unwrap().status(), 200);
     // CORS preflight from the allowed origin, and none for another
     let pre = s.client.request(reqwest::Method::OPTIONS, s.url("/v1/models/demo/explain"))
         .header("origin", "https://app.example.com").header("access-control-request-method", "POST")

@@ -35,6 +35,8 @@ pub struct AppState {
     pub service: Arc<Service>,
     pub metrics: PrometheusHandle,
     pub api_keys: Arc<Vec<String>>,
+    /// Operational routes open without a key: "healthz", "readyz", "metrics".
+    pub open_endpoints: Arc<Vec<String>>,
     pub body_limit: usize,
 }
 
@@ -63,13 +65,28 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         .route("/v1/models/{model}/predict", post(routes::predict))
         .route("/v1/models/{model}/explain", post(routes::explain))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    // Operational routes are open unless configured otherwise.
+    let mut ops = Router::new();
+    let mut guarded_ops = Router::new();
+    for (name, route) in [
+        ("healthz", get(routes::healthz)),
+        ("readyz", get(routes::readyz)),
+        ("metrics", get(routes::metrics)),
+    ] {
+        let path = format!("/{name}");
+        if state.open_endpoints.iter().any(|e| e == name) {
+            ops = ops.route(&path, route);
+        } else {
+            guarded_ops = guarded_ops.route(&path, route);
+        }
+    }
+    let guarded_ops = guarded_ops.route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     let mut router = Router::new()
         .route("/", get(routes::page))
         .route("/examples/{name}", get(routes::example))
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
-        .route("/metrics", get(routes::metrics))
         .route("/openapi.yaml", get(routes::openapi))
+        .merge(ops)
+        .merge(guarded_ops)
         .merge(v1)
         .fallback(routes::not_found)
         // The body limit is enforced while reading (413 problem+json); the default 2 MB limit would cut it.
@@ -237,6 +254,7 @@ pub async fn serve_on(
         service: service.clone(),
         metrics: metrics_handle(),
         api_keys: Arc::new(config.api_keys()?),
+        open_endpoints: Arc::new(config.server.open_endpoints.clone()),
         body_limit: config.server.body_limit_bytes,
     };
     let router = app(state, &config.server.cors_origins);
