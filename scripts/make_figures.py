@@ -84,8 +84,8 @@ def demo_figure():
 def methods_grid(model=None, labels=None, pictures=None, path=None):
     methods = ["gradcam", "gradcam++", "layercam", "guided_backprop", "guided_gradcam", "deconvnet"]
     size, pad, text_h = 160, 6, 18
-    model = model or ROOT / "models/demo.onnx"
-    labels = labels or ROOT / "models/demo.labels.txt"
+    if model is None:
+        model, labels = ROOT / "models/demo.onnx", ROOT / "models/demo.labels.txt"
     pictures = pictures or [ROOT / "tests/data/shapes" / n for n in ["001.jpg", "005.jpg", "009.jpg"]]
     path = path or ROOT / "docs/images/methods-grid.png"
     out = Image.new("RGB", ((len(methods) + 1) * (size + pad) + pad, len(pictures) * (size + pad) + pad + text_h), (255, 255, 255))
