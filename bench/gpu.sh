@@ -45,15 +45,7 @@ curl -s http://127.0.0.1:18080/v1/models/r50 | head -c 300 > "$OUT/model.json"
       url="http://127.0.0.1:18080/v1/models/r50/explain?methods=$methods"
       "$BIN/oha" -z 3s -c "$c" -m POST -H 'content-type: image/jpeg' -D tests/data/photos/chelsea.jpg --no-tui "$url" > /dev/null 2>&1
       "$BIN/oha" -z "${SECS}s" -c "$c" -m POST -H 'content-type: image/jpeg' -D tests/data/photos/chelsea.jpg --no-tui --output-format json "$url" > /tmp/oha.json 2>/dev/null
-      python3 - "$methods" "$c" <<'PY'
-import json, sys
-d = json.load(open("/tmp/oha.json"))
-s, p = d["summary"], d["latencyPercentiles"]
-codes = d.get("statusCodeDistribution", {})
-# oha cancels the requests still in flight when the duration ends: not errors of the server.
-errors = sum(v for k, v in codes.items() if k != "200") + sum(v for k, v in d.get("errorDistribution", {}).items() if "deadline" not in k)
-print(f"| `{sys.argv[1]}` | {sys.argv[2]} | {s['requestsPerSec']:.1f} | {(p['p50'] or 0) * 1000:.1f} | {(p['p99'] or 0) * 1000:.1f} | {errors} |")
-PY
+      python3 bench/oha_row.py /tmp/oha.json "\`$methods\`" "$c"
     done
   done
 } | tee "$OUT/http.md"

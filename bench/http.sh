@@ -34,14 +34,6 @@ for methods in gradcam gradcam,guided_gradcam; do
   for c in 1 8 32; do
     "$OHA" -z 3s -c "$c" -m POST -H 'content-type: image/jpeg' -D "$image" --no-tui "$url" > /dev/null 2>&1 || true
     "$OHA" -z "${duration}s" -c "$c" -m POST -H 'content-type: image/jpeg' -D "$image" --no-tui --output-format json "$url" > /tmp/oha.json 2>/dev/null
-    python3 - "$methods" "$c" <<'PY'
-import json, sys
-d = json.load(open("/tmp/oha.json"))
-s, p = d["summary"], d["latencyPercentiles"]
-codes = d.get("statusCodeDistribution", {})
-# oha cancels the requests still in flight when the duration ends: not errors of the server.
-errors = sum(v for k, v in codes.items() if k != "200") + sum(v for k, v in d.get("errorDistribution", {}).items() if "deadline" not in k)
-print(f"| `{sys.argv[1]}` | {sys.argv[2]} | {s['requestsPerSec']:.1f} | {(p['p50'] or 0) * 1000:.1f} | {(p['p99'] or 0) * 1000:.1f} | {errors} |")
-PY
+    python3 bench/oha_row.py /tmp/oha.json "\`$methods\`" "$c"
   done
 done

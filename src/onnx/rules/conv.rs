@@ -111,10 +111,11 @@ fn conv(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[boo
     let win = Window::read(node, wd[2..].to_vec(), &xd[2..])?;
     let (pads, output_padding) = win.transpose_geometry(&xd[2..], &yd[2..]);
     let group = attr::int_or(node, "group", 1);
-    if let Some(dx) = conv_backward_as_conv(ctx, node, dy, &win, &xd, &yd, &wd, group) {
+    let shapes = ConvShapes { win: &win, xd: &xd, yd: &yd, wd: &wd, group };
+    if let Some(dx) = conv_backward_as_conv(ctx, node, dy, &shapes) {
         return Ok(vec![Some(dx), None, None]);
     }
-    if let Some(dx) = strided_conv_backward_polyphase(ctx, node, dy, &win, &xd, &yd, &wd, group) {
+    if let Some(dx) = strided_conv_backward_polyphase(ctx, node, dy, &shapes) {
         return Ok(vec![Some(dx), None, None]);
     }
     let attrs = vec![
@@ -134,17 +135,17 @@ fn conv(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[boo
 /// Conv on its fast NCHWc path while ConvTranspose goes through col2im, so this is the cheaper form. The
 /// transposed weights are precomputed once per weight tensor (shared by every chain). Returns None where the
 /// conditions do not hold (strides > 1, weights not constant, pads larger than the dilated kernel).
-#[allow(clippy::too_many_arguments)]
-fn conv_backward_as_conv(
-    ctx: &mut RuleCtx,
-    node: &NodeProto,
-    dy: &str,
-    win: &Window,
-    xd: &[i64],
-    yd: &[i64],
-    wd: &[i64],
+/// A forward Conv's geometry: window, input / output / weight dims (batch 1) and group count.
+struct ConvShapes<'a> {
+    win: &'a Window,
+    xd: &'a [i64],
+    yd: &'a [i64],
+    wd: &'a [i64],
     group: i64,
-) -> Option<String> {
+}
+
+fn conv_backward_as_conv(ctx: &mut RuleCtx, node: &NodeProto, dy: &str, shapes: &ConvShapes) -> Option<String> {
+    let ConvShapes { win, xd, yd, wd, group } = *shapes;
     if win.strides.iter().any(|&s| s != 1) || group < 1 {
         return None;
     }
@@ -167,26 +168,10 @@ fn conv_backward_as_conv(
         Some(name) => name.clone(),
         None => {
             let (_, w) = ctx.const_f32(w_name)?;
-            let (m, cg) = (wd[0] as usize, wd[1] as usize);
-            let g = group as usize;
-            let mg = m / g;
-            let spatial: usize = wd[2..].iter().map(|&d| d as usize).product();
-            let mut out = vec![0f32; w.len()];
-            // W [M, C/g, k..] -> W' [C, M/g, k..]: W'[gi*Cg + c, mm, pos] = W[gi*Mg + mm, c, last - pos]
-            for gi in 0..g {
-                for mm in 0..mg {
-                    for c in 0..cg {
-                        let src = ((gi * mg + mm) * cg + c) * spatial;
-                        let dst = ((gi * cg + c) * mg + mm) * spatial;
-                        for p in 0..spatial {
-                            out[dst + p] = w[src + spatial - 1 - p];
-                        }
-                    }
-                }
-            }
-            let mut dims = vec![(cg * g) as i64, mg as i64];
-            dims.extend_from_slice(&wd[2..]);
-            let name = ctx.e.const_f32(&dims, &out);
+            let kernel: Vec<usize> = wd[2..].iter().map(|&d| d as usize).collect();
+            let flip = |t: &[usize]| Some(t.iter().zip(&kernel).map(|(&p, &k)| k - 1 - p).collect());
+            let (dims, data) = transpose_weights(&w, wd, group as usize, &kernel, flip);
+            let name = ctx.e.const_f32(&dims, &data);
             ctx.memo.insert(key, name.clone());
             name
         }
@@ -240,17 +225,8 @@ fn transpose_weights(w: &[f32], wd: &[i64], group: usize, out_kernel: &[usize], 
 /// Unsqueeze/Concat/Reshape and cropped to H x W. Same FLOPs as the forward conv, on ONNX Runtime's fast Conv
 /// path instead of ConvTranspose's col2im. None (ConvTranspose is used) for dilations, more than 2 spatial
 /// axes, fewer than 16 input channels, non-constant weights, or pads that would come out negative.
-#[allow(clippy::too_many_arguments)]
-fn strided_conv_backward_polyphase(
-    ctx: &mut RuleCtx,
-    node: &NodeProto,
-    dy: &str,
-    win: &Window,
-    xd: &[i64],
-    yd: &[i64],
-    wd: &[i64],
-    group: i64,
-) -> Option<String> {
+fn strided_conv_backward_polyphase(ctx: &mut RuleCtx, node: &NodeProto, dy: &str, shapes: &ConvShapes) -> Option<String> {
+    let ConvShapes { win, xd, yd, wd, group } = *shapes;
     let n = win.kernel.len();
     // With few input channels (an RGB stem) the phase convs are too thin for ONNX Runtime's NCHWc kernels;
     // measured on ResNet-50's 7x7 stem: 3.5 ms as four phases, 1.2 ms as one ConvTranspose.
