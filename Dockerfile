@@ -7,6 +7,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY src src
+COPY assets assets
 COPY bench bench
 COPY openapi.yaml ./
 RUN cargo build --release --locked --bin camserve && strip target/release/camserve

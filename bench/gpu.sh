@@ -43,8 +43,8 @@ curl -s http://127.0.0.1:18080/v1/models/r50 | head -c 300 > "$OUT/model.json"
   for methods in gradcam gradcam,guided_gradcam; do
     for c in 32 128; do
       url="http://127.0.0.1:18080/v1/models/r50/explain?methods=$methods"
-      "$BIN/oha" -z 3s -c "$c" -m POST -H 'content-type: image/jpeg' -D tests/data/photos/chelsea.jpg --no-tui "$url" > /dev/null 2>&1
-      "$BIN/oha" -z "${SECS}s" -c "$c" -m POST -H 'content-type: image/jpeg' -D tests/data/photos/chelsea.jpg --no-tui --output-format json "$url" > /tmp/oha.json 2>/dev/null
+      "$BIN/oha" -z 3s -c "$c" -m POST -H 'content-type: image/jpeg' -D assets/photos/chelsea.jpg --no-tui "$url" > /dev/null 2>&1
+      "$BIN/oha" -z "${SECS}s" -c "$c" -m POST -H 'content-type: image/jpeg' -D assets/photos/chelsea.jpg --no-tui --output-format json "$url" > /tmp/oha.json 2>/dev/null
       python3 bench/oha_row.py /tmp/oha.json "\`$methods\`" "$c"
     done
   done

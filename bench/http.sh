@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?model path}
-image=${2:-tests/data/photos/chelsea.jpg}
+image=${2:-assets/photos/chelsea.jpg}
 duration=${3:-20}
 port=18080
 exe=${CAMSERVE_EXE:-target/release/camserve}

@@ -47,8 +47,8 @@ trap '"${PODMAN[@]}" rm -f camserve-test > /dev/null 2>&1 || true' EXIT
 for i in $(seq 1 150); do curl -sf http://127.0.0.1:18099/readyz > /dev/null && break; sleep 0.2; done
 curl -sf http://127.0.0.1:18099/readyz && echo
 echo "== user: $("${PODMAN[@]}" exec camserve-test id -un)"
-echo "== POST tests/data/photos/chelsea.jpg"
-curl -s -H 'Content-Type: image/jpeg' --data-binary @tests/data/photos/chelsea.jpg \
+echo "== POST assets/photos/chelsea.jpg"
+curl -s -H 'Content-Type: image/jpeg' --data-binary @assets/photos/chelsea.jpg \
   'http://127.0.0.1:18099/v1/models/demo/explain?methods=gradcam,guided_gradcam' > /tmp/container-explain.json
 python3 - <<'PY'
 import json, base64

@@ -20,7 +20,7 @@ samples=()
 ( while kill -0 $pid 2>/dev/null; do rss >> /tmp/flood-rss.txt; sleep 5; done ) &
 sampler=$!
 : > /tmp/flood-rss.txt
-oha -z "${duration}s" -c $(( 2 * capacity )) -m POST -H 'content-type: image/jpeg' -D tests/data/photos/chelsea.jpg \
+oha -z "${duration}s" -c $(( 2 * capacity )) -m POST -H 'content-type: image/jpeg' -D assets/photos/chelsea.jpg \
   --no-tui --output-format json "http://127.0.0.1:$port/v1/models/m/explain?methods=gradcam,guided_gradcam" > /tmp/flood.json 2>/dev/null
 kill $sampler 2>/dev/null || true
 python3 - <<'PY'

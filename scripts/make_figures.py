@@ -8,7 +8,7 @@ docs/images/methods-grid.png: six methods on three held-out pictures (the demo m
 
 With an ImageNet classifier of your own, the grid on the bundled real photos:
     python3 scripts/make_figures.py --model resnet50.onnx --labels imagenet.txt \
-        --photos tests/data/photos/chelsea.jpg tests/data/photos/coffee.jpg --out docs/images/methods-photos.png
+        --photos assets/photos/chelsea.jpg assets/photos/coffee.jpg --out docs/images/methods-photos.png
 (The repository's pictures use the demo model: no pretrained ImageNet weights can be fetched from the package
 registries these machines reach.)
 """

@@ -48,10 +48,10 @@ pub async fn page() -> Html<&'static str> {
 
 /// Example pictures for the demo page, embedded in the binary.
 const EXAMPLES: [(&str, &[u8]); 4] = [
-    ("chelsea.jpg", include_bytes!("../../tests/data/photos/chelsea.jpg")),
-    ("coffee.jpg", include_bytes!("../../tests/data/photos/coffee.jpg")),
-    ("astronaut.jpg", include_bytes!("../../tests/data/photos/astronaut.jpg")),
-    ("shapes.jpg", include_bytes!("../../tests/data/shapes/000.jpg")),
+    ("chelsea.jpg", include_bytes!("../../assets/photos/chelsea.jpg")),
+    ("coffee.jpg", include_bytes!("../../assets/photos/coffee.jpg")),
+    ("astronaut.jpg", include_bytes!("../../assets/photos/astronaut.jpg")),
+    ("shapes.jpg", include_bytes!("../../assets/photos/shapes.jpg")),
 ];
 
 pub async fn example(Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
