@@ -140,59 +140,86 @@ impl ModelRunner {
         let bad = |reason: String| EngineError::Model { model: spec.name.clone(), reason };
         crate::runtime::environment(options.ort_library.as_deref())?;
         let model = io::load_model(&spec.path)?;
-        let (source, kind, input_name, input_shape, num_classes, layers, default_layer, rules) =
-            if let Some(ci) = contract::contract_info(&model) {
-                let bytes = io::encode_model(&model)?;
-                let g = model.graph.as_ref().ok_or_else(|| bad("no graph".into()))?;
-                let dims_of = |name: &str, list: &[crate::onnx::proto::ValueInfoProto]| -> Vec<i64> {
-                    list.iter().find(|v| v.name() == name).map(static_dims).unwrap_or_default()
-                };
-                let input = dims_of(&ci.input, &g.input);
-                let acts = dims_of(contract::ACTIVATIONS, &g.output);
-                let logits = dims_of(&ci.logits, &g.output);
-                if input.len() != 4 || acts.len() != 4 || logits.len() != 2 || input[1..].iter().chain(&acts[1..]).any(|&d| d <= 0) || logits[1] <= 0 {
-                    return Err(bad("a contract model needs static [N,C,H,W] input, activations and [N,K] logits".into()));
-                }
-                let layer = LayerInfo { name: ci.layer.clone(), dims: vec![1, acts[1], acts[2], acts[3]] };
-                let shape = [input[1] as usize, input[2] as usize, input[3] as usize];
-                let rules = ci.rules.clone();
-                (Source::Contract { bytes, info: ci.clone() }, ModelKind::Contract, ci.input.clone(), shape,
-                    logits[1] as usize, vec![layer], ci.layer.clone(), rules)
-            } else {
+        let device = session::choose_device(options)?;
+        let (source, info) = match contract::contract_info(&model) {
+            Some(ci) => Self::describe_contract(model, ci, spec, device).map_err(bad)?,
+            None => {
                 let ex = Explainable::analyse(model, &PrepareOptions { input_size: spec.input_size })?;
-                let default = match &spec.default_layer {
-                    Some(l) if ex.layer(l).is_none() => return Err(bad(format!("configured default layer `{l}` is not a candidate layer"))),
-                    Some(l) => l.clone(),
-                    None => ex.default_layer.clone().ok_or_else(|| bad("no 4-D layer with spatial size > 1".into()))?,
-                };
-                let d = &ex.input_dims;
-                let shape = [d[1] as usize, d[2] as usize, d[3] as usize];
-                let (input, classes, layers) = (ex.input.clone(), ex.num_classes, ex.layers.clone());
-                (Source::Plain(Box::new(ex)), ModelKind::Plain, input, shape, classes, layers, default, ReluRule::ALL.to_vec())
-            };
-        if shape_channels(input_shape) != 3 {
-            return Err(bad(format!("the image input must have 3 channels, it has {}", input_shape[0])));
+                Self::describe_plain(ex, spec, device).map_err(bad)?
+            }
+        };
+        if info.input_shape[0] != 3 {
+            return Err(bad(format!("the image input must have 3 channels, it has {}", info.input_shape[0])));
         }
         if let Some(l) = &spec.labels
-            && l.len() != num_classes {
-                return Err(bad(format!("{} labels for {num_classes} classes", l.len())));
-            }
-        let device = session::choose_device(options)?;
-        let info = ModelInfo {
+            && l.len() != info.num_classes
+        {
+            return Err(bad(format!("{} labels for {} classes", l.len(), info.num_classes)));
+        }
+        Ok(ModelRunner { info: Arc::new(info), source, sessions: HashMap::new(), options: options.clone() })
+    }
+
+    fn base_info(spec: &ModelSpec, kind: ModelKind, device: Device) -> ModelInfo {
+        ModelInfo {
             name: spec.name.clone(),
             kind,
-            input_name,
-            input_shape,
-            num_classes,
+            input_name: String::new(),
+            input_shape: [0; 3],
+            num_classes: 0,
             labels: spec.labels.clone(),
-            layers,
-            default_layer,
-            rules,
+            layers: vec![],
+            default_layer: String::new(),
+            rules: vec![],
             device,
             mean: spec.mean,
             std: spec.std,
+        }
+    }
+
+    /// A plain classifier: every layer and every input-gradient rule is available.
+    fn describe_plain(ex: Explainable, spec: &ModelSpec, device: Device) -> Result<(Source, ModelInfo), String> {
+        let default_layer = match &spec.default_layer {
+            Some(l) if ex.layer(l).is_none() => return Err(format!("configured default layer `{l}` is not a candidate layer")),
+            Some(l) => l.clone(),
+            None => ex.default_layer.clone().ok_or("no 4-D layer with spatial size > 1")?,
         };
-        Ok(ModelRunner { info: Arc::new(info), source, sessions: HashMap::new(), options: options.clone() })
+        let d = &ex.input_dims;
+        let info = ModelInfo {
+            input_name: ex.input.clone(),
+            input_shape: [d[1] as usize, d[2] as usize, d[3] as usize],
+            num_classes: ex.num_classes,
+            layers: ex.layers.clone(),
+            default_layer,
+            rules: ReluRule::ALL.to_vec(),
+            ..Self::base_info(spec, ModelKind::Plain, device)
+        };
+        Ok((Source::Plain(Box::new(ex)), info))
+    }
+
+    /// A contract model: its one layer and the rules it carries; shapes read from its declared inputs/outputs.
+    fn describe_contract(model: crate::onnx::ModelProto, ci: ContractInfo, spec: &ModelSpec, device: Device) -> Result<(Source, ModelInfo), String> {
+        let bytes = io::encode_model(&model).map_err(|e| e.to_string())?;
+        let g = model.graph.as_ref().ok_or("no graph")?;
+        let dims_of = |name: &str, list: &[crate::onnx::proto::ValueInfoProto]| -> Vec<i64> {
+            list.iter().find(|v| v.name() == name).map(static_dims).unwrap_or_default()
+        };
+        let input = dims_of(&ci.input, &g.input);
+        let acts = dims_of(contract::ACTIVATIONS, &g.output);
+        let logits = dims_of(&ci.logits, &g.output);
+        let static_ok = input.len() == 4 && acts.len() == 4 && logits.len() == 2 && logits[1] > 0;
+        if !static_ok || input[1..].iter().chain(&acts[1..]).any(|&d| d <= 0) {
+            return Err("a contract model needs static [N,C,H,W] input, activations and [N,K] logits".into());
+        }
+        let info = ModelInfo {
+            input_name: ci.input.clone(),
+            input_shape: [input[1] as usize, input[2] as usize, input[3] as usize],
+            num_classes: logits[1] as usize,
+            layers: vec![LayerInfo { name: ci.layer.clone(), dims: vec![1, acts[1], acts[2], acts[3]] }],
+            default_layer: ci.layer.clone(),
+            rules: ci.rules.clone(),
+            ..Self::base_info(spec, ModelKind::Contract, device)
+        };
+        Ok((Source::Contract { bytes, info: ci }, info))
     }
 
     pub fn info(&self) -> Arc<ModelInfo> {
@@ -320,10 +347,6 @@ impl ModelRunner {
         }
         Ok(out)
     }
-}
-
-fn shape_channels(s: [usize; 3]) -> usize {
-    s[0]
 }
 
 fn static_dims(vi: &crate::onnx::proto::ValueInfoProto) -> Vec<i64> {

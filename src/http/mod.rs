@@ -67,26 +67,23 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     // Operational routes are open unless configured otherwise.
     let mut ops = Router::new();
-    let mut guarded_ops = Router::new();
     for (name, route) in [
         ("healthz", get(routes::healthz)),
         ("readyz", get(routes::readyz)),
         ("metrics", get(routes::metrics)),
     ] {
         let path = format!("/{name}");
-        if state.open_endpoints.iter().any(|e| e == name) {
-            ops = ops.route(&path, route);
+        ops = if state.open_endpoints.iter().any(|e| e == name) {
+            ops.route(&path, route)
         } else {
-            guarded_ops = guarded_ops.route(&path, route);
-        }
+            ops.route(&path, route.route_layer(middleware::from_fn_with_state(state.clone(), require_api_key)))
+        };
     }
-    let guarded_ops = guarded_ops.route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     let mut router = Router::new()
         .route("/", get(routes::page))
         .route("/examples/{name}", get(routes::example))
         .route("/openapi.yaml", get(routes::openapi))
         .merge(ops)
-        .merge(guarded_ops)
         .merge(v1)
         .fallback(routes::not_found)
         // The body limit is enforced while reading (413 problem+json); the default 2 MB limit would cut it.
