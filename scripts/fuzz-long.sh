@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 minutes=${1:-10}; shift || true
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(image_decoding_never_panics query_options_never_panic json_options_never_panic request_bodies_never_panic model_bytes_never_panic model_rewrites_never_panic)
-cargo test --release --test fuzz --no-run > /dev/null 2>&1
+# Build once and run a copy of the test binary, so that editing the sources meanwhile does not rebuild it.
+bin=$(cargo test --release --test fuzz --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable") and "fuzz" in j["target"]["name"]][-1])')
+cp "$bin" /tmp/camserve-fuzz-bin
+export CARGO_MANIFEST_DIR=$PWD
 echo "| target | minutes | executions | findings |"
 echo "|---|---|---|---|"
 for t in "${targets[@]}"; do
@@ -15,7 +19,7 @@ for t in "${targets[@]}"; do
   [ "$t" = model_rewrites_never_panic ] || [ "$t" = model_bytes_never_panic ] && cases=$(( cases / 4 ))
   end=$(( $(date +%s) + minutes * 60 )); runs=0; fails=0
   while [ "$(date +%s)" -lt "$end" ]; do
-    if ! FUZZ_CASES=$cases cargo test --release --test fuzz "$t" -- --exact > /tmp/fuzz-$t.log 2>&1; then
+    if ! FUZZ_CASES=$cases /tmp/camserve-fuzz-bin "$t" --exact > /tmp/fuzz-$t.log 2>&1; then
       fails=$(( fails + 1 )); cp /tmp/fuzz-$t.log /tmp/fuzz-$t-failure-$fails.log
     fi
     runs=$(( runs + 1 ))
