@@ -92,6 +92,12 @@ impl Queue {
     pub fn depth(&self) -> usize {
         self.waiting_rows.load(Ordering::SeqCst)
     }
+
+    /// Whether `rows` more rows would fit now (checked again, atomically, by `submit`): lets a request be
+    /// refused before it costs decoding.
+    pub fn has_room(&self, rows: usize) -> bool {
+        self.depth() + rows.max(1) <= self.capacity
+    }
 }
 
 /// Starts a model's collector task and worker thread. Must be called inside a tokio runtime.

@@ -164,7 +164,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 overrides = overrides.merge(Serialized::default("runtime.threads", t));
             }
             let config = Config::load(config.as_deref(), overrides)?;
-            let rt = tokio::runtime::Runtime::new()?;
+            // Decoding and rendering run on blocking threads; a bounded pool keeps a flood from growing one
+            // thread (and one allocator arena) per waiting request.
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads((4 * cores).max(8)).build()?;
             rt.block_on(camserve::http::serve(config))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -198,6 +198,12 @@ impl Service {
         let handle = self.model(model)?;
         let info = handle.info.clone();
         let options = raw.validate(&info, self.limits.options)?;
+        // Under overload, refuse before spending a decode on a request that cannot be queued.
+        let rows = if endpoint == Endpoint::Predict { 1 } else { options.targets.len() };
+        if !handle.queue.has_room(rows) {
+            metrics::counter!("camserve_queue_rejections_total").increment(1);
+            return Err(ServiceError::QueueFull(info.name.clone()));
+        }
 
         // Decode and preprocess off the async runtime.
         let limits = self.limits.decode;
