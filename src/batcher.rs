@@ -197,11 +197,19 @@ fn worker(mut runner: ModelRunner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
             .record(inference.as_secs_f64());
         metrics::histogram!("camserve_batch_rows", "model" => info.name.clone()).record(rows as f64);
         metrics::counter!("camserve_rows_total", "model" => info.name.clone(), "plan" => plan_label).increment(rows as u64);
+        // A batch of one job hands its output over as it is; otherwise each job gets a copy of its rows.
+        let mut result = result.map(Some);
+        let single = jobs.len() == 1;
         let mut offset = 0;
         for q in jobs {
             let n = q.job.targets.len().max(1);
-            let reply = match &result {
-                Ok(out) => Ok(JobOutput { output: out.rows(offset..offset + n), queue: started - q.enqueued, inference, batch_rows: rows }),
+            let reply = match &mut result {
+                Ok(out) => {
+                    let output = if single { out.take().expect("one job takes it once. This is a bug.") } else {
+                        out.as_ref().expect("taken only by a single job. This is a bug.").rows(offset..offset + n)
+                    };
+                    Ok(JobOutput { output, queue: started - q.enqueued, inference, batch_rows: rows })
+                }
                 Err(e) => Err(EngineError::Ort(e.to_string())),
             };
             offset += n;

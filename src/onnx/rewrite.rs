@@ -194,9 +194,6 @@ impl Explainable {
         let mut model = self.model.clone();
         let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
         let logit_dims = self.probe.dims(&self.logits).unwrap_or(&[]).to_vec();
-        let with_batch = |d: &[i64]| -> Vec<Dim> {
-            std::iter::once(Dim::Param("N".into())).chain(d.iter().skip(1).map(|&v| Dim::Value(v))).collect()
-        };
         graph.input = vec![value_info(&self.input, tensor::FLOAT, &with_batch(&self.input_dims))];
         graph.output = vec![value_info(&self.logits, tensor::FLOAT, &with_batch(&logit_dims))];
         graph.value_info.clear();
@@ -273,9 +270,6 @@ impl Explainable {
         }
 
         let batch = || Dim::Param("N".into());
-        let with_batch = |d: &[i64]| -> Vec<Dim> {
-            std::iter::once(batch()).chain(d.iter().skip(1).map(|&v| Dim::Value(v))).collect()
-        };
         let input_vi = value_info(&self.input, tensor::FLOAT, &with_batch(&self.input_dims));
         let seed_vi = value_info(SEED, tensor::FLOAT, &[batch(), Dim::Value(self.num_classes as i64)]);
         let mut outputs = vec![
@@ -448,6 +442,11 @@ fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Resul
 enum Dim {
     Param(String),
     Value(i64),
+}
+
+/// Probed dims (batch 1) with a dynamic batch dimension `N`.
+fn with_batch(d: &[i64]) -> Vec<Dim> {
+    std::iter::once(Dim::Param("N".into())).chain(d.iter().skip(1).map(|&v| Dim::Value(v))).collect()
 }
 
 fn value_info(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto {
