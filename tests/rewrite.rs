@@ -341,6 +341,17 @@ fn external_data_and_ir3_inputs() {
 }
 
 #[test]
+fn negative_declared_dimensions_are_errors_not_panics() {
+    // Found by tests/fuzz.rs: the `ort` crate panics reading back a session whose input declares dim -5.
+    use prost::Message;
+    let mut m = small_cnn();
+    let g = m.graph.as_mut().unwrap();
+    g.input[0] = value_info("x", &[None, Some(3), Some(-5), Some(16)]);
+    let err = io::decode_model(bytes::Bytes::from(m.encode_to_vec()), None).unwrap_err().to_string();
+    assert!(err.contains("negative dimension"), "{err}");
+}
+
+#[test]
 fn malformed_protobufs_are_errors() {
     for bytes in [&b""[..], b"\x00\x01\x02garbage", b"\x0a\xff\xff\xff\xff\x0f"] {
         let r = io::decode_model(bytes::Bytes::copy_from_slice(bytes), None);

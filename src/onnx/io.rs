@@ -40,7 +40,25 @@ pub fn decode_model(bytes: Bytes, base_dir: Option<&Path>) -> Result<ModelProto>
         }
     }
     drop_initializer_inputs(&mut model);
+    check_declared_shapes(&model)?;
     Ok(model)
+}
+
+/// Graph inputs and outputs may declare unknown (symbolic) dimensions, not negative ones. ONNX Runtime rejects
+/// such files, and the `ort` crate panics when it reads them back (found by tests/fuzz.rs), so they stop here.
+pub fn check_declared_shapes(model: &ModelProto) -> Result<()> {
+    use super::proto::{tensor_shape_proto::dimension::Value, type_proto};
+    let Some(g) = model.graph.as_ref() else { return Ok(()) };
+    for (kind, list) in [("input", &g.input), ("output", &g.output)] {
+        for vi in list {
+            let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else { continue };
+            let negative = t.shape.as_ref().is_some_and(|s| s.dim.iter().any(|d| matches!(d.value, Some(Value::DimValue(v)) if v < 0)));
+            if negative {
+                return Err(OnnxError::Invalid(format!("{kind} `{}` declares a negative dimension", vi.name())));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// IR-3 files list initializers among the graph inputs; ONNX Runtime then treats weights as overridable inputs
