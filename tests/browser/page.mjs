@@ -1,6 +1,6 @@
 // The demo page end to end in headless Chromium: load it from a real camserve, upload a real photo, wait for
 // the heatmaps, check they rendered (canvas pixels not blank), click another class, check the explanations
-// follow it, try the keyboard path, and save screenshots (desktop and phone-sized) under docs/images/.
+// follow it, try the keyboard path, and save screenshots (desktop and phone-sized) in the given folder.
 // Run by scripts/browser-test.sh.
 import { chromium } from "playwright-core";
 import { strict as assert } from "node:assert";
