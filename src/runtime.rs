@@ -71,3 +71,13 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment, Runt
 pub fn library_path() -> Option<&'static Path> {
     RUNTIME.get().and_then(|r| r.as_ref().ok()).map(|l| l.path.as_path())
 }
+
+/// Runs `f` (an `ort` call on a model file we did not write) and turns a panic inside the `ort` crate into an
+/// error. `ort` panics ("infallible") when ONNX Runtime infers a shape it refuses to hand back, e.g. negative
+/// dimensions from a corrupt initializer (found by tests/fuzz.rs).
+pub fn unpanic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+        format!("{what}: ONNX Runtime could not describe the model ({msg})")
+    })
+}

@@ -79,5 +79,6 @@ pub fn choose_device(options: &EngineOptions) -> Result<Device, EngineError> {
 }
 
 pub fn build(bytes: &[u8], device: Device, options: &EngineOptions) -> Result<Session, EngineError> {
-    builder(device, options)?.commit_from_memory(bytes).map_err(ort_err)
+    let mut b = builder(device, options)?;
+    crate::runtime::unpanic("session", || b.commit_from_memory(bytes)).map_err(EngineError::Ort)?.map_err(ort_err)
 }

@@ -44,11 +44,15 @@ pub fn decode_model(bytes: Bytes, base_dir: Option<&Path>) -> Result<ModelProto>
     Ok(model)
 }
 
-/// Graph inputs and outputs may declare unknown (symbolic) dimensions, not negative ones. ONNX Runtime rejects
-/// such files, and the `ort` crate panics when it reads them back (found by tests/fuzz.rs), so they stop here.
+/// Graph inputs and outputs may declare unknown (symbolic) dimensions, not negative ones, and initializers need
+/// non-negative dimensions. ONNX Runtime's shape inference turns such values into shapes that the `ort` crate
+/// panics on (found by tests/fuzz.rs), so they stop here.
 pub fn check_declared_shapes(model: &ModelProto) -> Result<()> {
     use super::proto::{tensor_shape_proto::dimension::Value, type_proto};
     let Some(g) = model.graph.as_ref() else { return Ok(()) };
+    if let Some(t) = g.initializer.iter().find(|t| t.dims.iter().any(|&d| d < 0)) {
+        return Err(OnnxError::Invalid(format!("initializer `{}` has a negative dimension {:?}", t.name(), t.dims)));
+    }
     for (kind, list) in [("input", &g.input), ("output", &g.output)] {
         for vi in list {
             let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else { continue };

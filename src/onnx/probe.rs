@@ -58,13 +58,14 @@ pub fn probe(model: &ModelProto, input_name: &str, input_dims: &[i64]) -> Result
     graph.value_info.clear();
     let bytes = io::encode_model(&m)?;
     let perr = |e: &dyn std::fmt::Display| OnnxError::Probe(e.to_string());
-    let mut session = Session::builder(env)
+    let mut builder = Session::builder(env)
         .map_err(|e| perr(&e))?
         .with_optimization_level(GraphOptimizationLevel::Disable)
         .map_err(|e| perr(&e))?
         .with_intra_threads(1)
-        .map_err(|e| perr(&e))?
-        .commit_from_memory(&bytes)
+        .map_err(|e| perr(&e))?;
+    let mut session = crate::runtime::unpanic("shape probe", || builder.commit_from_memory(&bytes))
+        .map_err(OnnxError::Probe)?
         .map_err(|e| perr(&e))?;
     let n = tensor::numel(input_dims);
     let input = Tensor::from_array((input_dims.to_vec(), vec![0f32; n])).map_err(|e| perr(&e))?;
