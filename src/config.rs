@@ -278,6 +278,8 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>, std::io::Error> {
 }
 
 #[cfg(test)]
+// figment::Jail's closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 

@@ -123,6 +123,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs its life; the one-shot commands only warnings.
     init_logging(&cli.log_format, if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" });
+    // A panic is a bug; it goes to the log like everything else (one line, JSON when asked for), not raw stderr.
+    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {

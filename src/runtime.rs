@@ -76,8 +76,15 @@ pub fn library_path() -> Option<&'static Path> {
 /// error. `ort` panics ("infallible") when ONNX Runtime infers a shape it refuses to hand back, e.g. negative
 /// dimensions from a corrupt initializer (found by tests/fuzz.rs).
 pub fn unpanic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-        format!("{what}: ONNX Runtime could not describe the model ({msg})")
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| format!("{what}: ONNX Runtime could not describe the model ({})", panic_message(&*p)))
+}
+
+/// The text of a caught panic's payload (`panic!` with a literal or with a formatted message).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "no message".into())
 }

@@ -176,9 +176,41 @@ proptest! {
     }
 }
 
+/// The demo model first (the structural mutations start from it), then the committed model findings.
 fn demo_bytes() -> &'static Vec<Vec<u8>> {
     static B: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
-    B.get_or_init(|| vec![std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo.onnx")).unwrap()])
+    B.get_or_init(|| {
+        let mut out = vec![std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo.onnx")).unwrap()];
+        out.extend(corpus_models().into_iter().map(|(_, b)| b));
+        out
+    })
+}
+
+/// `tests/fuzz_corpus/*.onnx`: models that once crashed the loader.
+fn corpus_models() -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus");
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "onnx"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Each past model finding, as it was found: loading and inspecting it is an error, not a panic.
+#[test]
+fn corpus_models_are_refused_cleanly() {
+    let models = corpus_models();
+    assert!(!models.is_empty(), "tests/fuzz_corpus holds the model findings");
+    for (name, bytes) in models {
+        let refused = match io::decode_model(Bytes::from(bytes), None) {
+            Err(_) => true,
+            Ok(m) => camserve::onnx::inspect::inspect(m, &PrepareOptions::default()).is_err(),
+        };
+        assert!(refused, "{name} was accepted");
+    }
 }
 
 /// Structural mutations of a valid model: removed or rewired nodes, dropped initializers, changed attributes.

@@ -48,6 +48,16 @@ impl ApiError {
     }
 }
 
+/// Defence in depth: a handler that panics (a bug; request data must never make one) answers 500 problem+json,
+/// logged with its message, and the connection and the server carry on.
+pub fn catch_panics() -> tower_http::catch_panic::CatchPanicLayer<fn(Box<dyn std::any::Any + Send>) -> Response> {
+    fn on_panic(payload: Box<dyn std::any::Any + Send>) -> Response {
+        tracing::error!("request handler panicked: {}", crate::runtime::panic_message(&*payload));
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the server failed while handling this request").into_response()
+    }
+    tower_http::catch_panic::CatchPanicLayer::custom(on_panic as fn(Box<dyn std::any::Any + Send>) -> Response)
+}
+
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let detail = e.to_string();
@@ -90,5 +100,36 @@ impl IntoResponse for ApiError {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn boom() -> &'static str {
+        panic!("boom")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_problem_json() {
+        let app = axum::Router::new()
+            .route("/boom", get(boom))
+            .route("/fine", get(|| async { "fine" }))
+            .layer(catch_panics());
+        let res = app.clone().oneshot(Request::get("/boom").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "application/problem+json");
+        let body = axum::body::to_bytes(res.into_body(), 1 << 16).await.unwrap();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["status"], 500);
+        assert!(problem["type"].as_str().unwrap().ends_with("internal"), "{problem}");
+        let res = app.oneshot(Request::get("/fine").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
     }
 }

@@ -88,6 +88,7 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         .fallback(routes::not_found)
         // The body limit is enforced while reading (413 problem+json); the default 2 MB limit would cut it.
         .layer(axum::extract::DefaultBodyLimit::max(state.body_limit))
+        .layer(error::catch_panics())
         .layer(middleware::from_fn(record_request))
         .with_state(state);
     if !cors_origins.is_empty() {
