@@ -44,14 +44,7 @@ impl Emitter {
 
     /// Adds a node whose single output has the given exact name.
     pub fn op_into(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, output: &str) {
-        self.nodes.push(NodeProto {
-            name: Some(output.to_string()),
-            op_type: Some(op.to_string()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.to_string()],
-            attribute: attrs,
-            ..Default::default()
-        });
+        self.nodes.push(node(op, inputs, output, attrs));
     }
 
     /// Adds a node with several outputs.
@@ -100,5 +93,17 @@ impl Emitter {
             self.consts.insert(k, name.clone());
         }
         name
+    }
+}
+
+/// A node with one output, named after it.
+pub fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        name: Some(output.to_string()),
+        op_type: Some(op.to_string()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.to_string()],
+        attribute: attrs,
+        ..Default::default()
     }
 }

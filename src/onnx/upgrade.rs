@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 
-use super::proto::{ModelProto, NodeProto};
+use super::builder;
+use super::proto::ModelProto;
 use super::{attr, default_opset, is_default_domain, tensor, OnnxError, Result};
 
 /// The opset the rewrite emits for. Models below it are upgraded to it.
@@ -131,10 +132,10 @@ pub fn upgrade(model: &mut ModelProto, rank: &dyn Fn(&str) -> Option<usize>) -> 
                     let (flat, inner, shape) = (format!("{base}.flat"), format!("{base}.inner"), format!("{base}.shape"));
                     let x = node.input[0].clone();
                     let y = node.output[0].clone();
-                    new_nodes.push(simple("Flatten", &[&x], &flat, vec![attr::make_int("axis", axis)]));
-                    new_nodes.push(simple(&op, &[&flat], &inner, vec![attr::make_int("axis", 1)]));
-                    new_nodes.push(simple("Shape", &[&x], &shape, vec![]));
-                    new_nodes.push(simple("Reshape", &[&inner, &shape], &y, vec![]));
+                    new_nodes.push(builder::node("Flatten", &[&x], &flat, vec![attr::make_int("axis", axis)]));
+                    new_nodes.push(builder::node(&op, &[&flat], &inner, vec![attr::make_int("axis", 1)]));
+                    new_nodes.push(builder::node("Shape", &[&x], &shape, vec![]));
+                    new_nodes.push(builder::node("Reshape", &[&inner, &shape], &y, vec![]));
                     continue;
                 }
                 attr::set(&mut node, attr::make_int("axis", axis));
@@ -150,17 +151,6 @@ pub fn upgrade(model: &mut ModelProto, rank: &dyn Fn(&str) -> Option<usize>) -> 
     }
     model.ir_version = Some(model.ir_version().max(8));
     Ok(from)
-}
-
-fn simple(op: &str, inputs: &[&str], output: &str, attrs: Vec<super::proto::AttributeProto>) -> NodeProto {
-    NodeProto {
-        name: Some(output.to_string()),
-        op_type: Some(op.to_string()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.to_string()],
-        attribute: attrs,
-        ..Default::default()
-    }
 }
 
 /// Initializers the upgrade adds (attributes that became inputs), under fresh names.
