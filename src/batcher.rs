@@ -190,14 +190,14 @@ fn worker(mut runner: ModelRunner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
         let plan = jobs[0].job.plan.clone();
         let batch = assemble(&jobs, &info);
         let rows = batch.ranks.len();
+        let plan_label = plan_label(&plan);
         // A panic inside ONNX Runtime's bindings fails this batch, not the model: the worker keeps serving.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&plan, &batch))).unwrap_or_else(|p| {
             let msg = crate::runtime::panic_message(&*p);
-            tracing::error!(model = %info.name, plan = %plan_label(&plan), rows, "inference panicked: {msg}");
+            tracing::error!(model = %info.name, plan = %plan_label, rows, "inference panicked: {msg}");
             Err(EngineError::Ort(format!("inference failed unexpectedly ({msg})")))
         });
         let inference = started.elapsed();
-        let plan_label = plan_label(&plan);
         metrics::histogram!("camserve_inference_duration_seconds", "model" => info.name.clone(), "plan" => plan_label.clone())
             .record(inference.as_secs_f64());
         metrics::histogram!("camserve_batch_rows", "model" => info.name.clone()).record(rows as f64);
