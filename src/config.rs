@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub max_image_dimension: u32,
     /// A request that has not been answered after this long gets 504.
     pub request_timeout_ms: u64,
+    /// The request body must have arrived this long after the headers (408 otherwise): a client that trickles
+    /// its upload cannot hold a connection and its task forever.
+    pub body_timeout_ms: u64,
     /// API keys; when any is set, /v1 routes need `Authorization: Bearer <key>` or `X-API-Key: <key>`.
     pub api_keys: Vec<String>,
     /// A file with one API key per line (added to `api_keys`).
@@ -113,6 +116,7 @@ impl Default for ServerConfig {
             max_image_pixels: 40_000_000,
             max_image_dimension: 16_384,
             request_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
             api_keys: vec![],
             api_keys_file: None,
             open_endpoints: vec!["healthz".into(), "readyz".into(), "metrics".into()],
@@ -195,6 +199,7 @@ impl Config {
             ("server.max_image_pixels", self.server.max_image_pixels),
             ("server.max_image_dimension", self.server.max_image_dimension as u64),
             ("server.request_timeout_ms", self.server.request_timeout_ms),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
             ("server.max_top_k", self.server.max_top_k as u64),
             ("server.max_targets", self.server.max_targets as u64),
             ("server.max_methods", self.server.max_methods as u64),

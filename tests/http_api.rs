@@ -365,6 +365,57 @@ async fn queue_full_and_timeout() {
     s.stop().await.unwrap();
 }
 
+/// A client that sends its headers and then trickles (here: stops sending) its body gets 408 after
+/// `server.body_timeout_ms`, and the server keeps answering others meanwhile and afterwards.
+#[tokio::test]
+async fn slow_bodies_get_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = demo_config();
+    config.server.body_timeout_ms = 300;
+    let mut s = Server::start(config).await;
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = "POST /v1/models/demo/explain HTTP/1.1\r\nHost: camserve\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&image_bytes("006.jpg")[..100]).await.unwrap();
+    // Another client is served while this one stalls.
+    let r = s.client.post(s.url("/v1/models/demo/predict")).header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .unwrap();
+                if buf.len() >= end + 4 + length || n == 0 {
+                    return (text[..end].to_string(), text[end + 4..].to_string());
+                }
+            }
+            assert!(n > 0, "connection closed without a response");
+        }
+    })
+    .await
+    .expect("no answer to a stalled body");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let (head, body) = response;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/problem+json"), "{head}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    check_response(EXPLAIN, "post", 408, "application/problem+json", &body);
+    assert!(body["detail"].as_str().unwrap().contains("300 ms"), "{body}");
+
+    let r = s.client.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn api_keys_and_cors() {
     let mut config = demo_config();

@@ -38,6 +38,8 @@ pub struct AppState {
     /// Operational routes open without a key: "healthz", "readyz", "metrics".
     pub open_endpoints: Arc<Vec<String>>,
     pub body_limit: usize,
+    /// How long the body may take to arrive (408 after).
+    pub body_timeout: Duration,
 }
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -254,6 +256,7 @@ pub async fn serve_on(
         api_keys: Arc::new(config.api_keys()?),
         open_endpoints: Arc::new(config.server.open_endpoints.clone()),
         body_limit: config.server.body_limit_bytes,
+        body_timeout: Duration::from_millis(config.server.body_timeout_ms),
     };
     let router = app(state, &config.server.cors_origins);
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
