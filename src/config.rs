@@ -75,7 +75,8 @@ pub struct RuntimeConfig {
 pub struct BatchingConfig {
     /// Most rows (image x target) in one ONNX Runtime run.
     pub max_batch: usize,
-    /// How long the first request of a batch waits for others.
+    /// How long the first request of a batch waits for others when the worker is free. 0 (the default, as in
+    /// Triton's dynamic batcher): run at once; batches still form from the requests that arrive during a run.
     pub max_wait_ms: u64,
     /// Rows waiting per model beyond which requests get 429.
     pub queue_capacity: usize,
@@ -138,7 +139,7 @@ impl Default for RuntimeConfig {
 
 impl Default for BatchingConfig {
     fn default() -> Self {
-        BatchingConfig { max_batch: 8, max_wait_ms: 2, queue_capacity: 64 }
+        BatchingConfig { max_batch: 8, max_wait_ms: 0, queue_capacity: 64 }
     }
 }
 

@@ -68,6 +68,28 @@ async fn concurrent_jobs_share_one_run_and_get_their_own_rows() {
     assert!(d < 1e-5, "batched vs alone: {d}");
 }
 
+/// `max_wait` 0 (the default): a lone job runs at once, and jobs that are waiting together still share a run.
+#[tokio::test]
+async fn without_waiting_queued_jobs_still_share_a_run() {
+    let r = runner();
+    let plan = explain_plan(&r);
+    let q = batcher::spawn(r, BatcherConfig { max_batch: 8, max_wait: Duration::ZERO, queue_capacity: 64 });
+    let (j, rx) = job(&plan, vec![Target::Rank(0)], 0.3);
+    q.submit(j).unwrap();
+    assert_eq!(rx.await.unwrap().unwrap().batch_rows, 1);
+    // Submitted without yielding to the collector (a current-thread runtime): all three are waiting when it looks.
+    let rxs: Vec<_> = (0..3)
+        .map(|i| {
+            let (j, rx) = job(&plan, vec![Target::Rank(0)], 0.5 + i as f32);
+            q.submit(j).unwrap();
+            rx
+        })
+        .collect();
+    for rx in rxs {
+        assert_eq!(rx.await.unwrap().unwrap().batch_rows, 3);
+    }
+}
+
 #[tokio::test]
 async fn abandoned_and_expired_jobs_are_dropped_before_running() {
     let r = runner();
