@@ -39,6 +39,10 @@ pub struct ServerConfig {
     /// The request body must have arrived this long after the headers (408 otherwise): a client that trickles
     /// its upload cannot hold a connection and its task forever.
     pub body_timeout_ms: u64,
+    /// A request's headers must arrive within this long after the connection is ready for them; this is also
+    /// how long an idle keep-alive connection stays open. Keep it above the load balancer's upstream keep-alive
+    /// timeout (nginx: 60 s).
+    pub header_timeout_ms: u64,
     /// API keys; when any is set, /v1 routes need `Authorization: Bearer <key>` or `X-API-Key: <key>`.
     pub api_keys: Vec<String>,
     /// A file with one API key per line (added to `api_keys`).
@@ -118,6 +122,7 @@ impl Default for ServerConfig {
             max_image_dimension: 16_384,
             request_timeout_ms: 30_000,
             body_timeout_ms: 30_000,
+            header_timeout_ms: 75_000,
             api_keys: vec![],
             api_keys_file: None,
             open_endpoints: vec!["healthz".into(), "readyz".into(), "metrics".into()],
@@ -201,6 +206,7 @@ impl Config {
             ("server.max_image_dimension", self.server.max_image_dimension as u64),
             ("server.request_timeout_ms", self.server.request_timeout_ms),
             ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("server.header_timeout_ms", self.server.header_timeout_ms),
             ("server.max_top_k", self.server.max_top_k as u64),
             ("server.max_targets", self.server.max_targets as u64),
             ("server.max_methods", self.server.max_methods as u64),

@@ -416,6 +416,34 @@ async fn slow_bodies_get_408() {
     s.stop().await.unwrap();
 }
 
+/// A client that opens a connection and never finishes its headers (slowloris) is cut off after
+/// `server.header_timeout_ms`; others are served meanwhile.
+#[tokio::test]
+async fn unfinished_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = demo_config();
+    config.server.header_timeout_ms = 300;
+    let mut s = Server::start(config).await;
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    conn.write_all(b"POST /v1/models/demo/explain HTTP/1.1\r\nHost: camserve\r\nX-Slow: ").await.unwrap();
+    let r = s.client.post(s.url("/v1/models/demo/predict")).header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection with unfinished headers was kept open");
+    let r = s.client.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn api_keys_and_cors() {
     let mut config = demo_config();

@@ -277,14 +277,15 @@ pub async fn serve_on(
         })
     };
     let draining = service.clone();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let header_timeout = Duration::from_millis(config.server.header_timeout_ms);
+    let server = serve_connections(listener, router, header_timeout, async move {
         shutdown.await;
         draining.start_draining();
         tracing::info!(delay_ms = drain_delay.as_millis() as u64, grace_ms = grace.as_millis() as u64, "draining: readyz is 503");
         tokio::time::sleep(drain_delay).await;
         tracing::info!("closing the listener; finishing in-flight requests");
     });
-    let mut server = tokio::spawn(async move { server.await });
+    let mut server = tokio::spawn(server);
     let mut loader = Some(loader);
     // After the signal and the drain delay, in-flight requests get `grace`; then the process exits regardless.
     let deadline = async {
@@ -311,6 +312,48 @@ pub async fn serve_on(
             }
         }
     }
+}
+
+/// What `axum::serve(..).with_graceful_shutdown(..)` does (HTTP/1.1 on each accepted connection until `signal`,
+/// then no new connections and a wait for the open ones, which the caller bounds), plus a limit on reading a
+/// request's headers: a client that opens connections and sends its headers slowly, or not at all, is cut off
+/// after `header_timeout` (hyper's timer; it also closes keep-alive connections idle that long).
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(signal);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning; the listener stays.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut signal => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 async fn shutdown_signal() {
