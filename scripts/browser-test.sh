@@ -19,4 +19,5 @@ trap 'kill $pid 2>/dev/null' EXIT
 for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && break; sleep 0.2; done
 out=${BROWSER_SHOTS:-target/browser-shots}
 mkdir -p "$out"
-CHROMIUM=$chromium node tests/browser/page.mjs "http://127.0.0.1:$port/" "$PWD/tests/data/shapes/000.jpg" "$out"
+CHROMIUM=$chromium node tests/browser/page.mjs "http://127.0.0.1:$port/" "$PWD/tests/data/shapes/000.jpg" "$out" \
+  "$PWD/assets/photos/chelsea.jpg"

@@ -1,11 +1,12 @@
-// The demo page end to end in headless Chromium: load it from a real camserve, upload a real photo, wait for
-// the heatmaps, check they rendered (canvas pixels not blank), click another class, check the explanations
-// follow it, try the keyboard path, and save screenshots (desktop and phone-sized) in the given folder.
-// Run by scripts/browser-test.sh.
+// The demo page end to end in headless Chromium: load it from a real camserve, upload a real photo (a camera
+// JPEG) and then one of the demo model's own pictures, wait for the heatmaps, check they rendered (canvas
+// pixels not blank), click another class, check the explanations follow it, try the keyboard path, and save
+// screenshots (desktop and phone-sized) in the given folder. Run by scripts/browser-test.sh:
+//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO]
 import { chromium } from "playwright-core";
 import { strict as assert } from "node:assert";
 
-const [url, photo, outDir] = process.argv.slice(2);
+const [url, photo, outDir, realPhoto] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -17,24 +18,33 @@ page.on("pageerror", (e) => errors.push(String(e)));
 await page.goto(url);
 await page.waitForFunction(() => document.querySelectorAll("#model option").length > 0);
 
-// Upload a real photo through the file input.
-await page.setInputFiles("#file", photo);
-await page.waitForSelector(".card canvas", { timeout: 60000 });
-await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("Explained"));
-const cards = await page.$$eval(".card h3 span", (s) => s.map((x) => x.textContent));
-assert.deepEqual(cards, ["gradcam", "guided_gradcam"], "the default methods");
-
-// The canvases hold real pictures: many distinct colours, not a blank or uniform image.
-const variety = await page.$$eval(".card canvas", (cs) => cs.map((c) => {
-  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-  const colours = new Set();
-  for (let i = 0; i < d.length; i += 16) colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
-  return { w: c.width, h: c.height, colours: colours.size };
-}));
-for (const v of variety) {
-  assert.ok(v.w > 0 && v.h > 0, "canvas has a size");
-  assert.ok(v.colours > 20, `canvas is not blank (${v.colours} colours)`);
+// Upload a picture through the file input; the default methods come back and their canvases hold real
+// pictures: many distinct colours, not a blank or uniform image.
+async function uploadAndCheck(file) {
+  await page.evaluate(() => { document.getElementById("status").textContent = ""; });
+  await page.setInputFiles("#file", file);
+  await page.waitForSelector(".card canvas", { timeout: 60000 });
+  await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("Explained"), null, { timeout: 60000 });
+  const cards = await page.$$eval(".card h3 span", (s) => s.map((x) => x.textContent));
+  assert.deepEqual(cards, ["gradcam", "guided_gradcam"], "the default methods");
+  const variety = await page.$$eval(".card canvas", (cs) => cs.map((c) => {
+    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+    const colours = new Set();
+    for (let i = 0; i < d.length; i += 16) colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+    return { w: c.width, h: c.height, colours: colours.size };
+  }));
+  for (const v of variety) {
+    assert.ok(v.w > 0 && v.h > 0, "canvas has a size");
+    assert.ok(v.colours > 20, `canvas is not blank (${v.colours} colours)`);
+  }
+  return cards;
 }
+if (realPhoto) {
+  await uploadAndCheck(realPhoto);
+  await page.screenshot({ path: `${outDir}/page-photo.png`, fullPage: true });
+}
+// The rest with a picture of the demo model's task, where its explanations mean something.
+const cards = await uploadAndCheck(photo);
 const first = await page.$eval(".card h3 small", (s) => s.textContent);
 await page.screenshot({ path: `${outDir}/page.png`, fullPage: true });
 
