@@ -5,6 +5,8 @@
 
 docs/images/demo-output.png: the demo model on a held-out shapes picture.
 docs/images/methods-grid.png: six methods on three held-out pictures (the demo model).
+docs/images/methods-photos.png: the same six methods on the bundled real photos, still with the demo model (it
+knows only shapes, so the maps show what it takes for a shape in a photo).
 
 With an ImageNet classifier of your own, the grid on the bundled real photos:
     python3 scripts/make_figures.py --model resnet50.onnx --labels imagenet.txt \
@@ -96,7 +98,9 @@ def methods_grid(model=None, labels=None, pictures=None, path=None):
         r = explain(model, image, methods, ["--labels", str(labels)] if labels else [])
         ex = {e["method"]: e for e in r["explanations"]}
         y = text_h + pad + row * (size + pad)
-        out.paste(Image.open(image).convert("RGB").resize((size, size), Image.NEAREST), (pad, y))
+        picture = Image.open(image).convert("RGB")
+        # Small synthetic pictures stay crisp; camera photos are scaled smoothly.
+        out.paste(picture.resize((size, size), Image.NEAREST if picture.width <= size else Image.BILINEAR), (pad, y))
         for col, m in enumerate(methods, start=1):
             key = "heatmap_png" if m in ("guided_backprop", "guided_gradcam", "deconvnet") else "overlay_png"
             out.paste(png(ex[m][key]).resize((size, size), Image.NEAREST), (pad + col * (size + pad), y))
@@ -119,3 +123,5 @@ if __name__ == "__main__":
     else:
         demo_figure()
         methods_grid()
+        photos = [ROOT / "assets/photos" / n for n in ["chelsea.jpg", "coffee.jpg", "astronaut.jpg"]]
+        methods_grid(pictures=photos, path=ROOT / "docs/images/methods-photos.png")
