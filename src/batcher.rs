@@ -140,7 +140,9 @@ async fn collector(
             }
             let plan = &pending[0].job.plan;
             let same: usize = pending.iter().filter(|q| &q.job.plan == plan).map(rows).sum();
-            if same >= config.max_batch {
+            // Checked here, not left to the timer: tokio's timer rounds up to the next millisecond, so an
+            // elapsed (or zero) wait would still cost about 1 ms.
+            if same >= config.max_batch || Instant::now() >= deadline {
                 break;
             }
             tokio::select! {
