@@ -356,8 +356,10 @@ async fn queue_full_and_timeout() {
     assert_eq!(st, 429);
     s.stop().await.unwrap();
 
+    // A lone request waits 500 ms for batch company, past its 50 ms timeout: 504.
     let mut config = demo_config();
-    config.server.request_timeout_ms = 1;
+    config.server.request_timeout_ms = 50;
+    config.batching.max_wait_ms = 500;
     let mut s = Server::start(config).await;
     let r = s.client.post(s.url("/v1/models/demo/explain")).header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send().await.unwrap();
     let (st, _) = json_of(r, EXPLAIN, "post").await;
