@@ -230,7 +230,7 @@ impl Config {
             if !names.insert(&m.name) {
                 return Err(invalid(&key("name"), format!("`{}` is used twice", m.name)));
             }
-            if m.std.iter().any(|&s| s.is_nan() || s <= 0.0 || !s.is_finite()) || m.mean.iter().any(|v| !v.is_finite()) {
+            if m.std.iter().any(|&s| !s.is_finite() || s <= 0.0) || m.mean.iter().any(|v| !v.is_finite()) {
                 return Err(invalid(&key("std"), "mean must be finite and std positive"));
             }
             if let Some([h, w]) = m.input_size
