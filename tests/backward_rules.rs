@@ -101,6 +101,19 @@ fn conv_stride2_polyphase_1x1_and_7x7() {
 }
 
 #[test]
+fn polyphase_conv_and_global_pool_behind_relu() {
+    // Behind a ReLU both gradients go through the layout hint (an identity MaxPool, rules::RuleCtx::layout_hint).
+    let dims = [2, 16, 8, 8];
+    check(&dims, away_from_zero(&mut rng(5), &dims, 0.1), 0.05, LINEAR, |g| {
+        let x = g.x();
+        let r = g.op("Relu", &[&x], vec![]);
+        let a = conv(g, &r, 16, 16, 3, vec![a_is("strides", &[2, 2]), a_is("pads", &[1, 1, 1, 1])], 1);
+        let p = g.op("GlobalAveragePool", &[&r], vec![]);
+        g.op("Add", &[&a, &p], vec![])
+    });
+}
+
+#[test]
 fn conv_stride3_polyphase_depthwise_asymmetric() {
     check_dims(&[2, 16, 10, 11], |g| {
         let x = g.x();
@@ -363,6 +376,66 @@ fn pointwise(op: &str, attrs: Vec<camserve::onnx::proto::AttributeProto>, x: Arr
 #[test]
 fn relu() {
     pointwise("Relu", vec![], away_from_zero(&mut rng(4), &DIMS, 0.1), 0.05, LINEAR);
+}
+
+/// Edge values for the ReLU mask: [y > 0] must come out exactly 0 or 1 for each.
+const MASK_EDGES: [f32; 12] = [
+    0.0,
+    -0.0,
+    -1.0,
+    f32::from_bits(1), // 2^-149, the smallest subnormal
+    1.0e-42,
+    f32::MIN_POSITIVE / 2.0,
+    f32::MIN_POSITIVE, // 2^-126
+    1e-30,
+    1.0,
+    3.0e38,
+    f32::MAX,
+    f32::INFINITY,
+];
+
+/// Runs `x -> [Conv 1x1 to `channels` with weights 1] -> Relu -> logits` through the plain and guided chains on
+/// the edge values and checks the input gradients exactly. With 16 channels ONNX Runtime keeps the ReLU output
+/// and its mask in its blocked NCHWc layout (fused Conv+Relu), with 1 (no Conv) in plain NCHW.
+fn check_relu_mask_edges(channels: i64) {
+    let dims = [2, 1, 3, 4];
+    let mut g = G::new(&dims_i64(&dims), 1);
+    let x = g.x();
+    let pre = if channels == 1 {
+        x
+    } else {
+        let w = g.init(&[channels, 1, 1, 1], vec![1.0; channels as usize]);
+        g.op("Conv", &[&x, &w], vec![])
+    };
+    let r = g.op("Relu", &[&pre], vec![]);
+    let model = g.finish(&r);
+    let rules = [camserve::onnx::rules::ReluRule::Plain, camserve::onnx::rules::ReluRule::Guided];
+    let explain = explain_model(&model, &rules);
+    let mut s = session(&explain, ort::session::builder::GraphOptimizationLevel::All);
+    let mut data = MASK_EDGES.to_vec();
+    data.extend(MASK_EDGES.iter().rev());
+    let xin = ArrayD::from_shape_vec(ndarray::IxDyn(&dims), data.clone()).unwrap();
+    // Seeds of both signs (the guided rule also drops negative gradients), dyadic so that sums are exact.
+    let k = 12 * channels as usize;
+    let seed: Vec<f32> = (0..2 * k).map(|i| if i % 3 == 0 { -0.5 } else { 0.25 * (1 + i % 4) as f32 }).collect();
+    let names = rules.map(camserve::onnx::contract::input_grad_name);
+    let seed_arr = ArrayD::from_shape_vec(ndarray::IxDyn(&[2, k]), seed.clone()).unwrap();
+    let out = run(&mut s, vec![("x", xin), ("camserve.seed", seed_arr)], &[&names[0], &names[1]]);
+    for (i, &v) in data.iter().enumerate() {
+        let (b, e) = (i / 12, i % 12);
+        let pass = if v > 0.0 { 1.0 } else { 0.0 };
+        let seeds = (0..channels as usize).map(|c| seed[b * k + c * 12 + e]);
+        let plain: f32 = seeds.clone().sum::<f32>() * pass;
+        let guided: f32 = seeds.map(|s| s.max(0.0)).sum::<f32>() * pass;
+        assert_eq!(out[0].as_slice().unwrap()[i], plain, "plain rule at x = {v:e}, {channels} channels");
+        assert_eq!(out[1].as_slice().unwrap()[i], guided, "guided rule at x = {v:e}, {channels} channels");
+    }
+}
+
+#[test]
+fn relu_mask_is_exact_from_subnormals_to_infinity() {
+    check_relu_mask_edges(1);
+    check_relu_mask_edges(16);
 }
 
 #[test]

@@ -27,13 +27,13 @@ pub(super) fn register(m: &mut HashMap<&'static str, BackwardRule>) {
 
 type Grads = Result<Vec<Option<String>>>;
 
-/// Applies the chain's rule to a ReLU-like op whose exact derivative is `Where(pass, dY, 0)`.
-fn relu_like(ctx: &mut RuleCtx, pass: &str, dy: &str) -> String {
+/// Applies the chain's rule to a ReLU-like op whose exact derivative is `dY * mask` (`mask` 0.0 / 1.0).
+fn relu_like(ctx: &mut RuleCtx, mask: &str, dy: &str) -> String {
     match ctx.relu {
-        ReluRule::Plain => ctx.where_else_zero(pass, dy),
+        ReluRule::Plain => ctx.mul(dy, mask),
         ReluRule::Guided => {
             let pos = ctx.e.op("Relu", &[dy], vec![], "relu_grad");
-            ctx.where_else_zero(pass, &pos)
+            ctx.mul(&pos, mask)
         }
         ReluRule::Deconvnet => ctx.e.op("Relu", &[dy], vec![], "relu_grad"),
     }
@@ -41,19 +41,31 @@ fn relu_like(ctx: &mut RuleCtx, pass: &str, dy: &str) -> String {
 
 fn relu(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
     let dy = dy0(node, dy)?;
-    // Masking on Y (= X > 0) keeps ONNX Runtime's Conv+Relu fusion possible; every chain shares the mask.
     let y = &node.output[0];
-    let key = format!("Greater({y}, 0)");
-    let pass = match ctx.memo.get(&key) {
-        Some(p) => p.clone(),
+    let key = format!("ReluMask({y})");
+    let mask = match ctx.memo.get(&key) {
+        Some(m) => m.clone(),
         None => {
-            let zero = ctx.e.scalar(0.0);
-            let p = ctx.e.op("Greater", &[y, &zero], vec![], "relu_mask");
-            ctx.memo.insert(key, p.clone());
-            p
+            let m = relu_mask(ctx, y);
+            ctx.memo.insert(key, m.clone());
+            m
         }
     };
-    Ok(vec![Some(relu_like(ctx, &pass, dy))])
+    Ok(vec![Some(relu_like(ctx, &mask, dy))])
+}
+
+/// `[Y > 0]` as 0.0 / 1.0 for a ReLU output `Y` (>= 0), as two HardSigmoids: `min(1, 2^127 Y)` maps every
+/// positive float, down to the smallest subnormal 2^-149, to at least 2^-22 (powers of two scale exactly;
+/// large Y overflow to +inf and clip to 1), and `min(1, 2^23 h)` maps those to 1; 0 stays 0. The mask is
+/// taken on Y (not X) so ONNX Runtime's Conv+Relu fusion stays possible, and every chain shares it.
+/// Measured (ResNet-50, batch 1, guided chain): `Cast(Greater(Y, 0))` needs Y in plain NCHW layout, so ONNX
+/// Runtime reorders every activation out of its blocked NCHWc layout and the masked gradient back in; HardSigmoid
+/// is one of the activations its NCHWc transformer keeps blocked, so the masks and their Mul stay there: 54.4 ms
+/// against 58.5 ms for the whole graph, with identical results.
+fn relu_mask(ctx: &mut RuleCtx, y: &str) -> String {
+    let hard_sigmoid = |alpha: f32| vec![attr::make_float("alpha", alpha), attr::make_float("beta", 0.0)];
+    let h = ctx.e.op("HardSigmoid", &[y], hard_sigmoid(2f32.powi(127)), "relu_mask");
+    ctx.e.op("HardSigmoid", &[&h], hard_sigmoid(2f32.powi(23)), "mask")
 }
 
 fn clip(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Grads {
@@ -79,7 +91,8 @@ fn clip(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[boo
     // Clip with min 0 is ReLU (or ReLU6 with max 6): the chain's ReLU rule applies.
     let min_is_zero = min.as_deref().and_then(|m| ctx.const_f32(m)).is_some_and(|(_, v)| v.len() == 1 && v[0] == 0.0);
     if min_is_zero {
-        return Ok(vec![Some(relu_like(ctx, &pass, dy))]);
+        let mask = ctx.float_mask(&pass);
+        return Ok(vec![Some(relu_like(ctx, &mask, dy))]);
     }
     Ok(vec![Some(ctx.where_else_zero(&pass, dy))])
 }

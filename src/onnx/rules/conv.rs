@@ -310,5 +310,5 @@ fn strided_conv_backward_polyphase(ctx: &mut RuleCtx, node: &NodeProto, dy: &str
         let (st, en, ax) = (ctx.e.ints(&[0, 0]), ctx.e.ints(&[h[0], h[1]]), ctx.e.ints(&[2, 3]));
         dx = ctx.e.op("Slice", &[&dx, &st, &en, &ax], vec![], "conv_grad");
     }
-    Some(dx)
+    Some(ctx.layout_hint(&node.input[0], dx))
 }

@@ -137,6 +137,23 @@ impl RuleCtx<'_> {
         self.e.op("ConstantOfShape", &[&s], vec![attr::make_tensor("value", super::tensor::f32_tensor("", &[1], &[0.0]))], "zeros")
     }
 
+    /// `dx`, the 4-D gradient of the ReLU output `x`, behind an identity MaxPool (kernel 1x1) where `dx` is made
+    /// by an op outside ONNX Runtime's blocked (NCHWc) CPU layout set: the interleave of a polyphase conv
+    /// backward, the Expand of a global pool backward. ONNX Runtime's layout pass moves pools into that layout
+    /// whatever their input, and the ReLU backward that comes next (mask Mul, residual sums that it fuses into
+    /// the backward convs) can then stay blocked instead of being reordered around every op. Only behind a
+    /// ReLU: ahead of other backward rules the blocked tensor is reordered straight back. Measured, guided
+    /// chain, batch 1: ResNet-50 45.6 -> 44.0 ms; EfficientNet-B0 (SiLU, squeeze-excitation pools) 27.4 ->
+    /// 29.2 ms with the hint everywhere, hence the condition.
+    pub fn layout_hint(&mut self, x: &str, dx: String) -> String {
+        let behind_relu = self.index.producer.get(x).is_some_and(|&i| self.graph.node[i].op_type() == "Relu");
+        if !behind_relu {
+            return dx;
+        }
+        let ones = [1i64, 1];
+        self.e.op("MaxPool", &[&dx], vec![attr::make_ints("kernel_shape", &ones)], "layout_hint")
+    }
+
     pub fn mul(&mut self, a: &str, b: &str) -> String {
         self.e.op("Mul", &[a, b], vec![], "mul")
     }

@@ -140,7 +140,8 @@ fn global_average_pool(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>
     let count = tensor::numel(&xd[2..]) as f32;
     let scaled = ctx.mul_scalar(dy, 1.0 / count);
     let shape = ctx.shape_of(x);
-    Ok(vec![Some(ctx.e.op("Expand", &[&scaled, &shape], vec![], "gap_grad"))])
+    let dx = ctx.e.op("Expand", &[&scaled, &shape], vec![], "gap_grad");
+    Ok(vec![Some(if xd.len() == 4 { ctx.layout_hint(x, dx) } else { dx })])
 }
 
 /// Axes of a Reduce* node (attribute before opset 18 for ReduceMean, input from 13 for ReduceSum).
