@@ -261,6 +261,9 @@ impl Explainable {
             }
         }
         let layer_grad = layer_grad.expect("every plan has a chain through the layer. This is a bug.");
+        let layer_grad = rules::unhinted(&memo, &layer_grad);
+        let input_grads: Vec<(ReluRule, String)> =
+            input_grads.into_iter().map(|(rule, g)| (rule, rules::unhinted(&memo, &g))).collect();
 
         e.set_prefix("");
         e.op_into("Identity", &[&layer.name], vec![], ACTIVATIONS);

@@ -68,6 +68,15 @@ pub struct RuleCtx<'a> {
 /// (None where `needs` is false).
 pub type BackwardRule = fn(&mut RuleCtx, &NodeProto, &[Option<String>], &[bool]) -> Result<Vec<Option<String>>>;
 
+fn unhinted_key(hinted: &str) -> String {
+    format!("Unhinted({hinted})")
+}
+
+/// `g` itself, or the tensor behind it if `g` is a layout hint (see `RuleCtx::layout_hint`).
+pub fn unhinted(memo: &HashMap<String, String>, g: &str) -> String {
+    memo.get(&unhinted_key(g)).cloned().unwrap_or_else(|| g.to_string())
+}
+
 /// The registry: op type -> rule.
 pub fn registry() -> &'static HashMap<&'static str, BackwardRule> {
     static REGISTRY: OnceLock<HashMap<&'static str, BackwardRule>> = OnceLock::new();
@@ -144,14 +153,17 @@ impl RuleCtx<'_> {
     /// the backward convs) can then stay blocked instead of being reordered around every op. Only behind a
     /// ReLU: ahead of other backward rules the blocked tensor is reordered straight back. Measured, guided
     /// chain, batch 1: ResNet-50 45.6 -> 44.0 ms; EfficientNet-B0 (SiLU, squeeze-excitation pools) 27.4 ->
-    /// 29.2 ms with the hint everywhere, hence the condition.
+    /// 29.2 ms with the hint everywhere, hence the condition. Graph outputs take the tensor before the hint
+    /// (`unhinted`), so a hint that only an output would use is pruned.
     pub fn layout_hint(&mut self, x: &str, dx: String) -> String {
         let behind_relu = self.index.producer.get(x).is_some_and(|&i| self.graph.node[i].op_type() == "Relu");
         if !behind_relu {
             return dx;
         }
         let ones = [1i64, 1];
-        self.e.op("MaxPool", &[&dx], vec![attr::make_ints("kernel_shape", &ones)], "layout_hint")
+        let hinted = self.e.op("MaxPool", &[&dx], vec![attr::make_ints("kernel_shape", &ones)], "layout_hint");
+        self.memo.insert(unhinted_key(&hinted), dx);
+        hinted
     }
 
     pub fn mul(&mut self, a: &str, b: &str) -> String {
