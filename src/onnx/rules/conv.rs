@@ -259,42 +259,47 @@ fn strided_conv_backward_polyphase(ctx: &mut RuleCtx, node: &NodeProto, dy: &str
     }
     let (_, w) = ctx.const_f32(&node.input[1])?;
     let channels = xd[1];
-    let mut rows = Vec::new();
+    // The phases that some tap reaches: stride-1 convs of dY, each [N, C, Qh, Qw].
+    let mut parts: Vec<Vec<Option<String>>> = vec![vec![None; s[1] as usize]; s[0] as usize];
     for rh in 0..s[0] as usize {
-        let mut cols = Vec::new();
         for rw in 0..s[1] as usize {
             let (ph, pw) = (phases[0][rh], phases[1][rw]);
-            let part = if ph.1 == 0 || pw.1 == 0 {
-                // No tap reaches these positions: zeros [N, C, Qh, Qw].
-                let shape = ctx.shape_of(dy);
-                let (st, en) = (ctx.e.ints(&[0]), ctx.e.ints(&[1]));
-                let batch = ctx.e.op("Slice", &[&shape, &st, &en], vec![], "batch_dim");
-                let rest = ctx.e.ints(&[channels, q[0], q[1]]);
-                let full = ctx.e.op("Concat", &[&batch, &rest], vec![attr::make_int("axis", 0)], "phase_shape");
-                let zero = crate::onnx::tensor::f32_tensor("", &[1], &[0.0]);
-                ctx.e.op("ConstantOfShape", &[&full], vec![attr::make_tensor("value", zero)], "phase_zeros")
-            } else {
-                let key = format!("PolyphaseWeights({},{rh},{rw})", node.input[1]);
-                let weights = match ctx.memo.get(&key) {
-                    Some(name) => name.clone(),
-                    None => {
-                        let (jh, jw) = (ph.1 as usize, pw.1 as usize);
-                        let tap = |t: &[usize]| -> Option<Vec<usize>> {
-                            // flipped: output tap t reads original tap k0 + (J - 1 - t) * s
-                            Some(vec![ph.0 as usize + (jh - 1 - t[0]) * s[0] as usize, pw.0 as usize + (jw - 1 - t[1]) * s[1] as usize])
-                        };
-                        let (dims, data) = transpose_weights(&w, wd, group as usize, &[jh, jw], tap);
-                        let name = ctx.e.const_f32(&dims, &data);
-                        ctx.memo.insert(key, name.clone());
-                        name
-                    }
-                };
-                let attrs = vec![
-                    attr::make_ints("pads", &[ph.2, pw.2, ph.3, pw.3]),
-                    attr::make_ints("kernel_shape", &[ph.1, pw.1]),
-                    attr::make_int("group", group),
-                ];
-                ctx.e.op("Conv", &[dy, &weights], attrs, "conv_grad_phase")
+            if ph.1 == 0 || pw.1 == 0 {
+                continue;
+            }
+            let key = format!("PolyphaseWeights({},{rh},{rw})", node.input[1]);
+            let weights = match ctx.memo.get(&key) {
+                Some(name) => name.clone(),
+                None => {
+                    let (jh, jw) = (ph.1 as usize, pw.1 as usize);
+                    let tap = |t: &[usize]| -> Option<Vec<usize>> {
+                        // flipped: output tap t reads original tap k0 + (J - 1 - t) * s
+                        Some(vec![ph.0 as usize + (jh - 1 - t[0]) * s[0] as usize, pw.0 as usize + (jw - 1 - t[1]) * s[1] as usize])
+                    };
+                    let (dims, data) = transpose_weights(&w, wd, group as usize, &[jh, jw], tap);
+                    let name = ctx.e.const_f32(&dims, &data);
+                    ctx.memo.insert(key, name.clone());
+                    name
+                }
+            };
+            let attrs = vec![
+                attr::make_ints("pads", &[ph.2, pw.2, ph.3, pw.3]),
+                attr::make_ints("kernel_shape", &[ph.1, pw.1]),
+                attr::make_int("group", group),
+            ];
+            parts[rh][rw] = Some(ctx.e.op("Conv", &[dy, &weights], attrs, "conv_grad_phase"));
+        }
+    }
+    // No tap reaches the other phases (a 1x1 kernel with stride 2: three of four): zeros shaped like a reached
+    // phase. Its Shape reuses the layout reorder that the interleave needs anyway; Shape(dY) would add one.
+    let reached = parts.iter().flatten().flatten().next()?.clone();
+    let mut rows = Vec::new();
+    for row in parts {
+        let mut cols = Vec::new();
+        for part in row {
+            let part = match part {
+                Some(p) => p,
+                None => ctx.zeros_like(&reached),
             };
             let axes = ctx.e.ints(&[3, 5]);
             cols.push(ctx.e.op("Unsqueeze", &[&part, &axes], vec![], "phase_6d"));

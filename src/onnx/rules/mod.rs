@@ -140,10 +140,16 @@ impl RuleCtx<'_> {
         self.e.op("Reshape", &[g, &s], vec![], "reshape")
     }
 
-    /// A zero tensor with the shape of `like` (dynamic batch).
+    /// A zero tensor with the shape of `like` (dynamic batch), emitted once per tensor.
     pub fn zeros_like(&mut self, like: &str) -> String {
+        let key = format!("Zeros({like})");
+        if let Some(z) = self.memo.get(&key) {
+            return z.clone();
+        }
         let s = self.shape_of(like);
-        self.e.op("ConstantOfShape", &[&s], vec![attr::make_tensor("value", super::tensor::f32_tensor("", &[1], &[0.0]))], "zeros")
+        let z = self.e.op("ConstantOfShape", &[&s], vec![attr::make_tensor("value", super::tensor::f32_tensor("", &[1], &[0.0]))], "zeros");
+        self.memo.insert(key, z.clone());
+        z
     }
 
     /// `dx`, the 4-D gradient of the ReLU output `x`, behind an identity MaxPool (kernel 1x1) where `dx` is made

@@ -139,7 +139,11 @@ fn global_average_pool(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>
     let xd = ctx.dims(x)?;
     let count = tensor::numel(&xd[2..]) as f32;
     let scaled = ctx.mul_scalar(dy, 1.0 / count);
-    let shape = ctx.shape_of(x);
+    // dY is [N, C, 1, ...]: expanding to the constant [1, C, H, ...] gives [N, C, H, ...] and, unlike a
+    // Shape-fed Expand, keeps the batch symbol for shape inference (see the Flatten rule).
+    let mut shape = xd.clone();
+    shape[0] = 1;
+    let shape = ctx.e.ints(&shape);
     let dx = ctx.e.op("Expand", &[&scaled, &shape], vec![], "gap_grad");
     Ok(vec![Some(if xd.len() == 4 { ctx.layout_hint(x, dx) } else { dx })])
 }

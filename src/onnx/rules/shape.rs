@@ -25,7 +25,20 @@ type Grads = Result<Vec<Option<String>>>;
 fn reshape(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
     let dy = dy0(node, dy)?;
     let mut out = vec![None; node.input.len()];
-    out[0] = Some(ctx.reshape_like(dy, &node.input[0]));
+    let x = &node.input[0];
+    // Flatten(axis = 1) keeps dim 0 (the batch), so its backward reshapes to [0, d1, ...] ("0": copy dim 0),
+    // a constant shape: ONNX shape inference then keeps the batch symbol along the chain, which ONNX Runtime's
+    // layout pass needs to prove the gradient and the ReLU masks the same shape (see RuleCtx::layout_hint).
+    let flatten_1 = node.op_type() == "Flatten" && attr::int_or(node, "axis", 1) == 1;
+    out[0] = Some(match ctx.dims(x) {
+        Ok(xd) if flatten_1 && xd.len() >= 2 => {
+            let mut shape = xd.clone();
+            shape[0] = 0;
+            let shape = ctx.e.ints(&shape);
+            ctx.e.op("Reshape", &[dy, &shape], vec![], "reshape")
+        }
+        _ => ctx.reshape_like(dy, x),
+    });
     Ok(out)
 }
 
