@@ -31,7 +31,7 @@ fn reshape(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &
     // layout pass needs to prove the gradient and the ReLU masks the same shape (see RuleCtx::layout_hint).
     let flatten_1 = node.op_type() == "Flatten" && attr::int_or(node, "axis", 1) == 1;
     out[0] = Some(match ctx.dims(x) {
-        Ok(xd) if flatten_1 && xd.len() >= 2 => {
+        Ok(xd) if flatten_1 && xd.len() >= 2 && xd[1..].iter().all(|&d| d > 0) => {
             let mut shape = xd.clone();
             shape[0] = 0;
             let shape = ctx.e.ints(&shape);
