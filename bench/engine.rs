@@ -50,6 +50,8 @@ fn main() -> anyhow::Result<()> {
         std: [0.229, 0.224, 0.225],
         default_layer: None,
         input_size: None,
+        layout: None,
+        pixels: Default::default(),
     };
     let mut runner = ModelRunner::load(&spec, &options)?;
     let info = runner.info();

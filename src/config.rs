@@ -10,6 +10,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::DeviceChoice;
+use crate::onnx::rewrite::InputLayout;
+use crate::preprocess::ChannelOrder;
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -104,6 +106,22 @@ pub struct ModelConfig {
     /// [height, width] for models whose input size is dynamic.
     #[serde(default)]
     pub input_size: Option<[i64; 2]>,
+    /// The image input's layout, `nchw` or `nhwc` (default: detected from the declared shape; `[N, H, W, 3]` is
+    /// NHWC). camserve always feeds NCHW: an NHWC model gets a leading Transpose.
+    #[serde(default)]
+    pub layout: Option<InputLayout>,
+    /// The channel order the model was trained on: `rgb`, or `bgr` (Caffe-style and many Keras models).
+    #[serde(default)]
+    pub channel_order: ChannelOrder,
+    /// The pixel range `mean` and `std` apply to: 1 (pixels in [0, 1], torchvision) or 255 (pixels in [0, 255],
+    /// Caffe/Keras `preprocess_input`): the input is `(pixel * scale - mean) / std` per channel, in the model's
+    /// channel order.
+    #[serde(default = "one")]
+    pub scale: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 fn imagenet_mean() -> [f32; 3] {
@@ -163,6 +181,9 @@ impl Default for Config {
                 std: IMAGENET_STD,
                 default_layer: None,
                 input_size: None,
+                layout: None,
+                channel_order: ChannelOrder::Rgb,
+                scale: 1.0,
             }],
         }
     }
@@ -232,6 +253,9 @@ impl Config {
             }
             if m.std.iter().any(|&s| !s.is_finite() || s <= 0.0) || m.mean.iter().any(|v| !v.is_finite()) {
                 return Err(invalid(&key("std"), "mean must be finite and std positive"));
+            }
+            if m.scale != 1.0 && m.scale != 255.0 {
+                return Err(invalid(&key("scale"), "must be 1 (pixels in [0, 1]) or 255 (pixels in [0, 255])"));
             }
             if let Some([h, w]) = m.input_size
                 && (h <= 0 || w <= 0) {

@@ -151,6 +151,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                             std: IMAGENET_STD,
                             default_layer: None,
                             input_size: None,
+                            layout: None,
+                            channel_order: Default::default(),
+                            scale: 1.0,
                         })
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -186,7 +189,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .filter(|r| !r.is_empty() && r.as_str() != "none")
                 .map(|r| ReluRule::parse(r).with_context(|| format!("unknown rule `{r}` (guided, deconvnet, plain)")))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let ex = Explainable::analyse(model, &PrepareOptions { input_size: parse_size(&input_size)? })?;
+            let ex = Explainable::analyse(model, &PrepareOptions { input_size: parse_size(&input_size)?, layout: None })?;
             let layer = match layer.or(ex.default_layer.clone()) {
                 Some(l) => l,
                 None => anyhow::bail!("the model has no 4-D layer with spatial size > 1; pass --layer"),
@@ -198,7 +201,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Inspect { input, input_size } => {
             let model = io::load_model(&input)?;
-            let report = inspect::inspect(model, &PrepareOptions { input_size: parse_size(&input_size)? })?;
+            let report = inspect::inspect(model, &PrepareOptions { input_size: parse_size(&input_size)?, layout: None })?;
             print!("{report}");
             Ok(if report.has_unsupported() { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }
@@ -214,6 +217,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 std: IMAGENET_STD,
                 default_layer: None,
                 input_size: parse_size(&input_size)?.map(|(h, w)| [h, w]),
+                layout: None,
+                channel_order: Default::default(),
+                scale: 1.0,
             }];
             config.validate()?;
             let mut raw = RawOptions::default();

@@ -101,16 +101,46 @@ pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     RgbImage::from_raw(width, height, dst.into_vec()).expect("w*h*3 bytes. This is a bug.")
 }
 
-/// The model input `[3, H, W]` from an image already at model size.
-pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Array3<f32> {
+/// The order of the colour channels a model was trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    #[default]
+    Rgb,
+    /// Caffe-style models (and Keras' `preprocess_input` in "caffe" mode) take blue, green, red.
+    Bgr,
+}
+
+/// How pixels become the model's input besides mean and std: channel order and pixel range.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PixelFormat {
+    pub channel_order: ChannelOrder,
+    /// 1: pixels in [0, 1] (torchvision); 255: pixels in [0, 255] (Caffe, Keras).
+    pub scale: f32,
+}
+
+impl Default for PixelFormat {
+    fn default() -> Self {
+        PixelFormat { channel_order: ChannelOrder::Rgb, scale: 1.0 }
+    }
+}
+
+/// The model input `[3, H, W]` from an image already at model size: channel `c` of the input is
+/// `(pixel * scale - mean[c]) / std[c]`, where the pixel (in [0, 1]) is the image's channel `c` in the model's
+/// channel order (for BGR, input channel 0 is blue) and `mean` and `std` are given in that order too.
+pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3], px: PixelFormat) -> Array3<f32> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let mut out = Array3::<f32>::zeros((3, h, w));
     let raw = img.as_raw();
     for c in 0..3 {
         let (m, s) = (mean[c], std[c]);
+        let src = match px.channel_order {
+            ChannelOrder::Rgb => c,
+            ChannelOrder::Bgr => 2 - c,
+        };
         let plane = out.index_axis_mut(ndarray::Axis(0), c).into_slice().expect("standard layout. This is a bug.");
         for (i, v) in plane.iter_mut().enumerate() {
-            *v = (raw[i * 3 + c] as f32 / 255.0 - m) / s;
+            *v = (raw[i * 3 + src] as f32 / 255.0 * px.scale - m) / s;
         }
     }
     out
@@ -133,7 +163,7 @@ mod tests {
     fn decodes_and_normalises() {
         let img = decode(&png(4, 3), LIMITS).unwrap();
         assert_eq!(img.dimensions(), (4, 3));
-        let x = normalize(&img, [0.5, 0.0, 0.0], [0.5, 1.0, 1.0]);
+        let x = normalize(&img, [0.5, 0.0, 0.0], [0.5, 1.0, 1.0], PixelFormat::default());
         assert_eq!(x.shape(), &[3, 3, 4]);
         assert!((x[[0, 0, 2]] - (2.0 / 255.0 - 0.5) / 0.5).abs() < 1e-6);
         assert!((x[[1, 2, 0]] - 2.0 / 255.0).abs() < 1e-6);

@@ -213,7 +213,7 @@ impl Service {
                 let orig = preprocess::decode(&image, limits)?;
                 let [_, h, w] = info.input_shape;
                 let resized = preprocess::resize(&orig, w as u32, h as u32);
-                let input = preprocess::normalize(&resized, info.mean, info.std);
+                let input = preprocess::normalize(&resized, info.mean, info.std, info.pixels);
                 Ok((orig, resized, input))
             }
         })

@@ -14,6 +14,14 @@ use camserve::onnx::proto::ModelProto;
 use common::*;
 use ndarray::ArrayD;
 
+// New rules, one file per family (tests/backward_rules/).
+#[path = "backward_rules/indexing.rs"]
+mod indexing;
+#[path = "backward_rules/math.rs"]
+mod math;
+#[path = "backward_rules/resample.rs"]
+mod resample;
+
 const LINEAR: f64 = 1e-4;
 const SMOOTH: f64 = 5e-4;
 

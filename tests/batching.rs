@@ -19,6 +19,8 @@ fn runner() -> ModelRunner {
         std: [0.25; 3],
         default_layer: None,
         input_size: None,
+        layout: None,
+        pixels: Default::default(),
     };
     let options = EngineOptions { device: DeviceChoice::Cpu, intra_threads: 1, ..Default::default() };
     ModelRunner::load(&spec, &options).unwrap()

@@ -99,6 +99,8 @@ fn demo_info() -> &'static ModelInfo {
             std: [0.25; 3],
             default_layer: None,
             input_size: None,
+        layout: None,
+        pixels: Default::default(),
         };
         let r = ModelRunner::load(&spec, &EngineOptions { device: DeviceChoice::Cpu, ..Default::default() }).unwrap();
         (*r.info()).clone()

@@ -392,7 +392,7 @@ fn dynamic_input_size_needs_a_size() {
         Ok(_) => panic!("expected an error"),
     };
     assert!(err.contains("dynamic height/width"), "{err}");
-    let ex = Explainable::analyse(model, &PrepareOptions { input_size: Some((20, 20)) }).unwrap();
+    let ex = Explainable::analyse(model, &PrepareOptions { input_size: Some((20, 20)), layout: None }).unwrap();
     assert_eq!(ex.input_dims, vec![1, 3, 20, 20]);
 }
 

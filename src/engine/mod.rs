@@ -68,6 +68,12 @@ pub struct ModelInfo {
     pub device: Device,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Channel order and pixel range of the model's input.
+    pub pixels: crate::preprocess::PixelFormat,
+    /// The image input's layout in the model file (camserve feeds NCHW either way).
+    pub input_layout: crate::onnx::rewrite::InputLayout,
+    /// The op that ended the model and was stripped (explanations and logits are the pre-softmax scores).
+    pub stripped_output_op: Option<String>,
 }
 
 impl ModelInfo {
@@ -79,8 +85,9 @@ impl ModelInfo {
         self.labels.as_ref()?.iter().position(|l| l == label)
     }
 
+    /// A layer by tensor name or module path.
     pub fn layer(&self, name: &str) -> Option<&LayerInfo> {
-        self.layers.iter().find(|l| l.name == name)
+        crate::onnx::layers::find(&self.layers, name)
     }
 }
 
@@ -132,6 +139,8 @@ pub struct ModelSpec {
     pub std: [f32; 3],
     pub default_layer: Option<String>,
     pub input_size: Option<(i64, i64)>,
+    pub layout: Option<crate::onnx::rewrite::InputLayout>,
+    pub pixels: crate::preprocess::PixelFormat,
 }
 
 impl ModelRunner {
@@ -144,7 +153,7 @@ impl ModelRunner {
         let (source, info) = match contract::contract_info(&model) {
             Some(ci) => Self::describe_contract(model, ci, spec, device).map_err(bad)?,
             None => {
-                let ex = Explainable::analyse(model, &PrepareOptions { input_size: spec.input_size })?;
+                let ex = Explainable::analyse(model, &PrepareOptions { input_size: spec.input_size, layout: spec.layout })?;
                 Self::describe_plain(ex, spec, device).map_err(bad)?
             }
         };
@@ -173,6 +182,9 @@ impl ModelRunner {
             device,
             mean: spec.mean,
             std: spec.std,
+            pixels: spec.pixels,
+            input_layout: crate::onnx::rewrite::InputLayout::Nchw,
+            stripped_output_op: None,
         }
     }
 
@@ -191,6 +203,8 @@ impl ModelRunner {
             layers: ex.layers.clone(),
             default_layer,
             rules: ReluRule::ALL.to_vec(),
+            input_layout: ex.input_layout,
+            stripped_output_op: ex.stripped_output_op.clone(),
             ..Self::base_info(spec, ModelKind::Plain, device)
         };
         Ok((Source::Plain(Box::new(ex)), info))
@@ -214,7 +228,7 @@ impl ModelRunner {
             input_name: ci.input.clone(),
             input_shape: [input[1] as usize, input[2] as usize, input[3] as usize],
             num_classes: logits[1] as usize,
-            layers: vec![LayerInfo { name: ci.layer.clone(), dims: vec![1, acts[1], acts[2], acts[3]] }],
+            layers: vec![LayerInfo::nchw(ci.layer.clone(), vec![1, acts[1], acts[2], acts[3]])],
             default_layer: ci.layer.clone(),
             rules: ci.rules.clone(),
             ..Self::base_info(spec, ModelKind::Contract, device)

@@ -206,6 +206,8 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             std: m.std,
             default_layer: m.default_layer.clone(),
             input_size: m.input_size.map(|[h, w]| (h, w)),
+            layout: m.layout,
+            pixels: crate::preprocess::PixelFormat { channel_order: m.channel_order, scale: m.scale },
         };
         let mut runner = ModelRunner::load(&spec, &options).map_err(|e| anyhow::anyhow!("model `{}` ({}): {e}", m.name, spec.path.display()))?;
         let info = runner.info();

@@ -66,8 +66,16 @@ pub async fn not_found(req: Request) -> ApiError {
 #[derive(Serialize)]
 pub struct LayerView {
     name: String,
-    /// `[C, h, w]`
+    /// `[C, h, w]` on the spatial grid.
     shape: [i64; 3],
+    /// How the tensor maps to the grid: `nchw`, `nhwc` or `tokens`.
+    layout: &'static str,
+    /// Leading tokens not on the grid (class, distillation, register tokens); token layers only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix_tokens: Option<usize>,
+    /// The PyTorch module that produced it, where the exporter recorded it; usable as the `layer` option.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    module: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -82,6 +90,11 @@ pub struct ModelView {
     default_layer: String,
     layers: Vec<LayerView>,
     methods: Vec<Method>,
+    /// The image input's layout in the model file (`nchw` or `nhwc`); camserve feeds NCHW either way.
+    input_layout: crate::onnx::rewrite::InputLayout,
+    /// What the logits and the explanations are computed on: `logits`, or `pre-softmax` when the model ended
+    /// in a Softmax or LogSoftmax that camserve removed.
+    scores: &'static str,
 }
 
 fn model_view(info: &ModelInfo) -> ModelView {
@@ -93,7 +106,22 @@ fn model_view(info: &ModelInfo) -> ModelView {
         classes: info.num_classes,
         labels: info.labels.is_some(),
         default_layer: info.default_layer.clone(),
-        layers: info.layers.iter().map(|l| LayerView { name: l.name.clone(), shape: [l.dims[1], l.dims[2], l.dims[3]] }).collect(),
+        layers: info
+            .layers
+            .iter()
+            .map(|l| LayerView {
+                name: l.name.clone(),
+                shape: [l.dims[1], l.dims[2], l.dims[3]],
+                layout: l.layout.as_str(),
+                prefix_tokens: match l.layout {
+                    crate::onnx::rewrite::LayerLayout::Tokens { prefix } => Some(prefix),
+                    _ => None,
+                },
+                module: l.module.clone(),
+            })
+            .collect(),
+        input_layout: info.input_layout,
+        scores: if info.stripped_output_op.is_some() { "pre-softmax" } else { "logits" },
         methods: Method::ALL.into_iter().filter(|m| m.input_rule().is_none_or(|r| info.rules.contains(&r))).collect(),
     }
 }

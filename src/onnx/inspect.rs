@@ -22,7 +22,10 @@ pub struct Analysis {
     pub num_classes: usize,
     pub layers: Vec<LayerInfo>,
     pub default_layer: Option<String>,
+    /// Nodes on the gradient path the rewrite refuses: ops without a rule, and attributes a rule cannot handle.
     pub unsupported: Vec<UnsupportedOp>,
+    pub input_layout: super::rewrite::InputLayout,
+    pub stripped_output_op: Option<String>,
 }
 
 impl Inspection {
@@ -48,7 +51,9 @@ pub fn inspect(mut model: ModelProto, opts: &PrepareOptions) -> Result<Inspectio
             num_classes: ex.num_classes,
             layers: ex.layers.clone(),
             default_layer: ex.default_layer.clone(),
-            unsupported: ex.unsupported.clone(),
+            unsupported: ex.refusals(),
+            input_layout: ex.input_layout,
+            stripped_output_op: ex.stripped_output_op.clone(),
         })
     };
     Ok(Inspection { inputs, outputs, opset, contract, analysis })
@@ -95,22 +100,37 @@ impl fmt::Display for Inspection {
             if let Some(t) = a.upgraded_to {
                 writeln!(f, "the rewrite upgrades the model to opset {t}")?;
             }
-            writeln!(f, "logits: {} ({} classes)", a.logits, a.num_classes)?;
+            if a.input_layout == super::rewrite::InputLayout::Nhwc {
+                writeln!(f, "input layout: NHWC (camserve feeds NCHW through a Transpose)")?;
+            }
+            match &a.stripped_output_op {
+                Some(op) => writeln!(f, "logits: {} ({} classes), the scores before the final {op}", a.logits, a.num_classes)?,
+                None => writeln!(f, "logits: {} ({} classes)", a.logits, a.num_classes)?,
+            }
             writeln!(f, "candidate layers ({}):", a.layers.len())?;
             for l in &a.layers {
                 let mark = if Some(&l.name) == a.default_layer.as_ref() { "  (default)" } else { "" };
-                writeln!(f, "  {} [{}, {}, {}]{mark}", l.name, l.dims[1], l.dims[2], l.dims[3])?;
+                let layout = match l.layout {
+                    super::rewrite::LayerLayout::Nchw => String::new(),
+                    super::rewrite::LayerLayout::Nhwc => " nhwc".into(),
+                    super::rewrite::LayerLayout::Tokens { prefix } => format!(" tokens, {prefix} before the grid"),
+                };
+                let module = l.module.as_ref().map(|m| format!(" module {m}")).unwrap_or_default();
+                writeln!(f, "  {} [{}, {}, {}]{layout}{module}{mark}", l.name, l.dims[1], l.dims[2], l.dims[3])?;
             }
             match &a.default_layer {
                 Some(d) => writeln!(f, "default layer: {d}")?,
-                None => writeln!(f, "default layer: none (no 4-D tensor with spatial size > 1)")?,
+                None => writeln!(f, "default layer: none (no tensor on a spatial grid larger than 1x1)")?,
             }
             if a.unsupported.is_empty() {
                 writeln!(f, "unsupported ops: none")?;
             } else {
                 writeln!(f, "unsupported ops on the gradient path ({}):", a.unsupported.len())?;
                 for u in &a.unsupported {
-                    writeln!(f, "  {} (node `{}`)", u.op, u.node)?;
+                    match &u.reason {
+                        None => writeln!(f, "  {} (node `{}`): no backward rule", u.op, u.node)?,
+                        Some(r) => writeln!(f, "  {} (node `{}`): {r}", u.op, u.node)?,
+                    }
                 }
             }
         }

@@ -40,11 +40,30 @@ pub fn decode_model(bytes: Bytes, base_dir: Option<&Path>) -> Result<ModelProto>
         }
     }
     drop_initializer_inputs(&mut model);
+    declare_dynamic_dims(&mut model);
     check_declared_shapes(&model)?;
     Ok(model)
 }
 
-/// Graph inputs and outputs may declare unknown (symbolic) dimensions, not negative ones, and initializers need
+/// Paddle writes a dynamic dimension of a graph input or output as `-1`, and some exporters as `0`: both become
+/// symbols (`dynamic_<k>`), which is what ONNX says a dynamic dimension is. Other negative values stay, and
+/// `check_declared_shapes` refuses them.
+pub fn declare_dynamic_dims(model: &mut ModelProto) {
+    use super::proto::{tensor_shape_proto::dimension::Value, type_proto};
+    let Some(g) = model.graph.as_mut() else { return };
+    for vi in g.input.iter_mut().chain(g.output.iter_mut()) {
+        let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) else { continue };
+        let Some(shape) = t.shape.as_mut() else { continue };
+        for (k, d) in shape.dim.iter_mut().enumerate() {
+            if matches!(d.value, Some(Value::DimValue(-1 | 0))) {
+                d.value = Some(Value::DimParam(format!("dynamic_{k}")));
+            }
+        }
+    }
+}
+
+/// Graph inputs and outputs may declare unknown (symbolic) dimensions, not negative ones other than Paddle's -1
+/// (made symbolic by `declare_dynamic_dims` first), and initializers need
 /// non-negative dimensions. ONNX Runtime's shape inference turns such values into shapes that the `ort` crate
 /// panics on (found by tests/fuzz.rs), so they stop here.
 pub fn check_declared_shapes(model: &ModelProto) -> Result<()> {

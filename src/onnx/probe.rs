@@ -21,6 +21,10 @@ pub struct ProbedTensor {
     pub elem: i32,
     /// Values of integer tensors with at most 64 elements (shape arithmetic).
     pub ints: Option<Vec<i64>>,
+    /// The axes whose size changes with the batch size (a second run at batch size 2 tells): `[0]` for most
+    /// tensors, `[1]` for timm's stacked q/k/v `[3, N, heads, T, d]`, `[]` for weights and shapes. Swin's windows
+    /// `[N * windows, ...]` have the batch folded into axis 0.
+    pub batch_axes: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -39,6 +43,14 @@ impl Probe {
 
     pub fn is_float(&self, name: &str) -> bool {
         self.tensors.get(name).is_some_and(|t| tensor::is_float_type(t.elem))
+    }
+
+    /// Whether `axis` of `name` grows with the batch size (unknown tensors: axis 0 does).
+    pub fn is_batch_axis(&self, name: &str, axis: usize) -> bool {
+        match self.tensors.get(name) {
+            Some(t) => t.batch_axes.contains(&axis),
+            None => axis == 0,
+        }
     }
 }
 
@@ -67,6 +79,19 @@ pub fn probe(model: &ModelProto, input_name: &str, input_dims: &[i64]) -> Result
     let mut session = crate::runtime::unpanic("shape probe", || builder.commit_from_memory(&bytes))
         .map_err(OnnxError::Probe)?
         .map_err(|e| perr(&e))?;
+    // Batch size 2 first, for the dims only: which axes follow the batch size. A model whose batch size is
+    // fixed at 1 inside (a constant Reshape) fails here; its tensors then count axis 0 as the batch axis.
+    let mut dims2: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut d2 = input_dims.to_vec();
+    d2[0] = 2;
+    let input = Tensor::from_array((d2.clone(), vec![0f32; tensor::numel(&d2)])).map_err(|e| perr(&e))?;
+    if let Ok(outputs) = session.run(ort::inputs![input_name => input]) {
+        for (name, value) in outputs.iter() {
+            if let ValueType::Tensor { shape, .. } = value.dtype() {
+                dims2.insert(name.to_string(), shape.iter().copied().collect());
+            }
+        }
+    }
     let n = tensor::numel(input_dims);
     let input = Tensor::from_array((input_dims.to_vec(), vec![0f32; n])).map_err(|e| perr(&e))?;
     let outputs = session.run(ort::inputs![input_name => input]).map_err(|e| perr(&e))?;
@@ -86,9 +111,13 @@ pub fn probe(model: &ModelProto, input_name: &str, input_dims: &[i64]) -> Result
         } else {
             None
         };
-        tensors.insert(name.to_string(), ProbedTensor { dims, elem, ints });
+        let batch_axes = match dims2.get(name) {
+            Some(d2) if d2.len() == dims.len() => (0..dims.len()).filter(|&k| d2[k] != dims[k]).collect(),
+            _ => vec![0],
+        };
+        tensors.insert(name.to_string(), ProbedTensor { dims, elem, ints, batch_axes });
     }
-    tensors.insert(input_name.to_string(), ProbedTensor { dims: input_dims.to_vec(), elem: tensor::FLOAT, ints: None });
+    tensors.insert(input_name.to_string(), ProbedTensor { dims: input_dims.to_vec(), elem: tensor::FLOAT, ints: None, batch_axes: vec![0] });
     Ok(Probe { tensors })
 }
 

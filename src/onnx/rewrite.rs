@@ -18,7 +18,7 @@ use super::graph::{node_label, GraphIndex};
 use super::probe::{probe, Probe};
 use super::proto::{tensor_shape_proto, type_proto, ModelProto, TensorShapeProto, TypeProto, ValueInfoProto};
 use super::rules::{self, ReluRule, RuleCtx};
-use super::{io, tensor, upgrade, OnnxError, Result};
+use super::{flow, functions, io, layers, tensor, upgrade, OnnxError, Result};
 
 /// What one explain graph computes: the target layer and the input-gradient rules (possibly none).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -50,19 +50,71 @@ impl ExplainPlan {
 pub struct PrepareOptions {
     /// Input height and width, required when the model's are dynamic.
     pub input_size: Option<(i64, i64)>,
+    /// The image input's layout; `None` detects it from the declared shape (`[N, H, W, 3]` is NHWC).
+    pub layout: Option<InputLayout>,
+}
+
+/// How the model's image input is laid out. An NHWC model gets a leading Transpose, so that camserve always
+/// feeds and differentiates NCHW images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputLayout {
+    Nchw,
+    Nhwc,
+}
+
+/// How a layer's tensor maps to the spatial grid `[N, C, h, w]` that the CAM methods read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerLayout {
+    /// `[N, C, h, w]`: a convolutional feature map.
+    Nchw,
+    /// `[N, h, w, C]`: Swin and channels-last ConvNeXt blocks.
+    Nhwc,
+    /// `[N, prefix + h*w, C]`: a transformer's tokens; the first `prefix` tokens (class, distillation or
+    /// register tokens) are not on the grid.
+    Tokens { prefix: usize },
+}
+
+impl LayerLayout {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LayerLayout::Nchw => "nchw",
+            LayerLayout::Nhwc => "nhwc",
+            LayerLayout::Tokens { .. } => "tokens",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerInfo {
     pub name: String,
-    /// Dimensions at batch size 1: `[1, C, h, w]`.
+    /// Dimensions of the layer on its grid at batch size 1: `[1, C, h, w]` (what the CAM methods see).
     pub dims: Vec<i64>,
+    pub layout: LayerLayout,
+    /// The tensor's own dimensions at batch size 1.
+    pub native_dims: Vec<i64>,
+    /// The PyTorch module that produced it, where the exporter recorded it (`layer4.1.conv2`, `blocks.11.norm1`).
+    pub module: Option<String>,
+}
+
+impl LayerInfo {
+    /// A convolutional layer `[1, C, h, w]`.
+    pub fn nchw(name: impl Into<String>, dims: Vec<i64>) -> LayerInfo {
+        LayerInfo { name: name.into(), native_dims: dims.clone(), dims, layout: LayerLayout::Nchw, module: None }
+    }
+
+    /// Whether `name` names this layer: its tensor name, or its module path.
+    pub fn is_named(&self, name: &str) -> bool {
+        self.name == name || self.module.as_deref() == Some(name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnsupportedOp {
     pub node: String,
     pub op: String,
+    /// Why the op's rule refuses this node (an attribute or input it cannot handle); `None`: no rule for the op.
+    pub reason: Option<String>,
 }
 
 /// A plain classifier, analysed and ready to be rewritten into explain graphs.
@@ -75,11 +127,16 @@ pub struct Explainable {
     pub input: String,
     /// `[1, C, H, W]`.
     pub input_dims: Vec<i64>,
+    /// The layout of the file's image input (NHWC inputs are fed NCHW through a leading Transpose).
+    pub input_layout: InputLayout,
     pub logits: String,
+    /// The op (Softmax, LogSoftmax) that ended the model and was stripped: explanations use its input, the
+    /// pre-softmax scores.
+    pub stripped_output_op: Option<String>,
     pub num_classes: usize,
     /// Nodes on the gradient path from the input to the logits, in topological order.
     path: Vec<usize>,
-    /// 4-D float tensors on the path, in topological order.
+    /// Float tensors on the path that map to a spatial grid, in topological order.
     pub layers: Vec<LayerInfo>,
     pub default_layer: Option<String>,
     /// Ops on the path without a backward rule.
@@ -92,13 +149,20 @@ impl Explainable {
             return Err(OnnxError::Invalid("the model already is an explain model (camserve.contract=1)".into()));
         }
         io::drop_initializer_inputs(&mut model);
-        let graph = model.graph.as_ref().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
-        let (input, input_dims) = image_input(graph, opts)?;
+        io::declare_dynamic_dims(&mut model);
+        functions::inline_local_functions(&mut model)?;
+        let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
+        let (input, input_dims, input_layout) = image_input(graph, opts)?;
+        if input_layout == InputLayout::Nhwc {
+            feed_nchw(graph, &input, &input_dims);
+        }
         let output = graph.output.first().ok_or_else(|| OnnxError::Invalid("the model has no outputs".into()))?;
         let mut logits = output.name().to_string();
+        let mut stripped_output_op = None;
         if let Some(p) = graph.node.iter().find(|n| n.output.first() == Some(&logits))
             && matches!(p.op_type(), "Softmax" | "LogSoftmax") {
                 logits = p.input[0].clone();
+                stripped_output_op = Some(p.op_type().to_string());
             }
         let mut probed = probe(&model, &input, &input_dims)?;
         let rank = |n: &str| probed.dims(n).map(|d| d.len());
@@ -114,60 +178,30 @@ impl Explainable {
             return Err(OnnxError::Invalid(format!("logits `{logits}` are not a float tensor [N, K]: {logit_dims:?}")));
         }
         let num_classes = tensor::numel(logit_dims);
-        let deps: HashSet<String> = index.dependents(graph, &input).into_iter().filter(|t| probed.is_float(t)).collect();
-        if !deps.contains(&logits) {
-            return Err(OnnxError::Invalid("the logits do not depend on the input".into()));
+        let carry = flow::carrying(graph, &index, &probed, &input);
+        if !carry.contains(&logits) {
+            return Err(OnnxError::Invalid("the logits do not depend on the input through differentiable ops".into()));
         }
-        let ancestors = index.ancestors(graph, &[&logits]);
-        let path: Vec<usize> = index
-            .order
-            .iter()
-            .copied()
-            .filter(|i| ancestors.contains(i))
-            .filter(|&i| {
-                let n = &graph.node[i];
-                n.input.iter().any(|s| deps.contains(s)) && n.output.iter().any(|o| deps.contains(o))
-            })
-            .collect();
+        let path = flow::gradient_path(graph, &index, &carry, &logits);
         let unsupported = path
             .iter()
             .map(|&i| &graph.node[i])
             .filter(|n| !super::is_default_domain(n.domain()) || rules::rule_for(n.op_type()).is_none())
-            .map(|n| UnsupportedOp { node: node_label(n), op: n.op_type().to_string() })
+            .map(|n| UnsupportedOp { node: node_label(n), op: n.op_type().to_string(), reason: None })
             .collect();
+        let (_, _, in_h, in_w) = (input_dims[0], input_dims[1], input_dims[2], input_dims[3]);
+        let modules = layers::module_paths(graph);
         let layers: Vec<LayerInfo> = path
             .iter()
-            .flat_map(|&i| graph.node[i].output.iter())
-            .filter(|o| deps.contains(*o) && **o != logits)
-            .filter_map(|o| probed.dims(o).filter(|d| d.len() == 4).map(|d| LayerInfo { name: o.clone(), dims: d.to_vec() }))
+            .flat_map(|&i| graph.node[i].output.iter().map(move |o| (i, o)))
+            .filter(|(_, o)| carry.contains(*o) && **o != logits)
+            .filter_map(|(i, o)| {
+                let dims = probed.dims(o)?;
+                let (layout, grid) = layers::grid_layout(dims, in_h, in_w)?;
+                Some(LayerInfo { name: o.clone(), dims: grid, layout, native_dims: dims.to_vec(), module: modules[i].clone() })
+            })
             .collect();
-        // The default layer: the last 4-D tensor with spatial size > 1 before global pooling. A tensor counts
-        // only if the input reaches it without passing a global pooling: squeeze-excitation gates (pooled, then
-        // multiplied back) keep the main path, while ConvNeXt's LayerNorm2d after its pooling (which permutes
-        // [N,C,1,1] to [N,1,1,C]) does not.
-        let spatial = |t: &str| probed.dims(t).filter(|d| d.len() == 4).map(|d| d[2] * d[3]);
-        let pooled: HashSet<&str> = path
-            .iter()
-            .map(|&i| &graph.node[i])
-            .filter(|n| n.output.first().and_then(|o| spatial(o)) == Some(1) && spatial(&n.input[0]).is_some_and(|s| s > 1))
-            .map(|n| n.output[0].as_str())
-            .collect();
-        let mut unpooled: HashSet<&str> = HashSet::from([input.as_str()]);
-        let mut stack = vec![input.as_str()];
-        while let Some(t) = stack.pop() {
-            for &c in index.consumers_of(t) {
-                for o in graph.node[c].output.iter().map(String::as_str) {
-                    if deps.contains(o) && !pooled.contains(o) && unpooled.insert(o) {
-                        stack.push(o);
-                    }
-                }
-            }
-        }
-        let default_layer = layers
-            .iter()
-            .rev()
-            .find(|l| l.dims[2] * l.dims[3] > 1 && unpooled.contains(l.name.as_str()))
-            .map(|l| l.name.clone());
+        let default_layer = layers::default_layer(graph, &index, &probed, &path, &carry, &layers, &input);
         Ok(Explainable {
             model,
             index,
@@ -175,7 +209,9 @@ impl Explainable {
             source_opset,
             input,
             input_dims,
+            input_layout,
             logits,
+            stripped_output_op,
             num_classes,
             path,
             layers,
@@ -201,8 +237,9 @@ impl Explainable {
         Ok(model)
     }
 
+    /// A layer by tensor name, or by module path (the last layer the module produces: its output).
     pub fn layer(&self, name: &str) -> Option<&LayerInfo> {
-        self.layers.iter().find(|l| l.name == name)
+        layers::find(&self.layers, name)
     }
 
     /// Writes the explain graph for `plan`.
@@ -217,7 +254,7 @@ impl Explainable {
             plan.rules.iter().map(|&r| (r, self.input.clone(), self.path.clone())).collect();
         let layer_in_plain = plan.rules.contains(&ReluRule::Plain);
         if !layer_in_plain {
-            let below = self.index.dependents(graph, &layer.name);
+            let below = flow::carrying(graph, &self.index, &self.probe, &layer.name);
             let nodes = self.path.iter().copied().filter(|&i| graph.node[i].input.iter().any(|s| below.contains(s))).collect();
             chains.push((ReluRule::Plain, layer.name.clone(), nodes));
         }
@@ -250,7 +287,7 @@ impl Explainable {
                 wanted.push(layer.name.clone());
             }
             let mut ctx = RuleCtx { e: &mut e, graph, index: &self.index, probe: &self.probe, relu: *rule, memo: &mut memo };
-            let grads = run_chain(&mut ctx, nodes, start, &self.logits, &seed, &wanted)?;
+            let grads = run_chain(&mut ctx, nodes, start, &self.logits, &seed, &wanted, None)?;
             if is_layer_chain {
                 layer_grad = Some(grads[0].clone());
             } else {
@@ -265,8 +302,11 @@ impl Explainable {
         let input_grads: Vec<(ReluRule, String)> =
             input_grads.into_iter().map(|(rule, g)| (rule, rules::unhinted(&memo, &g))).collect();
 
+        e.set_prefix("camserve/grid/");
+        let acts = layers::to_grid(&mut e, &layer, &layer.name);
+        let layer_grad = layers::to_grid(&mut e, &layer, &layer_grad);
         e.set_prefix("");
-        e.op_into("Identity", &[&layer.name], vec![], ACTIVATIONS);
+        e.op_into("Identity", &[&acts], vec![], ACTIVATIONS);
         e.op_into("Identity", &[&layer_grad], vec![], GRADIENTS);
         for (rule, g) in &input_grads {
             e.op_into("Identity", &[g], vec![], &contract::input_grad_name(*rule));
@@ -304,6 +344,38 @@ impl Explainable {
     }
 }
 
+impl Explainable {
+    /// Every node on the gradient path that the rewrite would refuse: ops without a rule, and nodes whose rule
+    /// refuses an attribute or input (a Pad mode, Slice steps, a computed Pow exponent). A dry run of the plain
+    /// and guided input-gradient chains, which between them call every rule the rewrite can call, that notes
+    /// each refusal and goes on instead of stopping at the first.
+    pub fn refusals(&self) -> Vec<UnsupportedOp> {
+        let mut model = self.model.clone();
+        let Some(graph) = model.graph.as_mut() else { return vec![] };
+        let mut found = Vec::new();
+        for &i in &self.path {
+            if let Err(e) = rules::prepare_forward(&mut graph.node[i], &self.probe) {
+                let n = &graph.node[i];
+                found.push(UnsupportedOp { node: node_label(n), op: n.op_type().to_string(), reason: Some(e.to_string()) });
+            }
+        }
+        for rule in [ReluRule::Plain, ReluRule::Guided] {
+            let mut e = Emitter::new("camserve/dry/");
+            let mut memo = HashMap::new();
+            let mut ctx = RuleCtx { e: &mut e, graph, index: &self.index, probe: &self.probe, relu: rule, memo: &mut memo };
+            let mut list = Vec::new();
+            // With a refusal list the chain only fails where nothing reaches the input, which `analyse` rules out.
+            let _ = run_chain(&mut ctx, &self.path, &self.input, &self.logits, SEED, &[self.input.clone()], Some(&mut list));
+            for u in list {
+                if !found.contains(&u) {
+                    found.push(u);
+                }
+            }
+        }
+        found
+    }
+}
+
 /// The seed rows when targets are chosen in the graph: returns (chosen class [N], seed [N, K]).
 fn select_targets(e: &mut Emitter, logits: &str, k: i64) -> (String, String) {
     use super::attr::make_int;
@@ -334,9 +406,9 @@ fn run_chain(
     logits: &str,
     seed: &str,
     wanted: &[String],
+    mut refused: Option<&mut Vec<UnsupportedOp>>,
 ) -> Result<Vec<String>> {
-    let below: HashSet<String> =
-        ctx.index.dependents(ctx.graph, start).into_iter().filter(|t| ctx.probe.is_float(t)).collect();
+    let below = flow::carrying(ctx.graph, ctx.index, ctx.probe, start);
     let mut contributions: HashMap<String, Vec<String>> = HashMap::new();
     contributions.insert(logits.to_string(), vec![seed.to_string()]);
     for &i in nodes.iter().rev() {
@@ -345,14 +417,34 @@ fn run_chain(
         if dys.iter().all(Option::is_none) {
             continue;
         }
-        let needs: Vec<bool> = node.input.iter().map(|s| !s.is_empty() && below.contains(s)).collect();
+        let needs: Vec<bool> = node
+            .input
+            .iter()
+            .enumerate()
+            .map(|(k, s)| !s.is_empty() && below.contains(s) && flow::is_differentiable_input(node, k))
+            .collect();
         if !needs.iter().any(|&n| n) {
             continue;
         }
-        let rule = rules::rule_for(node.op_type())
-            .filter(|_| super::is_default_domain(node.domain()))
-            .ok_or_else(|| OnnxError::Unsupported { node: node_label(node), op: node.op_type().to_string() })?;
-        let dxs = rule(ctx, node, &dys, &needs)?;
+        let rule = rules::rule_for(node.op_type()).filter(|_| super::is_default_domain(node.domain()));
+        let dxs = match (rule, refused.as_deref_mut()) {
+            (Some(rule), None) => rule(ctx, node, &dys, &needs)?,
+            (None, None) => return Err(OnnxError::Unsupported { node: node_label(node), op: node.op_type().to_string() }),
+            // A dry run (`Explainable::refusals`): note the refusal and go on with zero gradients, so that the
+            // rules below are checked too.
+            (rule, Some(list)) => match rule.map(|rule| rule(ctx, node, &dys, &needs)) {
+                Some(Ok(dxs)) => dxs,
+                refused => {
+                    let reason = match refused {
+                        Some(Err(e)) => Some(e.to_string()),
+                        _ => None,
+                    };
+                    list.push(UnsupportedOp { node: node_label(node), op: node.op_type().to_string(), reason });
+                    let node = node.clone();
+                    node.input.iter().zip(&needs).map(|(s, &n)| n.then(|| ctx.zeros_like(s))).collect()
+                }
+            },
+        };
         for (k, dx) in dxs.into_iter().enumerate().take(node.input.len()) {
             if let (true, Some(dx)) = (needs[k], dx) {
                 contributions.entry(node.input[k].clone()).or_default().push(dx);
@@ -399,7 +491,8 @@ fn prune(graph: &mut super::proto::GraphProto) {
     graph.initializer.retain(|t| needed.contains(t.name()));
 }
 
-fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Result<(String, Vec<i64>)> {
+/// The image input: its name, `[1, C, H, W]` and its layout.
+fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Result<(String, Vec<i64>, InputLayout)> {
     let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
     let inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !inits.contains(i.name())).collect();
     let [vi] = inputs.as_slice() else {
@@ -413,6 +506,7 @@ fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Resul
     if t.elem_type() != tensor::FLOAT {
         return Err(bad("not float32"));
     }
+    // Positive values are sizes; symbols, -1 (Paddle), 0 and missing values are dynamic.
     let dims: Vec<Option<i64>> = t
         .shape
         .as_ref()
@@ -427,19 +521,44 @@ fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Resul
         })
         .unwrap_or_default();
     if dims.len() != 4 {
-        return Err(bad("not an NCHW image tensor (rank 4)"));
+        return Err(bad("not an image tensor (rank 4: NCHW or NHWC)"));
     }
-    let channels = dims[1].ok_or_else(|| bad("dynamic channel count"))?;
-    let (h, w) = match (dims[2], dims[3], opts.input_size) {
+    // `[N, H, W, 3]` (H, W dynamic or at least 8, H not 3) is NHWC (TensorFlow, Keras); say `layout` in the
+    // model's config where that guess is wrong.
+    let spatial = |d: Option<i64>| d.is_none_or(|v| v >= 8);
+    let nhwc = dims[3] == Some(3) && dims[1] != Some(3) && spatial(dims[1]) && spatial(dims[2]);
+    let layout = opts.layout.unwrap_or(if nhwc { InputLayout::Nhwc } else { InputLayout::Nchw });
+    let (c, h, w) = match layout {
+        InputLayout::Nchw => (dims[1], dims[2], dims[3]),
+        InputLayout::Nhwc => (dims[3], dims[1], dims[2]),
+    };
+    let channels = c.ok_or_else(|| bad("dynamic channel count"))?;
+    let (h, w) = match (h, w, opts.input_size) {
         (Some(h), Some(w), None) => (h, w),
         (Some(h), Some(w), Some(size)) if size == (h, w) => (h, w),
         (Some(h), Some(w), Some(size)) => {
             return Err(bad(&format!("the model's input size is {h}x{w}, not {}x{}", size.0, size.1)));
         }
         (_, _, Some((h, w))) => (h, w),
-        _ => return Err(bad("dynamic height/width: give an input size")),
+        _ => return Err(bad("dynamic height/width: give an input size (`input_size` in the model's config)")),
     };
-    Ok((vi.name().to_string(), vec![1, channels, h, w]))
+    Ok((vi.name().to_string(), vec![1, channels, h, w], layout))
+}
+
+/// Makes an NHWC model take NCHW images: the input keeps its name and becomes `[N, C, H, W]`, and a Transpose
+/// feeds the NHWC tensor the model's nodes read (renamed `<input>/nhwc`).
+fn feed_nchw(graph: &mut super::proto::GraphProto, input: &str, dims: &[i64]) {
+    let nhwc = format!("{input}/nhwc");
+    for n in graph.node.iter_mut() {
+        for i in n.input.iter_mut().filter(|i| *i == input) {
+            *i = nhwc.clone();
+        }
+    }
+    let transpose = super::builder::node("Transpose", &[input], &nhwc, vec![super::attr::make_ints("perm", &[0, 2, 3, 1])]);
+    graph.node.insert(0, transpose);
+    if let Some(vi) = graph.input.iter_mut().find(|v| v.name() == input) {
+        *vi = value_info(input, tensor::FLOAT, &with_batch(dims));
+    }
 }
 
 enum Dim {

@@ -212,11 +212,16 @@ fn erf(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[boo
     Ok(vec![Some(ctx.mul(dy, &d))])
 }
 
+/// The axis of a Softmax / LogSoftmax at opset 13+ semantics (one axis, default -1: the rewrite upgrades older
+/// models, whose axis coerced the input to 2-D, to opset 17), any axis but the batch axis.
 fn softmax_axis(ctx: &RuleCtx, node: &NodeProto) -> Result<i64> {
     let rank = ctx.dims(&node.input[0])?.len();
     let axis = norm_axis(attr::int_or(node, "axis", -1), rank);
+    if axis < 0 || axis >= rank as i64 {
+        return Err(OnnxError::node(node, format!("softmax axis out of range for a rank-{rank} input")));
+    }
     if axis == 0 {
-        return Err(OnnxError::node(node, "softmax over the batch axis"));
+        return Err(OnnxError::node(node, "softmax over the batch axis: it mixes the images of a batch"));
     }
     Ok(axis)
 }

@@ -15,9 +15,12 @@ use super::{attr, OnnxError, Result};
 mod activation;
 mod conv;
 mod elementwise;
+mod indexing;
 mod linalg;
+mod math;
 mod norm;
 mod pool;
+mod resample;
 mod shape;
 
 /// How the input-gradient chain treats ReLU-like ops (design §3). Every other op keeps its exact derivative.
@@ -85,9 +88,12 @@ pub fn registry() -> &'static HashMap<&'static str, BackwardRule> {
         activation::register(&mut m);
         conv::register(&mut m);
         elementwise::register(&mut m);
+        indexing::register(&mut m);
         linalg::register(&mut m);
+        math::register(&mut m);
         norm::register(&mut m);
         pool::register(&mut m);
+        resample::register(&mut m);
         shape::register(&mut m);
         m
     })
@@ -110,6 +116,15 @@ impl RuleCtx<'_> {
             return Ok(dims);
         }
         Err(OnnxError::Invalid(format!("the shape of `{name}` is unknown")))
+    }
+
+    /// Whether `axis` of tensor `name` is (or folds in) the batch axis: its size follows the batch size. Rules
+    /// that bake sizes read at batch size 1 into constants must not do that along such an axis.
+    pub fn is_batch_axis(&self, name: &str, axis: usize) -> bool {
+        if self.index.initializers.contains_key(name) || self.index.const_f32(self.graph, name).is_some() {
+            return false;
+        }
+        self.probe.is_batch_axis(name, axis)
     }
 
     /// Values of a float constant (initializer or Constant node).

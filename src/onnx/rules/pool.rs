@@ -148,10 +148,13 @@ fn global_average_pool(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>
     Ok(vec![Some(if xd.len() == 4 { ctx.layout_hint(x, dx) } else { dx })])
 }
 
-/// Axes of a Reduce* node (attribute before opset 18 for ReduceMean, input from 13 for ReduceSum).
-fn reduce_axes(ctx: &RuleCtx, node: &NodeProto, rank: usize) -> Result<Vec<i64>> {
+/// The axes a Reduce* node reduces, non-negative, sorted and deduplicated, in either form: the `axes` attribute
+/// (ReduceMean/Max/Min/L2/LogSumExp before opset 18, ReduceSum before 13) or the optional second input (from
+/// those opsets on). Empty or missing axes mean all axes, or none (the identity) with `noop_with_empty_axes`.
+/// Reducing over the batch axis mixes the images of a batch, which no per-image explanation can have.
+pub(super) fn reduce_axes(ctx: &RuleCtx, node: &NodeProto, rank: usize) -> Result<Vec<i64>> {
     let axes = match input(node, 1) {
-        Some(a) => ctx.const_i64(a).ok_or_else(|| OnnxError::node(node, "axes are not constant"))?,
+        Some(a) => ctx.const_i64(a).ok_or_else(|| OnnxError::node(node, "its axes input is not a constant"))?,
         None => attr::ints(node, "axes").unwrap_or_default(),
     };
     let mut axes: Vec<i64> = if axes.is_empty() {
@@ -163,12 +166,30 @@ fn reduce_axes(ctx: &RuleCtx, node: &NodeProto, rank: usize) -> Result<Vec<i64>>
         axes.iter().map(|&a| norm_axis(a, rank)).collect()
     };
     axes.sort_unstable();
+    axes.dedup();
+    if axes.iter().any(|&a| a < 0 || a >= rank as i64) {
+        return Err(OnnxError::node(node, format!("reduction axes out of range for a rank-{rank} input")));
+    }
     if axes.contains(&0) {
-        return Err(OnnxError::node(node, "reduction over the batch axis"));
+        return Err(OnnxError::node(
+            node,
+            "reduction over the batch axis (axis 0; no axes means all axes): it mixes the images of a batch",
+        ));
     }
     Ok(axes)
 }
 
+/// `t`, shaped like a Reduce* node's output, with the reduced `axes` as size-1 dims (Unsqueeze where
+/// keepdims = 0), so that it broadcasts against the input.
+pub(super) fn keep_reduced(ctx: &mut RuleCtx, node: &NodeProto, t: &str, axes: &[i64]) -> String {
+    if attr::int_or(node, "keepdims", 1) != 0 {
+        return t.to_string();
+    }
+    let a = ctx.e.ints(axes);
+    ctx.e.op("Unsqueeze", &[t, &a], vec![], "reduce_unsqueeze")
+}
+
+/// ReduceSum: dx = Expand(dy) over the reduced axes; ReduceMean: the same divided by the reduced count.
 fn reduce(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], mean: bool) -> Result<Vec<Option<String>>> {
     let dy = dy0(node, dy)?;
     let x = &node.input[0];
@@ -177,11 +198,7 @@ fn reduce(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], mean: bool
     if axes.is_empty() {
         return Ok(vec![Some(dy.to_string()), None]);
     }
-    let mut g = dy.to_string();
-    if attr::int_or(node, "keepdims", 1) == 0 {
-        let a = ctx.e.ints(&axes);
-        g = ctx.e.op("Unsqueeze", &[&g, &a], vec![], "reduce_unsqueeze");
-    }
+    let mut g = keep_reduced(ctx, node, dy, &axes);
     if mean {
         let count: i64 = axes.iter().map(|&a| xd[a as usize]).product();
         g = ctx.mul_scalar(&g, 1.0 / count as f32);

@@ -71,10 +71,16 @@ fn transpose(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs:
     Ok(vec![Some(ctx.e.op("Transpose", &[dy], vec![attr::make_ints("perm", &inv)], "transpose_grad"))])
 }
 
-fn non_batch_axis(node: &NodeProto, axis: i64, rank: usize) -> Result<i64> {
+/// `axis` normalised; out of range, or along an axis of `tensor` that grows with the batch size when
+/// `sizes_baked` (the rule writes sizes read at batch size 1 along it), is an error. Axis 0 is not always the
+/// batch: timm's attention stacks q, k, v as `[3, N, heads, T, d]` and splits axis 0.
+fn checked_axis(ctx: &RuleCtx, node: &NodeProto, tensor: &str, axis: i64, rank: usize, sizes_baked: bool) -> Result<i64> {
     let a = norm_axis(axis, rank);
-    if a <= 0 || a as usize >= rank {
-        return Err(OnnxError::node(node, format!("axis {axis} is the batch axis or out of range")));
+    if a < 0 || a as usize >= rank {
+        return Err(OnnxError::node(node, format!("axis {axis} is out of range")));
+    }
+    if sizes_baked && ctx.is_batch_axis(tensor, a as usize) {
+        return Err(OnnxError::node(node, format!("axis {axis} is the batch axis")));
     }
     Ok(a)
 }
@@ -82,7 +88,7 @@ fn non_batch_axis(node: &NodeProto, axis: i64, rank: usize) -> Result<i64> {
 fn concat(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Grads {
     let dy = dy0(node, dy)?;
     let rank = ctx.dims(&node.output[0])?.len();
-    let axis = non_batch_axis(node, attr::int_or(node, "axis", 0), rank)?;
+    let axis = checked_axis(ctx, node, &node.output[0], attr::int_or(node, "axis", 0), rank, true)?;
     let sizes: Vec<i64> = node.input.iter().map(|i| ctx.dims(i).map(|d| d[axis as usize])).collect::<Result<_>>()?;
     let split = ctx.e.ints(&sizes);
     let parts = ctx.e.op_n("Split", &[dy, &split], vec![attr::make_int("axis", axis)], "concat_grad", sizes.len());
@@ -90,8 +96,10 @@ fn concat(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[b
 }
 
 fn split(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
+    // The parts' gradients concatenated (split sizes from an input, an attribute or opset 18's num_outputs: the
+    // Concat needs none of them).
     let rank = ctx.dims(&node.input[0])?.len();
-    let axis = non_batch_axis(node, attr::int_or(node, "axis", 0), rank)?;
+    let axis = checked_axis(ctx, node, &node.input[0], attr::int_or(node, "axis", 0), rank, false)?;
     let mut parts = Vec::with_capacity(node.output.len());
     for (i, o) in node.output.iter().enumerate() {
         parts.push(match dy.get(i).cloned().flatten() {
@@ -137,7 +145,7 @@ fn slice(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[b
         let dim = xd[a as usize];
         let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
         let (s, e) = (clamp(starts[k]), clamp(ends[k]).max(clamp(starts[k])));
-        if a == 0 && (s != 0 || e != dim) {
+        if ctx.is_batch_axis(&node.input[0], a as usize) && (s != 0 || e != dim) {
             return Err(OnnxError::node(node, "Slice along the batch axis"));
         }
         pads[a as usize] = s;
@@ -152,15 +160,20 @@ fn slice(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[b
 }
 
 fn pad(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Grads {
-    // Constant padding: the gradient is dY cropped back to X's extent.
+    // Constant padding: the gradient is dY cropped back to X's extent. Edge, reflect and wrap padding: see
+    // `pad_border_grad`.
     let dy = dy0(node, dy)?;
     if needs.iter().skip(1).any(|&n| n) {
         return Err(OnnxError::node(node, "the gradient with respect to the pad value is not supported"));
     }
     let mode = attr::string(node, "mode").unwrap_or_else(|| "constant".into());
-    if mode != "constant" {
-        return Err(OnnxError::node(node, format!("Pad mode `{mode}`")));
-    }
+    let border = match mode.as_str() {
+        "constant" => None,
+        "edge" => Some(Border::Edge),
+        "reflect" => Some(Border::Reflect),
+        "wrap" => Some(Border::Wrap),
+        _ => return Err(OnnxError::node(node, format!("Pad mode `{mode}`"))),
+    };
     let xd = ctx.dims(&node.input[0])?;
     let rank = xd.len();
     let pads = ints_input(ctx, node, 1, "pads")?.ok_or_else(|| OnnxError::node(node, "no pads"))?;
@@ -170,6 +183,9 @@ fn pad(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool
     };
     if pads.len() != 2 * axes.len() || pads.iter().any(|&p| p < 0) {
         return Err(OnnxError::node(node, "negative or malformed pads"));
+    }
+    if let Some(border) = border {
+        return pad_border_grad(ctx, node, dy, border, &xd, &axes, &pads).map(|dx| vec![Some(dx)]);
     }
     let n = axes.len();
     let (mut s_axes, mut starts, mut ends) = (vec![], vec![], vec![]);
@@ -190,4 +206,95 @@ fn pad(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool
     }
     let (s, e, a) = (ctx.e.ints(&starts), ctx.e.ints(&ends), ctx.e.ints(&s_axes));
     Ok(vec![Some(ctx.e.op("Slice", &[dy, &s, &e, &a], vec![], "pad_grad"))])
+}
+
+/// The non-constant Pad modes.
+#[derive(Clone, Copy)]
+enum Border {
+    Edge,
+    Reflect,
+    Wrap,
+}
+
+/// The input index that padded index `o` copies along an axis of length `n` padded by `before` (NumPy's
+/// `edge`, `reflect` and `wrap`, which ONNX Pad follows).
+fn pad_source(border: Border, o: i64, before: i64, n: i64) -> i64 {
+    let i = o - before;
+    match border {
+        Border::Edge => i.clamp(0, n - 1),
+        Border::Reflect if n == 1 => 0,
+        Border::Reflect => {
+            let t = i.rem_euclid(2 * (n - 1));
+            if t < n { t } else { 2 * (n - 1) - t }
+        }
+        Border::Wrap => i.rem_euclid(n),
+    }
+}
+
+/// Edge, reflect and wrap padding copy each output from one input index: along a padded axis,
+/// Y[o] = X[src(o)], so dX[i] = sum of dY[o] over the o with src(o) = i. Per axis, the outputs are cut into runs
+/// where src moves by +1 (a Slice), -1 (a reversed Slice) or 0 (a Slice summed to one element); each run is
+/// zero-padded back to the input's extent at its source position, and the runs are summed. The axes are
+/// independent (the forward pads one axis after the other), so they are undone one at a time.
+fn pad_border_grad(ctx: &mut RuleCtx, node: &NodeProto, dy: &str, border: Border, xd: &[i64], axes: &[i64], pads: &[i64]) -> Result<String> {
+    let rank = xd.len();
+    let k = axes.len();
+    let mut g = dy.to_string();
+    for (j, &a) in axes.iter().enumerate() {
+        let (before, after) = (pads[j], pads[k + j]);
+        if before == 0 && after == 0 {
+            continue;
+        }
+        if a <= 0 || a as usize >= rank {
+            return Err(OnnxError::node(node, "padding along the batch axis or out of range"));
+        }
+        let n = xd[a as usize];
+        if n <= 0 {
+            return Err(OnnxError::node(node, "padding an empty axis"));
+        }
+        let out_len = before + n + after;
+        let src: Vec<i64> = (0..out_len).map(|o| pad_source(border, o, before, n)).collect();
+        let axis = ctx.e.ints(&[a]);
+        let mut pieces = Vec::new();
+        let mut o = 0usize;
+        while o < src.len() {
+            let step = src.get(o + 1).map(|&s| s - src[o]).filter(|d| d.abs() <= 1).unwrap_or(1);
+            let mut end = o + 1;
+            while end < src.len() && src[end] - src[end - 1] == step {
+                end += 1;
+            }
+            let (o0, o1) = (o as i64, end as i64);
+            let whole = o0 == 0 && o1 == out_len;
+            let piece = match step {
+                1 if whole => g.clone(),
+                1 | 0 => {
+                    let (s, e) = (ctx.e.ints(&[o0]), ctx.e.ints(&[o1]));
+                    ctx.e.op("Slice", &[&g, &s, &e, &axis], vec![], "pad_run")
+                }
+                _ => {
+                    let (s, e, st) = (ctx.e.ints(&[o1 - 1]), ctx.e.ints(&[if o0 == 0 { i64::MIN } else { o0 - 1 }]), ctx.e.ints(&[-1]));
+                    ctx.e.op("Slice", &[&g, &s, &e, &axis, &st], vec![], "pad_run_reversed")
+                }
+            };
+            let (piece, lo, len) = match step {
+                0 => (ctx.e.op("ReduceSum", &[&piece, &axis], vec![attr::make_int("keepdims", 1)], "pad_run_sum"), src[o], 1),
+                1 => (piece, src[o], o1 - o0),
+                _ => (piece, src[end - 1], o1 - o0),
+            };
+            let hi = lo + len;
+            pieces.push(if lo == 0 && hi == n {
+                piece
+            } else {
+                let mut p = vec![0i64; 2 * rank];
+                p[a as usize] = lo;
+                p[rank + a as usize] = n - hi;
+                let p = ctx.e.ints(&p);
+                ctx.e.op("Pad", &[&piece, &p], vec![], "pad_run_placed")
+            });
+            o = end;
+        }
+        let refs: Vec<&str> = pieces.iter().map(|s| s.as_str()).collect();
+        g = if refs.len() == 1 { pieces[0].clone() } else { ctx.e.op("Sum", &refs, vec![], "pad_grad") };
+    }
+    Ok(g)
 }

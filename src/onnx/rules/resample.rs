@@ -1,0 +1,318 @@
+//! Resize (nearest, linear, cubic) over the last two axes.
+//!
+//! Along each resized axis the forward is a constant interpolation matrix A [out, in] (each output reads fixed
+//! inputs with fixed weights that depend only on the static sizes and the attributes), so Y = A_h · X · A_w^T
+//! and dX = A_h^T · dY · A_w: two MatMuls with constant initializers, built here exactly as ONNX Runtime's CPU
+//! kernel computes its coordinates (in f32). Integer nearest upsampling, where every input pixel is copied to a
+//! k x k block, takes a cheaper path: a Reshape that splits each block out, then a ReduceSum.
+
+use std::collections::HashMap;
+
+use super::{dy0, input, not_differentiable, BackwardRule, RuleCtx};
+use crate::onnx::proto::NodeProto;
+use crate::onnx::{attr, OnnxError, Result};
+
+pub(super) fn register(m: &mut HashMap<&'static str, BackwardRule>) {
+    m.insert("Resize", resize);
+}
+
+type Grads = Result<Vec<Option<String>>>;
+
+/// How Resize maps an output coordinate to an input coordinate (`coordinate_transformation_mode`).
+#[derive(Clone, Copy, PartialEq)]
+enum Coord {
+    HalfPixel,
+    HalfPixelSymmetric,
+    PytorchHalfPixel,
+    AlignCorners,
+    Asymmetric,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Nearest {
+    RoundPreferFloor,
+    RoundPreferCeil,
+    Floor,
+    Ceil,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Nearest(Nearest),
+    Linear,
+    /// `cubic_coeff_a`, `exclude_outside`.
+    Cubic(f32, bool),
+}
+
+/// The input coordinate of output index `o` (ONNX Runtime's `GetOriginalCoordinateFromResizedCoordinate`, in f32).
+fn original_coordinate(coord: Coord, o: usize, scale: f32, out_len: usize, in_len: usize) -> f32 {
+    let (x, out_f, in_f) = (o as f32, out_len as f32, in_len as f32);
+    match coord {
+        Coord::HalfPixel => (x + 0.5) / scale - 0.5,
+        Coord::HalfPixelSymmetric => {
+            let adjustment = out_f / (scale * in_f);
+            let offset = in_f / 2.0 * (1.0 - adjustment);
+            offset + (x + 0.5) / scale - 0.5
+        }
+        Coord::PytorchHalfPixel => {
+            if out_len > 1 {
+                (x + 0.5) / scale - 0.5
+            } else {
+                0.0
+            }
+        }
+        Coord::AlignCorners => {
+            if out_len == 1 {
+                0.0
+            } else {
+                x * (in_f - 1.0) / (out_f - 1.0)
+            }
+        }
+        Coord::Asymmetric => x / scale,
+    }
+}
+
+fn nearest_pixel(mode: Nearest, x: f32) -> i64 {
+    match mode {
+        Nearest::RoundPreferFloor => {
+            if x == (x as i64) as f32 + 0.5 {
+                x.floor() as i64
+            } else {
+                x.round() as i64
+            }
+        }
+        // f32::round rounds halves away from zero, as std::round does.
+        Nearest::RoundPreferCeil => x.round() as i64,
+        Nearest::Floor => x.floor() as i64,
+        Nearest::Ceil => x.ceil() as i64,
+    }
+}
+
+/// Keys's cubic convolution weights of the 4 neighbours floor(x)-1 ..= floor(x)+2 at fractional offset `s`.
+fn cubic_coeffs(s: f32, a: f32) -> [f32; 4] {
+    let s = s.abs();
+    let (s1, t, t1) = (s + 1.0, 1.0 - s, 2.0 - s);
+    [
+        ((a * s1 - 5.0 * a) * s1 + 8.0 * a) * s1 - 4.0 * a,
+        ((a + 2.0) * s - (a + 3.0)) * s * s + 1.0,
+        ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0,
+        ((a * t1 - 5.0 * a) * t1 + 8.0 * a) * t1 - 4.0 * a,
+    ]
+}
+
+/// The interpolation matrix of one axis, row-major [out_len, in_len]: Y[o] = sum_i A[o, i] X[i].
+fn interpolation_matrix(mode: Mode, coord: Coord, scale: f32, out_len: usize, in_len: usize) -> Vec<f32> {
+    let mut a = vec![0f32; out_len * in_len];
+    let last = in_len as i64 - 1;
+    let clamp = |i: i64| i.clamp(0, last) as usize;
+    for o in 0..out_len {
+        // As ONNX Runtime: an axis with scale 1 maps every index to itself, whatever the coordinate mode.
+        let x = if scale == 1.0 { o as f32 } else { original_coordinate(coord, o, scale, out_len, in_len) };
+        let row = &mut a[o * in_len..(o + 1) * in_len];
+        match mode {
+            Mode::Nearest(n) => row[clamp(nearest_pixel(n, x))] = 1.0,
+            Mode::Linear => {
+                let x = x.clamp(0.0, last as f32);
+                let i1 = (x as i64).min(last);
+                let i2 = (i1 + 1).min(last);
+                if i1 == i2 {
+                    row[i1 as usize] += 1.0;
+                } else {
+                    row[i1 as usize] += (x - i2 as f32).abs();
+                    row[i2 as usize] += (x - i1 as f32).abs();
+                }
+            }
+            Mode::Cubic(coeff_a, exclude_outside) => {
+                let xi = x.floor() as i64;
+                let mut c = cubic_coeffs(x - x.floor(), coeff_a);
+                let taps: Vec<i64> = (xi - 1..=xi + 2).collect();
+                if exclude_outside {
+                    let inside = |j: i64| (0..=last).contains(&j);
+                    let sum: f32 = taps.iter().zip(&c).filter(|(j, _)| inside(**j)).map(|(_, w)| *w).sum();
+                    for (w, &j) in c.iter_mut().zip(&taps) {
+                        *w = if inside(j) { *w / sum } else { 0.0 };
+                    }
+                }
+                for (&j, &w) in taps.iter().zip(&c) {
+                    row[clamp(j)] += w;
+                }
+            }
+        }
+    }
+    a
+}
+
+/// `Some(k)` when the matrix copies input i to outputs k*i ..= k*i + k-1 (integer nearest upsampling).
+fn block_factor(a: &[f32], out_len: usize, in_len: usize) -> Option<usize> {
+    if in_len == 0 || !out_len.is_multiple_of(in_len) {
+        return None;
+    }
+    let k = out_len / in_len;
+    let ok = (0..out_len).all(|o| (0..in_len).all(|i| a[o * in_len + i] == if i == o / k { 1.0 } else { 0.0 }));
+    ok.then_some(k)
+}
+
+fn is_identity(a: &[f32], out_len: usize, in_len: usize) -> bool {
+    out_len == in_len && block_factor(a, out_len, in_len) == Some(1)
+}
+
+fn parse_coord(node: &NodeProto) -> Result<Coord> {
+    let s = attr::string(node, "coordinate_transformation_mode").unwrap_or_else(|| "half_pixel".into());
+    Ok(match s.as_str() {
+        "half_pixel" => Coord::HalfPixel,
+        "half_pixel_symmetric" => Coord::HalfPixelSymmetric,
+        "pytorch_half_pixel" => Coord::PytorchHalfPixel,
+        "align_corners" => Coord::AlignCorners,
+        "asymmetric" => Coord::Asymmetric,
+        other => return Err(OnnxError::node(node, format!("Resize with coordinate_transformation_mode `{other}`"))),
+    })
+}
+
+fn parse_mode(node: &NodeProto) -> Result<Mode> {
+    let s = attr::string(node, "mode").unwrap_or_else(|| "nearest".into());
+    Ok(match s.as_str() {
+        "nearest" => {
+            let n = attr::string(node, "nearest_mode").unwrap_or_else(|| "round_prefer_floor".into());
+            Mode::Nearest(match n.as_str() {
+                "round_prefer_floor" => Nearest::RoundPreferFloor,
+                "round_prefer_ceil" => Nearest::RoundPreferCeil,
+                "floor" => Nearest::Floor,
+                "ceil" => Nearest::Ceil,
+                other => return Err(OnnxError::node(node, format!("Resize with nearest_mode `{other}`"))),
+            })
+        }
+        "linear" => Mode::Linear,
+        "cubic" => Mode::Cubic(attr::float_or(node, "cubic_coeff_a", -0.75), attr::int_or(node, "exclude_outside", 0) != 0),
+        other => return Err(OnnxError::node(node, format!("Resize with mode `{other}`"))),
+    })
+}
+
+/// The scale of every axis, as ONNX Runtime computes it: the `scales` input, or sizes / input sizes (with the
+/// aspect-ratio policy applied).
+fn axis_scales(ctx: &RuleCtx, node: &NodeProto, xd: &[i64]) -> Result<Vec<f32>> {
+    let rank = xd.len();
+    let axes: Vec<usize> = match attr::ints(node, "axes") {
+        Some(a) => a
+            .iter()
+            .map(|&v| {
+                let v = if v < 0 { v + rank as i64 } else { v };
+                usize::try_from(v).ok().filter(|&v| v < rank).ok_or_else(|| OnnxError::node(node, "axes out of range"))
+            })
+            .collect::<Result<_>>()?,
+        None => (0..rank).collect(),
+    };
+    let mut scales = vec![1f32; rank];
+    let given_scales = match input(node, 2) {
+        None => None,
+        Some(name) => match ctx.const_f32(name) {
+            Some((_, v)) if v.is_empty() => None,
+            Some((_, v)) => Some(v),
+            None if ctx.dims(name).is_ok_and(|d| d.contains(&0)) => None,
+            None => return Err(OnnxError::node(node, "Resize scales computed at run time (not a constant)")),
+        },
+    };
+    if let Some(v) = given_scales {
+        if v.len() != axes.len() {
+            return Err(OnnxError::node(node, format!("{} scales for {} axes", v.len(), axes.len())));
+        }
+        for (&a, &s) in axes.iter().zip(&v) {
+            scales[a] = s;
+        }
+        return Ok(scales);
+    }
+    let sizes_name = input(node, 3).ok_or_else(|| OnnxError::node(node, "Resize without scales or sizes"))?;
+    let sizes = ctx.const_i64(sizes_name).ok_or_else(|| OnnxError::node(node, "Resize sizes are not known"))?;
+    if sizes.len() != axes.len() {
+        return Err(OnnxError::node(node, format!("{} sizes for {} axes", sizes.len(), axes.len())));
+    }
+    let ratios: Vec<f32> = axes.iter().zip(&sizes).map(|(&a, &s)| s as f32 / xd[a] as f32).collect();
+    let policy = attr::string(node, "keep_aspect_ratio_policy").unwrap_or_else(|| "stretch".into());
+    let uniform = match policy.as_str() {
+        "stretch" => None,
+        "not_larger" => Some(ratios.iter().copied().fold(f32::INFINITY, f32::min)),
+        "not_smaller" => Some(ratios.iter().copied().fold(f32::NEG_INFINITY, f32::max)),
+        other => return Err(OnnxError::node(node, format!("Resize with keep_aspect_ratio_policy `{other}`"))),
+    };
+    for (&a, &r) in axes.iter().zip(&ratios) {
+        scales[a] = uniform.unwrap_or(r);
+    }
+    Ok(scales)
+}
+
+fn resize(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Grads {
+    // Per resized axis (the last two only): Y = A · X along that axis with a constant A [out, in], so
+    // dX = A^T · dY along it; for H and W:  dX = A_h^T · dY · A_w.
+    if needs.iter().skip(1).any(|&n| n) {
+        return Err(not_differentiable(node, "roi, scales or sizes"));
+    }
+    let dy = dy0(node, dy)?;
+    let x = &node.input[0];
+    let (xd, yd) = (ctx.dims(x)?, ctx.dims(&node.output[0])?);
+    let rank = xd.len();
+    if yd.len() != rank || rank < 3 {
+        return Err(OnnxError::node(node, format!("Resize of a rank-{rank} input")));
+    }
+    let mode = parse_mode(node)?;
+    let coord = parse_coord(node)?;
+    let scales = axis_scales(ctx, node, &xd)?;
+    let antialias = attr::int_or(node, "antialias", 0) != 0;
+    let mut mats: Vec<Option<(usize, Vec<f32>)>> = vec![None; rank];
+    for ax in 0..rank {
+        let (in_len, out_len) = (xd[ax] as usize, yd[ax] as usize);
+        if in_len == out_len && scales[ax] == 1.0 {
+            continue;
+        }
+        if ax < 2 || ax + 2 < rank {
+            return Err(OnnxError::node(node, format!("Resize along axis {ax}: only the last two (spatial) axes are supported")));
+        }
+        if in_len == 0 || out_len == 0 {
+            return Err(OnnxError::node(node, "Resize to or from an empty axis"));
+        }
+        // Antialiasing widens the filter only when downsampling (linear and cubic modes).
+        if antialias && !matches!(mode, Mode::Nearest(_)) && scales[ax] < 1.0 {
+            return Err(OnnxError::node(node, "Resize with antialias when downsampling"));
+        }
+        let a = interpolation_matrix(mode, coord, scales[ax], out_len, in_len);
+        if !is_identity(&a, out_len, in_len) {
+            mats[ax] = Some((out_len, a));
+        }
+    }
+    let (h, w) = (rank - 2, rank - 1);
+    if mats[h].is_none() && mats[w].is_none() {
+        return Ok(vec![Some(dy.to_string())]);
+    }
+    // Integer nearest upsampling: dX[.., i, j] = sum of the kh x kw block of dY.
+    let factor = |ax: usize| match &mats[ax] {
+        None => Some(1),
+        Some((out_len, a)) => block_factor(a, *out_len, xd[ax] as usize),
+    };
+    if let (Some(kh), Some(kw)) = (factor(h), factor(w)) {
+        let mut shape = vec![0i64];
+        shape.extend_from_slice(&xd[1..h]);
+        shape.extend([xd[h], kh as i64, xd[w], kw as i64]);
+        let s = ctx.e.ints(&shape);
+        let blocks = ctx.e.op("Reshape", &[dy, &s], vec![], "resize_blocks");
+        let axes = ctx.e.ints(&[h as i64 + 1, w as i64 + 2]);
+        let dx = ctx.e.op("ReduceSum", &[&blocks, &axes], vec![attr::make_int("keepdims", 0)], "resize_grad");
+        return Ok(vec![Some(dx)]);
+    }
+    let mut g = dy.to_string();
+    if let Some((out_len, a)) = &mats[w] {
+        // [.., Ho, Wo] · A_w [Wo, Wi]
+        let m = ctx.e.const_f32(&[*out_len as i64, xd[w]], a);
+        g = ctx.e.op("MatMul", &[&g, &m], vec![], "resize_grad_w");
+    }
+    if let Some((out_len, a)) = &mats[h] {
+        // A_h^T [Hi, Ho] · [.., Ho, Wi]
+        let in_len = xd[h] as usize;
+        let mut t = vec![0f32; a.len()];
+        for o in 0..*out_len {
+            for i in 0..in_len {
+                t[i * out_len + o] = a[o * in_len + i];
+            }
+        }
+        let m = ctx.e.const_f32(&[xd[h], *out_len as i64], &t);
+        g = ctx.e.op("MatMul", &[&m, &g], vec![], "resize_grad_h");
+    }
+    Ok(vec![Some(g)])
+}
