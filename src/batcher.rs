@@ -1,4 +1,4 @@
-//! Dynamic batching (design §2): one queue and one worker thread per model.
+//! Dynamic batching (docs/DESIGN.md §2): one queue and one worker thread per model.
 //!
 //! Requests (jobs) arrive with an image and one or more rows (one per target). A collector task groups waiting
 //! jobs by plan and hands the worker thread a batch as soon as it is free: up to `max_batch` rows, after the

@@ -1,4 +1,4 @@
-//! Configuration (design §6): built-in defaults, then a TOML file, then `CAMSERVE_SECTION__KEY` environment
+//! Configuration (docs/DESIGN.md §6): built-in defaults, then a TOML file, then `CAMSERVE_SECTION__KEY` environment
 //! variables, then command-line flags. Unknown keys and invalid values fail at start with the key's name.
 
 use std::collections::HashSet;
@@ -352,6 +352,25 @@ mod tests {
         assert!(load_err("[[models]]\nname = \"a\"\npath = \"m.onnx\"\nstd = [1, 0, 1]").contains("models[0].std"));
         assert!(load_err("[server]\ncors_origins = [\"example.com\"]").contains("server.cors_origins"));
         assert!(load_err("[server]\nrequest_timeout_ms = -5").contains("request_timeout_ms"));
+        assert!(load_err("[[models]]\nname = \"a\"\npath = \"m.onnx\"\nscale = 100").contains("models[0].scale"));
+        assert!(load_err("[[models]]\nname = \"a\"\npath = \"m.onnx\"\nchannel_order = \"grb\"").contains("grb"));
+        assert!(load_err("[[models]]\nname = \"a\"\npath = \"m.onnx\"\nlayout = \"chw\"").contains("chw"));
+    }
+
+    #[test]
+    fn caffe_style_preprocessing_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[[models]]\nname = \"keras\"\npath = \"m.onnx\"\nlayout = \"nhwc\"\nchannel_order = \"bgr\"\nscale = 255\nmean = [103.939, 116.779, 123.68]\nstd = [1, 1, 1]",
+            )?;
+            let c = Config::load(Some(Path::new("c.toml")), Figment::new()).map_err(|e| e.to_string())?;
+            let m = &c.models[0];
+            assert_eq!(m.layout, Some(InputLayout::Nhwc));
+            assert_eq!(m.channel_order, ChannelOrder::Bgr);
+            assert_eq!(m.scale, 255.0);
+            Ok(())
+        });
     }
 
     #[test]

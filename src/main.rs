@@ -44,7 +44,7 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Rewrite a plain classifier into an explain model (design §3).
+    /// Rewrite a plain classifier into an explain model (docs/DESIGN.md §3).
     Augment {
         input: PathBuf,
         #[arg(short, long)]

@@ -1,4 +1,4 @@
-//! Request options (design §5 table): parsed from a query string, multipart text parts or a JSON body, then
+//! Request options (docs/DESIGN.md §5 table): parsed from a query string, multipart text parts or a JSON body, then
 //! validated against the model into an [`ExplainOptions`].
 
 use serde_json::Value;
@@ -249,7 +249,8 @@ impl RawOptions {
         };
         let layer = match &self.layer {
             None => model.default_layer.clone(),
-            Some(l) if model.layer(l).is_some() => l.clone(),
+            // A module path resolves to its tensor, so both names share one explain graph.
+            Some(l) if let Some(found) = model.layer(l) => found.name.clone(),
             Some(l) => return Err(invalid(format!("unknown layer `{l}`; GET /v1/models/{} lists the candidate layers", model.name))),
         };
         let mut outputs = Outputs::default();

@@ -1,4 +1,4 @@
-//! Image decoding and preprocessing (design §5): decode, honour EXIF orientation, convert to RGB, resize to the
+//! Image decoding and preprocessing (docs/DESIGN.md §5): decode, honour EXIF orientation, convert to RGB, resize to the
 //! model input with a bilinear filter (none when the size already matches), scale to [0, 1], normalise with
 //! the model's mean/std, NCHW.
 
@@ -157,6 +157,20 @@ mod tests {
         let mut out = Cursor::new(Vec::new());
         img.write_to(&mut out, ImageFormat::Png).unwrap();
         out.into_inner()
+    }
+
+    #[test]
+    fn bgr_and_255_scale_as_caffe() {
+        // Keras' preprocess_input(mode="caffe"): RGB -> BGR, then subtract the BGR ImageNet mean on 0..255.
+        let img = RgbImage::from_fn(2, 1, |x, _| image::Rgb([10 + x as u8, 100, 200]));
+        let mean = [103.939, 116.779, 123.68];
+        let px = PixelFormat { channel_order: ChannelOrder::Bgr, scale: 255.0 };
+        let x = normalize(&img, mean, [1.0, 1.0, 1.0], px);
+        for (i, r) in [10.0f32, 11.0].into_iter().enumerate() {
+            assert!((x[[0, 0, i]] - (200.0 - 103.939)).abs() < 1e-4, "blue first");
+            assert!((x[[1, 0, i]] - (100.0 - 116.779)).abs() < 1e-4);
+            assert!((x[[2, 0, i]] - (r - 123.68)).abs() < 1e-4, "red last");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The HTTP API end to end: a real server on 127.0.0.1:0, a real HTTP client, every request form, method,
-//! output kind and error of design §5, each response checked against openapi.yaml.
+//! output kind and error of docs/DESIGN.md §5, each response checked against openapi.yaml.
 
 #[path = "support/server.rs"]
 mod server;

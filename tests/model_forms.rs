@@ -369,3 +369,24 @@ fn trailing_softmax_is_stripped_and_reported() {
     let text = inspect::inspect(model, &PrepareOptions::default()).unwrap().to_string();
     assert!(text.contains("the scores before the final Softmax"), "{text}");
 }
+
+/// Models below opset 11 upsample with Upsample (7-9) or Resize-10; the upgrade to 17 maps them to Resize with
+/// asymmetric coordinates (and floor for nearest). `check_gradients` compares the explain graph's logits with
+/// ONNX Runtime running the original opset-9/10 model, so a wrong mapping fails here, then the gradient.
+#[test]
+fn old_upsample_and_resize_are_upgraded() {
+    for (opset, op, mode) in [(9, "Upsample", "nearest"), (9, "Upsample", "linear"), (10, "Resize", "nearest"), (10, "Resize", "linear")] {
+        let mut g = G::new(&[2, 2, 4, 5], 12);
+        g.opset = opset;
+        let x = g.x();
+        let scales = g.init(&[4], vec![1.0, 1.0, 2.0, 1.5]);
+        let up = g.op(op, &[&x, &scales], vec![a_s("mode", mode)]);
+        let w = g.rand(&[1, 2, 8, 7], 1.0);
+        let y = g.op("Mul", &[&up, &w], vec![]);
+        let model = g.finish(&y);
+        let x = uniform(&mut rng(13), &[2, 2, 4, 5], -1.0, 1.0);
+        let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).unwrap();
+        assert_eq!(ex.source_opset, opset);
+        check_gradients(&model, &x, 0.5, 1e-4);
+    }
+}

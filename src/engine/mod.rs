@@ -47,7 +47,7 @@ pub(crate) fn ort_err(e: impl std::fmt::Display) -> EngineError {
 pub enum ModelKind {
     /// A plain classifier: camserve builds its explain graphs.
     Plain,
-    /// A model that already satisfies the explain-model contract (design §3).
+    /// A model that already satisfies the explain-model contract (docs/DESIGN.md §3).
     Contract,
 }
 
@@ -191,9 +191,11 @@ impl ModelRunner {
     /// A plain classifier: every layer and every input-gradient rule is available.
     fn describe_plain(ex: Explainable, spec: &ModelSpec, device: Device) -> Result<(Source, ModelInfo), String> {
         let default_layer = match &spec.default_layer {
-            Some(l) if ex.layer(l).is_none() => return Err(format!("configured default layer `{l}` is not a candidate layer")),
-            Some(l) => l.clone(),
-            None => ex.default_layer.clone().ok_or("no 4-D layer with spatial size > 1")?,
+            Some(l) => match ex.layer(l) {
+                Some(found) => found.name.clone(),
+                None => return Err(format!("configured default layer `{l}` is not a candidate layer (a tensor name or module path)")),
+            },
+            None => ex.default_layer.clone().ok_or("no layer on a spatial grid larger than 1x1")?,
         };
         let d = &ex.input_dims;
         let info = ModelInfo {

@@ -1,7 +1,7 @@
 //! Explanation methods as pure functions of arrays (no ORT, no HTTP).
 //!
 //! CAM methods read the target layer's activations `A [K, h, w]` and gradients `g = dy/dA`; the gradient
-//! methods read an input gradient `[C, H, W]`. Formulas follow design §5 and pytorch-grad-cam.
+//! methods read an input gradient `[C, H, W]`. Formulas follow docs/DESIGN.md §5 and pytorch-grad-cam.
 
 pub mod cam;
 pub mod maps;

@@ -1,4 +1,4 @@
-//! HTTP API v1 (design §5): routes, request parsing, problem+json errors, API keys, CORS, metrics.
+//! HTTP API v1 (docs/DESIGN.md §5): routes, request parsing, problem+json errors, API keys, CORS, metrics.
 //!
 //! `app()` builds the router from an [`AppState`] (tests drive it in-process or bind 127.0.0.1:0);
 //! `serve()` loads the configured models, warms them and serves until SIGTERM, then drains.

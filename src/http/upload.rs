@@ -1,4 +1,4 @@
-//! The three request forms of design §5: multipart (file part `image`, options as text parts or one JSON part
+//! The three request forms of docs/DESIGN.md §5: multipart (file part `image`, options as text parts or one JSON part
 //! `options`), JSON (`{"image": "<base64>", ...options}`), and a raw `image/*` body. Options may also come in
 //! the query string with every form; options in the body win.
 

@@ -1,4 +1,4 @@
-//! The explain-model contract (design §3): names every explain graph uses, and recognising models that
+//! The explain-model contract (docs/DESIGN.md §3): names every explain graph uses, and recognising models that
 //! already satisfy it.
 
 use super::proto::{ModelProto, StringStringEntryProto};

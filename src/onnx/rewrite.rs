@@ -1,4 +1,4 @@
-//! The explain-graph rewrite (design §1-§3).
+//! The explain-graph rewrite (docs/DESIGN.md §1-§3).
 //!
 //! [`Explainable::analyse`] takes a plain classifier, upgrades it to opset 17+, probes its shapes with ONNX
 //! Runtime and finds the gradient path, candidate layers and unsupported ops. [`Explainable::build`] then

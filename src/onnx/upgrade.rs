@@ -21,9 +21,9 @@ const KNOWN_OPS: &[&str] = &[
     "Flatten", "Floor", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "HardSigmoid", "Identity",
     "InstanceNormalization", "LRN", "LeakyRelu", "Less", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool", "Mean",
     "Min", "Mul", "Neg", "Not", "Or", "PRelu", "Pad", "Pow", "Range", "Reciprocal", "ReduceL2", "ReduceMax",
-    "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "Relu", "Reshape", "Selu", "Shape", "Sigmoid", "Size",
+    "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "Relu", "Reshape", "Resize", "Selu", "Shape", "Sigmoid", "Size",
     "Slice", "Softmax", "Softplus", "Softsign", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Tile",
-    "Transpose", "Unsqueeze", "Where",
+    "Transpose", "Unsqueeze", "Upsample", "Where",
 ];
 
 /// Upgrades `model` in place when its default-domain opset is below [`TARGET_OPSET`]. `rank` gives the rank of
@@ -121,6 +121,28 @@ pub fn upgrade(model: &mut ModelProto, rank: &dyn Fn(&str) -> Option<usize>) -> 
                     node.input.push(new_inits.ints(&axes));
                 }
             }
+            // Upsample (7-9) and Resize-10 scale with `x_in = x_out / scale` and, for nearest, floor: Resize-11's
+            // asymmetric coordinates and floor rounding (the ONNX version converter's mapping). Resize 11-16
+            // differ from 17 only in inputs becoming optional.
+            "Upsample" | "Resize" if op == "Upsample" || from < 11 => {
+                let scales = match attr::remove(&mut node, "scales") {
+                    Some(a) => new_inits.floats(&a.floats),
+                    None => node.input.get(1).cloned().ok_or_else(|| fail(format!("{op} without scales")))?,
+                };
+                let mode = attr::remove(&mut node, "mode").map(|a| String::from_utf8_lossy(a.s()).into_owned());
+                let mode = match mode.as_deref() {
+                    None | Some("nearest") => "nearest",
+                    Some("linear" | "bilinear") => "linear",
+                    Some(m) => return Err(fail(format!("{op} mode `{m}`"))),
+                };
+                node.op_type = Some("Resize".into());
+                node.input = vec![node.input[0].clone(), String::new(), scales];
+                attr::set(&mut node, attr::make_string("mode", mode));
+                attr::set(&mut node, attr::make_string("coordinate_transformation_mode", "asymmetric"));
+                if mode == "nearest" {
+                    attr::set(&mut node, attr::make_string("nearest_mode", "floor"));
+                }
+            }
             "Softmax" | "LogSoftmax" if from < 13 => {
                 // Below 13 the op flattens to 2-D at `axis` (default 1); from 13 it works on one axis.
                 let r = rank(&node.input[0]).ok_or_else(|| fail(format!("rank of `{}` unknown", node.input[0])))?;
@@ -169,6 +191,12 @@ impl NewConstants {
     fn ints(&mut self, v: &[i64]) -> String {
         let name = self.fresh();
         self.list.push(tensor::i64_tensor(&name, &[v.len() as i64], v));
+        name
+    }
+
+    fn floats(&mut self, v: &[f32]) -> String {
+        let name = self.fresh();
+        self.list.push(tensor::f32_tensor(&name, &[v.len() as i64], v));
         name
     }
 

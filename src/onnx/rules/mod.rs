@@ -23,7 +23,7 @@ mod pool;
 mod resample;
 mod shape;
 
-/// How the input-gradient chain treats ReLU-like ops (design §3). Every other op keeps its exact derivative.
+/// How the input-gradient chain treats ReLU-like ops (docs/DESIGN.md §3). Every other op keeps its exact derivative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ReluRule {
     /// The exact derivative.
