@@ -538,3 +538,44 @@ async fn contract_models_are_served_as_they_are() {
     assert!(body["detail"].as_str().unwrap().contains("deconvnet"));
     s.stop().await.unwrap();
 }
+
+/// A vision transformer served as it is: token layers listed with their grid, the default layer is the last
+/// block's norm1, the layer can be named by module path, and Grad-CAM comes back on the 4x4 patch grid.
+#[tokio::test]
+async fn vision_transformer_without_reshape_transform() {
+    let mut config = demo_config();
+    let mut vit = config.models[0].clone();
+    vit.name = "vit".into();
+    vit.path = root().join("tests/fixtures/models/vit.onnx");
+    vit.labels = None;
+    config.models.push(vit);
+    let mut s = Server::start(config).await;
+    let (st, m) = json_of(s.client.get(s.url("/v1/models/vit")).send().await.unwrap(), "/v1/models/{model}", "get").await;
+    assert_eq!(st, 200);
+    let norm1 = "/blocks/blocks.1/norm1/LayerNormalization_output_0";
+    assert_eq!(m["default_layer"], norm1);
+    assert_eq!(m["scores"], "logits");
+    assert_eq!(m["input_layout"], "nchw");
+    let layer = m["layers"].as_array().unwrap().iter().find(|l| l["name"] == norm1).unwrap().clone();
+    assert_eq!(layer["layout"], "tokens");
+    assert_eq!(layer["prefix_tokens"], 1);
+    assert_eq!(layer["module"], "blocks.1.norm1");
+    assert_eq!(layer["shape"][1], 4);
+    let img = image_bytes("008.jpg");
+    let mut raws = vec![];
+    for layer in ["", "&layer=blocks.1.norm1"] {
+        let url = s.url(&format!("/v1/models/vit/explain?methods=gradcam&outputs=raw,heatmap&target=3{layer}"));
+        let r = s.client.post(url).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap();
+        let (st, b) = json_of(r, EXPLAIN, "post").await;
+        assert_eq!(st, 200, "{b}");
+        let e = &b["explanations"][0];
+        assert_eq!(e["layer"], norm1, "a module path resolves to its tensor");
+        assert_eq!(e["raw"]["shape"], json!([4, 4]));
+        raws.push(e["raw"]["data"].clone());
+    }
+    assert_eq!(raws[0], raws[1]);
+    let r = s.client.post(s.url("/v1/models/vit/explain?layer=blocks.9")).header("content-type", "image/jpeg").body(img).send().await.unwrap();
+    let (st, b) = json_of(r, EXPLAIN, "post").await;
+    assert_eq!(st, 422, "{b}");
+    s.stop().await.unwrap();
+}
