@@ -211,6 +211,12 @@ impl RawOptions {
                 && !model.rules.contains(&rule) {
                     return Err(invalid(format!("method `{m}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name)));
                 }
+            if m.is_attention() && model.attention.is_none() {
+                return Err(invalid(format!(
+                    "method `{m}` needs attention: model `{}` has no attention blocks (Softmax [N, heads, T, T] over its token layers)",
+                    model.name
+                )));
+            }
         }
         let top_k = match self.top_k {
             None => 1,

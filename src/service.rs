@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::batcher::{Job, Queue, SubmitError, Target};
 use crate::engine::{ranked, BatchOutput, Device, ModelInfo, ModelKind, PlanKey};
-use crate::explain::{cam, maps, Method};
+use crate::explain::{cam, maps, rollout, Method};
 use crate::onnx::rewrite::ExplainPlan;
 use crate::options::{ExplainOptions, OptionError, OptionLimits, OutputSize, RawOptions};
 use crate::preprocess::{self, DecodeLimits, ImageError};
@@ -225,7 +225,10 @@ impl Service {
             Endpoint::Predict => PlanKey::Predict,
             Endpoint::Explain => {
                 let rules = options.methods.iter().filter_map(|m| m.input_rule());
-                let plan = ExplainPlan::new(options.layer.clone(), rules);
+                let mut plan = ExplainPlan::new(options.layer.clone(), rules);
+                if options.methods.iter().any(|m| m.is_attention()) {
+                    plan = plan.with_attention();
+                }
                 PlanKey::Explain(if info.kind == ModelKind::Plain { plan.with_target_selection() } else { plan })
             }
         };
@@ -308,11 +311,33 @@ fn input_grad(out: &BatchOutput, method: Method) -> Result<&ndarray::Array4<f32>
         .ok_or_else(|| ServiceError::Internal(format!("the {rule} input gradient is missing. This is a bug.")))
 }
 
-fn prepare(method: Method, row: usize, out: &BatchOutput, size: (usize, usize)) -> Result<Prepared, ServiceError> {
+/// An attention rollout's raw map on the token grid `[h, w]`, from the row's attention blocks.
+fn rollout_map(method: Method, info: &ModelInfo, row: usize, out: &BatchOutput) -> Result<Array2<f32>, ServiceError> {
+    let bug = |why: String| ServiceError::Internal(format!("{method}: {why}. This is a bug."));
+    let a = info.attention.as_ref().ok_or_else(|| bug("the model has no attention blocks".into()))?;
+    if out.attention.len() != a.outputs.len() {
+        return Err(bug(format!("{} attention blocks returned for {}", out.attention.len(), a.outputs.len())));
+    }
+    let grid = rollout::TokenGrid { prefix: a.prefix, h: a.grid.0 as usize, w: a.grid.1 as usize };
+    let blocks: Vec<_> = out.attention.iter().map(|(p, g)| (p.index_axis(Axis(0), row), g.index_axis(Axis(0), row))).collect();
+    let map = match method {
+        Method::AttentionRollout => rollout::attention_rollout(&blocks.iter().map(|b| b.0.view()).collect::<Vec<_>>(), grid),
+        _ => rollout::gradient_rollout(&blocks, grid),
+    };
+    map.map_err(bug)
+}
+
+fn prepare(method: Method, info: &ModelInfo, row: usize, out: &BatchOutput, size: (usize, usize)) -> Result<Prepared, ServiceError> {
     let missing = || ServiceError::Internal("activations missing from an explain run. This is a bug.".into());
     let acts = out.activations.as_ref().ok_or_else(missing)?.index_axis(Axis(0), row);
     let grads = out.gradients.as_ref().ok_or_else(missing)?.index_axis(Axis(0), row);
     let (oh, ow) = size;
+    if method.is_attention() {
+        let raw = rollout_map(method, info, row, out)?;
+        let display = Display::Map(maps::display_map(&raw, oh, ow));
+        let shape = raw.shape().to_vec();
+        return Ok(Prepared { method, row, raw: (shape, raw.into_raw_vec_and_offset().0), display });
+    }
     if method.is_cam() {
         let raw = cam::compute(method, acts, grads);
         let display = Display::Map(maps::display_map(&raw, oh, ow));
@@ -392,7 +417,7 @@ pub fn build_explanations(
     let scores: Vec<Vec<f32>> = out.logits.outer_iter().map(softmax).collect();
     let t0 = Instant::now();
     let items: Vec<(usize, Method)> = (0..out.len()).flat_map(|r| options.methods.iter().map(move |&m| (r, m))).collect();
-    let prepared: Vec<Prepared> = items.par_iter().map(|&(r, m)| prepare(m, r, out, size)).collect::<Result<_, _>>()?;
+    let prepared: Vec<Prepared> = items.par_iter().map(|&(r, m)| prepare(m, info, r, out, size)).collect::<Result<_, _>>()?;
     let t1 = Instant::now();
     let explanations: Vec<Explanation> = prepared.into_par_iter().map(|p| render_one(p, info, options, out, &scores, base)).collect();
     Ok((explanations, t1 - t0, t1.elapsed()))

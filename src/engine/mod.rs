@@ -18,7 +18,7 @@ use ort::session::SessionInputValue;
 use ort::value::{Tensor, TensorRef};
 
 use crate::onnx::contract::{self, ContractInfo};
-use crate::onnx::rewrite::{ExplainPlan, Explainable, LayerInfo, PrepareOptions};
+use crate::onnx::rewrite::{AttentionInfo, ExplainPlan, Explainable, LayerInfo, PrepareOptions};
 use crate::onnx::rules::ReluRule;
 use crate::onnx::{io, OnnxError};
 pub use session::{Device, DeviceChoice, EngineOptions};
@@ -74,6 +74,8 @@ pub struct ModelInfo {
     pub input_layout: crate::onnx::rewrite::InputLayout,
     /// The op that ended the model and was stripped (explanations and logits are the pre-softmax scores).
     pub stripped_output_op: Option<String>,
+    /// The attention blocks of a transformer (plain models only): what the attention rollouts read.
+    pub attention: Option<AttentionInfo>,
 }
 
 impl ModelInfo {
@@ -115,6 +117,9 @@ pub struct BatchOutput {
     pub activations: Option<Array4<f32>>,
     pub gradients: Option<Array4<f32>>,
     pub input_grads: Vec<(ReluRule, Array4<f32>)>,
+    /// Attention plans: per block (first block first), the attention probabilities `[N, heads, T, T]` and their
+    /// exact gradients.
+    pub attention: Vec<(Array4<f32>, Array4<f32>)>,
 }
 
 /// Where the model's graphs come from.
@@ -185,6 +190,7 @@ impl ModelRunner {
             pixels: spec.pixels,
             input_layout: crate::onnx::rewrite::InputLayout::Nchw,
             stripped_output_op: None,
+            attention: None,
         }
     }
 
@@ -207,6 +213,7 @@ impl ModelRunner {
             rules: ReluRule::ALL.to_vec(),
             input_layout: ex.input_layout,
             stripped_output_op: ex.stripped_output_op.clone(),
+            attention: ex.attention.clone(),
             ..Self::base_info(spec, ModelKind::Plain, device)
         };
         Ok((Source::Plain(Box::new(ex)), info))
@@ -277,6 +284,7 @@ impl ModelRunner {
             return self.run_contract(key, batch, info.clone());
         }
         let input_name = self.info.input_name.clone();
+        let blocks = self.info.attention.as_ref().map_or(0, |a| a.outputs.len());
         let session = self.session(key)?;
         // Views, not copies: ONNX Runtime reads the batch's buffers directly.
         let mut inputs: Vec<(String, SessionInputValue)> =
@@ -293,13 +301,20 @@ impl ModelRunner {
         };
         let logits_name = outputs.keys().next().map(str::to_string).unwrap_or_default();
         let logits = f32_out(&logits_name)?.into_dimensionality::<Ix2>().map_err(ort_err)?;
-        let mut out = BatchOutput { logits, targets: None, activations: None, gradients: None, input_grads: vec![] };
+        let mut out = BatchOutput { logits, targets: None, activations: None, gradients: None, input_grads: vec![], attention: vec![] };
         if let PlanKey::Explain(plan) = key {
             out.activations = Some(f32_out(contract::ACTIVATIONS)?.into_dimensionality::<Ix4>().map_err(ort_err)?);
             out.gradients = Some(f32_out(contract::GRADIENTS)?.into_dimensionality::<Ix4>().map_err(ort_err)?);
             for &rule in &plan.rules {
                 let g = f32_out(&contract::input_grad_name(rule))?.into_dimensionality::<Ix4>().map_err(ort_err)?;
                 out.input_grads.push((rule, g));
+            }
+            if plan.attention {
+                for i in 0..blocks {
+                    let a = f32_out(&contract::attention_name(i))?.into_dimensionality::<Ix4>().map_err(ort_err)?;
+                    let g = f32_out(&contract::attention_grad_name(i))?.into_dimensionality::<Ix4>().map_err(ort_err)?;
+                    out.attention.push((a, g));
+                }
             }
             out.targets = Some(if plan.select_targets {
                 let t = outputs[contract::TARGET_INDEX].try_extract_array::<i64>().map_err(ort_err)?;
@@ -352,7 +367,7 @@ impl ModelRunner {
         let get4 = |name: &str| -> Result<Array4<f32>, EngineError> {
             res.get(name).cloned().ok_or_else(|| EngineError::Ort(format!("output {name} missing")))?.into_dimensionality::<Ix4>().map_err(ort_err)
         };
-        let mut out = BatchOutput { logits, targets: None, activations: None, gradients: None, input_grads: vec![] };
+        let mut out = BatchOutput { logits, targets: None, activations: None, gradients: None, input_grads: vec![], attention: vec![] };
         if let PlanKey::Explain(plan) = key {
             out.activations = Some(get4(contract::ACTIVATIONS)?);
             out.gradients = Some(get4(contract::GRADIENTS)?);
@@ -400,6 +415,7 @@ impl BatchOutput {
             activations: self.activations.as_ref().map(|a| a.slice(r4()).to_owned()),
             gradients: self.gradients.as_ref().map(|a| a.slice(r4()).to_owned()),
             input_grads: self.input_grads.iter().map(|(k, a)| (*k, a.slice(r4()).to_owned())).collect(),
+            attention: self.attention.iter().map(|(a, g)| (a.slice(r4()).to_owned(), g.slice(r4()).to_owned())).collect(),
         }
     }
 

@@ -1,10 +1,13 @@
 //! Explanation methods as pure functions of arrays (no ORT, no HTTP).
 //!
 //! CAM methods read the target layer's activations `A [K, h, w]` and gradients `g = dy/dA`; the gradient
-//! methods read an input gradient `[C, H, W]`. Formulas follow docs/DESIGN.md §5 and pytorch-grad-cam.
+//! methods read an input gradient `[C, H, W]`; the attention rollouts read a transformer's attention
+//! probabilities (and their gradients) of every block. Formulas follow docs/DESIGN.md §5, docs/METHODS.md and
+//! pytorch-grad-cam.
 
 pub mod cam;
 pub mod maps;
+pub mod rollout;
 
 use crate::onnx::rules::ReluRule;
 
@@ -31,10 +34,14 @@ pub enum Method {
     Saliency,
     #[serde(rename = "guided_gradcam")]
     GuidedGradCam,
+    #[serde(rename = "attention_rollout")]
+    AttentionRollout,
+    #[serde(rename = "gradient_rollout")]
+    GradientRollout,
 }
 
 impl Method {
-    pub const ALL: [Method; 10] = [
+    pub const ALL: [Method; 12] = [
         Method::GradCam,
         Method::GradCamPlusPlus,
         Method::XGradCam,
@@ -45,6 +52,8 @@ impl Method {
         Method::Deconvnet,
         Method::Saliency,
         Method::GuidedGradCam,
+        Method::AttentionRollout,
+        Method::GradientRollout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +68,8 @@ impl Method {
             Method::Deconvnet => "deconvnet",
             Method::Saliency => "saliency",
             Method::GuidedGradCam => "guided_gradcam",
+            Method::AttentionRollout => "attention_rollout",
+            Method::GradientRollout => "gradient_rollout",
         }
     }
 
@@ -77,9 +88,14 @@ impl Method {
         }
     }
 
-    /// True for methods whose raw output is a layer-resolution map (as opposed to an input gradient).
+    /// True for the CAM methods: a layer-resolution map from the layer's activations and gradients.
     pub fn is_cam(self) -> bool {
-        !matches!(self, Method::GuidedBackprop | Method::Deconvnet | Method::Saliency | Method::GuidedGradCam)
+        !matches!(self, Method::GuidedBackprop | Method::Deconvnet | Method::Saliency | Method::GuidedGradCam) && !self.is_attention()
+    }
+
+    /// True for the methods that read every attention block of a transformer (maps on its token grid).
+    pub fn is_attention(self) -> bool {
+        matches!(self, Method::AttentionRollout | Method::GradientRollout)
     }
 }
 

@@ -122,7 +122,11 @@ fn model_view(info: &ModelInfo) -> ModelView {
             .collect(),
         input_layout: info.input_layout,
         scores: if info.stripped_output_op.is_some() { "pre-softmax" } else { "logits" },
-        methods: Method::ALL.into_iter().filter(|m| m.input_rule().is_none_or(|r| info.rules.contains(&r))).collect(),
+        methods: Method::ALL
+            .into_iter()
+            .filter(|m| m.input_rule().is_none_or(|r| info.rules.contains(&r)))
+            .filter(|m| !m.is_attention() || info.attention.is_some())
+            .collect(),
     }
 }
 

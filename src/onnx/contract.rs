@@ -8,6 +8,10 @@ pub const SEED: &str = "camserve.seed";
 pub const ACTIVATIONS: &str = "camserve.activations";
 pub const GRADIENTS: &str = "camserve.gradients";
 pub const INPUT_GRAD_PREFIX: &str = "camserve.input_grad.";
+/// Attention plans (`ExplainPlan::attention`): block i's attention probabilities `[N, heads, T, T]` and their
+/// exact gradients, i = 0 for the first block.
+pub const ATTENTION_PREFIX: &str = "camserve.attention.";
+pub const ATTENTION_GRAD_PREFIX: &str = "camserve.attention_grad.";
 /// Engine-internal extension (see `ExplainPlan::select_targets`).
 pub const TARGET_RANK: &str = "camserve.target_rank";
 pub const TARGET_INDEX: &str = "camserve.target_index";
@@ -18,6 +22,14 @@ pub const CONTRACT_VERSION: &str = "1";
 
 pub fn input_grad_name(rule: ReluRule) -> String {
     format!("{INPUT_GRAD_PREFIX}{}", rule.as_str())
+}
+
+pub fn attention_name(block: usize) -> String {
+    format!("{ATTENTION_PREFIX}{block}")
+}
+
+pub fn attention_grad_name(block: usize) -> String {
+    format!("{ATTENTION_GRAD_PREFIX}{block}")
 }
 
 /// What a contract model says about itself.

@@ -30,6 +30,10 @@ pub struct ExplainPlan {
     /// a row with rank < 0 uses its `camserve.seed` row. Also adds the output `camserve.target_index [N]`.
     /// An engine-internal extension: files written by `camserve augment` follow the plain contract.
     pub select_targets: bool,
+    /// Adds, for every attention block of the model (see [`Explainable::attention`]), the outputs
+    /// `camserve.attention.<i>` (the attention probabilities `[N, heads, T, T]`) and `camserve.attention_grad.<i>`
+    /// (their gradients from the exact chain), so that attention rollouts need one run.
+    pub attention: bool,
 }
 
 impl ExplainPlan {
@@ -37,7 +41,12 @@ impl ExplainPlan {
         let mut rules: Vec<ReluRule> = rules.into_iter().collect();
         rules.sort();
         rules.dedup();
-        ExplainPlan { layer: layer.into(), rules, select_targets: false }
+        ExplainPlan { layer: layer.into(), rules, select_targets: false, attention: false }
+    }
+
+    pub fn with_attention(mut self) -> Self {
+        self.attention = true;
+        self
     }
 
     pub fn with_target_selection(mut self) -> Self {
@@ -109,6 +118,22 @@ impl LayerInfo {
     }
 }
 
+/// A transformer's attention blocks: the Softmax outputs `[N, heads, T, T]` on the gradient path whose token count
+/// T is that of the model's token layers, and the token grid they attend over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttentionInfo {
+    /// The attention probabilities of each block, in topological order (the first block first).
+    pub outputs: Vec<String>,
+    /// Heads of each block.
+    pub heads: Vec<i64>,
+    /// Tokens T = prefix + h*w.
+    pub tokens: i64,
+    /// Leading tokens not on the grid (class, distillation, register tokens); token 0 is the class token.
+    pub prefix: usize,
+    /// The token grid `(h, w)`.
+    pub grid: (i64, i64),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnsupportedOp {
     pub node: String,
@@ -141,6 +166,8 @@ pub struct Explainable {
     pub default_layer: Option<String>,
     /// Ops on the path without a backward rule.
     pub unsupported: Vec<UnsupportedOp>,
+    /// The attention blocks, for models with attention over token layers (ViT, DeiT); `None` otherwise.
+    pub attention: Option<AttentionInfo>,
 }
 
 impl Explainable {
@@ -202,6 +229,7 @@ impl Explainable {
             })
             .collect();
         let default_layer = layers::default_layer(graph, &index, &probed, &path, &carry, &layers, &input);
+        let attention = find_attention(graph, &probed, &path, &layers);
         Ok(Explainable {
             model,
             index,
@@ -217,6 +245,7 @@ impl Explainable {
             layers,
             default_layer,
             unsupported,
+            attention,
         })
     }
 
@@ -245,18 +274,38 @@ impl Explainable {
     /// Writes the explain graph for `plan`.
     pub fn build(&self, plan: &ExplainPlan) -> Result<ModelProto> {
         let layer = self.layer(&plan.layer).ok_or_else(|| OnnxError::BadLayer(plan.layer.clone()))?.clone();
+        let attention: Vec<String> = match (plan.attention, &self.attention) {
+            (false, _) => vec![],
+            (true, Some(a)) => a.outputs.clone(),
+            (true, None) => {
+                return Err(OnnxError::Invalid("the model has no attention blocks (Softmax [N, heads, T, T] over its token layers)".into()));
+            }
+        };
         let mut model = self.model.clone();
         let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
 
         // The chains: one per input-gradient rule (input -> logits), and the exact chain from the layer
-        // unless the plain input chain already passes through it.
+        // unless the plain input chain already passes through it. The exact chain also gives the attention
+        // gradients: it then starts at the first tensor that has the layer and every attention block below it
+        // (the layer, the first attention block, or the input).
         let mut chains: Vec<(ReluRule, String, Vec<usize>)> =
             plan.rules.iter().map(|&r| (r, self.input.clone(), self.path.clone())).collect();
         let layer_in_plain = plan.rules.contains(&ReluRule::Plain);
+        let layer_chain = (!layer_in_plain).then_some(chains.len());
         if !layer_in_plain {
-            let below = flow::carrying(graph, &self.index, &self.probe, &layer.name);
+            let mut start = layer.name.clone();
+            let mut below = flow::carrying(graph, &self.index, &self.probe, &start);
+            if !attention.iter().all(|a| below.contains(a)) {
+                for s in attention.first().into_iter().chain(std::iter::once(&self.input)) {
+                    let b = flow::carrying(graph, &self.index, &self.probe, s);
+                    if b.contains(&layer.name) && attention.iter().all(|a| b.contains(a)) {
+                        (start, below) = (s.clone(), b);
+                        break;
+                    }
+                }
+            }
             let nodes = self.path.iter().copied().filter(|&i| graph.node[i].input.iter().any(|s| below.contains(s))).collect();
-            chains.push((ReluRule::Plain, layer.name.clone(), nodes));
+            chains.push((ReluRule::Plain, start, nodes));
         }
         let on_chains: HashSet<usize> = chains.iter().flat_map(|c| c.2.iter().copied()).collect();
         for &i in &on_chains {
@@ -279,26 +328,30 @@ impl Explainable {
         }
         let mut layer_grad = None;
         let mut input_grads = Vec::new();
-        for (rule, start, nodes) in &chains {
-            let is_layer_chain = *start == layer.name;
+        let mut attention_grads = Vec::new();
+        for (c, (rule, start, nodes)) in chains.iter().enumerate() {
+            let is_layer_chain = layer_chain == Some(c);
+            let exact = *rule == ReluRule::Plain;
             e.set_prefix(&format!("camserve/{}/", if is_layer_chain { "layer" } else { rule.as_str() }));
-            let mut wanted = vec![start.clone()];
-            if *rule == ReluRule::Plain && !is_layer_chain {
+            // The input gradient (input chains), then for the exact chain the layer's and the attention blocks'.
+            let mut wanted = if is_layer_chain { vec![] } else { vec![start.clone()] };
+            if exact {
                 wanted.push(layer.name.clone());
+                wanted.extend(attention.iter().cloned());
             }
             let mut ctx = RuleCtx { e: &mut e, graph, index: &self.index, probe: &self.probe, relu: *rule, memo: &mut memo };
-            let grads = run_chain(&mut ctx, nodes, start, &self.logits, &seed, &wanted, None)?;
-            if is_layer_chain {
-                layer_grad = Some(grads[0].clone());
-            } else {
-                input_grads.push((*rule, grads[0].clone()));
-                if *rule == ReluRule::Plain {
-                    layer_grad = Some(grads[1].clone());
-                }
+            let mut grads = run_chain(&mut ctx, nodes, start, &self.logits, &seed, &wanted, None)?.into_iter();
+            if !is_layer_chain {
+                input_grads.extend(grads.next().map(|g| (*rule, g)));
+            }
+            if exact {
+                layer_grad = grads.next();
+                attention_grads = grads.collect();
             }
         }
         let layer_grad = layer_grad.expect("every plan has a chain through the layer. This is a bug.");
         let layer_grad = rules::unhinted(&memo, &layer_grad);
+        let attention_grads: Vec<String> = attention_grads.iter().map(|g| rules::unhinted(&memo, g)).collect();
         let input_grads: Vec<(ReluRule, String)> =
             input_grads.into_iter().map(|(rule, g)| (rule, rules::unhinted(&memo, &g))).collect();
 
@@ -311,6 +364,10 @@ impl Explainable {
         for (rule, g) in &input_grads {
             e.op_into("Identity", &[g], vec![], &contract::input_grad_name(*rule));
         }
+        for (i, (a, g)) in attention.iter().zip(&attention_grads).enumerate() {
+            e.op_into("Identity", &[a], vec![], &contract::attention_name(i));
+            e.op_into("Identity", &[g], vec![], &contract::attention_grad_name(i));
+        }
 
         let batch = || Dim::Param("N".into());
         let input_vi = value_info(&self.input, tensor::FLOAT, &with_batch(&self.input_dims));
@@ -322,6 +379,11 @@ impl Explainable {
         ];
         for (rule, _) in &input_grads {
             outputs.push(value_info(&contract::input_grad_name(*rule), tensor::FLOAT, &with_batch(&self.input_dims)));
+        }
+        for (i, a) in attention.iter().enumerate() {
+            let dims = self.probe.dims(a).unwrap_or(&[]).to_vec();
+            outputs.push(value_info(&contract::attention_name(i), tensor::FLOAT, &with_batch(&dims)));
+            outputs.push(value_info(&contract::attention_grad_name(i), tensor::FLOAT, &with_batch(&dims)));
         }
         graph.input = vec![input_vi, seed_vi];
         if plan.select_targets {
@@ -374,6 +436,43 @@ impl Explainable {
         }
         found
     }
+}
+
+/// The attention blocks (see [`AttentionInfo`]): Softmax nodes on the gradient path, over the last axis, whose
+/// output is `[1, heads, T, T]` (batch axis first) with T the token count of a token layer; all blocks share
+/// the first one's T. Windowed attention (Swin: windows stacked on the batch axis) does not qualify.
+fn find_attention(graph: &super::proto::GraphProto, probe: &Probe, path: &[usize], layers: &[LayerInfo]) -> Option<AttentionInfo> {
+    let grid_of = |t: i64| {
+        layers.iter().find_map(|l| match l.layout {
+            LayerLayout::Tokens { prefix } if l.native_dims.get(1) == Some(&t) => Some((prefix, (l.dims[2], l.dims[3]))),
+            _ => None,
+        })
+    };
+    let mut found: Option<AttentionInfo> = None;
+    for n in path.iter().map(|&i| &graph.node[i]) {
+        if n.op_type() != "Softmax" || !super::is_default_domain(n.domain()) {
+            continue;
+        }
+        let Some(out) = n.output.first() else { continue };
+        let Some(&[1, heads, t, t2]) = probe.dims(out) else { continue };
+        let axis = super::attr::int_or(n, "axis", -1);
+        if t != t2 || heads < 1 || !(axis == -1 || axis == 3) || !probe.is_batch_axis(out, 0) {
+            continue;
+        }
+        match &mut found {
+            Some(a) if a.tokens == t => {
+                a.outputs.push(out.clone());
+                a.heads.push(heads);
+            }
+            Some(_) => {}
+            None => {
+                if let Some((prefix, grid)) = grid_of(t) {
+                    found = Some(AttentionInfo { outputs: vec![out.clone()], heads: vec![heads], tokens: t, prefix, grid });
+                }
+            }
+        }
+    }
+    found
 }
 
 /// The seed rows when targets are chosen in the graph: returns (chosen class [N], seed [N, K]).
