@@ -262,7 +262,8 @@ def main():
                     print(res.stdout.strip())
                 else:
                     print(f"camserve-bench failed ({res.returncode}): {res.stderr[-2000:]}")
-                    row["bench_error"] = res.stderr.strip().splitlines()[-1][:400] if res.stderr.strip() else str(res.returncode)
+                    err = [l for l in res.stderr.splitlines() if l.lower().startswith("error")]
+                    row["bench_error"] = err[0][:400] if err else f"exit {res.returncode}"
                     # the forward pass alone, for scale
                     res = subprocess.run(cmd[:-1] + ["forward"], cwd=ROOT, capture_output=True, text=True)
                     got = {m.group(1): float(m.group(2)) for m in re.finditer(r"\| 1 \| (\w+) \| ([\d.]+) \|", res.stdout)}

@@ -204,7 +204,7 @@ def reason_key(r):
     import re
 
     if r["result"] == "export failed":
-        return re.sub(r"\s+", " ", r.get("reason", ""))[:160]
+        return re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m", "", r.get("reason", "")))[:160]
     if r["result"] == "fail: numeric":
         why = r.get("reason", "")
         if why.startswith("worker crashed") or "timed out" in why:
@@ -393,6 +393,8 @@ def fmt(v):
 
 
 def report(work, rows, out_md, total_s):
+    import re
+
     import onnx
     import timm
     import torch
@@ -411,7 +413,7 @@ def report(work, rows, out_md, total_s):
     L.append(f"Versions: torch {torch.__version__}, timm {timm.__version__}, onnx {onnx.__version__}, "
              f"onnxruntime {ortv}, camserve commit {git_commit()}.")
     if total_s is not None:
-        L.append(f"Wall time of the last run: {total_s / 60:.1f} min (2 shared CPU cores).")
+        L.append(f"Sum of the per-row times (export + checks; rows may run in parallel with --jobs): {total_s / 60:.1f} min on 2 shared CPU cores.")
     L.append("")
     L.append("Each model has random weights (pretrained=False, seed 0, eval mode) at its native input size, "
              "exported with a dynamic batch by the TorchScript exporter (`dynamo=False`, opset 17) and by "
@@ -433,7 +435,7 @@ def report(work, rows, out_md, total_s):
     for r in rows:
         tf = "" if r.get("torch_logits_err") is None else \
             f"{fmt(r['torch_logits_err'])} / {fmt(r['torch_grad_err'])}"
-        reason = (r.get("reason") or "").replace("|", "\\|")
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", r.get("reason") or "").replace("|", "\\|")
         L.append(f"| {r['model']} | {r['exporter']} | {r.get('opset') or ''} | {r['result']} | "
                  f"{fmt(r.get('logits_err'))} | {fmt(r.get('grad_err'))} | {tf} | {reason} |")
     L.append("")
