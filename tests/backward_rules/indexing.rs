@@ -134,6 +134,26 @@ fn gather_vit_class_token_opset20() {
 }
 
 #[test]
+fn gather_constant_run_is_a_pad_and_run_time_indices_a_scatter() {
+    // The cheaper form for constant indices forming one ascending run (the class token), the scatter otherwise.
+    let ops = |indices_at_run_time: bool| -> Vec<String> {
+        let mut g = G::new(&dims_i64(&DIMS), 11);
+        let x = g.x();
+        let mut i = int_init(&mut g, &[], &[0]);
+        if indices_at_run_time {
+            i = g.op("Identity", &[&i], vec![]);
+        }
+        let y = g.op("Gather", &[&x, &i], vec![a_i("axis", 1)]);
+        let m = explain_model(&g.finish(&y), &[ReluRule::Plain]);
+        m.graph.map(|g| g.node.iter().map(|n| n.op_type().to_string()).collect()).unwrap_or_default()
+    };
+    let constant = ops(false);
+    assert!(constant.iter().any(|o| o == "Pad") && !constant.iter().any(|o| o == "ScatterElements"), "{constant:?}");
+    let run_time = ops(true);
+    assert!(run_time.iter().any(|o| o == "ScatterElements"), "{run_time:?}");
+}
+
+#[test]
 fn gather_along_the_batch_axis_is_refused() {
     let msg = refusal(|g| {
         let x = g.x();
@@ -329,7 +349,10 @@ fn tile_along_the_batch_axis_is_refused() {
     let msg = refusal(|g| {
         let x = g.x();
         let r = g.ints(&[2, 1, 1, 1]);
-        g.op("Tile", &[&x, &r], vec![])
+        let t = g.op("Tile", &[&x, &r], vec![]);
+        // [2N, 2, 7, 7] back to one row per item, so that only the rule can object.
+        let s = g.ints(&[-1, 196]);
+        g.op("Reshape", &[&t, &s], vec![])
     });
     assert!(msg.contains("batch axis"), "{msg}");
 }
