@@ -5,8 +5,10 @@
 //! reduction "add", opset 16+), which accumulates repeated indices and takes indices computed at run time. Only
 //! indices that are true constants (initializers, Constant nodes) are read at build time: the shape probe runs
 //! on a zero image, so its values of an index tensor computed from the image would be wrong for other images.
-//! Ops that would move values between batch items (Gather, GatherElements, ScatterElements along axis 0; Tile
-//! repeating the batch axis) are refused.
+//! The batch axis is the one the shape probe sees grow with the batch size (not always axis 0: attention stacks
+//! q, k, v as `[3, ...]`). Along it, only a Gather with run-time indices is differentiated (every size read at
+//! run time); constant indices there, GatherElements and ScatterElements along it, and Tile repeating it are
+//! refused.
 
 use std::collections::HashMap;
 
@@ -36,16 +38,17 @@ fn indices_input<'a>(node: &'a NodeProto) -> Result<&'a str> {
     input(node, 1).ok_or_else(|| OnnxError::node(node, "no indices input"))
 }
 
-/// An axis attribute normalised against `rank`; axis 0 (the batch) is refused: the op would move values between
-/// the items of a batch.
-fn non_batch_axis(node: &NodeProto, rank: usize) -> Result<usize> {
+/// The `axis` attribute normalised against `rank`. An axis of `data` that grows with the batch size (the shape
+/// probe tells; axis 0 is not always it: timm and torchvision attention stack q, k, v as `[3, ...]`) is refused
+/// unless `batch_ok`: the rule would bake its size at batch 1 into the graph.
+fn indexed_axis(ctx: &RuleCtx, node: &NodeProto, data: &str, rank: usize, batch_ok: bool) -> Result<usize> {
     let axis = attr::int_or(node, "axis", 0);
     let a = norm_axis(axis, rank);
     if a < 0 || a as usize >= rank {
         return Err(OnnxError::node(node, format!("axis {axis} is out of range for rank {rank}")));
     }
-    if a == 0 {
-        return Err(OnnxError::node(node, "indexing along axis 0, the batch axis, is not supported"));
+    if !batch_ok && ctx.is_batch_axis(data, a as usize) {
+        return Err(OnnxError::node(node, format!("indexing along axis {axis}, the batch axis, is not supported")));
     }
     Ok(a as usize)
 }
@@ -83,15 +86,23 @@ fn gather(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[
     let idx = indices_input(node)?;
     let xd = ctx.dims(data)?;
     let rank = xd.len();
-    let axis = non_batch_axis(node, rank)?;
+    let constant = constant_indices(ctx, idx);
+    // Run-time indices may gather along an axis that holds the batch (the dynamo exporter's `as_strided` over a
+    // flattened [N * C] tensor): the scatter below reads every size at run time. Constant ones may not.
+    let axis = indexed_axis(ctx, node, data, rank, constant.is_none())?;
     let size = xd[axis];
-    // dy with the indices axes collapsed into one: [N, xd[1..axis], m, xd[axis+1..]].
+    // dy with the indices axes collapsed into one: [xd[..axis] (copied), m, xd[axis+1..]]. The axes after the
+    // indexed one are written out, so none of them may hold the batch.
     let mut collapsed: Vec<i64> = xd.clone();
-    collapsed[0] = 0;
+    collapsed[..axis].fill(0);
     collapsed[axis] = -1;
     let idx_rank = ctx.dims(idx)?.len();
+    let needs_collapse = idx_rank >= 2 || constant.is_none();
+    if needs_collapse && (axis + 1..rank).any(|k| ctx.is_batch_axis(data, k)) {
+        return Err(OnnxError::node(node, "multi-dimensional or computed indices ahead of the batch axis are not supported"));
+    }
     let mut out = vec![None; node.input.len()];
-    if let Some(v) = constant_indices(ctx, idx) {
+    if let Some(v) = constant {
         if let Some(&bad) = v.iter().find(|&&i| i < -size || i >= size) {
             return Err(OnnxError::node(node, format!("index {bad} is out of range for an axis of size {size}")));
         }
@@ -133,7 +144,13 @@ fn gather(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[
     // Indices computed at run time.
     let s = ctx.e.ints(&collapsed);
     let g = ctx.e.op("Reshape", &[dy, &s], vec![], "gather_grad_flat");
-    let size_t = ctx.e.const_i64(&[], &[size]);
+    let size_t = if ctx.is_batch_axis(data, axis) {
+        let shape = ctx.shape_of(data);
+        let at = ctx.e.const_i64(&[], &[axis as i64]);
+        ctx.e.op("Gather", &[&shape, &at], vec![], "gather_grad_size")
+    } else {
+        ctx.e.const_i64(&[], &[size])
+    };
     let n = normalised_indices(ctx, idx, &size_t);
     let mut idims = vec![1i64; rank];
     idims[axis] = -1;
@@ -153,7 +170,7 @@ fn gather_elements(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _
     let data = &node.input[0];
     let idx = indices_input(node)?;
     let xd = ctx.dims(data)?;
-    let axis = non_batch_axis(node, xd.len())?;
+    let axis = indexed_axis(ctx, node, data, xd.len(), false)?;
     let size = ctx.e.const_i64(&[], &[xd[axis]]);
     let n = normalised_indices(ctx, idx, &size);
     let zeros = ctx.zeros_like(data);
@@ -237,7 +254,7 @@ fn scatter_elements(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], 
     let idx = indices_input(node)?;
     let updates = input(node, 2).ok_or_else(|| OnnxError::node(node, "no updates input"))?;
     let rank = ctx.dims(&node.input[0])?.len();
-    let axis = non_batch_axis(node, rank)? as i64;
+    let axis = indexed_axis(ctx, node, &node.input[0], rank, false)? as i64;
     let mut out = vec![None; node.input.len()];
     if needs[0] {
         let zeros = ctx.zeros_like(updates);
