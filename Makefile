@@ -14,7 +14,7 @@ build: ort
 serve: build
 	./target/release/camserve serve
 
-# Everything CI runs: the Rust tests, then the demo page in headless Chromium (skipped if it is not installed).
+# Everything CI runs: the Rust tests, then the demo page in headless Chromium (installed with apt-get as root).
 test: ort
 	$(CARGO) test --locked
 	scripts/browser-test.sh
