@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -320,6 +321,16 @@ def main():
         print(f"\ncamserve augment {augment['model']} ({augment['size_mb']:.1f} MB -> {augment['out_mb']:.1f} MB): median wall "
               f"{augment['wall_ms']:.0f} ms of {len(augment['all_ms'])} ({', '.join('%.0f' % v for v in augment['all_ms'])}); "
               f"printed: {augment['printed']}")
+    # What the benchmark exists to show: camserve explains both models, on pytorch-grad-cam's layer, with the same
+    # map (within 1e-3 of its grid map). Exit 1 when any of that fails.
+    failures = [f"{r['model']}: {k}" for r in rows for k in ("refused", "explain_error") if r.get(k)]
+    failures += [f"{c['model']}: map differs by {c['rel']:.2e}" for c in checks if c["rel"] > 1e-3]
+    failures += [f"{m}: no map compared" for m in a.models.split(",") if m not in {c["model"] for c in checks}]
+    if augment and "error" in augment:
+        failures.append(f"augment {augment['model']}: {augment['error']}")
+    if failures:
+        print("FAILED: " + "; ".join(failures))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

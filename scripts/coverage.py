@@ -474,6 +474,9 @@ def report(work, rows, out_md, total_s):
         f.write("\n".join(L))
 
 
+PASS_GOAL = 0.95
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="comma-separated model names")
@@ -567,6 +570,13 @@ def main():
     total = sum(r.get("row_s", 0) for r in rows)
     report(args.work, rows, args.out, total)
     print(f"wrote {args.out} ({len(rows)} rows; this run {time.time() - t0:.0f} s)")
+    # The goal (issue 11): at least 95 % of the exports PyTorch produced pass. Exit 1 when it is missed.
+    exported = [r for r in rows if r.get("result") != "export failed"]
+    passed = sum(r.get("result") == "pass" for r in exported)
+    rate = passed / len(exported) if exported else 0.0
+    print(f"pass rate {passed}/{len(exported)} = {100 * rate:.1f} % (goal >= {100 * PASS_GOAL:.0f} %)")
+    if rate < PASS_GOAL:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
