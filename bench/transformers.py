@@ -33,8 +33,8 @@ import re
 import socket
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse

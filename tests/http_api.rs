@@ -543,13 +543,7 @@ async fn contract_models_are_served_as_they_are() {
 /// block's norm1, the layer can be named by module path, and Grad-CAM comes back on the 4x4 patch grid.
 #[tokio::test]
 async fn vision_transformer_without_reshape_transform() {
-    let mut config = demo_config();
-    let mut vit = config.models[0].clone();
-    vit.name = "vit".into();
-    vit.path = root().join("tests/fixtures/models/vit.onnx");
-    vit.labels = None;
-    config.models.push(vit);
-    let mut s = Server::start(config).await;
+    let mut s = Server::start(demo_and_vit_config()).await;
     let (st, m) = json_of(s.client.get(s.url("/v1/models/vit")).send().await.unwrap(), "/v1/models/{model}", "get").await;
     assert_eq!(st, 200);
     let norm1 = "/blocks/blocks.1/norm1/LayerNormalization_output_0";

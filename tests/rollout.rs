@@ -15,6 +15,7 @@
 //! has every block below it; at the input when the plan also asks for the plain input gradient), through the
 //! engine (target selection on), and over HTTP (responses checked against openapi.yaml).
 
+mod common;
 #[path = "support/server.rs"]
 mod server;
 
@@ -29,7 +30,6 @@ use camserve::onnx::rules::ReluRule;
 use ndarray::{Array2, Array4, ArrayD, Axis, Ix2, Ix4};
 use ndarray_npy::NpzReader;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
 use ort::value::Tensor;
 use serde_json::{json, Value};
 
@@ -69,19 +69,6 @@ fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f64>) -> f64 {
 fn analyse(name: &str) -> Explainable {
     let model = io::load_model(&models_dir().join(format!("{name}.onnx"))).unwrap();
     Explainable::analyse(model, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{name}: analyse: {e}"))
-}
-
-fn session(model: &camserve::onnx::ModelProto, level: GraphOptimizationLevel) -> Session {
-    let env = camserve::runtime::environment(None).expect("ONNX Runtime library (run scripts/fetch-ort.sh)");
-    let bytes = io::encode_model(model).expect("encode");
-    Session::builder(env)
-        .expect("builder")
-        .with_optimization_level(level)
-        .unwrap_or_else(|e| e.recover())
-        .with_intra_threads(1)
-        .unwrap_or_else(|e| e.recover())
-        .commit_from_memory(&bytes)
-        .expect("ONNX Runtime rejected the model")
 }
 
 /// Both rollouts of every row from per-block `(attention, gradient)` arrays `[N, heads, T, T]`: `[N, h, w]` each.
@@ -126,7 +113,7 @@ fn run_plan(ex: &Explainable, plan: &ExplainPlan, f: &Fixture, level: GraphOptim
     for i in 0..2 {
         assert!(outputs.contains(&contract::attention_name(i)) && outputs.contains(&contract::attention_grad_name(i)), "{outputs:?}");
     }
-    let mut s = session(&model, level);
+    let mut s = common::session(&model, level);
     let inputs: Vec<(String, ort::value::DynValue)> = vec![
         (ex.input.clone(), Tensor::from_array(f.x.clone()).unwrap().into_dyn()),
         (contract::SEED.into(), Tensor::from_array(f.seed.clone()).unwrap().into_dyn()),
@@ -221,13 +208,7 @@ async fn json_of(r: reqwest::Response, path: &str) -> (u16, Value) {
 #[tokio::test]
 async fn rollouts_over_http() {
     use server::*;
-    let mut config = demo_config();
-    let mut vit = config.models[0].clone();
-    vit.name = "vit".into();
-    vit.path = root().join("tests/fixtures/models/vit.onnx");
-    vit.labels = None;
-    config.models.push(vit);
-    let mut s = Server::start(config).await;
+    let mut s = Server::start(demo_and_vit_config()).await;
     let models: Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
     let methods = |name: &str| -> Vec<String> {
         let m = models["models"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap();

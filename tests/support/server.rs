@@ -24,6 +24,17 @@ pub fn demo_config() -> Config {
     c
 }
 
+/// The demo model plus the tiny ViT fixture (tests/fixtures/models/vit.onnx, 32x32, no labels) as `vit`.
+pub fn demo_and_vit_config() -> Config {
+    let mut c = demo_config();
+    let mut vit = c.models[0].clone();
+    vit.name = "vit".into();
+    vit.path = root().join("tests/fixtures/models/vit.onnx");
+    vit.labels = None;
+    c.models.push(vit);
+    c
+}
+
 pub struct Server {
     pub addr: SocketAddr,
     pub client: reqwest::Client,

@@ -134,9 +134,14 @@ fn times_channel_scale(ctx: &mut RuleCtx, dy: &str, scale: &str, rank: usize) ->
     }
 }
 
-fn instance_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Result<Vec<Option<String>>> {
-    // Per sample and channel, over the spatial axes 2..rank: y = xhat * scale[c] + bias[c], so with
-    // g = dy * scale[c]:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (see `normalized_grad`).
+/// The checks and inputs InstanceNormalization and GroupNormalization share: (dY, X, X's dims, scale). Only X is
+/// differentiated; it is `[N, C, ...]` with at least one axis after C.
+fn channel_norm_inputs<'a>(
+    ctx: &RuleCtx,
+    node: &'a NodeProto,
+    dy: &'a [Option<String>],
+    needs: &[bool],
+) -> Result<(&'a str, &'a str, Vec<i64>, &'a str)> {
     if needs.iter().skip(1).any(|&n| n) {
         return Err(not_differentiable(node, "scale or bias"));
     }
@@ -144,9 +149,16 @@ fn instance_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], nee
     let x = &node.input[0];
     let xd = ctx.dims(x)?;
     if xd.len() < 3 {
-        return Err(OnnxError::node(node, format!("InstanceNormalization of a rank-{} input", xd.len())));
+        return Err(OnnxError::node(node, format!("{} of a rank-{} input", node.op_type(), xd.len())));
     }
     let scale = node.input.get(1).ok_or_else(|| OnnxError::node(node, "no scale input"))?;
+    Ok((dy, x, xd, scale))
+}
+
+fn instance_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Result<Vec<Option<String>>> {
+    // Per sample and channel, over the spatial axes 2..rank: y = xhat * scale[c] + bias[c], so with
+    // g = dy * scale[c]:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (see `normalized_grad`).
+    let (dy, x, xd, scale) = channel_norm_inputs(ctx, node, dy, needs)?;
     let axes: Vec<i64> = (2..xd.len() as i64).collect();
     let count: i64 = xd[2..].iter().product();
     let eps = attr::float_or(node, "epsilon", 1e-5);
@@ -158,21 +170,12 @@ fn group_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs:
     // x [N, C, ...] viewed as [N, G, C/G * spatial]: xhat is normalised per sample and group, y = xhat * scale +
     // bias with the scale per channel (opset 21, shape [C]) or per group (opset 18, shape [G]). With g = dy * scale
     // in the grouped view:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (see `normalized_grad`).
-    if needs.iter().skip(1).any(|&n| n) {
-        return Err(not_differentiable(node, "scale or bias"));
-    }
-    let dy = dy0(node, dy)?;
-    let x = &node.input[0];
-    let xd = ctx.dims(x)?;
-    if xd.len() < 3 {
-        return Err(OnnxError::node(node, format!("GroupNormalization of a rank-{} input", xd.len())));
-    }
+    let (dy, x, xd, scale) = channel_norm_inputs(ctx, node, dy, needs)?;
     let groups = attr::int(node, "num_groups").ok_or_else(|| OnnxError::node(node, "no num_groups attribute"))?;
     let channels = xd[1];
     if groups <= 0 || channels % groups != 0 {
         return Err(OnnxError::node(node, format!("{channels} channels do not split into {groups} groups")));
     }
-    let scale = node.input.get(1).ok_or_else(|| OnnxError::node(node, "no scale input"))?;
     let scale_len: i64 = ctx.dims(scale)?.iter().product();
     let count: i64 = xd[1..].iter().product::<i64>() / groups;
     let eps = attr::float_or(node, "epsilon", 1e-5);
