@@ -91,34 +91,6 @@ impl GraphIndex {
             ConstValue::Floats(..) => None,
         }
     }
-
-    /// Nodes from which `targets` can be reached (the nodes that produce them included).
-    pub fn ancestors(&self, graph: &GraphProto, targets: &[&str]) -> HashSet<usize> {
-        let mut seen = HashSet::new();
-        let mut stack: Vec<usize> = targets.iter().filter_map(|t| self.producer.get(*t).copied()).collect();
-        while let Some(i) = stack.pop() {
-            if seen.insert(i) {
-                stack.extend(graph.node[i].input.iter().filter_map(|s| self.producer.get(s).copied()));
-            }
-        }
-        seen
-    }
-
-    /// Tensors whose value depends on `source` (`source` included).
-    pub fn dependents(&self, graph: &GraphProto, source: &str) -> HashSet<String> {
-        let mut seen: HashSet<String> = HashSet::from([source.to_string()]);
-        let mut stack = vec![source.to_string()];
-        while let Some(t) = stack.pop() {
-            for &c in self.consumers_of(&t) {
-                for o in graph.node[c].output.iter().filter(|o| !o.is_empty()) {
-                    if seen.insert(o.clone()) {
-                        stack.push(o.clone());
-                    }
-                }
-            }
-        }
-        seen
-    }
 }
 
 pub enum ConstValue<'g> {

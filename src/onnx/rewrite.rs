@@ -111,11 +111,6 @@ impl LayerInfo {
     pub fn nchw(name: impl Into<String>, dims: Vec<i64>) -> LayerInfo {
         LayerInfo { name: name.into(), native_dims: dims.clone(), dims, layout: LayerLayout::Nchw, module: None }
     }
-
-    /// Whether `name` names this layer: its tensor name, or its module path.
-    pub fn is_named(&self, name: &str) -> bool {
-        self.name == name || self.module.as_deref() == Some(name)
-    }
 }
 
 /// A transformer's attention blocks: the Softmax outputs `[N, heads, T, T]` on the gradient path whose token count
@@ -216,7 +211,7 @@ impl Explainable {
             .filter(|n| !super::is_default_domain(n.domain()) || rules::rule_for(n.op_type()).is_none())
             .map(|n| UnsupportedOp { node: node_label(n), op: n.op_type().to_string(), reason: None })
             .collect();
-        let (_, _, in_h, in_w) = (input_dims[0], input_dims[1], input_dims[2], input_dims[3]);
+        let (in_h, in_w) = (input_dims[2], input_dims[3]);
         let modules = layers::module_paths(graph);
         let layers: Vec<LayerInfo> = path
             .iter()
@@ -533,8 +528,8 @@ fn run_chain(
             // rules below are checked too.
             (rule, Some(list)) => match rule.map(|rule| rule(ctx, node, &dys, &needs)) {
                 Some(Ok(dxs)) => dxs,
-                refused => {
-                    let reason = match refused {
+                outcome => {
+                    let reason = match outcome {
                         Some(Err(e)) => Some(e.to_string()),
                         _ => None,
                     };
