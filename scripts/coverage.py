@@ -31,7 +31,11 @@ float64 truth), separately for the logits and for the input gradient. The relati
 floor comes from PyTorch's float32 error because near-ties at ReLU/MaxPool make
 float32 input gradients of deep random-weight nets ill-conditioned: PyTorch's own
 float32 gradient can be far from the float64 one, and camserve cannot be expected
-to do better than the arithmetic allows.
+to do better than the arithmetic allows. When only the gradient misses, the same
+check runs at 4 inputs within 1e-6 of x; the row is "pass (kink)" when 3 of them meet
+the tolerance and the float64 gradient itself jumps near x (see the report header).
+All-zero initial parameters other than biases are redrawn (see redraw_zero_parameters)
+and a row with constant logits or a zero gradient fails as degenerate.
 
 Each row runs in its own subprocess (memory is freed between models; use
 `nice -n 10`), with a per-step timeout.
@@ -148,7 +152,31 @@ def build(name, source):
         size = (3, 224, 224)
     else:
         raise ValueError(name)
+    m._redrawn = redraw_zero_parameters(m)
     return m.eval(), size
+
+
+def redraw_zero_parameters(m):
+    """Redraws the parameters that the model's own init sets to all zeros, other than biases: torchvision
+    ViT's head and class token, the last BatchNorm gamma of each residual block (timm's zero_init_last:
+    ResNet-D, RegNetY, TinyViT), NFNet's skip gains, LeViT's attention biases, ResMLP's affine shifts. Left at
+    zero they make the logits constant or whole residual branches dead, and the check passes without testing
+    the rules inside them. Vectors (gains, gammas, shifts) get U(0.5, 1.5), matrices and larger N(0, 0.02),
+    from a generator seeded by the model, so reruns export the same weights. Returns the redrawn names."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    redrawn = []
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if not p.is_floating_point() or n.endswith("bias") or p.numel() == 0 or not bool((p == 0).all()):
+                continue
+            if p.dim() <= 1:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            redrawn.append(n)
+    return redrawn
 
 
 def rel(a, b):
@@ -308,6 +336,7 @@ def numeric(name, source, aug_path, row):
     import torch
 
     m, size = build(name, source)
+    row["redrawn"] = list(m._redrawn)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, *size, generator=g)
     # torch f32
@@ -326,15 +355,6 @@ def numeric(name, source, aug_path, row):
     (y64 * seed.double()).sum().backward()
     l64, g64 = y64.detach().numpy(), x64.grad.numpy()
 
-    def kink_probe():
-        # Diagnostic only (does not change the verdict): how far the float64 gradient moves when
-        # the input moves by 1e-6 (about 10 float32 ulps of a unit-scale pixel). A large value
-        # means the input sits next to a ReLU/MaxPool kink, where any float32 run may land on the
-        # other side of it.
-        xp = (x.double() + 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2),
-                                              dtype=torch.float64)).requires_grad_(True)
-        (m(xp) * seed.double()).sum().backward()
-        return rel(xp.grad.numpy(), g64)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(aug_path, so, providers=["CPUExecutionProvider"])
@@ -355,15 +375,41 @@ def numeric(name, source, aug_path, row):
     tol_l = max(1e-3, 10 * row["torch_logits_err"])
     tol_g = max(1e-3, 10 * row["torch_grad_err"])
     bad = []
+    # A check that cannot fail is no check: constant logits or a zero gradient (a dead head) fail the row.
+    if float(np.ptp(l64, axis=1).max()) == 0.0 or float(np.abs(g64).max()) == 0.0:
+        bad.append("degenerate: the float64 logits are constant or the input gradient is zero")
     if not np.isfinite(row["logits_err"]) or row["logits_err"] > tol_l:
         bad.append(f"logits error {row['logits_err']:.2e} > {tol_l:.2e}")
-    if not np.isfinite(row["grad_err"]) or row["grad_err"] > tol_g:
+    grad_bad = not np.isfinite(row["grad_err"]) or row["grad_err"] > tol_g
+    if grad_bad:
         bad.append(f"input-gradient error {row['grad_err']:.2e} > {tol_g:.2e}")
-    if bad and row["grad_err"] > tol_g:
-        row["kink_1e-6"] = kink_probe()
-        bad.append(f"float64 gradient moves {row['kink_1e-6']:.1e} under 1e-6 input noise")
+    result = "fail: numeric" if bad else "pass"
+    if grad_bad and len(bad) == 1:
+        # Only the gradient misses, at this input. Near-ties at ReLU/MaxPool: if the float64 gradient itself
+        # jumps by as much when the input moves by 1e-6 (about 10 float32 ulps of a unit-scale pixel), the
+        # input sits on a kink that any float32 evaluation may land on either side of. Then the same check,
+        # same tolerance, is run at 4 nearby inputs x + 1e-6 * noise: a wrong rule misses at all of them, a
+        # kink at most at a few. The row passes as "pass (kink)" when 3 of 4 meet the tolerance and the
+        # float64 gradient moves by at least a tenth of camserve's error among them.
+        errs, moves = [], []
+        for k in range(4):
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2 + k), dtype=torch.float64)
+            xk = (x.double() + 1e-6 * noise).requires_grad_(True)
+            (m(xk) * seed.double()).sum().backward()
+            gk64 = xk.grad.numpy()
+            (gck,) = sess.run(["camserve.input_grad.plain"],
+                              {img[0]: xk.detach().numpy().astype(np.float32), "camserve.seed": seed.numpy()})
+            errs.append(rel(gck, gk64))
+            moves.append(rel(gk64, g64))
+        row["nearby_grad_errs"] = errs
+        row["kink_1e-6"] = max(moves)
+        ok = sum(e <= tol_g for e in errs)
+        bad.append(f"float64 gradient moves {row['kink_1e-6']:.1e} under 1e-6 input noise; at 4 nearby "
+                   f"inputs the error is {', '.join(f'{e:.1e}' for e in errs)} ({ok}/4 within {tol_g:.0e})")
+        if ok >= 3 and row["kink_1e-6"] >= row["grad_err"] / 10:
+            result = "pass (kink)"
     del m
-    row["result"] = "fail: numeric" if bad else "pass"
+    row["result"] = result
     row["reason"] = "; ".join(bad)
 
 
@@ -419,13 +465,25 @@ def report(work, rows, out_md, total_s):
              "exported with a dynamic batch by the TorchScript exporter (`dynamo=False`, opset 17) and by "
              "the dynamo exporter (`dynamo=True`, its default opset). Each export goes through "
              "`camserve inspect` and `camserve augment --rules plain`, then ONNX Runtime (CPU) runs the explain "
-             "graph on 2 random images with 2 different one-hot seeds.")
+             "graph on 2 random images with 2 different one-hot seeds. Parameters that the model's own init sets "
+             "to all zeros (other than biases: zero-init heads, class tokens, residual-branch gammas and gains, "
+             "attention biases) are redrawn first, U(0.5, 1.5) for vectors and N(0, 0.02) otherwise, since at "
+             "zero they make the logits constant or whole branches dead and the check vacuous; the models "
+             "concerned are listed under the table. A row whose float64 logits are constant or whose float64 "
+             "input gradient is zero fails as degenerate.")
     L.append("")
     L.append("**Criterion.** The truth is the PyTorch model in float64 (`model.double()`). Relative error = "
              "max|a - b| / max|b|. camserve's float32 error vs the float64 truth must be "
              "<= max(1e-3, 10 x PyTorch's own float32 error vs float64), for the logits and for the plain "
              "input gradient separately. Near-ties at ReLU/MaxPool make float32 input gradients of deep "
              "random-weight nets ill-conditioned, so PyTorch's own float32 error sets the floor.")
+    L.append("")
+    L.append("**Kinks.** When only the input gradient misses, the float64 gradient is also taken at 4 nearby "
+             "inputs x + 1e-6 * noise (about 10 float32 ulps of a unit-scale pixel). If it moves there by at "
+             "least a tenth of camserve's error (x sits on a ReLU/MaxPool near-tie that any float32 evaluation "
+             "may land on either side of) and camserve meets the same tolerance at 3 of the 4 nearby inputs, "
+             "the row is `pass (kink)`: a wrong rule would miss at all of them. The reason column gives the "
+             "numbers.")
     L.append("")
     L.append("Columns: logits err / grad err = camserve vs float64; torch f32 = PyTorch float32 vs float64 "
              "(logits / gradient).")
@@ -439,25 +497,30 @@ def report(work, rows, out_md, total_s):
         L.append(f"| {r['model']} | {r['exporter']} | {r.get('opset') or ''} | {r['result']} | "
                  f"{fmt(r.get('logits_err'))} | {fmt(r.get('grad_err'))} | {tf} | {reason} |")
     L.append("")
+    redrawn = [f"{r['model']} ({len(r['redrawn'])})" for r in rows
+               if r.get("redrawn") and r["exporter"] == EXPORTERS[0]]
+    L.append("Models with redrawn all-zero parameters (tensor count): " + (", ".join(redrawn) or "none") + ".")
+    L.append("")
     L.append("## Summary")
     L.append("")
     L.append("Pass rate counts only exports that PyTorch produced; export failures are listed separately.")
     L.append("")
-    L.append("| exporter | rows | export failed | camserve pass | pass rate |")
+    L.append("| exporter | rows | export failed | camserve pass (of which kink) | pass rate |")
     L.append("|---|---|---|---|---|")
     for ex in EXPORTERS + ["all"]:
         rs = [r for r in rows if ex == "all" or r["exporter"] == ex]
         ef = sum(r["result"] == "export failed" for r in rs)
-        ok = sum(r["result"] == "pass" for r in rs)
+        ok = sum(is_pass(r) for r in rs)
+        kink = sum(r["result"] == "pass (kink)" for r in rs)
         n = len(rs) - ef
         rate = f"{100 * ok / n:.0f} % ({ok}/{n})" if n else "-"
-        L.append(f"| {ex} | {len(rs)} | {ef} | {ok} | {rate} |")
+        L.append(f"| {ex} | {len(rs)} | {ef} | {ok} ({kink}) | {rate} |")
     L.append("")
     L.append("### Failure reasons")
     L.append("")
     groups = {}
     for r in rows:
-        if r["result"] == "pass":
+        if is_pass(r):
             continue
         for k in ("inspect_output", "augment_output"):
             if r["result"] in ("fail: inspect", "fail: augment") and r.get(k):
@@ -475,6 +538,10 @@ def report(work, rows, out_md, total_s):
 
 
 PASS_GOAL = 0.95
+
+
+def is_pass(r):
+    return r.get("result") in ("pass", "pass (kink)")
 
 
 def main():
@@ -513,7 +580,7 @@ def main():
                 if os.path.exists(rf):
                     with open(rf) as f:
                         prev = json.load(f)
-                    if not args.redo and not (args.redo_failed and prev.get("result") != "pass"):
+                    if not args.redo and not (args.redo_failed and not is_pass(prev)):
                         continue
                 if args.redo:
                     p = os.path.join(args.work, "onnx", f"{name}.{ex}.onnx")
@@ -572,7 +639,7 @@ def main():
     print(f"wrote {args.out} ({len(rows)} rows; this run {time.time() - t0:.0f} s)")
     # The goal (issue 11): at least 95 % of the exports PyTorch produced pass. Exit 1 when it is missed.
     exported = [r for r in rows if r.get("result") != "export failed"]
-    passed = sum(r.get("result") == "pass" for r in exported)
+    passed = sum(is_pass(r) for r in exported)
     rate = passed / len(exported) if exported else 0.0
     print(f"pass rate {passed}/{len(exported)} = {100 * rate:.1f} % (goal >= {100 * PASS_GOAL:.0f} %)")
     if rate < PASS_GOAL:

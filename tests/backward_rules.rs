@@ -792,6 +792,58 @@ fn slice_channels_and_spatial() {
 }
 
 #[test]
+fn slice_with_steps_swin_patch_merging() {
+    // Swin's patch merging: x[:, :, 0::2, 1::2] and x[:, :, 1::2, 0::2] on odd (7) and even (6) extents, the
+    // second with ends past the extent; concatenated so both reach the logits.
+    for d in [7usize, 6] {
+        check_dims(&[2, 2, d, d], |g| {
+            let x = g.x();
+            let (st, en, ax, sp) = (g.ints(&[0, 1]), g.ints(&[i64::MAX, i64::MAX]), g.ints(&[2, 3]), g.ints(&[2, 2]));
+            let a = g.op("Slice", &[&x, &st, &en, &ax, &sp], vec![]);
+            let (st, en) = (g.ints(&[1, 0]), g.ints(&[100, 100]));
+            let b = g.op("Slice", &[&x, &st, &en, &ax, &sp], vec![]);
+            let fa = g.op("Flatten", &[&a], vec![a_i("axis", 1)]);
+            let fb = g.op("Flatten", &[&b], vec![a_i("axis", 1)]);
+            g.op("Concat", &[&fa, &fb], vec![a_i("axis", 1)])
+        });
+    }
+}
+
+#[test]
+fn slice_with_negative_and_mixed_steps() {
+    // Channels reversed (step -1 to INT64_MIN), rows from -2 down to 1 by -3 (indices 5, 2), columns 1..6 by 1
+    // (a Pad), all in one node; then every third column from -6 (a step of 3 with a negative start).
+    check_dims(&[2, 3, 7, 7], |g| {
+        let x = g.x();
+        let (st, en, ax, sp) = (g.ints(&[-1, -2, 1]), g.ints(&[i64::MIN, 0, 6]), g.ints(&[1, -2, 3]), g.ints(&[-1, -3, 1]));
+        let a = g.op("Slice", &[&x, &st, &en, &ax, &sp], vec![]);
+        let (st, en, ax, sp) = (g.ints(&[-6]), g.ints(&[7]), g.ints(&[3]), g.ints(&[3]));
+        let b = g.op("Slice", &[&x, &st, &en, &ax, &sp], vec![]);
+        let fa = g.op("Flatten", &[&a], vec![a_i("axis", 1)]);
+        let fb = g.op("Flatten", &[&b], vec![a_i("axis", 1)]);
+        g.op("Concat", &[&fa, &fb], vec![a_i("axis", 1)])
+    });
+}
+
+#[test]
+fn slice_with_steps_along_the_batch_axis_is_refused() {
+    // With a probe batch of 1, x[0::2] keeps the one item, yet it drops every other item of a served batch.
+    let mut g = G::new(&dims_i64(&DIMS), 11);
+    let x = g.x();
+    let (st, en, ax, sp) = (g.ints(&[0]), g.ints(&[i64::MAX]), g.ints(&[0]), g.ints(&[2]));
+    let y = g.op("Slice", &[&x, &st, &en, &ax, &sp], vec![]);
+    let model = g.finish(&y);
+    let err = match camserve::onnx::rewrite::Explainable::analyse(model, &Default::default()) {
+        Err(e) => e.to_string(),
+        Ok(ex) => ex
+            .build(&camserve::onnx::rewrite::ExplainPlan::new("x_id", [camserve::onnx::rules::ReluRule::Plain]))
+            .expect_err("a strided slice of the batch must be refused")
+            .to_string(),
+    };
+    assert!(err.contains("batch axis"), "{err}");
+}
+
+#[test]
 fn pad_constant() {
     linear(|g| {
         let x = g.x();

@@ -121,8 +121,37 @@ fn ints_input(ctx: &RuleCtx, node: &NodeProto, i: usize, what: &str) -> Result<O
     }
 }
 
+/// The input indices, in output order, that an ONNX Slice with `start`, `end` and `step` takes from an axis of
+/// length `dim` (negative start and end count from the end; both are then clamped as the operator specifies:
+/// to [0, dim] for positive steps, start to [0, dim - 1] and end to [-1, dim - 1] for negative ones).
+fn slice_indices(start: i64, end: i64, step: i64, dim: i64) -> Vec<i64> {
+    let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+    let (s, e) = (wrap(start), wrap(end));
+    if step > 0 {
+        let (s, e) = (s.clamp(0, dim), e.clamp(0, dim));
+        (s..e).step_by(step as usize).collect()
+    } else if step < 0 {
+        let (mut i, e) = (s.clamp(0, dim - 1), e.clamp(-1, dim - 1));
+        let mut out = Vec::new();
+        while i > e {
+            out.push(i);
+            i = match i.checked_add(step) {
+                Some(v) => v,
+                None => break,
+            };
+        }
+        out
+    } else {
+        Vec::new()
+    }
+}
+
 fn slice(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
-    // The gradient is dY padded with zeros back to X's extent (steps of 1).
+    // Along an axis with step 1 the gradient is dY padded with zeros back to X's extent (one Pad for all such
+    // axes). Along an axis with any other step (LeViT's subsampled queries, Swin's patch merging x[..., 0::2,
+    // 1::2, :], a reversal), input index i receives dY at the output position that took it and zero elsewhere:
+    // a Gather with constant indices from dY extended by one zero slab, which moves values without arithmetic,
+    // so it is exact.
     let dy = dy0(node, dy)?;
     let xd = ctx.dims(&node.input[0])?;
     let rank = xd.len();
@@ -134,29 +163,57 @@ fn slice(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[b
         return Err(OnnxError::node(node, "starts/ends/axes/steps lengths differ"));
     }
     let mut pads = vec![0i64; 2 * rank];
+    let mut g = dy.to_string();
     for k in 0..starts.len() {
-        if steps[k] != 1 {
-            return Err(OnnxError::node(node, "Slice with steps other than 1"));
-        }
         let a = norm_axis(axes[k], rank);
         if a < 0 || a as usize >= rank {
             return Err(OnnxError::node(node, "axis out of range"));
         }
-        let dim = xd[a as usize];
-        let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
-        let (s, e) = (clamp(starts[k]), clamp(ends[k]).max(clamp(starts[k])));
-        if ctx.is_batch_axis(&node.input[0], a as usize) && (s != 0 || e != dim) {
-            return Err(OnnxError::node(node, "Slice along the batch axis"));
+        let a = a as usize;
+        let dim = xd[a];
+        if steps[k] == 0 {
+            return Err(OnnxError::node(node, "Slice with a step of 0"));
         }
-        pads[a as usize] = s;
-        pads[rank + a as usize] = dim - e;
+        if ctx.is_batch_axis(&node.input[0], a) {
+            // The probe's batch size says nothing about the served one: only a slice that keeps every item
+            // of any batch (start 0 or below -2^31, end at least 2^31 - 1, step 1) is the identity.
+            let keeps_all = steps[k] == 1 && (starts[k] == 0 || starts[k] <= -(1 << 31)) && ends[k] >= (1 << 31) - 1;
+            if !keeps_all {
+                return Err(OnnxError::node(node, "Slice along the batch axis"));
+            }
+            continue;
+        }
+        let src = slice_indices(starts[k], ends[k], steps[k], dim);
+        if src.len() as i64 == dim && src.iter().enumerate().all(|(o, &i)| i == o as i64) {
+            continue;
+        }
+        if steps[k] == 1 || src.is_empty() {
+            // A run src[0]..=src[last], or nothing: dY (possibly empty along `a`) padded to X's extent.
+            let (lo, hi) = src.first().zip(src.last()).map_or((0, 0), |(&f, &l)| (f, l + 1));
+            pads[a] = lo;
+            pads[rank + a] = dim - hi;
+            continue;
+        }
+        // inv[i]: the output position holding input index i, or len (the zero slab) when none does.
+        let len = src.len() as i64;
+        let mut inv = vec![len; dim as usize];
+        for (o, &i) in src.iter().enumerate() {
+            inv[i as usize] = o as i64;
+        }
+        let axis = ctx.e.ints(&[a as i64]);
+        let (s0, s1) = (ctx.e.ints(&[0]), ctx.e.ints(&[1]));
+        let one = ctx.e.op("Slice", &[&g, &s0, &s1, &axis], vec![], "slice_step_slab");
+        let zero = ctx.zeros_like(&one);
+        let ext = ctx.e.op("Concat", &[&g, &zero], vec![attr::make_int("axis", a as i64)], "slice_step_ext");
+        let idx = ctx.e.ints(&inv);
+        g = ctx.e.op("Gather", &[&ext, &idx], vec![attr::make_int("axis", a as i64)], "slice_step_grad");
     }
     if pads.iter().all(|&p| p == 0) {
-        return Ok(vec![Some(dy.to_string())]);
+        return Ok(vec![Some(g)]);
     }
     let p = ctx.e.ints(&pads);
     let zero = ctx.e.scalar(0.0);
-    Ok(vec![Some(ctx.e.op("Pad", &[dy, &p, &zero], vec![attr::make_string("mode", "constant")], "slice_grad"))])
+    Ok(vec![Some(ctx.e.op("Pad", &[&g, &p, &zero], vec![attr::make_string("mode", "constant")], "slice_grad"))])
 }
 
 fn pad(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Grads {
