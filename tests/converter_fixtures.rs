@@ -14,8 +14,8 @@
 //!   Linear, softmax) exported by paddle2onnx at opset 11 with a dynamic batch dim, without and with paddle2onnx's
 //!   default Polygraphy constant folding; both share `paddle.npz`.
 //!
-//! `keras_tf2onnx` and `keras_tf2onnx_op17` are `#[ignore]`d while camserve refuses them (see their reasons);
-//! `cargo test --test converter_fixtures -- --include-ignored` runs them.
+//! `keras_tf2onnx` (opset 13) and `keras_tf2onnx_op17` carry tf2onnx's SYMMETRIC MirrorPad: a Compress along
+//! H and W whose condition is built at run time with ScatterElements from the tensor's shape.
 //!
 //! Each `converters/<name>.npz` holds a batch of 2 images `x` (NCHW, what camserve's explain graph takes for NHWC
 //! models too), one-hot `seed` rows for targets 3 and 7, and the framework's pre-softmax `logits` and
@@ -91,7 +91,6 @@ fn check(onnx: &str, npz: &str, ex: &Explainable) {
 
 /// tf2onnx's NHWC model: detected as NHWC, fed NCHW, Softmax stripped, gradients equal TF's (transposed).
 #[test]
-#[ignore = "camserve refuses it: ScatterElements (in tf2onnx's SYMMETRIC pad masks, off the gradient path) at opset 13 has no upgrade to 17"]
 fn keras_tf2onnx() {
     let ex = analyse("keras_tf2onnx.onnx");
     assert_eq!(ex.input_layout, InputLayout::Nhwc, "tf2onnx's [N, 32, 32, 3] input is not detected as NHWC");
@@ -100,7 +99,6 @@ fn keras_tf2onnx() {
 
 /// The same Keras model exported at opset 17, which camserve does not need to upgrade.
 #[test]
-#[ignore = "camserve refuses it: Compress (tf2onnx's SYMMETRIC pad) has no backward rule"]
 fn keras_tf2onnx_op17() {
     let ex = analyse("keras_tf2onnx_op17.onnx");
     assert_eq!(ex.input_layout, InputLayout::Nhwc, "tf2onnx's [N, 32, 32, 3] input is not detected as NHWC");

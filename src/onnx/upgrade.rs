@@ -14,16 +14,22 @@ use super::{attr, default_opset, is_default_domain, tensor, OnnxError, Result};
 pub const TARGET_OPSET: i64 = 17;
 const OLDEST_OPSET: i64 = 7;
 
-/// Ops whose meaning for inference did not change from opset 7 to 17, or that `upgrade` converts.
+/// Ops whose meaning for inference did not change from opset 7 (or the opset that introduced them) to 17, or
+/// that `upgrade` converts. The later additions changed only in types or in attributes whose defaults keep the
+/// old meaning: ScatterElements/ScatterND (`reduction`, 16: default none), GatherND (`batch_dims`, 12: default 0),
+/// Compress (negative axes, 11), CumSum, NonZero, Mod, Round, Sign, Sin, Cos, Einsum, Trilu, the comparison ops
+/// and the Reduce family below 18 (axes stay an attribute; ReduceSum's is moved to an input above).
 const KNOWN_OPS: &[&str] = &[
-    "Abs", "Add", "And", "ArgMax", "ArgMin", "AveragePool", "BatchNormalization", "Cast", "Ceil", "Clip", "Concat",
-    "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Div", "Dropout", "Elu", "Equal", "Erf", "Exp", "Expand",
-    "Flatten", "Floor", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "HardSigmoid", "Identity",
-    "InstanceNormalization", "LRN", "LeakyRelu", "Less", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool", "Mean",
-    "Min", "Mul", "Neg", "Not", "Or", "PRelu", "Pad", "Pow", "Range", "Reciprocal", "ReduceL2", "ReduceMax",
-    "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "Relu", "Reshape", "Resize", "Selu", "Shape", "Sigmoid", "Size",
-    "Slice", "Softmax", "Softplus", "Softsign", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Tile",
-    "Transpose", "Unsqueeze", "Upsample", "Where",
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "AveragePool", "BatchNormalization", "Cast", "Ceil", "Clip", "Compress",
+    "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "CumSum", "Div", "Dropout", "Einsum",
+    "Elu", "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gemm",
+    "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "HardSigmoid", "Identity",
+    "InstanceNormalization", "LRN", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max",
+    "MaxPool", "Mean", "Min", "Mod", "Mul", "Neg", "NonZero", "Not", "Or", "PRelu", "Pad", "Pow", "Range",
+    "Reciprocal", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
+    "ReduceSum", "ReduceSumSquare", "Relu", "Reshape", "Resize", "Round", "ScatterElements", "ScatterND", "Selu",
+    "Shape", "Sigmoid", "Sign", "Sin", "Size", "Slice", "Softmax", "Softplus", "Softsign", "Split", "Sqrt",
+    "Squeeze", "Sub", "Sum", "Tanh", "Tile", "Transpose", "Trilu", "Unsqueeze", "Upsample", "Where", "Xor",
 ];
 
 /// Upgrades `model` in place when its default-domain opset is below [`TARGET_OPSET`]. `rank` gives the rank of

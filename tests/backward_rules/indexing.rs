@@ -1,4 +1,4 @@
-//! Indexing and selection: Gather, GatherElements, GatherND, ScatterElements, ScatterND, Where, Tile.
+//! Indexing and selection: Gather, GatherElements, GatherND, ScatterElements, ScatterND, Where, Tile, Compress.
 //! All are linear in the float inputs (Where given its condition), so every check uses LINEAR; the Swin-style
 //! masked fill is followed by a Softmax (SMOOTH).
 
@@ -355,4 +355,26 @@ fn tile_along_the_batch_axis_is_refused() {
         g.op("Reshape", &[&t, &s], vec![])
     });
     assert!(msg.contains("batch axis"), "{msg}");
+}
+
+// ---------------------------------------------------------------- Compress
+
+#[test]
+fn compress_constant_and_run_time_conditions() {
+    // Channels by a constant condition [false, true], then columns by one computed at run time from the shape
+    // (i mod 3 < 2: columns 0, 1, 3, 4, 6), as tf2onnx's SYMMETRIC MirrorPad builds its condition.
+    linear(|g| {
+        let x = g.x();
+        let keep = bool_init(g, &[2], &[false, true]);
+        let c = g.op("Compress", &[&x, &keep], vec![a_i("axis", 1)]);
+        let s = g.op("Shape", &[&x], vec![]);
+        let i3 = int_init(g, &[], &[3]);
+        let w = g.op("Gather", &[&s, &i3], vec![a_i("axis", 0)]);
+        let (z, one) = (int_init(g, &[], &[0]), int_init(g, &[], &[1]));
+        let r = g.op("Range", &[&z, &w, &one], vec![]);
+        let m = g.op("Mod", &[&r, &i3], vec![]);
+        let two = int_init(g, &[], &[2]);
+        let cond = g.op("Less", &[&m, &two], vec![]);
+        g.op("Compress", &[&c, &cond], vec![a_i("axis", -1)])
+    });
 }

@@ -1,5 +1,5 @@
 //! Indexing and selection: Gather, GatherElements, GatherND, ScatterElements, ScatterND (reduction "none"),
-//! Where, Tile.
+//! Where, Tile, Compress.
 //!
 //! The gathers' gradients scatter-add the output gradient into zeros (ScatterElements / ScatterND with
 //! reduction "add", opset 16+), which accumulates repeated indices and takes indices computed at run time. Only
@@ -25,6 +25,7 @@ pub(super) fn register(m: &mut HashMap<&'static str, BackwardRule>) {
     m.insert("ScatterND", scatter_nd);
     m.insert("Where", where_);
     m.insert("Tile", tile);
+    m.insert("Compress", compress);
 }
 
 type Grads = Result<Vec<Option<String>>>;
@@ -351,5 +352,40 @@ fn tile(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bo
     let r = ctx.e.op("Reshape", &[dy, &s], vec![], "tile_grad_split");
     let a = ctx.e.ints(&axes);
     out[0] = Some(ctx.e.op("ReduceSum", &[&r, &a], vec![attr::make_int("keepdims", 0)], "tile_grad"));
+    Ok(out)
+}
+
+fn compress(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
+    // y = x.compress(cond, axis): the slices of x along `axis` where cond holds, in order (tf2onnx's SYMMETRIC
+    // MirrorPad drops the mirrored edge this way, with cond computed at run time from the shape). Slice i of x
+    // is slice p(i) = cumsum(cond)[i] - 1 of y where cond[i] holds, else it gets no gradient: dX = Gather(
+    // Concat(zeros, dY), (p(i) + 1) * cond[i]) along `axis`, the leading zero slab serving the dropped slices.
+    // It moves values without arithmetic (exact), takes cond at run time, and works when y is empty.
+    let dy = dy0(node, dy)?;
+    let x = node.input[0].clone();
+    let cond = input(node, 1).ok_or_else(|| OnnxError::node(node, "no condition input"))?.to_string();
+    let xd = ctx.dims(&x)?;
+    let rank = xd.len();
+    if attr::int(node, "axis").is_none() {
+        return Err(OnnxError::node(node, "Compress without an axis (on the flattened input) is not supported"));
+    }
+    let a = indexed_axis(ctx, node, &x, rank, false)?;
+    let cd = ctx.dims(&cond)?;
+    if cd.len() != 1 || cd[0] != xd[a] {
+        return Err(OnnxError::node(node, "a condition shorter or longer than the compressed axis is not supported"));
+    }
+    let to_i64 = vec![attr::make_int("to", INT64 as i64)];
+    let c = ctx.e.op("Cast", &[&cond], to_i64, "compress_cond_i64");
+    let zero = ctx.e.const_i64(&[], &[0]);
+    let pos = ctx.e.op("CumSum", &[&c, &zero], vec![], "compress_pos");
+    // cumsum(cond)[i] is p(i) + 1 where cond holds; times cond, 0 (the zero slab) where it does not.
+    let idx = ctx.e.op("Mul", &[&pos, &c], vec![], "compress_index");
+    let axis = ctx.e.ints(&[a as i64]);
+    let (s0, s1) = (ctx.e.ints(&[0]), ctx.e.ints(&[1]));
+    let slab = ctx.e.op("Slice", &[&x, &s0, &s1, &axis], vec![], "compress_slab");
+    let zeros = ctx.zeros_like(&slab);
+    let ext = ctx.e.op("Concat", &[&zeros, dy], vec![attr::make_int("axis", a as i64)], "compress_ext");
+    let mut out = vec![None; node.input.len()];
+    out[0] = Some(ctx.e.op("Gather", &[&ext, &idx], vec![attr::make_int("axis", a as i64)], "compress_grad"));
     Ok(out)
 }
