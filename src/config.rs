@@ -147,7 +147,7 @@ impl Default for ServerConfig {
             cors_origins: vec![],
             max_top_k: 10,
             max_targets: 10,
-            max_methods: 10,
+            max_methods: 12,
             drain_delay_ms: 1_000,
             shutdown_grace_ms: 30_000,
         }

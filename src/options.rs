@@ -46,6 +46,12 @@ fn list(v: &str) -> Vec<String> {
     v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
+/// Method names, left untrimmed at the end: `Method::parse` trims them, after recognising `gradcam++` typed
+/// unencoded into a query string (where it arrives as "gradcam  ").
+fn method_list(v: &str) -> Vec<String> {
+    v.split(',').map(|s| s.trim_start().to_string()).filter(|s| !s.trim_end().is_empty()).collect()
+}
+
 fn target_from_str(s: &str) -> TargetSpec {
     match s.parse::<i64>() {
         Ok(i) => TargetSpec::Index(i),
@@ -57,7 +63,7 @@ impl RawOptions {
     /// Sets one option from a text value (query string or multipart text part). Lists are comma-separated.
     pub fn set_text(&mut self, key: &str, value: &str) -> Result<(), OptionError> {
         match key {
-            "methods" | "method" => self.methods.get_or_insert_with(Vec::new).extend(list(value)),
+            "methods" | "method" => self.methods.get_or_insert_with(Vec::new).extend(method_list(value)),
             "target" | "targets" => self.target.get_or_insert_with(Vec::new).extend(list(value).iter().map(|s| target_from_str(s))),
             "top_k" => self.top_k = Some(value.trim().parse().map_err(|_| invalid(format!("top_k must be an integer, not `{value}`")))?),
             "layer" => self.layer = Some(value.to_string()),

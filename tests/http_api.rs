@@ -568,8 +568,19 @@ async fn vision_transformer_without_reshape_transform() {
         raws.push(e["raw"]["data"].clone());
     }
     assert_eq!(raws[0], raws[1]);
-    let r = s.client.post(s.url("/v1/models/vit/explain?layer=blocks.9")).header("content-type", "image/jpeg").body(img).send().await.unwrap();
+    let r = s.client.post(s.url("/v1/models/vit/explain?layer=blocks.9")).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap();
     let (st, b) = json_of(r, EXPLAIN, "post").await;
     assert_eq!(st, 422, "{b}");
+    // Every method the model offers (the attention ones included) in one request, within the default limit;
+    // `gradcam++` unencoded in the query string (its '+' signs decode to spaces) is still Grad-CAM++.
+    let all: Vec<&str> = m["methods"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(all.contains(&"attention_rollout") && all.contains(&"gradient_rollout"), "{all:?}");
+    assert_eq!(all.len(), camserve::config::Config::default().server.max_methods, "the default limit is every method once");
+    let url = s.url(&format!("/v1/models/vit/explain?methods={}&outputs=raw", all.join(",")));
+    let r = s.client.post(url).header("content-type", "image/jpeg").body(img).send().await.unwrap();
+    let (st, b) = json_of(r, EXPLAIN, "post").await;
+    assert_eq!(st, 200, "{b}");
+    let got: Vec<&str> = b["explanations"].as_array().unwrap().iter().map(|e| e["method"].as_str().unwrap()).collect();
+    assert_eq!(got, all);
     s.stop().await.unwrap();
 }

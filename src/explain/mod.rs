@@ -74,7 +74,13 @@ impl Method {
     }
 
     pub fn parse(s: &str) -> Option<Method> {
-        let s = s.trim().to_ascii_lowercase();
+        let s = s.trim_start().to_ascii_lowercase();
+        // `?methods=gradcam++` typed into a URL arrives as "gradcam  " ('+' is a space in a query string);
+        // trimming it would silently give plain Grad-CAM.
+        if s == "gradcam  " {
+            return Some(Method::GradCamPlusPlus);
+        }
+        let s = s.trim_end();
         Method::ALL.into_iter().find(|m| m.as_str() == s)
     }
 
