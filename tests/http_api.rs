@@ -339,6 +339,17 @@ async fn errors_are_problems_with_the_right_status() {
     let r = s.client.get(s.url("/v2/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
+    // So is a known route with the wrong method: 405 with problem details and the Allow header.
+    for (req, allow) in [(s.client.get(&url), "POST"), (s.client.delete(s.url("/v1/models")), "GET")] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        assert!(r.headers()["allow"].to_str().unwrap().contains(allow), "{:?}", r.headers());
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["status"], 405);
+        assert_eq!(body["type"], "urn:camserve:problem:method-not-allowed");
+        assert!(body["detail"].as_str().unwrap().contains("not allowed"), "{body}");
+    }
     let (st, _) = json_of(s.client.post(&url).header("content-type", "image/jpeg").body(jpg).send().await.unwrap(), EXPLAIN, "post").await;
     assert_eq!(st, 200);
     s.stop().await.unwrap();

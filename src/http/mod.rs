@@ -88,6 +88,7 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         .merge(ops)
         .merge(v1)
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         // The body limit is enforced while reading (413 problem+json); the default 2 MB limit would cut it.
         .layer(axum::extract::DefaultBodyLimit::max(state.body_limit))
         .layer(error::catch_panics())

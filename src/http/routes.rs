@@ -63,6 +63,15 @@ pub async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
 }
 
+/// A known path with the wrong method: 405 problem+json (axum adds the `Allow` header).
+pub async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        format!("{} is not allowed on {} (see the Allow header)", req.method(), req.uri().path()),
+    )
+}
+
 #[derive(Serialize)]
 pub struct LayerView {
     name: String,
