@@ -25,6 +25,9 @@ pub enum ImageError {
     UnknownFormat,
     #[error("the image is {width}x{height} pixels, over the limit of {limit}")]
     TooLarge { width: u32, height: u32, limit: String },
+    /// The decoder stopped at a limit before the size was known (an allocation in a decoder's own format).
+    #[error("the image is over the decoder's limits ({0})")]
+    OverDecoderLimit(String),
     #[error("the image cannot be decoded: {0}")]
     Undecodable(String),
 }
@@ -44,6 +47,14 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
         }
         Some(f) if FORMATS.contains(&f) => {}
         _ => return Err(ImageError::UnknownFormat),
+    }
+    // The size from the header alone (no pixel is decoded), so an oversized upload is refused naming its size.
+    let header = ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok().and_then(|r| r.into_dimensions().ok());
+    if let Some((w, h)) = header
+        && (w > limits.max_dimension || h > limits.max_dimension || w as u64 * h as u64 > limits.max_pixels)
+    {
+        let limit = format!("{} pixels and {} per side", limits.max_pixels, limits.max_dimension);
+        return Err(ImageError::TooLarge { width: w, height: h, limit });
     }
     let mut l = image::Limits::default();
     l.max_image_width = Some(limits.max_dimension);
@@ -79,11 +90,9 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
 
 fn too_large_or(e: image::ImageError, limits: DecodeLimits) -> ImageError {
     match e {
-        image::ImageError::Limits(l) => ImageError::TooLarge {
-            width: 0,
-            height: 0,
-            limit: format!("{} pixels / {} per side ({l})", limits.max_pixels, limits.max_dimension),
-        },
+        image::ImageError::Limits(l) => {
+            ImageError::OverDecoderLimit(format!("{} pixels and {} per side; {l}", limits.max_pixels, limits.max_dimension))
+        }
         other => ImageError::Undecodable(other.to_string()),
     }
 }
@@ -218,7 +227,10 @@ mod tests {
         p[29..33].copy_from_slice(&crc.to_be_bytes());
         let big = DecodeLimits { max_pixels: 40_000_000, max_dimension: 100_000 };
         assert!(matches!(decode(&p, big), Err(ImageError::TooLarge { width: 50000, height: 50000, .. })), "{:?}", decode(&p, big));
-        assert!(matches!(decode(&p, LIMITS), Err(ImageError::TooLarge { .. })));
+        // Over the side limit too: the message still names the size (it once said "0x0").
+        let e = decode(&p, LIMITS).unwrap_err();
+        assert!(matches!(e, ImageError::TooLarge { width: 50000, height: 50000, .. }), "{e:?}");
+        assert!(e.to_string().starts_with("the image is 50000x50000 pixels, over the limit"), "{e}");
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl From<OptionError> for ServiceError {
 impl From<ImageError> for ServiceError {
     fn from(e: ImageError) -> Self {
         match e {
-            ImageError::TooLarge { .. } => ServiceError::TooLarge(e.to_string()),
+            ImageError::TooLarge { .. } | ImageError::OverDecoderLimit(_) => ServiceError::TooLarge(e.to_string()),
             _ => ServiceError::BadRequest(e.to_string()),
         }
     }
