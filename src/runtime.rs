@@ -2,8 +2,10 @@
 //!
 //! `ort` allows one environment per process and keeps only a weak reference to it, so camserve creates it once
 //! here and keeps it for the life of the process. The library is found, in order, from: an explicit path
-//! (config `runtime.ort_library`), `ORT_DYLIB_PATH`, `.ort/libonnxruntime.so` next to the executable's project
-//! (where `scripts/fetch-ort.sh` puts it) or in the current folder, and `libonnxruntime.so` beside the executable.
+//! (config `runtime.ort_library`), `ORT_DYLIB_PATH`, then in the executable's project (its folder and up to three
+//! above: `target/release/camserve` -> the checkout) `.ort-gpu/libonnxruntime.so` (`scripts/fetch-ort.sh gpu`:
+//! onnxruntime-gpu, which runs on CPU too) before `.ort/libonnxruntime.so` (`scripts/fetch-ort.sh`), then
+//! `libonnxruntime.so` beside the executable, then `.ort-gpu/` and `.ort/` in the current folder.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -26,25 +28,28 @@ struct Loaded {
 }
 
 static RUNTIME: OnceLock<Result<Loaded, RuntimeError>> = OnceLock::new();
-/// Candidate library paths, most specific first.
+/// Candidate library paths, most specific first (the order in the module comment).
 pub fn candidate_paths(explicit: Option<&Path>) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Some(p) = explicit {
-        out.push(p.to_path_buf());
-    }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        out.push(PathBuf::from(p));
-    }
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe.parent() {
-            // target/{debug,release}[/deps]/camserve -> project root
-            for up in dir.ancestors().take(4) {
-                out.push(up.join(".ort/libonnxruntime.so"));
-            }
-            out.push(dir.join("libonnxruntime.so"));
+    let exe = std::env::current_exe().ok();
+    let cwd = std::env::current_dir().ok();
+    let env = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from);
+    candidates_from(explicit, env.as_deref(), exe.as_deref().and_then(Path::parent), cwd.as_deref())
+}
+
+/// The folders `scripts/fetch-ort.sh` fills: the GPU flavour first, since whoever fetched it wants CUDA.
+const FETCHED: [&str; 2] = [".ort-gpu/libonnxruntime.so", ".ort/libonnxruntime.so"];
+
+fn candidates_from(explicit: Option<&Path>, env: Option<&Path>, exe_dir: Option<&Path>, cwd: Option<&Path>) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = explicit.into_iter().chain(env).map(Path::to_path_buf).collect();
+    if let Some(dir) = exe_dir {
+        // target/{debug,release}[/deps]/camserve -> project root
+        for up in dir.ancestors().take(4) {
+            out.extend(FETCHED.iter().map(|f| up.join(f)));
         }
-    if let Ok(cwd) = std::env::current_dir() {
-        out.push(cwd.join(".ort/libonnxruntime.so"));
+        out.push(dir.join("libonnxruntime.so"));
+    }
+    if let Some(cwd) = cwd {
+        out.extend(FETCHED.iter().map(|f| cwd.join(f)));
     }
     out
 }
@@ -87,4 +92,37 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .cloned()
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "no message".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_lookup_order_is_as_documented() {
+        let p = |s: &str| PathBuf::from(s);
+        let got = candidates_from(
+            Some(Path::new("/cfg/lib.so")),
+            Some(Path::new("/env/lib.so")),
+            Some(Path::new("/repo/target/release")),
+            Some(Path::new("/work")),
+        );
+        let want = vec![
+            p("/cfg/lib.so"),
+            p("/env/lib.so"),
+            p("/repo/target/release/.ort-gpu/libonnxruntime.so"),
+            p("/repo/target/release/.ort/libonnxruntime.so"),
+            p("/repo/target/.ort-gpu/libonnxruntime.so"),
+            p("/repo/target/.ort/libonnxruntime.so"),
+            p("/repo/.ort-gpu/libonnxruntime.so"),
+            p("/repo/.ort/libonnxruntime.so"),
+            p("/.ort-gpu/libonnxruntime.so"),
+            p("/.ort/libonnxruntime.so"),
+            p("/repo/target/release/libonnxruntime.so"),
+            p("/work/.ort-gpu/libonnxruntime.so"),
+            p("/work/.ort/libonnxruntime.so"),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(candidates_from(None, None, None, None), Vec::<PathBuf>::new());
+    }
 }

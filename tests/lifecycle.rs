@@ -43,6 +43,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     let r = fresh.get(s.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(r.headers()["retry-after"], "1", "docs/OPERATIONS.md promises Retry-After on the draining 503");
     assert_eq!(fresh.get(s.url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(in_flight.await.unwrap().unwrap(), 200, "the queued request finished");
     s.stop().await.unwrap();

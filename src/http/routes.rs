@@ -20,11 +20,14 @@ pub async fn healthz() -> Json<serde_json::Value> {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    // Both 503s carry Retry-After (docs/OPERATIONS.md): a prober or client that honours it comes back after the
+    // drain delay's order of magnitude instead of hammering.
+    let unavailable = |kind, detail| ApiError { retry_after: Some(1), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, kind, detail) };
     if state.service.is_draining() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "the server is shutting down"));
+        return Err(unavailable("draining", "the server is shutting down"));
     }
     if !state.service.is_ready() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "the models are still loading"));
+        return Err(unavailable("not-ready", "the models are still loading"));
     }
     Ok(Json(serde_json::json!({"status": "ready"})))
 }
