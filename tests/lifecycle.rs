@@ -1,4 +1,4 @@
-//! Readiness, request ids and graceful shutdown.
+//! Readiness, request ids and graceful shutdown: in process, and the real binary under a real SIGTERM.
 
 #[path = "support/server.rs"]
 mod server;
@@ -22,7 +22,8 @@ async fn request_ids_are_kept_or_made() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_requests_then_exits() {
+async fn shutdown_signal_drains_in_flight_requests_then_exits() {
+    // In process, the shutdown future standing in for the signal; the real binary and a real SIGTERM are below.
     let mut config = demo_config();
     config.batching.max_wait_ms = 600; // keeps the request queued while the shutdown starts
     config.batching.max_batch = 64;
@@ -50,4 +51,134 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(started.elapsed() < Duration::from_secs(5), "exited promptly after draining");
     // The listener is closed now.
     assert!(fresh.get(s.url("/healthz")).send().await.is_err());
+}
+
+/// The real `camserve serve` process, its port read from its "listening" log line.
+struct Process {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts the binary on the demo model with `server` settings and a batcher that holds a request for 600
+    /// ms (so one is in flight when the signal comes), and waits until it is ready.
+    async fn start(server: &str) -> Process {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("camserve.toml");
+        let models = root().join("models");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nbind = \"127.0.0.1:0\"\n{server}\n[runtime]\ndevice = \"cpu\"\nthreads = 1\n\
+                 [batching]\nmax_wait_ms = 600\nmax_batch = 64\n\
+                 [[models]]\nname = \"demo\"\npath = \"{}\"\nlabels = \"{}\"\n",
+                models.join("demo.onnx").display(),
+                models.join("demo.labels.txt").display()
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(k) = line.find("127.0.0.1:") {
+                    let port: String = line[k + 10..].chars().take_while(|c| c.is_ascii_digit()).collect();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(port);
+                    }
+                }
+            }
+        });
+        let port = rx.recv_timeout(Duration::from_secs(30)).expect("no `listening` line from camserve serve");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+                && r.status() == 200
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "camserve serve did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Process { child, base, _dir: dir }
+    }
+
+    fn sigterm(&self) {
+        let st = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits up to `limit` for the process to exit; its status and when it exited.
+    async fn wait(&mut self, limit: Duration) -> (std::process::ExitStatus, Instant) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st, Instant::now());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("camserve did not exit within {limit:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A real SIGTERM to the real binary, mid-request: readyz turns 503 at once (with Retry-After), the queued
+/// request still completes, and the process exits 0 well within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_sigterm_mid_request_drains_and_exits_zero() {
+    let mut p = Process::start("drain_delay_ms = 300\nshutdown_grace_ms = 10000").await;
+    let url = format!("{}/v1/models/demo/explain?methods=gradcam&outputs=raw", p.base);
+    let in_flight = tokio::spawn(async move {
+        reqwest::Client::new().post(url).header("content-type", "image/jpeg").body(image_bytes("010.jpg")).send().await.map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let signalled = Instant::now();
+    p.sigterm();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = reqwest::get(format!("{}/readyz", p.base)).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200, "the request in flight at SIGTERM completed");
+    let (status, exited) = p.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+    assert!(exited - signalled < Duration::from_secs(5), "exited {:?} after SIGTERM", exited - signalled);
+}
+
+/// The grace period runs out: a client that stalls mid-body (the body timeout is 30 s) does not hold the
+/// process; it exits 0 after drain delay + grace and the stalled connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_period_running_out_ends_the_process() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut p = Process::start("drain_delay_ms = 100\nshutdown_grace_ms = 700\nbody_timeout_ms = 30000").await;
+    let addr = p.base.trim_start_matches("http://").to_string();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/models/demo/explain HTTP/1.1\r\nhost: x\r\ncontent-type: image/jpeg\r\ncontent-length: 100000\r\n\r\n\xff\xd8")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signalled = Instant::now();
+    p.sigterm();
+    let (status, exited) = p.wait(Duration::from_secs(10)).await;
+    let took = exited - signalled;
+    assert_eq!(status.code(), Some(0), "exit status when the grace period runs out");
+    assert!(took >= Duration::from_millis(750), "exited after {took:?}, before drain delay + grace");
+    assert!(took < Duration::from_secs(5), "exited after {took:?}: the stalled upload held the process");
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(2), stalled.read_to_end(&mut buf)).await;
+    assert!(matches!(n, Ok(Ok(_)) | Ok(Err(_))), "the stalled connection is closed with the process");
 }
