@@ -190,14 +190,20 @@ fn worker(mut runner: ModelRunner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
     while let Some(jobs) = work_rx.blocking_recv() {
         let started = Instant::now();
         let plan = jobs[0].job.plan.clone();
-        let batch = assemble(&jobs, &info);
-        let rows = batch.ranks.len();
+        let rows: usize = jobs.iter().map(|q| q.job.targets.len().max(1)).sum();
         let plan_label = plan_label(&plan);
-        // A panic inside ONNX Runtime's bindings fails this batch, not the model: the worker keeps serving.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&plan, &batch))).unwrap_or_else(|p| {
+        // A panic while stacking the batch or inside ONNX Runtime's bindings fails this batch, not the model:
+        // the worker keeps serving.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            test_hooks::maybe_panic(&info.name);
+            let batch = assemble(&jobs, &info);
+            runner.run(&plan, &batch)
+        }))
+        .unwrap_or_else(|p| {
             let msg = crate::runtime::panic_message(&*p);
             tracing::error!(model = %info.name, plan = %plan_label, rows, "inference panicked: {msg}");
-            Err(EngineError::Ort(format!("inference failed unexpectedly ({msg})")))
+            // The message stays in the log: a 500 does not hand internals to the client.
+            Err(EngineError::Ort("inference failed unexpectedly (a bug; the cause is in the server log)".into()))
         });
         let inference = started.elapsed();
         metrics::histogram!("camserve_inference_duration_seconds", "model" => info.name.clone(), "plan" => plan_label.clone())
@@ -217,6 +223,7 @@ fn worker(mut runner: ModelRunner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
                     };
                     Ok(JobOutput { output, queue: started - q.enqueued, inference, batch_rows: rows })
                 }
+                Err(EngineError::Ort(m)) => Err(EngineError::Ort(m.clone())),
                 Err(e) => Err(EngineError::Ort(e.to_string())),
             };
             offset += n;
@@ -253,7 +260,36 @@ fn assemble(jobs: &[Queued], info: &ModelInfo) -> Batch {
 pub fn plan_label(plan: &PlanKey) -> String {
     match plan {
         PlanKey::Predict => "predict".into(),
-        PlanKey::Explain(p) if p.rules.is_empty() => "cam".into(),
-        PlanKey::Explain(p) => format!("cam+{}", p.rules.iter().map(|r| r.as_str()).collect::<Vec<_>>().join("+")),
+        PlanKey::Explain(p) => {
+            let mut parts = vec!["cam"];
+            parts.extend(p.rules.iter().map(|r| r.as_str()));
+            if p.attention {
+                parts.push("attention");
+            }
+            parts.join("+")
+        }
+    }
+}
+
+/// A panic on demand inside a batch, for the tests of the worker's protection (tests/batching.rs). Nothing but
+/// a test calls `panic_next_batch`; the check is one uncontended lock per batch.
+#[doc(hidden)]
+pub mod test_hooks {
+    use std::sync::Mutex;
+
+    static PANIC_FOR: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    /// The next batch of model `model` panics inside the worker's protection.
+    pub fn panic_next_batch(model: &str) {
+        PANIC_FOR.lock().unwrap_or_else(|e| e.into_inner()).push(model.to_string());
+    }
+
+    pub(super) fn maybe_panic(model: &str) {
+        let mut armed = PANIC_FOR.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = armed.iter().position(|m| m == model) {
+            armed.swap_remove(i);
+            drop(armed);
+            panic!("test hook: injected panic in a batch of model `{model}`");
+        }
     }
 }

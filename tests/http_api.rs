@@ -595,3 +595,27 @@ async fn vision_transformer_without_reshape_transform() {
     assert_eq!(got, all);
     s.stop().await.unwrap();
 }
+
+/// A panic inside a batch (injected through the batcher's test hook, inside the worker's protection that also
+/// covers stacking the batch) answers 500 problem+json, and the same model serves the next request.
+#[tokio::test]
+async fn a_panic_in_a_batch_is_a_500_and_the_model_keeps_serving() {
+    let mut config = demo_config();
+    config.models[0].name = "panicky".into(); // the hook is per model: no other test's batches are touched
+    let mut s = Server::start(config).await;
+    let url = s.url("/v1/models/panicky/explain?methods=gradcam&outputs=raw");
+    let img = image_bytes("010.jpg");
+    camserve::batcher::test_hooks::panic_next_batch("panicky");
+    let r = s.client.post(&url).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap();
+    let (st, body) = json_of(r, EXPLAIN, "post").await;
+    assert_eq!(st, 500, "{body}");
+    assert_eq!(body["type"], "urn:camserve:problem:internal", "{body}");
+    assert!(!body["detail"].as_str().unwrap().contains("test hook"), "a panic message is logged, not sent: {body}");
+    for _ in 0..2 {
+        let r = s.client.post(&url).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap();
+        let (st, body) = json_of(r, EXPLAIN, "post").await;
+        assert_eq!(st, 200, "{body}");
+    }
+    assert_eq!(s.client.get(s.url("/readyz")).send().await.unwrap().status(), 200);
+    s.stop().await.unwrap();
+}
