@@ -3,7 +3,8 @@
 //! nothing panics; every failure is an error value with the right kind. Inputs are random bytes and mutations of
 //! valid inputs (bit flips, truncations, splices).
 //!
-//! CI runs a few hundred cases per target; long runs: `FUZZ_CASES=20000 cargo test --release --test fuzz`.
+//! CI runs FUZZ_CASES (default 200) cases per target, a quarter of that (50) for the two model targets, which
+//! build ONNX Runtime sessions; long runs: `scripts/fuzz-long.sh` or `FUZZ_CASES=20000 cargo test --release --test fuzz`.
 //! Findings are fixed and kept as regression cases in `tests/fuzz_corpus/`.
 
 use std::sync::OnceLock;
