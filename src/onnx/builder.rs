@@ -13,13 +13,23 @@ pub struct Emitter {
     pub nodes: Vec<NodeProto>,
     pub initializers: Vec<TensorProto>,
     prefix: String,
+    /// Initializer names start with this (the prefix given to `new`): emitters with different prefixes never
+    /// collide when their work ends up in one graph.
+    const_prefix: String,
     used: HashMap<String, usize>,
     consts: HashMap<String, String>,
 }
 
 impl Emitter {
     pub fn new(prefix: &str) -> Self {
-        Emitter { nodes: Vec::new(), initializers: Vec::new(), prefix: prefix.to_string(), used: HashMap::new(), consts: HashMap::new() }
+        Emitter {
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            prefix: prefix.to_string(),
+            const_prefix: format!("{prefix}const/"),
+            used: HashMap::new(),
+            consts: HashMap::new(),
+        }
     }
 
     /// Changes the prefix of the names made from now on (one per backward chain).
@@ -87,7 +97,7 @@ impl Emitter {
         if let Some(name) = key.as_ref().and_then(|k| self.consts.get(k)) {
             return name.clone();
         }
-        let name = format!("camserve/const/{}", self.initializers.len());
+        let name = format!("{}{}", self.const_prefix, self.initializers.len());
         self.initializers.push(make(&name));
         if let Some(k) = key {
             self.consts.insert(k, name.clone());

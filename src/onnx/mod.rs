@@ -6,6 +6,7 @@
 pub mod attr;
 pub mod builder;
 pub mod contract;
+pub mod decompose;
 pub mod error;
 pub mod flow;
 pub mod functions;

@@ -18,7 +18,7 @@ use super::graph::{node_label, GraphIndex};
 use super::probe::{probe, Probe};
 use super::proto::{tensor_shape_proto, type_proto, ModelProto, TensorShapeProto, TypeProto, ValueInfoProto};
 use super::rules::{self, ReluRule, RuleCtx};
-use super::{flow, functions, io, layers, tensor, upgrade, OnnxError, Result};
+use super::{decompose, flow, functions, io, layers, tensor, upgrade, OnnxError, Result};
 
 /// What one explain graph computes: the target layer and the input-gradient rules (possibly none).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -187,6 +187,11 @@ impl Explainable {
                 stripped_output_op = Some(p.op_type().to_string());
             }
         let mut probed = probe(&model, &input, &input_dims)?;
+        if decompose::needed(&model) {
+            decompose::decompose(&mut model, &probed)?;
+            // Also proves that ONNX Runtime runs the spelled-out graph.
+            probed = probe(&model, &input, &input_dims)?;
+        }
         let rank = |n: &str| probed.dims(n).map(|d| d.len());
         let source_opset = upgrade::upgrade(&mut model, &rank)?;
         if source_opset < upgrade::TARGET_OPSET {

@@ -491,3 +491,61 @@ fn rms_norm_channels_and_spatial() {
         g.op("Mul", &[&y, &k], vec![])
     });
 }
+
+// ---------------------------------------------------------------- Attention (opset 23), spelled out
+
+/// Tokens [N, 49, 2] from x [N, 2, 7, 7], projected to `width` features: the q, k or v input of a ViT block.
+fn tokens(g: &mut G, width: i64) -> String {
+    let x = g.x();
+    let s = g.ints(&[0, 2, 49]);
+    let r = g.op("Reshape", &[&x, &s], vec![]);
+    let t = g.op("Transpose", &[&r], vec![a_is("perm", &[0, 2, 1])]);
+    let w = g.rand(&[2, width], 1.0);
+    g.op("MatMul", &[&t, &w], vec![])
+}
+
+#[test]
+fn attention_3d_grouped_query_heads() {
+    // PyTorch's scaled_dot_product_attention as one node: [B, S, H*D] inputs, 4 query heads sharing 2 key/value
+    // heads (GQA), the default scale 1/sqrt(D). The FD reference runs ONNX Runtime's own Attention kernel, and
+    // check_gradients also holds the spelled-out forward to it (logits within 1e-5).
+    smooth(uniform(&mut rng(40), &DIMS, -1.0, 1.0), |g| {
+        g.opset = 23;
+        let (q, k, v) = (tokens(g, 16), tokens(g, 8), tokens(g, 8));
+        let y = g.op("Attention", &[&q, &k, &v], vec![a_i("q_num_heads", 4), a_i("kv_num_heads", 2)]);
+        let w = g.rand(&[16, 3], 1.0);
+        g.op("MatMul", &[&y, &w], vec![])
+    });
+}
+
+#[test]
+fn attention_4d_masks_scale_and_softcap() {
+    // [B, H, S, D] inputs, a boolean mask (every query keeps key 0), the causal triangle, an explicit scale and a
+    // softcap, with present_key and present_value outputs left unused.
+    smooth(uniform(&mut rng(41), &DIMS, -1.0, 1.0), |g| {
+        g.opset = 23;
+        let mut heads = |g: &mut G| {
+            let t = tokens(g, 8);
+            let s = g.ints(&[0, 49, 2, 4]);
+            let r = g.op("Reshape", &[&t, &s], vec![]);
+            g.op("Transpose", &[&r], vec![a_is("perm", &[0, 2, 1, 3])])
+        };
+        let (q, k, v) = (heads(g), heads(g), heads(g));
+        let bits: Vec<i32> = (0..49 * 49).map(|i| (i % 49 == 0 || (i * 7) % 5 != 0) as i32).collect();
+        let name = format!("mask{}", g.inits.len());
+        g.inits.push(camserve::onnx::TensorProto {
+            name: Some(name.clone()),
+            dims: vec![49, 49],
+            data_type: Some(camserve::onnx::tensor::BOOL),
+            int32_data: bits,
+            ..Default::default()
+        });
+        let outs = g.op_n(
+            "Attention",
+            &[&q, &k, &v, &name],
+            vec![a_i("is_causal", 1), a_f("scale", 0.3), a_f("softcap", 2.0)],
+            3,
+        );
+        outs[0].clone()
+    });
+}
