@@ -2,8 +2,8 @@
 # The demo page in headless Chromium. Installs what it needs on a fresh machine: Debian's chromium with apt-get
 # when run as root (CI), playwright-core from npm into tests/browser/node_modules (no browser download); without
 # root and without Chromium it fails with the command to run. CAMSERVE_SKIP_BROWSER=1 skips it, saying so.
-# Builds the release binary it serves (a no-op when it is up to date). Screenshots go to target/browser-shots/
-# (BROWSER_SHOTS=docs/images refreshes the documentation's).
+# Node.js and npm come from Debian the same way. Builds the release binary it serves (a no-op when it is up to
+# date). Screenshots go to target/browser-shots/ (BROWSER_SHOTS=docs/images refreshes the documentation's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${CAMSERVE_SKIP_BROWSER:-0}" = 1 ]; then
@@ -22,7 +22,16 @@ if [ ! -x "$chromium" ]; then
     exit 1
   fi
 fi
-command -v node > /dev/null || { echo "browser test needs Node.js"; exit 1; }
+if ! command -v node > /dev/null || ! command -v npm > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    echo "installing Debian's nodejs and npm (apt-get) for the browser test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm > /dev/null
+  fi
+  if ! command -v node > /dev/null || ! command -v npm > /dev/null; then
+    echo "browser test FAILED: Node.js and npm are not installed; run: sudo apt-get install nodejs npm" >&2
+    exit 1
+  fi
+fi
 (cd tests/browser && npm install --no-audit --no-fund --silent)
 cargo build --release --locked
 port=18086
