@@ -1,7 +1,7 @@
 # camserve: the two commands a newcomer needs are `make serve` and `make test` (see README.md).
 CARGO ?= cargo
 
-.PHONY: serve test ort build fixtures
+.PHONY: serve test ort build fixtures ops-test
 
 # ONNX Runtime's shared library from the PyPI wheel (pip download; nothing else is fetched).
 ort:
@@ -18,6 +18,16 @@ serve: build
 test: ort
 	$(CARGO) test --locked
 	scripts/browser-test.sh
+
+# The operational checks, in order, each failing on a missed goal (docs/OPERATIONS.md): replicas behind nginx
+# under SIGKILL/SIGTERM, overload, the container image, then FUZZ_MINUTES (default 2) of fuzzing per target.
+# Needs root for apt-get (nginx-light, podman) and a few minutes per step.
+FUZZ_MINUTES ?= 2
+ops-test: ort
+	scripts/lb-test.sh
+	scripts/flood-test.sh 60
+	scripts/container-test.sh
+	scripts/fuzz-long.sh $(FUZZ_MINUTES)
 
 # Regenerate the PyTorch reference fixtures (needs torch, torchvision, grad-cam: see tests/fixtures/README.md).
 fixtures:
