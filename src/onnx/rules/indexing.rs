@@ -358,9 +358,8 @@ fn tile(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bo
 fn compress(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
     // y = x.compress(cond, axis): the slices of x along `axis` where cond holds, in order (tf2onnx's SYMMETRIC
     // MirrorPad drops the mirrored edge this way, with cond computed at run time from the shape). Slice i of x
-    // is slice p(i) = cumsum(cond)[i] - 1 of y where cond[i] holds, else it gets no gradient: dX = Gather(
-    // Concat(zeros, dY), (p(i) + 1) * cond[i]) along `axis`, the leading zero slab serving the dropped slices.
-    // It moves values without arithmetic (exact), takes cond at run time, and works when y is empty.
+    // is slice p(i) = cumsum(cond)[i] - 1 of y where cond[i] holds, else it gets no gradient: dX =
+    // `RuleCtx::gather_behind_zero_slab` with the run-time indices (p(i) + 1) * cond[i].
     let dy = dy0(node, dy)?;
     let x = node.input[0].clone();
     let cond = input(node, 1).ok_or_else(|| OnnxError::node(node, "no condition input"))?.to_string();
@@ -380,12 +379,8 @@ fn compress(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: 
     let pos = ctx.e.op("CumSum", &[&c, &zero], vec![], "compress_pos");
     // cumsum(cond)[i] is p(i) + 1 where cond holds; times cond, 0 (the zero slab) where it does not.
     let idx = ctx.e.op("Mul", &[&pos, &c], vec![], "compress_index");
-    let axis = ctx.e.ints(&[a as i64]);
-    let (s0, s1) = (ctx.e.ints(&[0]), ctx.e.ints(&[1]));
-    let slab = ctx.e.op("Slice", &[&x, &s0, &s1, &axis], vec![], "compress_slab");
-    let zeros = ctx.zeros_like(&slab);
-    let ext = ctx.e.op("Concat", &[&zeros, dy], vec![attr::make_int("axis", a as i64)], "compress_ext");
+    // The slab from X: dY is empty along the axis when cond holds nowhere.
     let mut out = vec![None; node.input.len()];
-    out[0] = Some(ctx.e.op("Gather", &[&ext, &idx], vec![attr::make_int("axis", a as i64)], "compress_grad"));
+    out[0] = Some(ctx.gather_behind_zero_slab(dy, &x, a, &idx, "compress_grad"));
     Ok(out)
 }

@@ -214,6 +214,19 @@ impl RuleCtx<'_> {
         m
     }
 
+    /// The transpose of a selection along `axis`: `out[.., i, ..] = g[.., idx[i] - 1, ..]`, or 0 where `idx[i]`
+    /// is 0. A Gather from `g` behind one zero slab (shaped like `slab_from`'s first slice along `axis`, which
+    /// must match `g` on every other axis and be non-empty, as `g` may not be): it moves values without
+    /// arithmetic, so it is exact. `idx` is an int64 tensor, constant or computed at run time.
+    pub fn gather_behind_zero_slab(&mut self, g: &str, slab_from: &str, axis: usize, idx: &str, label: &str) -> String {
+        let ax = self.e.ints(&[axis as i64]);
+        let (s0, s1) = (self.e.ints(&[0]), self.e.ints(&[1]));
+        let slab = self.e.op("Slice", &[slab_from, &s0, &s1, &ax], vec![], &format!("{label}_slab"));
+        let zeros = self.zeros_like(&slab);
+        let ext = self.e.op("Concat", &[&zeros, g], vec![attr::make_int("axis", axis as i64)], &format!("{label}_ext"));
+        self.e.op("Gather", &[&ext, idx], vec![attr::make_int("axis", axis as i64)], label)
+    }
+
     /// Sums `g` (shaped like `g_dims`) down to the shape of `target` (`t_dims`) over NumPy-broadcast axes.
     pub fn unbroadcast(&mut self, g: &str, g_dims: &[i64], target: &str, t_dims: &[i64]) -> String {
         let (r, tr) = (g_dims.len(), t_dims.len());

@@ -150,8 +150,7 @@ fn slice(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[b
     // Along an axis with step 1 the gradient is dY padded with zeros back to X's extent (one Pad for all such
     // axes). Along an axis with any other step (LeViT's subsampled queries, Swin's patch merging x[..., 0::2,
     // 1::2, :], a reversal), input index i receives dY at the output position that took it and zero elsewhere:
-    // a Gather with constant indices from dY extended by one zero slab, which moves values without arithmetic,
-    // so it is exact.
+    // `RuleCtx::gather_behind_zero_slab` with constant indices (exact).
     let dy = dy0(node, dy)?;
     let xd = ctx.dims(&node.input[0])?;
     let rank = xd.len();
@@ -194,19 +193,15 @@ fn slice(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[b
             pads[rank + a] = dim - hi;
             continue;
         }
-        // inv[i]: the output position holding input index i, or len (the zero slab) when none does.
-        let len = src.len() as i64;
-        let mut inv = vec![len; dim as usize];
+        // inv[i]: 1 + the output position holding input index i, or 0 (the zero slab) when none does. The slab
+        // comes from g itself: g is non-empty along `a` here, and its other axes are mid-way between dY's and X's.
+        let mut inv = vec![0i64; dim as usize];
         for (o, &i) in src.iter().enumerate() {
-            inv[i as usize] = o as i64;
+            inv[i as usize] = o as i64 + 1;
         }
-        let axis = ctx.e.ints(&[a as i64]);
-        let (s0, s1) = (ctx.e.ints(&[0]), ctx.e.ints(&[1]));
-        let one = ctx.e.op("Slice", &[&g, &s0, &s1, &axis], vec![], "slice_step_slab");
-        let zero = ctx.zeros_like(&one);
-        let ext = ctx.e.op("Concat", &[&g, &zero], vec![attr::make_int("axis", a as i64)], "slice_step_ext");
         let idx = ctx.e.ints(&inv);
-        g = ctx.e.op("Gather", &[&ext, &idx], vec![attr::make_int("axis", a as i64)], "slice_step_grad");
+        let from = g.clone();
+        g = ctx.gather_behind_zero_slab(&from, &from, a, &idx, "slice_step_grad");
     }
     if pads.iter().all(|&p| p == 0) {
         return Ok(vec![Some(g)]);
