@@ -97,7 +97,8 @@ fn attention(e: &mut Emitter, node: &NodeProto, probe: &Probe, used: &std::colle
         let u = e.op("Unsqueeze", &[x, &ax], vec![], &format!("{label}_u"));
         let copies: Vec<&str> = (0..group).map(|_| u.as_str()).collect();
         let c = e.op("Concat", &copies, vec![attr::make_int("axis", 2)], &format!("{label}_group"));
-        let shape = e.ints(&[0, q_heads, -1, head_size]);
+        // [B, H_kv, g, S_kv, D] -> [B, H_q, S_kv, D]; D may differ between K and V.
+        let shape = e.ints(&[0, q_heads, kv_seq, -1]);
         e.op("Reshape", &[&c, &shape], vec![], &format!("{label}_repeated"))
     };
     let (kr, vr) = (repeat(e, &kh, "k"), repeat(e, &vh, "v"));

@@ -511,9 +511,10 @@ fn attention_3d_grouped_query_heads() {
     // check_gradients also holds the spelled-out forward to it (logits within 1e-5).
     smooth(uniform(&mut rng(40), &DIMS, -1.0, 1.0), |g| {
         g.opset = 23;
-        let (q, k, v) = (tokens(g, 16), tokens(g, 8), tokens(g, 8));
+        // Head size 4 for q and k, 6 for v (the output is [B, S, 4 * 6]).
+        let (q, k, v) = (tokens(g, 16), tokens(g, 8), tokens(g, 12));
         let y = g.op("Attention", &[&q, &k, &v], vec![a_i("q_num_heads", 4), a_i("kv_num_heads", 2)]);
-        let w = g.rand(&[16, 3], 1.0);
+        let w = g.rand(&[24, 3], 1.0);
         g.op("MatMul", &[&y, &w], vec![])
     });
 }
