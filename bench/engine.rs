@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         "cuda" => DeviceChoice::Cuda,
         _ => DeviceChoice::Auto,
     };
-    let options = EngineOptions { device, intra_threads: args.threads, ort_library: None, cuda_device: 0 };
+    let options = EngineOptions { device, intra_threads: args.threads, ort_library: None, cuda_device: 0, cpu_arena: false };
     let spec = ModelSpec {
         name: "bench".into(),
         path: args.model.clone(),

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::DeviceChoice;
 use crate::onnx::rewrite::InputLayout;
-use crate::preprocess::ChannelOrder;
+use crate::preprocess::{ChannelOrder, ResizePolicy};
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -23,6 +23,24 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub batching: BatchingConfig,
     pub models: Vec<ModelConfig>,
+}
+
+/// API keys. Their `Debug` says how many there are and never what they are, so that a logged or panicking
+/// configuration cannot leak them (docs/SECURITY.md).
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct ApiKeys(pub Vec<String>);
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} redacted)", self.0.len())
+    }
+}
+
+impl From<Vec<String>> for ApiKeys {
+    fn from(keys: Vec<String>) -> Self {
+        ApiKeys(keys)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,7 +64,7 @@ pub struct ServerConfig {
     /// timeout (nginx: 60 s).
     pub header_timeout_ms: u64,
     /// API keys; when any is set, /v1 routes need `Authorization: Bearer <key>` or `X-API-Key: <key>`.
-    pub api_keys: Vec<String>,
+    pub api_keys: ApiKeys,
     /// A file with one API key per line (added to `api_keys`).
     pub api_keys_file: Option<PathBuf>,
     /// Operational routes reachable without a key when keys are set: any of "healthz", "readyz", "metrics".
@@ -74,6 +92,9 @@ pub struct RuntimeConfig {
     /// ONNX Runtime intra-op threads per session; 0 = one per core.
     pub threads: usize,
     pub cuda_device: i32,
+    /// ONNX Runtime's CPU memory arena (default off: the plans of a model share the process heap's high-water
+    /// mark instead of each keeping its own peak; see docs/OPERATIONS.md, "Memory").
+    pub cpu_arena: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,6 +139,13 @@ pub struct ModelConfig {
     /// channel order.
     #[serde(default = "one")]
     pub scale: f32,
+    /// How an upload is brought to the input size: `stretch` (both sides scaled), or
+    /// `shorter_side_then_center_crop` (torchvision's `Resize(s)` + `CenterCrop`, the usual ImageNet evaluation).
+    #[serde(default)]
+    pub resize: ResizePolicy,
+    /// The shorter side before the centre crop (default: the input's larger side x 256 / 224, e.g. 256 for 224).
+    #[serde(default)]
+    pub resize_shorter_side: Option<u32>,
 }
 
 fn one() -> f32 {
@@ -141,7 +169,7 @@ impl Default for ServerConfig {
             request_timeout_ms: 30_000,
             body_timeout_ms: 30_000,
             header_timeout_ms: 75_000,
-            api_keys: vec![],
+            api_keys: ApiKeys::default(),
             api_keys_file: None,
             open_endpoints: vec!["healthz".into(), "readyz".into(), "metrics".into()],
             cors_origins: vec![],
@@ -156,7 +184,7 @@ impl Default for ServerConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { ort_library: None, device: DeviceChoice::Auto, threads: 0, cuda_device: 0 }
+        RuntimeConfig { ort_library: None, device: DeviceChoice::Auto, threads: 0, cuda_device: 0, cpu_arena: false }
     }
 }
 
@@ -167,24 +195,42 @@ impl Default for BatchingConfig {
 }
 
 impl Default for Config {
-    /// Serves the bundled demo model.
+    /// Serves the bundled models: `imagenet` (EfficientNet-Lite0, ImageNet-1k) and `demo` (six shapes).
     fn default() -> Self {
         Config {
             server: ServerConfig::default(),
             runtime: RuntimeConfig::default(),
             batching: BatchingConfig::default(),
-            models: vec![ModelConfig {
-                name: "demo".into(),
-                path: "models/demo.onnx".into(),
-                labels: Some("models/demo.labels.txt".into()),
-                mean: IMAGENET_MEAN,
-                std: IMAGENET_STD,
-                default_layer: None,
-                input_size: None,
-                layout: None,
-                channel_order: ChannelOrder::Rgb,
-                scale: 1.0,
-            }],
+            models: vec![
+                ModelConfig {
+                    name: "imagenet".into(),
+                    path: "models/imagenet.onnx".into(),
+                    labels: Some("models/imagenet.labels.txt".into()),
+                    mean: [127.0 / 255.0; 3],
+                    std: [128.0 / 255.0; 3],
+                    default_layer: None,
+                    input_size: None,
+                    layout: None,
+                    channel_order: ChannelOrder::Rgb,
+                    scale: 1.0,
+                    resize: ResizePolicy::ShorterSideThenCenterCrop,
+                    resize_shorter_side: None,
+                },
+                ModelConfig {
+                    name: "demo".into(),
+                    path: "models/demo.onnx".into(),
+                    labels: Some("models/demo.labels.txt".into()),
+                    mean: IMAGENET_MEAN,
+                    std: IMAGENET_STD,
+                    default_layer: None,
+                    input_size: None,
+                    layout: None,
+                    channel_order: ChannelOrder::Rgb,
+                    scale: 1.0,
+                    resize: ResizePolicy::Stretch,
+                    resize_shorter_side: None,
+                },
+            ],
         }
     }
 }
@@ -254,6 +300,9 @@ impl Config {
             if m.std.iter().any(|&s| !s.is_finite() || s <= 0.0) || m.mean.iter().any(|v| !v.is_finite()) {
                 return Err(invalid(&key("std"), "mean must be finite and std positive"));
             }
+            if m.resize_shorter_side == Some(0) {
+                return Err(invalid(&key("resize_shorter_side"), "must be a positive number of pixels"));
+            }
             if m.scale != 1.0 && m.scale != 255.0 {
                 return Err(invalid(&key("scale"), "must be 1 (pixels in [0, 1]) or 255 (pixels in [0, 255])"));
             }
@@ -276,13 +325,13 @@ impl Config {
     }
 
     /// All API keys: `server.api_keys` plus the lines of `server.api_keys_file`.
-    pub fn api_keys(&self) -> Result<Vec<String>, ConfigError> {
-        let mut keys: Vec<String> = self.server.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect();
+    pub fn api_keys(&self) -> Result<ApiKeys, ConfigError> {
+        let mut keys: Vec<String> = self.server.api_keys.0.iter().filter(|k| !k.is_empty()).cloned().collect();
         if let Some(file) = &self.server.api_keys_file {
             let text = std::fs::read_to_string(file).map_err(|e| invalid("server.api_keys_file", format!("{}: {e}", file.display())))?;
             keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
         }
-        Ok(keys)
+        Ok(ApiKeys(keys))
     }
 }
 
@@ -395,9 +444,9 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("keys", "# comment\nk1\n\n  k2  \n")?;
             let mut c = Config::default();
-            c.server.api_keys = vec!["k0".into()];
+            c.server.api_keys = vec!["k0".to_string()].into();
             c.server.api_keys_file = Some("keys".into());
-            assert_eq!(c.api_keys().map_err(|e| e.to_string())?, vec!["k0", "k1", "k2"]);
+            assert_eq!(c.api_keys().map_err(|e| e.to_string())?.0, vec!["k0", "k1", "k2"]);
             Ok(())
         });
     }

@@ -154,6 +154,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                             layout: None,
                             channel_order: Default::default(),
                             scale: 1.0,
+                            resize: Default::default(),
+                            resize_shorter_side: None,
                         })
                     })
                     .collect::<anyhow::Result<_>>()?;
@@ -220,6 +222,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 layout: None,
                 channel_order: Default::default(),
                 scale: 1.0,
+                resize: Default::default(),
+                resize_shorter_side: None,
             }];
             config.validate()?;
             let mut raw = RawOptions::default();

@@ -1,7 +1,9 @@
 //! Request options (docs/DESIGN.md §5 table): parsed from a query string, multipart text parts or a JSON body, then
 //! validated against the model into an [`ExplainOptions`].
 
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::batcher::Target;
 use crate::engine::ModelInfo;
@@ -41,6 +43,55 @@ fn invalid(s: impl Into<String>) -> OptionError {
 }
 
 const KEYS: [&str; 8] = ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size"];
+
+/// The most members a JSON body or JSON `options` part may have (the image and eight options, each once, fit with
+/// room to spare). Checked while parsing: a 20 MiB body of a million keys is refused at the 33rd, not built.
+pub const MAX_JSON_MEMBERS: usize = 32;
+/// The most bytes one option's value may take (a multipart text part, a JSON member's text). The image is bounded
+/// by the body limit only; an option never needs more than a few hundred bytes.
+pub const MAX_OPTION_BYTES: usize = 16 * 1024;
+
+/// 400 when one option's value is over [`MAX_OPTION_BYTES`].
+pub fn check_option_size(key: &str, len: usize) -> Result<(), OptionError> {
+    if len > MAX_OPTION_BYTES {
+        return Err(OptionError::Malformed(format!("option `{key}` is {len} bytes long; at most {MAX_OPTION_BYTES} are accepted")));
+    }
+    Ok(())
+}
+
+/// The members of a JSON object, in order, each value left as its JSON text (borrowed, not parsed), at most
+/// [`MAX_JSON_MEMBERS`] of them. The error says what is wrong: not JSON, not an object, or too many members.
+pub fn json_members(text: &[u8]) -> Result<Vec<(String, &RawValue)>, String> {
+    struct Members<'a>(Vec<(String, &'a RawValue)>);
+    impl<'de> Deserialize<'de> for Members<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Members<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(k) = map.next_key::<String>()? {
+                        if out.len() == MAX_JSON_MEMBERS {
+                            return Err(A::Error::custom(format!("more than {MAX_JSON_MEMBERS} members")));
+                        }
+                        out.push((k, map.next_value::<&RawValue>()?));
+                    }
+                    Ok(Members(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("must be a JSON object".into());
+    }
+    serde_json::from_slice::<Members>(text).map(|m| m.0).map_err(|e| {
+        if e.is_data() { format!("has {e}") } else { format!("is not valid JSON: {e}") }
+    })
+}
 
 fn list(v: &str) -> Vec<String> {
     v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
@@ -130,15 +181,19 @@ impl RawOptions {
 
     /// Options from a JSON object (e.g. the multipart part `options`).
     pub fn from_json_object(text: &[u8]) -> Result<RawOptions, OptionError> {
-        let v: Value = serde_json::from_slice(text).map_err(|e| OptionError::Malformed(format!("options are not valid JSON: {e}")))?;
-        let Value::Object(map) = v else {
-            return Err(OptionError::Malformed("options must be a JSON object".into()));
-        };
+        let members = json_members(text).map_err(|e| OptionError::Malformed(format!("the `options` part {e}")))?;
         let mut o = RawOptions::default();
-        for (k, v) in &map {
-            o.set_json(k, v)?;
+        for (k, v) in members {
+            o.set_json_text(&k, v)?;
         }
         Ok(o)
+    }
+
+    /// Sets one option from a JSON member's text, refusing values over [`MAX_OPTION_BYTES`] before parsing them.
+    pub fn set_json_text(&mut self, key: &str, raw: &RawValue) -> Result<(), OptionError> {
+        check_option_size(key, raw.get().len())?;
+        let v: Value = serde_json::from_str(raw.get()).map_err(|e| OptionError::Malformed(format!("option `{key}` is not valid JSON: {e}")))?;
+        self.set_json(key, &v)
     }
 
     /// `other`'s options override ours where set.

@@ -120,17 +120,94 @@ pub enum ChannelOrder {
     Bgr,
 }
 
-/// How pixels become the model's input besides mean and std: channel order and pixel range.
+/// How an upload is brought to the model's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizePolicy {
+    /// Both sides scaled to the input size; the aspect ratio is not kept.
+    #[default]
+    Stretch,
+    /// torchvision's `Resize(s)` then `CenterCrop((h, w))`, the usual ImageNet evaluation: the shorter side
+    /// scaled to `s` (the longer one in proportion, truncated), then the centre `h x w` cut out.
+    ShorterSideThenCenterCrop,
+}
+
+/// How pixels become the model's input besides mean and std: size policy, channel order and pixel range.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct PixelFormat {
     pub channel_order: ChannelOrder,
     /// 1: pixels in [0, 1] (torchvision); 255: pixels in [0, 255] (Caffe, Keras).
     pub scale: f32,
+    pub resize: ResizePolicy,
+    /// For [`ResizePolicy::ShorterSideThenCenterCrop`]: the shorter side before the crop; `None`: the input's
+    /// larger side x 256 / 224, rounded (256 for 224, torchvision's evaluation ratio).
+    pub resize_shorter_side: Option<u32>,
 }
 
 impl Default for PixelFormat {
     fn default() -> Self {
-        PixelFormat { channel_order: ChannelOrder::Rgb, scale: 1.0 }
+        PixelFormat { channel_order: ChannelOrder::Rgb, scale: 1.0, resize: ResizePolicy::Stretch, resize_shorter_side: None }
+    }
+}
+
+/// The part of the upload the model sees, in upload pixels (fractional: a crop edge falls between pixels of
+/// the upload). The whole upload when stretched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Region {
+    pub x: f64,
+    pub y: f64,
+    pub width: f64,
+    pub height: f64,
+}
+
+impl Region {
+    /// The region rounded to whole pixels inside a `width x height` upload: (x0, y0, x1, y1), end exclusive,
+    /// never empty.
+    pub fn pixels(&self, width: u32, height: u32) -> (u32, u32, u32, u32) {
+        let clamp = |v: f64, hi: u32| (v.round().max(0.0) as u32).min(hi);
+        let (x0, y0) = (clamp(self.x, width.saturating_sub(1)), clamp(self.y, height.saturating_sub(1)));
+        let x1 = clamp(self.x + self.width, width).max(x0 + 1);
+        let y1 = clamp(self.y + self.height, height).max(y0 + 1);
+        (x0, y0, x1, y1)
+    }
+}
+
+/// The image at the model's input size (`width x height`) under `px.resize`, and the region of `img` it shows.
+pub fn to_model_size(img: &RgbImage, width: u32, height: u32, px: PixelFormat) -> (RgbImage, Region) {
+    let (w, h) = img.dimensions();
+    let whole = Region { x: 0.0, y: 0.0, width: w as f64, height: h as f64 };
+    match px.resize {
+        ResizePolicy::Stretch => (resize(img, width, height), whole),
+        ResizePolicy::ShorterSideThenCenterCrop => {
+            let shorter = px.resize_shorter_side.unwrap_or_else(|| default_shorter_side(width, height));
+            let (nw, nh) = shorter_side_size(w, h, shorter);
+            let resized = resize(img, nw, nh);
+            // torchvision's center_crop: int(round((size - crop) / 2.0)), Python's round (ties to even).
+            let left = ((nw.saturating_sub(width)) as f64 / 2.0).round_ties_even() as u32;
+            let top = ((nh.saturating_sub(height)) as f64 / 2.0).round_ties_even() as u32;
+            let (cw, ch) = (width.min(nw), height.min(nh));
+            let crop = image::imageops::crop_imm(&resized, left, top, cw, ch).to_image();
+            let (sx, sy) = (nw as f64 / w as f64, nh as f64 / h as f64);
+            let region = Region { x: left as f64 / sx, y: top as f64 / sy, width: cw as f64 / sx, height: ch as f64 / sy };
+            // A configured shorter side below the input size would leave the crop short; configuration refuses it.
+            let crop = if (cw, ch) == (width, height) { crop } else { resize(&crop, width, height) };
+            (crop, region)
+        }
+    }
+}
+
+/// torchvision's evaluation ratio: the shorter side is the input's larger side x 256 / 224.
+pub fn default_shorter_side(width: u32, height: u32) -> u32 {
+    (width.max(height) as f64 * 256.0 / 224.0).round() as u32
+}
+
+/// torchvision's `Resize(shorter)` size for a `w x h` image: the shorter side becomes `shorter`, the longer
+/// `int(shorter * long / short)` (truncated).
+pub fn shorter_side_size(w: u32, h: u32, shorter: u32) -> (u32, u32) {
+    if w <= h {
+        (shorter, ((shorter as u64 * h as u64) / w.max(1) as u64) as u32)
+    } else {
+        (((shorter as u64 * w as u64) / h.max(1) as u64) as u32, shorter)
     }
 }
 
@@ -173,7 +250,7 @@ mod tests {
         // Keras' preprocess_input(mode="caffe"): RGB -> BGR, then subtract the BGR ImageNet mean on 0..255.
         let img = RgbImage::from_fn(2, 1, |x, _| image::Rgb([10 + x as u8, 100, 200]));
         let mean = [103.939, 116.779, 123.68];
-        let px = PixelFormat { channel_order: ChannelOrder::Bgr, scale: 255.0 };
+        let px = PixelFormat { channel_order: ChannelOrder::Bgr, scale: 255.0, ..PixelFormat::default() };
         let x = normalize(&img, mean, [1.0, 1.0, 1.0], px);
         for (i, r) in [10.0f32, 11.0].into_iter().enumerate() {
             assert!((x[[0, 0, i]] - (200.0 - 103.939)).abs() < 1e-4, "blue first");

@@ -63,6 +63,8 @@ impl From<ImageError> for ServiceError {
 pub struct ModelHandle {
     pub info: Arc<ModelInfo>,
     pub queue: Queue,
+    /// Its place in the configuration: `GET /v1/models` lists models in that order (the page opens on the first).
+    pub position: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -207,14 +209,14 @@ impl Service {
 
         // Decode and preprocess off the async runtime.
         let limits = self.limits.decode;
-        let (orig, model_rgb, input) = tokio::task::spawn_blocking({
+        let (orig, model_rgb, input, region) = tokio::task::spawn_blocking({
             let info = info.clone();
             move || -> Result<_, ImageError> {
                 let orig = preprocess::decode(&image, limits)?;
                 let [_, h, w] = info.input_shape;
-                let resized = preprocess::resize(&orig, w as u32, h as u32);
+                let (resized, region) = preprocess::to_model_size(&orig, w as u32, h as u32, info.pixels);
                 let input = preprocess::normalize(&resized, info.mean, info.std, info.pixels);
-                Ok((orig, resized, input))
+                Ok((orig, resized, input, region))
             }
         })
         .await
@@ -254,7 +256,7 @@ impl Service {
         let explanations = if endpoint == Endpoint::Explain {
             let (ex, t_explain, t_render) = tokio::task::spawn_blocking({
                 let info = info.clone();
-                move || build_explanations(&info, &options, &out.output, &orig, &model_rgb)
+                move || build_explanations(&info, &options, &out.output, &orig, &model_rgb, region)
             })
             .await
             .map_err(|e| ServiceError::Internal(format!("explanation task failed: {e}")))??;
@@ -409,16 +411,52 @@ pub fn build_explanations(
     out: &BatchOutput,
     orig: &RgbImage,
     model_rgb: &RgbImage,
+    region: preprocess::Region,
 ) -> Result<(Vec<Explanation>, Duration, Duration), ServiceError> {
-    let (base, size) = match options.size {
-        OutputSize::Model => (model_rgb, (model_rgb.height() as usize, model_rgb.width() as usize)),
-        OutputSize::Original => (orig, (orig.height() as usize, orig.width() as usize)),
+    // At `size=original` the maps cover the part of the upload the model saw (all of it unless cropped), in the
+    // upload's pixels; outside a crop they are zero (gradient images neutral grey).
+    let (base, size, placed) = match options.size {
+        OutputSize::Model => (model_rgb, (model_rgb.height() as usize, model_rgb.width() as usize), None),
+        OutputSize::Original => {
+            let (x0, y0, x1, y1) = region.pixels(orig.width(), orig.height());
+            let full = (x0, y0, x1, y1) == (0, 0, orig.width(), orig.height());
+            let at = (!full).then_some(((y0 as usize, x0 as usize), ((y1 - y0) as usize, (x1 - x0) as usize)));
+            (orig, (orig.height() as usize, orig.width() as usize), at)
+        }
     };
     let scores: Vec<Vec<f32>> = out.logits.outer_iter().map(softmax).collect();
     let t0 = Instant::now();
     let items: Vec<(usize, Method)> = (0..out.len()).flat_map(|r| options.methods.iter().map(move |&m| (r, m))).collect();
-    let prepared: Vec<Prepared> = items.par_iter().map(|&(r, m)| prepare(m, info, r, out, size)).collect::<Result<_, _>>()?;
+    let prepared: Vec<Prepared> = items
+        .par_iter()
+        .map(|&(r, m)| match placed {
+            None => prepare(m, info, r, out, size),
+            Some((at, inner)) => prepare(m, info, r, out, inner).map(|p| place(p, at, size)),
+        })
+        .collect::<Result<_, _>>()?;
     let t1 = Instant::now();
     let explanations: Vec<Explanation> = prepared.into_par_iter().map(|p| render_one(p, info, options, out, &scores, base)).collect();
     Ok((explanations, t1 - t0, t1.elapsed()))
+}
+
+/// A prepared display of the crop's size, placed at `at` (row, column) on a canvas of `size`: maps are zero
+/// outside, gradient images neutral grey (0.5, what `deprocess` makes of a zero gradient) with zero magnitude.
+fn place(p: Prepared, at: (usize, usize), size: (usize, usize)) -> Prepared {
+    let (y0, x0) = at;
+    let display = match p.display {
+        Display::Map(m) => {
+            let mut canvas = Array2::zeros(size);
+            canvas.slice_mut(ndarray::s![y0..y0 + m.nrows(), x0..x0 + m.ncols()]).assign(&m);
+            Display::Map(canvas)
+        }
+        Display::Gradient { rgb, magnitude } => {
+            let (h, w) = magnitude.dim();
+            let mut rgb_canvas = Array3::from_elem((size.0, size.1, 3), 0.5f32);
+            rgb_canvas.slice_mut(ndarray::s![y0..y0 + h, x0..x0 + w, ..]).assign(&rgb);
+            let mut mag = Array2::zeros(size);
+            mag.slice_mut(ndarray::s![y0..y0 + h, x0..x0 + w]).assign(&magnitude);
+            Display::Gradient { rgb: rgb_canvas, magnitude: mag }
+        }
+    };
+    Prepared { display, ..p }
 }

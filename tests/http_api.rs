@@ -316,7 +316,9 @@ async fn errors_are_problems_with_the_right_status() {
         ("json option types", s.client.post(&url).json(&json!({"image": b64(&jpg), "top_k": 1.5})), 422, "top_k"),
         ("negative top_k", s.client.post(&url).json(&json!({"image": b64(&jpg), "top_k": -3})), 422, "top_k"),
         ("deeply nested json", s.client.post(&url).header("content-type", "application/json")
-            .body(format!("{}{}", "[".repeat(5000), "]".repeat(5000))), 400, "not valid JSON"),
+            .body(format!("{}{}", "[".repeat(5000), "]".repeat(5000))), 400, "must be a JSON object"),
+        ("deeply nested option", s.client.post(&url).header("content-type", "application/json")
+            .body(format!("{{\"image\": \"\", \"alpha\": {}{}}}", "[".repeat(5000), "]".repeat(5000))), 400, "option `alpha` is not valid JSON"),
         ("non-finite number", s.client.post(&url).header("content-type", "application/json")
             .body(format!("{{\"image\": \"{}\", \"alpha\": 1e999}}", b64(&jpg))), 400, "not valid JSON"),
         ("NaN in json", s.client.post(&url).header("content-type", "application/json").body("{\"image\": \"\", \"alpha\": NaN}"), 400, "not valid JSON"),
@@ -324,8 +326,8 @@ async fn errors_are_problems_with_the_right_status() {
             "hirescam", "layercam", "eigencam", "guided_backprop", "deconvnet", "saliency", "guided_gradcam", "nope"]})), 422, "nope"),
         ("too many targets", s.client.post(&url).json(&json!({"image": b64(&jpg), "target": vec![1; 11]})), 422, "11 targets"),
         ("image not a string", s.client.post(&url).json(&json!({"image": 42})), 400, "base64 string"),
-        ("json array body", s.client.post(&url).json(&json!([1, 2])), 400, "must be an object"),
-        ("options part not json", s.client.post(&url).multipart(Form::new().part("image", Part::bytes(jpg.clone())).text("options", "{nope")), 400, "options are not valid JSON"),
+        ("json array body", s.client.post(&url).json(&json!([1, 2])), 400, "must be a JSON object"),
+        ("options part not json", s.client.post(&url).multipart(Form::new().part("image", Part::bytes(jpg.clone())).text("options", "{nope")), 400, "`options` part is not valid JSON"),
         ("two image parts", s.client.post(&url).multipart(Form::new().part("image", Part::bytes(jpg.clone())).part("image", Part::bytes(jpg.clone()))), 400, "more than one"),
         ("zero bytes image", s.client.post(&url).header("content-type", "image/png").body(vec![0u8; 1000]), 400, "not an image"),
     ];
@@ -460,7 +462,7 @@ async fn unfinished_headers_are_cut_off() {
 #[tokio::test]
 async fn api_keys_and_cors() {
     let mut config = demo_config();
-    config.server.api_keys = vec!["s3cret-key".into()];
+    config.server.api_keys = vec!["s3cret-key".to_string()].into();
     config.server.open_endpoints = vec!["healthz".into(), "readyz".into()];
     config.server.cors_origins = vec!["https://app.example.com".into()];
     let mut s = Server::start(config).await;

@@ -2,9 +2,12 @@
 
 #[path = "support/server.rs"]
 mod server;
+#[path = "support/process.rs"]
+mod process;
 
 use std::time::{Duration, Instant};
 
+use process::Process;
 use server::*;
 
 #[tokio::test]
@@ -51,89 +54,6 @@ async fn shutdown_signal_drains_in_flight_requests_then_exits() {
     assert!(started.elapsed() < Duration::from_secs(5), "exited promptly after draining");
     // The listener is closed now.
     assert!(fresh.get(s.url("/healthz")).send().await.is_err());
-}
-
-/// The real `camserve serve` process, its port read from its "listening" log line.
-struct Process {
-    child: std::process::Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Process {
-    /// Starts the binary on the demo model with `server` settings and a batcher that holds a request for 600
-    /// ms (so one is in flight when the signal comes), and waits until it is ready.
-    async fn start(server: &str) -> Process {
-        use std::io::BufRead;
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("camserve.toml");
-        let models = root().join("models");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[server]\nbind = \"127.0.0.1:0\"\n{server}\n[runtime]\ndevice = \"cpu\"\nthreads = 1\n\
-                 [batching]\nmax_wait_ms = 600\nmax_batch = 64\n\
-                 [[models]]\nname = \"demo\"\npath = \"{}\"\nlabels = \"{}\"\n",
-                models.join("demo.onnx").display(),
-                models.join("demo.labels.txt").display()
-            ),
-        )
-        .unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(k) = line.find("127.0.0.1:") {
-                    let port: String = line[k + 10..].chars().take_while(|c| c.is_ascii_digit()).collect();
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(port);
-                    }
-                }
-            }
-        });
-        let port = rx.recv_timeout(Duration::from_secs(30)).expect("no `listening` line from camserve serve");
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
-                && r.status() == 200
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "camserve serve did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Process { child, base, _dir: dir }
-    }
-
-    fn sigterm(&self) {
-        let st = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        assert!(st.success());
-    }
-
-    /// Waits up to `limit` for the process to exit; its status and when it exited.
-    async fn wait(&mut self, limit: Duration) -> (std::process::ExitStatus, Instant) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return (st, Instant::now());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("camserve did not exit within {limit:?} of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }
 
 /// A real SIGTERM to the real binary, mid-request: readyz turns 503 at once (with Retry-After), the queued

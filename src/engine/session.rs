@@ -44,6 +44,10 @@ pub struct EngineOptions {
     pub ort_library: Option<PathBuf>,
     /// CUDA device id.
     pub cuda_device: i32,
+    /// ONNX Runtime's CPU memory arena. Off (the default): each run's buffers come from the process heap and go
+    /// back to it, so the plans of a model (one session each) share one high-water mark instead of each keeping
+    /// its own peak for good (docs/OPERATIONS.md, "Memory").
+    pub cpu_arena: bool,
 }
 
 fn builder(device: super::Device, options: &EngineOptions) -> Result<SessionBuilder, EngineError> {
@@ -53,9 +57,12 @@ fn builder(device: super::Device, options: &EngineOptions) -> Result<SessionBuil
     if options.intra_threads > 0 {
         b = b.with_intra_threads(options.intra_threads).map_err(ort_err)?;
     }
+    let cpu = ort::ep::CPU::default().with_arena_allocator(options.cpu_arena).build();
     if device == Device::Cuda {
         let cuda = ort::ep::CUDA::default().with_device_id(options.cuda_device).build().error_on_failure();
-        b = b.with_execution_providers([cuda]).map_err(|e| EngineError::Ort(format!("CUDA execution provider: {e}")))?;
+        b = b.with_execution_providers([cuda, cpu]).map_err(|e| EngineError::Ort(format!("CUDA execution provider: {e}")))?;
+    } else {
+        b = b.with_execution_providers([cpu]).map_err(ort_err)?;
     }
     Ok(b)
 }

@@ -34,7 +34,7 @@ use error::ApiError;
 pub struct AppState {
     pub service: Arc<Service>,
     pub metrics: PrometheusHandle,
-    pub api_keys: Arc<Vec<String>>,
+    pub api_keys: Arc<crate::config::ApiKeys>,
     /// Operational routes open without a key: "healthz", "readyz", "metrics".
     pub open_endpoints: Arc<Vec<String>>,
     pub body_limit: usize,
@@ -117,6 +117,8 @@ async fn record_request(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
+    // The metrics label takes the standard methods only: a client inventing methods (`FOO /`) must not mint series.
+    let method_label = metric_method(req.method());
     let path = req.uri().path().to_string();
     let request_id = req
         .headers()
@@ -131,7 +133,7 @@ async fn record_request(mut req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     let status = res.status().as_u16();
     let elapsed = started.elapsed();
-    metrics::counter!("camserve_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status.to_string()).increment(1);
+    metrics::counter!("camserve_http_requests_total", "route" => route.clone(), "method" => method_label, "status" => status.to_string()).increment(1);
     metrics::histogram!("camserve_http_request_duration_seconds", "route" => route).record(elapsed.as_secs_f64());
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         res.headers_mut().insert(REQUEST_ID, v);
@@ -147,6 +149,23 @@ async fn record_request(mut req: Request, next: Next) -> Response {
 
 const REQUEST_ID: &str = "x-request-id";
 
+/// The `method` label of the request metrics: one of the nine standard methods, or `other`.
+fn metric_method(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// A process-unique id: start time and a counter, hex.
 fn new_request_id() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -159,7 +178,7 @@ fn new_request_id() -> String {
 
 /// With API keys configured, /v1 needs `Authorization: Bearer <key>` or `X-API-Key: <key>` (constant time).
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
-    if state.api_keys.is_empty() {
+    if state.api_keys.0.is_empty() {
         return Ok(next.run(req).await);
     }
     let headers = req.headers();
@@ -171,7 +190,7 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         .map(str::trim);
     let ok = presented.is_some_and(|p| {
         use subtle::ConstantTimeEq;
-        state.api_keys.iter().fold(false, |acc, k| acc | bool::from(k.as_bytes().ct_eq(p.as_bytes())))
+        state.api_keys.0.iter().fold(false, |acc, k| acc | bool::from(k.as_bytes().ct_eq(p.as_bytes())))
     });
     if ok { Ok(next.run(req).await) } else { Err(ApiError::unauthorized()) }
 }
@@ -183,6 +202,7 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
         intra_threads: config.runtime.threads,
         ort_library: config.runtime.ort_library.clone(),
         cuda_device: config.runtime.cuda_device,
+        cpu_arena: config.runtime.cpu_arena,
     };
     let batching = BatcherConfig {
         max_batch: config.batching.max_batch,
@@ -208,7 +228,12 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             default_layer: m.default_layer.clone(),
             input_size: m.input_size.map(|[h, w]| (h, w)),
             layout: m.layout,
-            pixels: crate::preprocess::PixelFormat { channel_order: m.channel_order, scale: m.scale },
+            pixels: crate::preprocess::PixelFormat {
+                channel_order: m.channel_order,
+                scale: m.scale,
+                resize: m.resize,
+                resize_shorter_side: m.resize_shorter_side,
+            },
         };
         let mut runner = ModelRunner::load(&spec, &options).map_err(|e| anyhow::anyhow!("model `{}` ({}): {e}", m.name, spec.path.display()))?;
         let info = runner.info();
@@ -222,7 +247,8 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
         tracing::info!(model = %m.name, device = %info.device, classes = info.num_classes, layer = %info.default_layer,
             seconds = started.elapsed().as_secs_f64(), "model loaded and warmed");
         let queue = batcher::spawn(runner, batching);
-        models.insert(m.name.clone(), ModelHandle { info, queue });
+        let position = models.len();
+        models.insert(m.name.clone(), ModelHandle { info, queue, position });
     }
     Ok(models)
 }
@@ -317,6 +343,13 @@ pub async fn serve_on(
     }
 }
 
+/// At most this many request header lines (hyper's default, stated here so that it is ours).
+pub const MAX_HEADERS: usize = 100;
+/// The most bytes of a request head (request line and headers) before 431; also hyper's largest read buffer.
+/// hyper compares its buffer with it between reads, so a head may pass it by part of one read before the 431.
+/// Above the 65,534-byte URI limit, so that a long URI gets its own 414.
+pub const MAX_HEAD_BYTES: usize = 96 * 1024;
+
 /// What `axum::serve(..).with_graceful_shutdown(..)` does (HTTP/1.1 on each accepted connection until `signal`,
 /// then no new connections and a wait for the open ones, which the caller bounds), plus a limit on reading a
 /// request's headers: a client that opens connections and sends its headers slowly, or not at all, is cut off
@@ -329,7 +362,9 @@ async fn serve_connections(
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    // Request-head limits (docs/SECURITY.md): at most MAX_HEADERS header lines and MAX_HEAD_BYTES for the request
+    // line and headers together, else 431; hyper answers a URI over 65,534 bytes with 414.
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout).max_headers(MAX_HEADERS).max_buf_size(MAX_HEAD_BYTES);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(signal);
     loop {

@@ -143,7 +143,9 @@ fn model_view(info: &ModelInfo) -> ModelView {
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let models: Vec<ModelView> = state.service.models()?.values().map(|m| model_view(&m.info)).collect();
+    let mut handles: Vec<_> = state.service.models()?.values().collect();
+    handles.sort_by_key(|m| m.position);
+    let models: Vec<ModelView> = handles.into_iter().map(|m| model_view(&m.info)).collect();
     Ok(Json(serde_json::json!({ "models": models })))
 }
 

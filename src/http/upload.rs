@@ -23,6 +23,18 @@ fn option_error(e: OptionError) -> ApiError {
     }
 }
 
+/// The most parts a multipart body may have: the image and each option once fit eight times over; repeated text
+/// parts (`-F methods=a -F methods=b`) stay possible.
+pub const MAX_PARTS: usize = 32;
+
+/// A JSON string member's text (borrowed when it has no escapes), or `None` for any other JSON value.
+fn json_string(raw: &serde_json::value::RawValue) -> Option<std::borrow::Cow<'_, str>> {
+    match serde_json::from_str::<&str>(raw.get()) {
+        Ok(s) => Some(s.into()),
+        Err(_) => serde_json::from_str::<String>(raw.get()).ok().map(Into::into),
+    }
+}
+
 fn query_options(query: Option<&str>) -> Result<RawOptions, ApiError> {
     let mut o = RawOptions::default();
     if let Some(q) = query {
@@ -59,6 +71,7 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
             let mut image = None;
             let mut body_opts = RawOptions::default();
             let mut json_opts = None;
+            let mut parts = 0;
             loop {
                 let field = match mp.next_field().await {
                     Ok(Some(f)) => f,
@@ -68,6 +81,10 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                     }
                     Err(e) => return Err(ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))),
                 };
+                parts += 1;
+                if parts > MAX_PARTS {
+                    return Err(ApiError::bad_request(format!("the multipart body has more than {MAX_PARTS} parts")));
+                }
                 let name = field.name().unwrap_or("").to_string();
                 let data = field.bytes().await.map_err(|e| {
                     if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
@@ -76,6 +93,9 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                         ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
                     }
                 })?;
+                if !matches!(name.as_str(), "image" | "file") {
+                    crate::options::check_option_size(&name, data.len()).map_err(option_error)?;
+                }
                 match name.as_str() {
                     "image" | "file" => {
                         if image.replace(data).is_some() {
@@ -97,24 +117,20 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
         }
         "application/json" => {
             let bytes = body_bytes(req.into_body(), body_limit).await?;
-            let value: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-            let serde_json::Value::Object(map) = value else {
-                return Err(ApiError::bad_request("the JSON body must be an object with an `image` member"));
-            };
+            let members = crate::options::json_members(&bytes).map_err(|e| ApiError::bad_request(format!("the JSON body {e}")))?;
             let mut body_opts = RawOptions::default();
             let mut image = None;
-            for (k, v) in &map {
+            for (k, v) in members {
                 if k == "image" {
-                    let s = v.as_str().ok_or_else(|| ApiError::bad_request("`image` must be a base64 string"))?;
+                    let s = json_string(v).ok_or_else(|| ApiError::bad_request("`image` must be a base64 string"))?;
                     // Accept data URLs as browsers produce them.
-                    let s = s.split_once(";base64,").map(|(_, b)| b).unwrap_or(s);
+                    let s = s.split_once(";base64,").map(|(_, b)| b).unwrap_or(&s);
                     let decoded = base64::engine::general_purpose::STANDARD
                         .decode(s.trim())
                         .map_err(|e| ApiError::bad_request(format!("`image` is not valid base64: {e}")))?;
                     image = Some(Bytes::from(decoded));
                 } else {
-                    body_opts.set_json(k, v).map_err(option_error)?;
+                    body_opts.set_json_text(&k, v).map_err(option_error)?;
                 }
             }
             options.merge(body_opts);

@@ -525,7 +525,7 @@ fn attention_4d_masks_scale_and_softcap() {
     // softcap, with present_key and present_value outputs left unused.
     smooth(uniform(&mut rng(41), &DIMS, -1.0, 1.0), |g| {
         g.opset = 23;
-        let mut heads = |g: &mut G| {
+        let heads = |g: &mut G| {
             let t = tokens(g, 8);
             let s = g.ints(&[0, 49, 2, 4]);
             let r = g.op("Reshape", &[&t, &s], vec![]);

@@ -39,11 +39,16 @@ async function uploadAndCheck(file) {
   }
   return cards;
 }
+// The page opens on the first configured model, the ImageNet classifier; the real photo is a cat to it.
+assert.equal(await page.$eval("#model", (s) => s.value), "imagenet", "the page opens on the ImageNet model");
 if (realPhoto) {
   await uploadAndCheck(realPhoto);
+  const top = await page.$eval(".preds li button span", (s) => s.textContent);
+  assert.match(top, /^(Egyptian cat|tabby|tiger cat)/, "the cat photo is a cat");
   await page.screenshot({ path: `${outDir}/page-photo.png`, fullPage: true });
 }
 // The rest with a picture of the demo model's task, where its explanations mean something.
+await page.selectOption("#model", "demo");
 const cards = await uploadAndCheck(photo);
 const first = await page.$eval(".card h3 small", (s) => s.textContent);
 await page.screenshot({ path: `${outDir}/page.png`, fullPage: true });

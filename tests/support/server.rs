@@ -16,6 +16,7 @@ pub fn root() -> PathBuf {
 /// The default configuration (the demo model) with absolute paths.
 pub fn demo_config() -> Config {
     let mut c = Config::default();
+    c.models.retain(|m| m.name == "demo");
     c.models[0].path = root().join("models/demo.onnx");
     c.models[0].labels = Some(root().join("models/demo.labels.txt"));
     c.server.bind = "127.0.0.1:0".into();

@@ -1,0 +1,237 @@
+"""Mixed-traffic load generator and judge for scripts/soak-test.sh (standard library only).
+
+Drives one camserve with CLIENTS threads for DURATION seconds. Each request picks a model (every served model,
+in turn), and one of:
+  - good (80 %): one or two of the model's methods (every method is drawn over a run), in one of the three
+    request forms (raw body with query options, multipart, JSON with base64), random outputs/size/colormap, one of
+    the bundled photos; expected answer 200 (or 429 if the queue is full);
+  - bad (12 %): a corrupt image, an unknown method, a class index out of range, an unsupported content type, an
+    empty body, malformed JSON; expected a 4xx problem+json;
+  - disconnect (8 %): the client sends half of the body and closes, or sends the whole request and closes before
+    the answer; nothing is expected, the server must simply go on.
+It samples the server's RSS every 10 s from /proc, and judges, after a warm-up of one window (DURATION / 6):
+  - no 5xx, and every good or bad request answered (no reset, no timeout at 120 s);
+  - every bad request got a 4xx with application/problem+json;
+  - every method of every model answered 200 at least once;
+  - RSS growth under 5 %: the largest RSS of the last window is at most 5 % above the largest RSS of the warm-up;
+  - stable p99: for each model, each later window's p99 latency (good requests) is within 1.5x of the median of
+    those windows' p99s.
+Exits 1 on any missed goal. Usage: soak_load.py BASE_URL PID DURATION CLIENTS OUT.json
+"""
+
+import base64
+import http.client
+import json
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+
+base, pid, duration, clients, out_path = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+url = urllib.parse.urlsplit(base)
+host, port = url.hostname, url.port
+photos = {name: open(f"assets/photos/{name}", "rb").read() for name in ["chelsea.jpg", "coffee.jpg", "astronaut.jpg",
+                                                                        "shapes.jpg"]}
+
+
+def get_json(path):
+    c = http.client.HTTPConnection(host, port, timeout=30)
+    c.request("GET", path)
+    r = c.getresponse()
+    return json.loads(r.read())
+
+
+models = {m["name"]: m for m in get_json("/v1/models")["models"]}
+lock = threading.Lock()
+records = []  # (t_done, model, kind, status or None, latency_s, detail)
+answered_methods = {(m, meth): 0 for m in models for meth in models[m]["methods"]}
+t0 = time.monotonic()
+stop_at = t0 + duration
+
+
+def rss_kib():
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def good_request(rng, model):
+    info = models[model]
+    methods = rng.sample(info["methods"], k=min(len(info["methods"]), rng.choice([1, 1, 2])))
+    outputs = rng.sample(["heatmap", "overlay", "mask", "raw"], k=rng.randint(1, 2))
+    opts = {"methods": ",".join(methods), "outputs": ",".join(outputs), "size": rng.choice(["model", "original"]),
+            "colormap": rng.choice(["jet", "turbo", "viridis"]), "top_k": str(rng.choice([1, 1, 2]))}
+    photo = photos[rng.choice(list(photos))]
+    form = rng.choice(["raw", "multipart", "json"])
+    path = f"/v1/models/{model}/explain"
+    if form == "raw":
+        q = urllib.parse.urlencode(opts)
+        return methods, "POST", f"{path}?{q}", photo, {"content-type": "image/jpeg"}
+    if form == "json":
+        body = {"image": base64.b64encode(photo).decode(), "methods": methods, "outputs": outputs,
+                "size": opts["size"], "colormap": opts["colormap"], "top_k": int(opts["top_k"])}
+        return methods, "POST", path, json.dumps(body).encode(), {"content-type": "application/json"}
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\ncontent-disposition: form-data; name="image"; filename="x.jpg"\r\n'
+             f"content-type: image/jpeg\r\n\r\n".encode() + photo + b"\r\n"]
+    for k, v in opts.items():
+        parts.append(f'--{boundary}\r\ncontent-disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return methods, "POST", path, body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def bad_request(rng, model):
+    path = f"/v1/models/{model}/explain"
+    photo = photos["chelsea.jpg"]
+    case = rng.choice(["corrupt", "method", "target", "ctype", "empty", "json"])
+    if case == "corrupt":
+        return case, "POST", path, photo[: len(photo) // 3], {"content-type": "image/jpeg"}
+    if case == "method":
+        return case, "POST", f"{path}?methods=nosuchcam", photo, {"content-type": "image/jpeg"}
+    if case == "target":
+        return case, "POST", f"{path}?target=100000", photo, {"content-type": "image/jpeg"}
+    if case == "ctype":
+        return case, "POST", path, b"hello", {"content-type": "text/plain"}
+    if case == "empty":
+        return case, "POST", path, b"", {"content-type": "image/jpeg"}
+    return case, "POST", path, b'{"image": "AAAA", "methods": [', {"content-type": "application/json"}
+
+
+def disconnect(rng, model):
+    photo = photos["chelsea.jpg"]
+    head = (f"POST /v1/models/{model}/explain?methods=gradcam,guided_gradcam HTTP/1.1\r\nhost: {host}\r\n"
+            f"content-type: image/jpeg\r\ncontent-length: {len(photo)}\r\n\r\n").encode()
+    s = socket.create_connection((host, port), timeout=30)
+    try:
+        if rng.random() < 0.5:
+            s.sendall(head + photo[: len(photo) // 2])
+        else:
+            s.sendall(head + photo)
+            time.sleep(rng.uniform(0.0, 0.3))
+    finally:
+        s.close()
+
+
+def worker(i):
+    rng = random.Random(i)
+    names = sorted(models)
+    n = i
+    while time.monotonic() < stop_at:
+        model = names[n % len(names)]
+        n += 1
+        roll = rng.random()
+        start = time.monotonic()
+        if roll < 0.08:
+            try:
+                disconnect(rng, model)
+                rec = ("disconnect", None, "")
+            except OSError as e:
+                rec = ("disconnect", None, f"connect failed: {e}")
+        else:
+            kind = "good" if roll < 0.88 else "bad"
+            detail, method, path, body, headers = (good_request if kind == "good" else bad_request)(rng, model)
+            try:
+                c = http.client.HTTPConnection(host, port, timeout=120)
+                c.request(method, path, body=body, headers=headers)
+                r = c.getresponse()
+                data = r.read()
+                ctype = r.getheader("content-type", "")
+                c.close()
+                status = r.status
+                if kind == "good" and status == 200:
+                    with lock:
+                        for m in detail:
+                            answered_methods[(model, m)] += 1
+                info = detail if kind == "bad" else ",".join(detail)
+                if kind == "bad" and "application/problem+json" not in ctype:
+                    info += f" (content-type {ctype!r})"
+                if status >= 500 or (kind == "good" and status not in (200, 429)):
+                    info += f" body {data[:300]!r}"
+                rec = (kind, status, info)
+            except (OSError, http.client.HTTPException) as e:
+                rec = (kind, None, f"no answer: {e!r}")
+        with lock:
+            records.append((time.monotonic() - t0, model, rec[0], rec[1], time.monotonic() - start, rec[2]))
+
+
+rss_samples = []  # (t, KiB)
+
+
+def sampler():
+    while time.monotonic() < stop_at + 1:
+        rss_samples.append((time.monotonic() - t0, rss_kib()))
+        time.sleep(10)
+
+
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)] + [threading.Thread(target=sampler)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+
+window = duration / 6
+fails = []
+counts = {}
+for _, model, kind, status, _, _ in records:
+    counts[(model, kind, status)] = counts.get((model, kind, status), 0) + 1
+print(f"{len(records)} requests in {duration:.0f} s from {clients} clients; windows of {window:.0f} s, the first is"
+      " warm-up")
+for (model, kind, status), n in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):
+    print(f"  {model:10s} {kind:10s} {str(status):5s} {n}")
+fivexx = [r for r in records if r[3] is not None and r[3] >= 500]
+if fivexx:
+    fails.append(f"{len(fivexx)} answers were 5xx, e.g. {fivexx[:3]}")
+unanswered = [r for r in records if r[2] != "disconnect" and r[3] is None]
+if unanswered:
+    fails.append(f"{len(unanswered)} requests were not answered, e.g. {unanswered[:3]}")
+bad_wrong = [r for r in records if r[2] == "bad" and r[3] is not None and not (400 <= r[3] < 500 and
+                                                                               "content-type" not in r[5])]
+if bad_wrong:
+    fails.append(f"{len(bad_wrong)} bad requests did not get a 4xx problem+json, e.g. {bad_wrong[:3]}")
+good_wrong = [r for r in records if r[2] == "good" and r[3] is not None and r[3] not in (200, 429)]
+if good_wrong:
+    fails.append(f"{len(good_wrong)} good requests got neither 200 nor 429, e.g. {good_wrong[:3]}")
+never = [k for k, n in answered_methods.items() if n == 0]
+if never:
+    fails.append(f"never answered 200: {never}")
+print("200 answers per method: " + ", ".join(f"{m}/{meth} {n}" for (m, meth), n in sorted(answered_methods.items())))
+
+warm = [kib for t, kib in rss_samples if t <= window]
+last = [kib for t, kib in rss_samples if t >= duration - window]
+growth = max(last) / max(warm) - 1
+print(f"RSS (MiB): warm-up max {max(warm) / 1024:.0f}, last-window max {max(last) / 1024:.0f}, growth "
+      f"{growth * 100:+.1f} %; samples every 10 s: {[kib // 1024 for _, kib in rss_samples]}")
+if growth > 0.05:
+    fails.append(f"RSS grew {growth * 100:.1f} % after warm-up (bound 5 %)")
+
+table = {}
+for model in sorted(models):
+    p99s = []
+    for w in range(1, 6):
+        lat = sorted(r[4] for r in records if r[1] == model and r[2] == "good" and r[3] == 200
+                     and w * window <= r[0] < (w + 1) * window)
+        if len(lat) < 20:
+            fails.append(f"{model}: only {len(lat)} answered requests in window {w}")
+            continue
+        p99s.append(lat[min(len(lat) - 1, int(0.99 * len(lat)))])
+        table.setdefault(model, []).append((len(lat), lat[len(lat) // 2], p99s[-1]))
+    if p99s:
+        med = statistics.median(p99s)
+        print(f"{model}: per window (requests, p50 ms, p99 ms): "
+              + "; ".join(f"({n}, {p50 * 1000:.0f}, {p99 * 1000:.0f})" for n, p50, p99 in table[model])
+              + f"; median p99 {med * 1000:.0f} ms")
+        off = [p for p in p99s if p > 1.5 * med or p < med / 1.5]
+        if off:
+            fails.append(f"{model}: p99 not stable: windows {[round(p * 1000) for p in p99s]} ms vs median "
+                         f"{med * 1000:.0f} ms (bound 1.5x)")
+
+json.dump({"records": len(records), "counts": {f"{m} {k} {s}": n for (m, k, s), n in counts.items()},
+           "rss_kib": rss_samples, "p99": table, "fails": fails}, open(out_path, "w"), indent=1)
+for f in fails:
+    print("FAIL:", f)
+sys.exit(1 if fails else 0)
