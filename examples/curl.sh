@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# curl one-liners against camserve: URL (default http://localhost:8080), MODEL (default demo), IMAGE.
+# curl one-liners against camserve: URL (default http://localhost:8080), MODEL (default imagenet), IMAGE.
 set -eu  # no pipefail: `| head` closes pipes early on purpose
-URL=${URL:-http://localhost:8080}; MODEL=${MODEL:-demo}; IMAGE=${IMAGE:-assets/photos/chelsea.jpg}
+URL=${URL:-http://localhost:8080}; MODEL=${MODEL:-imagenet}; IMAGE=${IMAGE:-assets/photos/chelsea.jpg}
 
 # The models and their layers
 curl -s "$URL/v1/models" | head -c 300; echo

@@ -59,11 +59,13 @@ echo "== user: $("${PODMAN[@]}" exec camserve-test id -un) (uid $uid)"
 if "${PODMAN[@]}" healthcheck run camserve-test > /dev/null; then echo "== health check: passes"; else fail "the image's HEALTHCHECK fails"; fi
 echo "== POST assets/photos/chelsea.jpg"
 curl -s -H 'Content-Type: image/jpeg' --data-binary @assets/photos/chelsea.jpg \
-  'http://127.0.0.1:8080/v1/models/demo/explain?methods=gradcam,guided_gradcam' > /tmp/container-explain.json
+  'http://127.0.0.1:8080/v1/models/imagenet/explain?methods=gradcam,guided_gradcam' > /tmp/container-explain.json
 python3 - <<'PY' || fail "the explanation is wrong"
 import json, base64
 d = json.load(open("/tmp/container-explain.json"))
-assert d["model"] == "demo" and len(d["explanations"]) == 2, d
+assert d["model"] == "imagenet" and len(d["explanations"]) == 2, d
+# The bundled ImageNet model in the image: the cat is a cat.
+assert d["predictions"][0]["label"] in ("Egyptian cat", "tabby", "tiger cat"), d["predictions"][:3]
 for e in d["explanations"]:
     png = base64.b64decode(e["overlay_png"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ trap 'kill $pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && break; sleep 0.2; done
 url="http://127.0.0.1:$port"
 echo "== examples/curl.sh"
-(cd "$work" && URL=$url IMAGE="$OLDPWD/tests/data/shapes/001.jpg" bash "$OLDPWD/examples/curl.sh") > "$work/curl.out"
+(cd "$work" && URL=$url MODEL=demo IMAGE="$OLDPWD/tests/data/shapes/001.jpg" bash "$OLDPWD/examples/curl.sh") > "$work/curl.out"
 grep -q '"explanations"' "$work/curl.out" && grep -q 'urn:camserve:problem:invalid-option' "$work/curl.out" && test -s "$work/overlay.png"
 echo "   ok ($(wc -l < "$work/curl.out") lines, overlay.png $(stat -c %s "$work/overlay.png") bytes)"
 echo "== examples/js/explain.mjs"

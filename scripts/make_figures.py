@@ -3,16 +3,15 @@
 
     cargo build --release && python3 scripts/make_figures.py
 
-docs/images/demo-output.png: the demo model on a held-out shapes picture.
+docs/images/demo-output.png: the demo model on a held-out shapes picture (the pointing-game task).
 docs/images/methods-grid.png: six methods on three held-out pictures (the demo model).
-docs/images/methods-photos.png: the same six methods on the bundled real photos, still with the demo model (it
-knows only shapes, so the maps show what it takes for a shape in a photo).
+docs/images/methods-photos.png: the same six methods on bundled real photos with the bundled ImageNet model
+(EfficientNet-Lite0, `--model imagenet`).
+docs/images/side-by-side.png: a cat and a coffee side by side, Grad-CAM and guided backprop for each class.
 
-With an ImageNet classifier of your own, the grid on the bundled real photos:
+With a classifier of your own, the grid on any photos:
     python3 scripts/make_figures.py --model resnet50.onnx --labels imagenet.txt \
-        --photos assets/photos/chelsea.jpg assets/photos/coffee.jpg --out docs/images/methods-photos.png
-(The repository's pictures use the demo model: no pretrained ImageNet weights can be fetched from the package
-registries these machines reach.)
+        --photos assets/photos/chelsea.jpg assets/photos/coffee.jpg --out my-grid.png
 """
 
 import base64
@@ -35,7 +34,7 @@ def explain(model, image, methods, extra=()):
                "--outputs", "heatmap,overlay", *extra]
         for m in methods:
             cmd += ["--method", m]
-        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, cwd=ROOT)
         return json.loads((pathlib.Path(d) / "explanation.json").read_text())
 
 
@@ -83,7 +82,7 @@ def demo_figure():
     grid(tiles, labels, size, ROOT / "docs/images/demo-output.png")
 
 
-def methods_grid(model=None, labels=None, pictures=None, path=None):
+def methods_grid(model=None, labels=None, pictures=None, path=None, extra=()):
     methods = ["gradcam", "gradcam++", "layercam", "guided_backprop", "guided_gradcam", "deconvnet"]
     size, pad, text_h = 160, 6, 18
     if model is None:
@@ -95,17 +94,43 @@ def methods_grid(model=None, labels=None, pictures=None, path=None):
     for col, label in enumerate(["input"] + methods):
         d.text((pad + col * (size + pad) + 2, 3), label, fill=(0, 0, 0))
     for row, image in enumerate(pictures):
-        r = explain(model, image, methods, ["--labels", str(labels)] if labels else [])
+        r = explain(model, image, methods, (["--labels", str(labels)] if labels else []) + list(extra))
+        top = r["predictions"][0]
         ex = {e["method"]: e for e in r["explanations"]}
         y = text_h + pad + row * (size + pad)
         picture = Image.open(image).convert("RGB")
         # Small synthetic pictures stay crisp; camera photos are scaled smoothly.
         out.paste(picture.resize((size, size), Image.NEAREST if picture.width <= size else Image.BILINEAR), (pad, y))
+        d.rectangle([pad, y + size - 16, pad + size - 1, y + size - 1], fill=(0, 0, 0))
+        d.text((pad + 3, y + size - 14), f"{top['label']} {top['score']:.2f}", fill=(255, 255, 255))
         for col, m in enumerate(methods, start=1):
             key = "heatmap_png" if m in ("guided_backprop", "guided_gradcam", "deconvnet") else "overlay_png"
             out.paste(png(ex[m][key]).resize((size, size), Image.NEAREST), (pad + col * (size + pad), y))
     out.save(path, optimize=True)
     print(f"wrote {path}")
+
+
+def side_by_side(path=ROOT / "docs/images/side-by-side.png"):
+    """A cat and a coffee side by side (each stretched to 224x224 on a grey 448x448 square, as in
+    tests/imagenet.rs); Grad-CAM and guided backprop for each of the two classes."""
+    canvas = Image.new("RGB", (448, 448), (128, 128, 128))
+    for name, x in [("chelsea.jpg", 0), ("coffee.jpg", 224)]:
+        canvas.paste(Image.open(ROOT / "assets/photos" / name).convert("RGB").resize((224, 224), Image.BILINEAR), (x, 112))
+    with tempfile.TemporaryDirectory() as d:
+        image = pathlib.Path(d) / "pair.png"
+        canvas.save(image)
+        r = explain("imagenet", image, ["gradcam", "guided_backprop"], ["--target", "Egyptian cat", "--target", "espresso", "--size", "original"])
+    ex = {(e["method"], e["target"]["label"]): e for e in r["explanations"]}
+    size = 224
+    tiles, labels = [canvas], ["input"]
+    for cls in ["Egyptian cat", "espresso"]:
+        e = ex[("gradcam", cls)]
+        tiles.append(annotate(png(e["overlay_png"]), e, 1))
+        labels.append(f"Grad-CAM: {cls}")
+    for cls in ["Egyptian cat", "espresso"]:
+        tiles.append(png(ex[("guided_backprop", cls)]["heatmap_png"]))
+        labels.append(f"guided backprop: {cls}")
+    grid([t.resize((size, size), Image.BILINEAR) for t in tiles], labels, size, path)
 
 
 if __name__ == "__main__":
@@ -123,5 +148,7 @@ if __name__ == "__main__":
     else:
         demo_figure()
         methods_grid()
-        photos = [ROOT / "assets/photos" / n for n in ["chelsea.jpg", "coffee.jpg", "astronaut.jpg"]]
-        methods_grid(pictures=photos, path=ROOT / "docs/images/methods-photos.png")
+        photos = [ROOT / "assets/photos" / n for n in ["chelsea.jpg", "coffee.jpg", "rocket.jpg"]]
+        # At the upload's size: the maps cover the centre crop the model saw; the margins it did not see stay cold.
+        methods_grid("imagenet", None, photos, ROOT / "docs/images/methods-photos.png", ["--size", "original"])
+        side_by_side()

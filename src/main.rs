@@ -67,6 +67,8 @@ enum Command {
     },
     /// Explain one image offline: writes the HTTP API's JSON and the PNG files.
     Explain {
+        /// An ONNX file (ImageNet mean/std, stretched to the input size), or a bundled model's name (`imagenet`,
+        /// `demo`) with its own labels, normalisation and resize policy.
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
@@ -211,19 +213,29 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let name = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_");
             let mut config = Config::default();
             config.runtime.device = DeviceChoice::Auto;
-            config.models = vec![ModelConfig {
-                name: name.clone(),
-                path: model,
-                labels,
-                mean: IMAGENET_MEAN,
-                std: IMAGENET_STD,
-                default_layer: None,
-                input_size: parse_size(&input_size)?.map(|(h, w)| [h, w]),
-                layout: None,
-                channel_order: Default::default(),
-                scale: 1.0,
-                resize: Default::default(),
-                resize_shorter_side: None,
+            // A bundled model by name (`--model imagenet`) comes with its labels, normalisation and resize policy.
+            let bundled = (!model.exists()).then(|| config.models.iter().find(|m| m.name.as_str() == model.as_os_str())).flatten().cloned();
+            let name = bundled.as_ref().map(|m| m.name.clone()).unwrap_or(name);
+            config.models = vec![match bundled {
+                Some(mut m) => {
+                    m.labels = labels.or(m.labels);
+                    m.input_size = parse_size(&input_size)?.map(|(h, w)| [h, w]).or(m.input_size);
+                    m
+                }
+                None => ModelConfig {
+                    name: name.clone(),
+                    path: model,
+                    labels,
+                    mean: IMAGENET_MEAN,
+                    std: IMAGENET_STD,
+                    default_layer: None,
+                    input_size: parse_size(&input_size)?.map(|(h, w)| [h, w]),
+                    layout: None,
+                    channel_order: Default::default(),
+                    scale: 1.0,
+                    resize: Default::default(),
+                    resize_shorter_side: None,
+                },
             }];
             config.validate()?;
             let mut raw = RawOptions::default();

@@ -1,9 +1,9 @@
 // camserve from JavaScript with fetch (browsers, Node 18+, Deno):
-//   node explain.mjs http://localhost:8080 demo path/to/cat.jpg
+//   node explain.mjs http://localhost:8080 imagenet path/to/cat.jpg
 // In a browser, take the Blob from an <input type=file> instead of readFile.
 import { readFile, writeFile } from "node:fs/promises";
 
-const [url = "http://localhost:8080", model = "demo", image = "cat.jpg"] = process.argv.slice(2);
+const [url = "http://localhost:8080", model = "imagenet", image = "cat.jpg"] = process.argv.slice(2);
 
 async function explain(blob, options = {}) {
   const form = new FormData();

@@ -2,9 +2,9 @@
 """A small camserve client (needs `requests`; `tqdm` for the progress bar).
 
 Explain one image:
-    python3 camserve_client.py --url http://localhost:8080 --model demo cat.jpg --out out/
+    python3 camserve_client.py --url http://localhost:8080 --model imagenet cat.jpg --out out/
 Explain a folder, 8 requests at a time:
-    python3 camserve_client.py --url http://localhost:8080 --model demo photos/ --out out/ --concurrency 8
+    python3 camserve_client.py --url http://localhost:8080 --model imagenet photos/ --out out/ --concurrency 8
 
 Writes <name>_<method>_overlay.png (and _heatmap.png) per image and prints the top prediction.
 """
@@ -60,7 +60,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", type=pathlib.Path, help="an image or a folder of images")
     ap.add_argument("--url", default="http://localhost:8080")
-    ap.add_argument("--model", default="demo")
+    ap.add_argument("--model", default="imagenet")
     ap.add_argument("--methods", default="gradcam,guided_gradcam")
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--api-key")

@@ -107,6 +107,10 @@ pub struct ModelView {
     /// What the logits and the explanations are computed on: `logits`, or `pre-softmax` when the model ended
     /// in a Softmax or LogSoftmax that camserve removed.
     scores: &'static str,
+    /// How an upload is brought to the input size; the page crops its own copy of the picture the same way.
+    resize: crate::preprocess::ResizePolicy,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resize_shorter_side: Option<u32>,
 }
 
 fn model_view(info: &ModelInfo) -> ModelView {
@@ -133,6 +137,12 @@ fn model_view(info: &ModelInfo) -> ModelView {
             })
             .collect(),
         input_layout: info.input_layout,
+        resize: info.pixels.resize,
+        resize_shorter_side: (info.pixels.resize == crate::preprocess::ResizePolicy::ShorterSideThenCenterCrop).then(|| {
+            info.pixels
+                .resize_shorter_side
+                .unwrap_or_else(|| crate::preprocess::default_shorter_side(info.input_shape[2] as u32, info.input_shape[1] as u32))
+        }),
         scores: if info.stripped_output_op.is_some() { "pre-softmax" } else { "logits" },
         methods: Method::ALL
             .into_iter()

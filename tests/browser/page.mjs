@@ -47,6 +47,11 @@ if (realPhoto) {
   assert.match(top, /^(Egyptian cat|tabby|tiger cat)/, "the cat photo is a cat");
   await page.screenshot({ path: `${outDir}/page-photo.png`, fullPage: true });
 }
+// The page crops its copy of the photo as the server does (Resize 256 + CenterCrop 224 for the ImageNet model):
+// chelsea.jpg (451x300) becomes 384x256, cropped at (80, 16), i.e. (93.96, 18.75) and 263.1 x 262.5 photo pixels.
+const box = await page.evaluate(() => cropBox(state.models.find((m) => m.name === "imagenet"), 451, 300));
+const want = [80 * 451 / 384, 16 * 300 / 256, 224 * 451 / 384, 224 * 300 / 256];
+box.forEach((v, i) => assert.ok(Math.abs(v - want[i]) < 1e-9, `crop box ${box} vs ${want}`));
 // The rest with a picture of the demo model's task, where its explanations mean something.
 await page.selectOption("#model", "demo");
 const cards = await uploadAndCheck(photo);
