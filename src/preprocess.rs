@@ -150,6 +150,13 @@ impl Default for PixelFormat {
     }
 }
 
+impl PixelFormat {
+    /// The shorter side before a centre crop to `width x height`: the configured one, else torchvision's ratio.
+    pub fn shorter_side(&self, width: u32, height: u32) -> u32 {
+        self.resize_shorter_side.unwrap_or_else(|| default_shorter_side(width, height))
+    }
+}
+
 /// The part of the upload the model sees, in upload pixels (fractional: a crop edge falls between pixels of
 /// the upload). The whole upload when stretched.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -179,7 +186,7 @@ pub fn to_model_size(img: &RgbImage, width: u32, height: u32, px: PixelFormat) -
     match px.resize {
         ResizePolicy::Stretch => (resize(img, width, height), whole),
         ResizePolicy::ShorterSideThenCenterCrop => {
-            let shorter = px.resize_shorter_side.unwrap_or_else(|| default_shorter_side(width, height));
+            let shorter = px.shorter_side(width, height);
             let (nw, nh) = shorter_side_size(w, h, shorter);
             let resized = resize(img, nw, nh);
             // torchvision's center_crop: int(round((size - crop) / 2.0)), Python's round (ties to even).

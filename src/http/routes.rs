@@ -138,11 +138,8 @@ fn model_view(info: &ModelInfo) -> ModelView {
             .collect(),
         input_layout: info.input_layout,
         resize: info.pixels.resize,
-        resize_shorter_side: (info.pixels.resize == crate::preprocess::ResizePolicy::ShorterSideThenCenterCrop).then(|| {
-            info.pixels
-                .resize_shorter_side
-                .unwrap_or_else(|| crate::preprocess::default_shorter_side(info.input_shape[2] as u32, info.input_shape[1] as u32))
-        }),
+        resize_shorter_side: (info.pixels.resize == crate::preprocess::ResizePolicy::ShorterSideThenCenterCrop)
+            .then(|| info.pixels.shorter_side(info.input_shape[2] as u32, info.input_shape[1] as u32)),
         scores: if info.stripped_output_op.is_some() { "pre-softmax" } else { "logits" },
         methods: Method::ALL
             .into_iter()
