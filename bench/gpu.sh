@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check (issue 4): run on the device machine after ../shared/tools/gpu-prepare.sh's parts have been
-# copied to /tmp/gpu (see ../shared/docs/gpu.md), from the repository root, with release binaries of camserve,
+# The GPU check: run on the device machine after bench/gpu-prepare.sh's parts have been
+# copied to /tmp/gpu (docs/BENCHMARKS.md, "(d)"), from the repository root, with release binaries of camserve,
 # camserve-bench and oha in BIN (default .gpubin/). Writes results under $OUT (default /tmp/out).
 #   1. exports torchvision ResNet-50 (random weights) with the machine's PyTorch;
 #   2. camserve-bench with the CUDA execution provider at batch 1, 32, 128 (forward, Grad-CAM, Grad-CAM +
 #      guided), with ONNX Runtime's node placement logged (which nodes, if any, fall back to the CPU);
 #   3. camserve serve --device cuda under oha load: gradcam and gradcam,guided_gradcam at 32 and 128 clients.
+# The libraries are the CUDA image's set (deploy/cuda/libs.py): ONNX Runtime's from the pinned onnxruntime-gpu
+# wheel, the NVIDIA ones linked from the machine's installed wheels (it cannot download), with only the image's
+# files on LD_LIBRARY_PATH; $OUT/stack.txt lists them and says where a version differs from the image's pins.
 set -uo pipefail
 BIN=${BIN:-.gpubin}
 OUT=${OUT:-/tmp/out}
@@ -17,6 +20,12 @@ mkdir -p "$OUT"
 export NO_COLOR=1
 source "$UNPACK"
 set +e  # unpack.sh turns errexit on; a failed step here must not end the run
+if [ "$DEVICE" = cuda ]; then
+  "$PY" deploy/cuda/libs.py --installed "$(dirname "$ORT_DYLIB_PATH")" /tmp/stack > "$OUT/stack.txt" 2>&1 \
+    || { cat "$OUT/stack.txt"; echo "the CUDA image's library set is not complete here"; exit 1; }
+  grep -E "^(same|DIFFERS)" "$OUT/stack.txt"
+  export LD_LIBRARY_PATH=/tmp/stack/lib ORT_DYLIB_PATH=/tmp/stack/lib/$(basename "$ORT_DYLIB_PATH")
+fi
 nvidia-smi -L 2>&1 | tee "$OUT/gpu.txt"
 "$PY" - <<'PY' 2>&1 | tail -2
 import torch, torchvision

@@ -102,3 +102,43 @@ async fn grace_period_running_out_ends_the_process() {
     let n = tokio::time::timeout(Duration::from_secs(2), stalled.read_to_end(&mut buf)).await;
     assert!(matches!(n, Ok(Ok(_)) | Ok(Err(_))), "the stalled connection is closed with the process");
 }
+
+/// The CPU build of ONNX Runtime (`scripts/fetch-ort.sh`), which has no CUDA provider: what every machine without
+/// CUDA sees, whatever else the checkout holds (`.ort-gpu/` would be found first).
+fn cpu_only_ort() -> String {
+    let lib = root().join(".ort/libonnxruntime.so");
+    assert!(lib.is_file(), "{} is missing: run scripts/fetch-ort.sh", lib.display());
+    lib.display().to_string()
+}
+
+/// `device = "cuda"` where CUDA cannot start: the process refuses to start, says why and what to do, exit 1,
+/// no panic. (The CUDA image's no-GPU cases, with the real CUDA stack: scripts/container-test.sh.)
+#[test]
+fn device_cuda_without_cuda_refuses_to_start() {
+    let models = root().join("models");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
+        .args(["serve", "--device", "cuda", "--bind", "127.0.0.1:0", "--model"])
+        .arg(format!("demo={}", models.join("demo.onnx").display()))
+        .env("ORT_DYLIB_PATH", cpu_only_ort())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr:\n{stderr}");
+    let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    assert!(error.contains("device cuda: CUDA is unavailable ("), "{error}");
+    assert!(error.contains("set runtime.device to auto or cpu"), "{error}");
+    assert!(!stderr.to_lowercase().contains("panic"), "{stderr}");
+}
+
+/// `device = "auto"` where CUDA cannot start: the server runs on the CPU, logs why, and says so in /v1/models.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_auto_without_cuda_runs_on_cpu_and_says_why() {
+    let ort = cpu_only_ort();
+    let p = Process::start_with("", "info", &["--device", "auto"], &[("ORT_DYLIB_PATH", ort.as_str())]).await;
+    let models: serde_json::Value = reqwest::get(format!("{}/v1/models", p.base)).await.unwrap().json().await.unwrap();
+    assert_eq!(models["models"][0]["device"], "cpu", "{models}");
+    let log = p.log_text();
+    let line = log.lines().find(|l| l.contains("device auto: CUDA unavailable, running on cpu")).unwrap_or_else(|| panic!("{log}"));
+    // The reason, as ONNX Runtime gives it for its CPU build.
+    assert!(line.contains("CUDA execution provider is not enabled in this build"), "the fallback names its reason: {line}");
+}

@@ -67,22 +67,61 @@ fn builder(device: super::Device, options: &EngineOptions) -> Result<SessionBuil
     Ok(b)
 }
 
-/// Resolves `auto` by trying to register the CUDA execution provider once.
+/// Resolves `auto`, and checks `cuda`, by starting the CUDA execution provider once per process (per CUDA device).
 pub fn choose_device(options: &EngineOptions) -> Result<Device, EngineError> {
     match options.device {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda => builder(Device::Cuda, options).map(|_| Device::Cuda),
-        DeviceChoice::Auto => match builder(Device::Cuda, options) {
-            Ok(_) => {
-                tracing::info!("device auto: the CUDA execution provider registered, running on cuda");
+        DeviceChoice::Cuda => match probe_cuda(options) {
+            Ok(()) => Ok(Device::Cuda),
+            Err(reason) => Err(EngineError::Ort(format!(
+                "device cuda: CUDA is unavailable ({reason}){}; set runtime.device to auto or cpu to run on the CPU",
+                driver_hint(&reason)
+            ))),
+        },
+        DeviceChoice::Auto => match probe_cuda(options) {
+            Ok(()) => {
+                tracing::info!("device auto: the CUDA execution provider started, running on cuda");
                 Ok(Device::Cuda)
             }
-            Err(e) => {
-                tracing::info!(reason = %e, "device auto: CUDA unavailable, running on cpu");
+            Err(reason) => {
+                let reason = format!("{reason}{}", driver_hint(&reason));
+                tracing::info!(%reason, "device auto: CUDA unavailable, running on cpu");
                 Ok(Device::Cpu)
             }
         },
     }
+}
+
+/// What to do when the reason is the driver's library missing, the commonest case in containers.
+fn driver_hint(reason: &str) -> &'static str {
+    if reason.contains("libcuda.so.1") {
+        ". libcuda.so.1 is the NVIDIA driver's library, which no image carries: on a GPU host the NVIDIA container \
+         runtime mounts it (docker run --gpus all, or a Kubernetes pod with an nvidia.com/gpu limit)"
+    } else {
+        ""
+    }
+}
+
+/// Registers the CUDA execution provider and opens a one-node session on it. Registering only loads
+/// `libonnxruntime_providers_cuda.so` and the libraries it links (it fails when one is missing, `libcuda.so.1`
+/// included: the driver's library, which the NVIDIA container runtime mounts from the host); opening a session
+/// starts the provider on the device, which is where a machine with the libraries but no usable GPU fails. The
+/// answer is kept for the life of the process: every model asks the same question.
+fn probe_cuda(options: &EngineOptions) -> Result<(), String> {
+    static PROBES: std::sync::Mutex<Vec<(i32, Result<(), String>)>> = std::sync::Mutex::new(Vec::new());
+    let mut probes = PROBES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, r)) = probes.iter().find(|(d, _)| *d == options.cuda_device) {
+        return r.clone();
+    }
+    let result = (|| {
+        let mut b = builder(Device::Cuda, options).map_err(|e| e.to_string())?;
+        let model = crate::onnx::io::encode_model(&crate::onnx::builder::relu_model()).map_err(|e| e.to_string())?;
+        crate::runtime::unpanic("CUDA probe session", || b.commit_from_memory(&model))?
+            .map(drop)
+            .map_err(|e| format!("starting the CUDA execution provider on device {}: {e}", options.cuda_device))
+    })();
+    probes.push((options.cuda_device, result.clone()));
+    result
 }
 
 pub fn build(bytes: &[u8], device: Device, options: &EngineOptions) -> Result<Session, EngineError> {

@@ -117,3 +117,24 @@ pub fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>)
         ..Default::default()
     }
 }
+
+/// A one-node model (`y = Relu(x)`, float `[1]`, opset 17): what the engine opens on an execution provider to
+/// check that the provider starts on this machine, before any real model is placed on it.
+pub fn relu_model() -> super::proto::ModelProto {
+    use super::proto::{GraphProto, ModelProto, OperatorSetIdProto};
+    use super::rewrite::{value_info, Dim};
+    let float = super::proto::tensor_proto::DataType::Float as i32;
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        producer_name: Some("camserve".into()),
+        graph: Some(GraphProto {
+            name: Some("probe".into()),
+            node: vec![node("Relu", &["x"], "y", vec![])],
+            input: vec![value_info("x", float, &[Dim::Value(1)])],
+            output: vec![value_info("y", float, &[Dim::Value(1)])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

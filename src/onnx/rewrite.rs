@@ -660,7 +660,7 @@ fn feed_nchw(graph: &mut super::proto::GraphProto, input: &str, dims: &[i64]) {
     }
 }
 
-enum Dim {
+pub(crate) enum Dim {
     Param(String),
     Value(i64),
 }
@@ -670,7 +670,7 @@ fn with_batch(d: &[i64]) -> Vec<Dim> {
     std::iter::once(Dim::Param("N".into())).chain(d.iter().skip(1).map(|&v| Dim::Value(v))).collect()
 }
 
-fn value_info(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto {
+pub(crate) fn value_info(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto {
     use tensor_shape_proto::{dimension::Value, Dimension};
     let dim = dims
         .iter()

@@ -24,6 +24,11 @@ impl Process {
 
     /// As `start`, with `RUST_LOG=rust_log`.
     pub async fn start_logging(server: &str, rust_log: &str) -> Process {
+        Process::start_with(server, rust_log, &[], &[]).await
+    }
+
+    /// As `start_logging`, with more command-line arguments after the config and more environment variables.
+    pub async fn start_with(server: &str, rust_log: &str, args: &[&str], envs: &[(&str, &str)]) -> Process {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("camserve.toml");
@@ -42,6 +47,8 @@ impl Process {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_camserve"))
             .args(["serve", "--config"])
             .arg(&cfg)
+            .args(args)
+            .envs(envs.iter().copied())
             .env("RUST_LOG", rust_log)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
