@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make test`: the Rust tests, then the demo page in headless Chromium (scripts/browser-test.sh), then one line
-# that counts what ran and what was skipped. A skip happens only when asked for (CAMSERVE_SKIP_BROWSER=1; an
+# `make test`: the Rust tests, then the demo page in headless Chromium (scripts/browser-test.sh), then the Open
+# Inference Protocol with Triton's and KServe's Python clients (scripts/oip-test.sh), then one line that counts
+# what ran and what was skipped. A skip happens only when asked for (CAMSERVE_SKIP_BROWSER=1; an
 # `#[ignore]`d Rust test), and is counted here, at the very end of the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +9,14 @@ mkdir -p target
 log=target/make-test.log
 cargo test --locked 2>&1 | tee "$log"
 scripts/browser-test.sh 2>&1 | tee -a "$log"
+scripts/oip-test.sh 2>&1 | tee -a "$log"
 sum() { grep -o "[0-9]* $1" "$log" | awk '{s += $1} END {print s + 0}'; }
 passed=$(sum passed)
 ignored=$(sum ignored)
 browser_skipped=$(grep -c '^browser test SKIPPED' "$log" || true)
 browser_ran=$(grep -c '^browser test passed' "$log" || true)
+oip_checks=$(grep -o '^oip clients: [0-9]* checks passed' "$log" | grep -o '[0-9]*' || echo 0)
 echo
 echo "make test: $passed Rust tests passed, $ignored ignored; browser test $([ "$browser_ran" -gt 0 ] && echo ran || echo 'did not run');" \
+  "OIP client checks passed: $oip_checks;" \
   "skipped: $(( ignored + browser_skipped ))"

@@ -239,11 +239,41 @@ pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3], px: PixelFormat)
     out
 }
 
+/// The image a preprocessed input `[3, H, W]` stands for: [`normalize`] undone, rounded and clamped to 0..=255.
+pub fn denormalize(input: ndarray::ArrayView3<f32>, mean: [f32; 3], std: [f32; 3], px: PixelFormat) -> RgbImage {
+    let (h, w) = (input.shape()[1], input.shape()[2]);
+    let mut img = RgbImage::new(w as u32, h as u32);
+    for c in 0..3 {
+        let dst = match px.channel_order {
+            ChannelOrder::Rgb => c,
+            ChannelOrder::Bgr => 2 - c,
+        };
+        for ((y, x), v) in input.index_axis(ndarray::Axis(0), c).indexed_iter() {
+            let byte = ((v * std[c] + mean[c]) / px.scale * 255.0).round().clamp(0.0, 255.0);
+            img.get_pixel_mut(x as u32, y as u32).0[dst] = byte as u8;
+        }
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 1 << 20, max_dimension: 4096 };
+
+    #[test]
+    fn denormalize_undoes_normalize() {
+        let img = RgbImage::from_fn(7, 5, |x, y| image::Rgb([(x * 30) as u8, (y * 50) as u8, 255 - (x * y) as u8]));
+        let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+        for order in [ChannelOrder::Rgb, ChannelOrder::Bgr] {
+            for scale in [1.0, 255.0] {
+                let px = PixelFormat { channel_order: order, scale, ..PixelFormat::default() };
+                let back = denormalize(normalize(&img, mean, std, px).view(), mean, std, px);
+                assert_eq!(back, img, "{order:?} scale {scale}");
+            }
+        }
+    }
 
     fn png(w: u32, h: u32) -> Vec<u8> {
         let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 9]));

@@ -98,6 +98,19 @@ pub struct ExplainResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explanations: Option<Vec<Explanation>>,
     pub timings_ms: Timings,
+    /// Every class's logit, for the Open Inference Protocol's `logits` and `probabilities` outputs (the v1 JSON
+    /// answer carries the top classes only).
+    #[serde(skip)]
+    pub logits: Vec<f32>,
+}
+
+/// What a request brings as its image.
+pub enum ImageInput {
+    /// An encoded file (JPEG, PNG, ...): decoded and preprocessed for the model.
+    Encoded(Bytes),
+    /// The model's input tensor `[C, H, W]`, already preprocessed; overlays are drawn on the image it stands for
+    /// (the preprocessing undone).
+    Tensor(ndarray::Array3<f32>),
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -196,6 +209,10 @@ impl Service {
     }
 
     pub async fn handle(&self, model: &str, endpoint: Endpoint, image: Bytes, raw: RawOptions) -> Result<ExplainResponse, ServiceError> {
+        self.handle_input(model, endpoint, ImageInput::Encoded(image), raw).await
+    }
+
+    pub async fn handle_input(&self, model: &str, endpoint: Endpoint, image: ImageInput, raw: RawOptions) -> Result<ExplainResponse, ServiceError> {
         let started = Instant::now();
         let handle = self.model(model)?;
         let info = handle.info.clone();
@@ -211,12 +228,32 @@ impl Service {
         let limits = self.limits.decode;
         let (orig, model_rgb, input, region) = tokio::task::spawn_blocking({
             let info = info.clone();
-            move || -> Result<_, ImageError> {
-                let orig = preprocess::decode(&image, limits)?;
-                let [_, h, w] = info.input_shape;
-                let (resized, region) = preprocess::to_model_size(&orig, w as u32, h as u32, info.pixels);
-                let input = preprocess::normalize(&resized, info.mean, info.std, info.pixels);
-                Ok((orig, resized, input, region))
+            move || -> Result<_, ServiceError> {
+                let [c, h, w] = info.input_shape;
+                match image {
+                    ImageInput::Encoded(bytes) => {
+                        let orig = preprocess::decode(&bytes, limits)?;
+                        let (resized, region) = preprocess::to_model_size(&orig, w as u32, h as u32, info.pixels);
+                        let input = preprocess::normalize(&resized, info.mean, info.std, info.pixels);
+                        Ok((orig, resized, input, region))
+                    }
+                    ImageInput::Tensor(input) => {
+                        let want = [c as usize, h as usize, w as usize];
+                        if input.shape() != want {
+                            return Err(ServiceError::BadRequest(format!(
+                                "the input tensor of one image has shape {:?}; model `{}` takes {want:?}",
+                                input.shape(),
+                                info.name
+                            )));
+                        }
+                        if input.iter().any(|v| !v.is_finite()) {
+                            return Err(ServiceError::BadRequest("the input tensor holds a NaN or an infinity".into()));
+                        }
+                        let rgb = preprocess::denormalize(input.view(), info.mean, info.std, info.pixels);
+                        let whole = preprocess::Region { x: 0.0, y: 0.0, width: w as f64, height: h as f64 };
+                        Ok((rgb.clone(), rgb, input, whole))
+                    }
+                }
             }
         })
         .await
@@ -251,6 +288,7 @@ impl Service {
         };
 
         let predictions = predictions(&info, &out.output, options.top_k.max(5));
+        let logits = out.output.logits.row(0).to_vec();
         let image_size = ImageSize { width: orig.width(), height: orig.height() };
         let mut timings = Timings { queue: ms(out.queue), decode: ms(decode), inference: ms(out.inference), ..Default::default() };
         let explanations = if endpoint == Endpoint::Explain {
@@ -267,7 +305,15 @@ impl Service {
             None
         };
         timings.total = ms(started.elapsed());
-        Ok(ExplainResponse { model: info.name.clone(), device: info.device, image: image_size, predictions, explanations, timings_ms: timings })
+        Ok(ExplainResponse {
+            model: info.name.clone(),
+            device: info.device,
+            image: image_size,
+            predictions,
+            explanations,
+            timings_ms: timings,
+            logits,
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 //! `serve()` loads the configured models, warms them and serves until SIGTERM, then drains.
 
 pub mod error;
+pub mod oip;
 mod routes;
 pub mod upload;
 
@@ -63,11 +64,23 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub fn app(state: AppState, cors_origins: &[String]) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(routes::list_models))
-        .route("/v1/models/{model}", get(routes::get_model))
+        // A POST here is KServe's v1 `{model}:predict` / `{model}:explain` (oip.rs).
+        .route("/v1/models/{model}", get(routes::get_model).post(oip::kserve_v1))
         .route("/v1/models/{model}/predict", post(routes::predict))
         .route("/v1/models/{model}/explain", post(routes::explain))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    // Operational routes are open unless configured otherwise.
+    // The Open Inference Protocol (oip.rs): health and metadata, and infer, behind the same keys as /v1.
+    let v2 = Router::new()
+        .route("/v2", get(oip::server_metadata))
+        .route("/v2/models/{model}", get(oip::model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(oip::model_metadata))
+        .route("/v2/models/{model}/ready", get(oip::model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(oip::model_ready))
+        .route("/v2/models/{model}/infer", post(oip::infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(oip::infer))
+        .route_layer(middleware::from_fn_with_state(state.clone(), oip::require_api_key));
+    // Operational routes are open unless configured otherwise; the protocol's health routes follow healthz and
+    // readyz (a refusal in its error form).
     let mut ops = Router::new();
     for (name, route) in [
         ("healthz", get(routes::healthz)),
@@ -81,12 +94,20 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
             ops.route(&path, route.route_layer(middleware::from_fn_with_state(state.clone(), require_api_key)))
         };
     }
+    for (name, path, route) in [("healthz", "/v2/health/live", get(oip::live)), ("readyz", "/v2/health/ready", get(oip::ready))] {
+        ops = if state.open_endpoints.iter().any(|e| e == name) {
+            ops.route(path, route)
+        } else {
+            ops.route(path, route.route_layer(middleware::from_fn_with_state(state.clone(), oip::require_api_key)))
+        };
+    }
     let mut router = Router::new()
         .route("/", get(routes::page))
         .route("/examples/{name}", get(routes::example))
         .route("/openapi.yaml", get(routes::openapi))
         .merge(ops)
         .merge(v1)
+        .merge(v2)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         // The body limit is enforced while reading (413 problem+json); the default 2 MB limit would cut it.
@@ -178,21 +199,24 @@ fn new_request_id() -> String {
 
 /// With API keys configured, /v1 needs `Authorization: Bearer <key>` or `X-API-Key: <key>` (constant time).
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+    if key_accepted(&state, req.headers()) { Ok(next.run(req).await) } else { Err(ApiError::unauthorized()) }
+}
+
+/// True when no keys are configured, or the request presents one of them (compared in constant time).
+pub(crate) fn key_accepted(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
     if state.api_keys.0.is_empty() {
-        return Ok(next.run(req).await);
+        return true;
     }
-    let headers = req.headers();
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
-    let ok = presented.is_some_and(|p| {
+    presented.is_some_and(|p| {
         use subtle::ConstantTimeEq;
         state.api_keys.0.iter().fold(false, |acc, k| acc | bool::from(k.as_bytes().ct_eq(p.as_bytes())))
-    });
-    if ok { Ok(next.run(req).await) } else { Err(ApiError::unauthorized()) }
+    })
 }
 
 /// Loads, warms and queues every configured model (blocking; call from a blocking thread).

@@ -141,12 +141,18 @@ fn model_view(info: &ModelInfo) -> ModelView {
         resize_shorter_side: (info.pixels.resize == crate::preprocess::ResizePolicy::ShorterSideThenCenterCrop)
             .then(|| info.pixels.shorter_side(info.input_shape[2] as u32, info.input_shape[1] as u32)),
         scores: if info.stripped_output_op.is_some() { "pre-softmax" } else { "logits" },
-        methods: Method::ALL
-            .into_iter()
-            .filter(|m| m.input_rule().is_none_or(|r| info.rules.contains(&r)))
-            .filter(|m| !m.is_attention() || info.attention.is_some())
-            .collect(),
+        methods: methods_for(info),
     }
+}
+
+/// The methods a model offers: the input-gradient ones where its rewrite has the rule, the rollouts on
+/// transformers.
+pub fn methods_for(info: &ModelInfo) -> Vec<Method> {
+    Method::ALL
+        .into_iter()
+        .filter(|m| m.input_rule().is_none_or(|r| info.rules.contains(&r)))
+        .filter(|m| !m.is_attention() || info.attention.is_some())
+        .collect()
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
