@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The Open Inference Protocol ("v2") and KServe v1 endpoints with the real clients: installs Triton's
-# tritonclient[http] and the kserve SDK (scripts/oip-requirements.txt) into target/oip-venv, serves the demo model
+# The deployment manifests (scripts/validate_manifests.py: Kubernetes schemas with kubernetes-validate, strict;
+# the InferenceService against the kserve package's models), then the Open Inference Protocol ("v2") and KServe
+# v1 endpoints with the real clients: installs Triton's tritonclient[http], the kserve SDK and kubernetes-validate
+# (scripts/test-requirements.txt) into target/oip-venv, serves the demo model
 # with the release binary, and runs scripts/oip_clients.py against it: live/ready/metadata, infer with binary and
 # JSON tensors, BYTES images and FP32 tensors, one and several images, error cases, and the KServe v1 shim, each
 # answer compared with the /v1 API's (raw maps within 1e-6). Exits 1 on the first failed check. Part of `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/oip-venv
-if ! "$venv/bin/python" -c "import tritonclient.http, kserve, PIL, numpy" 2> /dev/null; then
-  echo "installing the OIP clients into $venv (scripts/oip-requirements.txt)"
+if ! "$venv/bin/python" -c "import tritonclient.http, kserve, kubernetes_validate, yaml, PIL, numpy" 2> /dev/null; then
+  echo "installing the OIP clients and kubernetes-validate into $venv (scripts/test-requirements.txt)"
   python3 -m venv "$venv" || { echo "oip test FAILED: python3 -m venv failed; run: sudo apt-get install python3-venv" >&2; exit 1; }
-  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/oip-requirements.txt
+  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/test-requirements.txt
 fi
+"$venv/bin/python" scripts/validate_manifests.py || { echo "manifest validation FAILED" >&2; exit 1; }
 cargo build --release --locked --bin camserve 2>&1 | tail -1
 dir=$(mktemp -d)
 cat > "$dir/camserve.toml" <<TOML

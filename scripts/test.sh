@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: the Rust tests, then the demo page in headless Chromium (scripts/browser-test.sh), then the Open
-# Inference Protocol with Triton's and KServe's Python clients (scripts/oip-test.sh), then one line that counts
+# Inference Protocol with Triton's and KServe's Python clients and the deployment manifests' validation
+# (scripts/oip-test.sh), then one line that counts
 # what ran and what was skipped. A skip happens only when asked for (CAMSERVE_SKIP_BROWSER=1; an
 # `#[ignore]`d Rust test), and is counted here, at the very end of the output.
 set -euo pipefail
@@ -16,7 +17,8 @@ ignored=$(sum ignored)
 browser_skipped=$(grep -c '^browser test SKIPPED' "$log" || true)
 browser_ran=$(grep -c '^browser test passed' "$log" || true)
 oip_checks=$(grep -o '^oip clients: [0-9]* checks passed' "$log" | grep -o '[0-9]*' || echo 0)
+manifest_checks=$(grep -o '^manifests: [0-9]* checks passed' "$log" | grep -o '[0-9]*' || echo 0)
 echo
 echo "make test: $passed Rust tests passed, $ignored ignored; browser test $([ "$browser_ran" -gt 0 ] && echo ran || echo 'did not run');" \
-  "OIP client checks passed: $oip_checks;" \
+  "OIP client checks passed: $oip_checks; manifest checks passed: $manifest_checks;" \
   "skipped: $(( ignored + browser_skipped ))"
