@@ -21,6 +21,9 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+import checklist
+from checklist import check
+
 BASE = sys.argv[1].rstrip("/")
 HOSTPORT = BASE.split("://", 1)[1]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -29,16 +32,6 @@ MODEL = "demo"
 TOL = 1e-6
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
-checks = 0
-
-
-def check(ok, what):
-    global checks
-    if not ok:
-        print(f"FAIL: {what}")
-        sys.exit(1)
-    checks += 1
-    print(f"ok   {what}")
 
 
 def text(items):
@@ -243,4 +236,4 @@ if __name__ == "__main__":
         asyncio.run(kserve_checks())
     if "--no-kserve-v1" not in sys.argv:
         kserve_v1_checks()
-    print(f"oip clients: {checks} checks passed")
+    print(f"oip clients: {checklist.passed} checks passed")

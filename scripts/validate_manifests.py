@@ -23,19 +23,12 @@ import sys
 import kubernetes_validate
 import yaml
 
+import checklist
+from checklist import check
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy/k8s"
 VERSION = "1.37.0"
-checks = 0
-
-
-def check(ok, what):
-    global checks
-    if not ok:
-        print(f"FAIL: {what}")
-        sys.exit(1)
-    checks += 1
-    print(f"ok   {what}")
 
 
 def k8s_errors(doc):
@@ -177,7 +170,7 @@ def main():
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {"containers": isvc["spec"]["predictor"]["containers"]}}
     err = k8s_errors(pod)
     check(err is None, f"the predictor container is a valid Kubernetes container{'' if err is None else ': ' + err}")
-    print(f"manifests: {checks} checks passed")
+    print(f"manifests: {checklist.passed} checks passed")
 
 
 if __name__ == "__main__":

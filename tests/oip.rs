@@ -37,6 +37,11 @@ async fn infer_raw(s: &Server, path: &str, body: Vec<u8>, header_len: Option<usi
     (status, headers, r.bytes().await.unwrap().to_vec())
 }
 
+/// POSTs JSON, returns the JSON answer.
+async fn post_json(s: &Server, path: &str, body: &Value) -> Value {
+    s.client.post(s.url(path)).json(body).send().await.unwrap().json().await.unwrap()
+}
+
 /// The error's text, asserting the protocol's form `{"error": "..."}`.
 fn error_text(body: &[u8]) -> String {
     let v: Value = serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)));
@@ -125,7 +130,7 @@ async fn binary_tensors_both_ways_equal_json() {
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [b64(&a), b64(&b)]}],
         "outputs": [{"name": "logits"}, {"name": "gradcam"}],
     });
-    let r: Value = s.client.post(s.url("/v2/models/demo/infer")).json(&json_req).send().await.unwrap().json().await.unwrap();
+    let r = post_json(&s, "/v2/models/demo/infer", &json_req).await;
     check_response("/v2/models/{model}/infer", "post", 200, "application/json", &r);
     let floats = |bytes: &[u8]| bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
     let as_f32 = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>();
@@ -133,16 +138,8 @@ async fn binary_tensors_both_ways_equal_json() {
     assert_eq!(floats(&gradcam), as_f32(&r["outputs"][1]["data"]));
     assert_eq!(r["outputs"][1]["shape"], outs[2]["shape"]);
     // No `outputs`: logits, probabilities, top_k and the raw map of each requested method.
-    let r: Value = s
-        .client
-        .post(s.url("/v2/models/demo/infer"))
-        .json(&json!({"parameters": {"methods": "gradcam"}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(&a)]}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json!({"parameters": {"methods": "gradcam"}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(&a)]}]});
+    let r = post_json(&s, "/v2/models/demo/infer", &body).await;
     let names: Vec<&str> = r["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["logits", "probabilities", "top_k", "gradcam"]);
     s.stop().await.unwrap();
@@ -229,22 +226,13 @@ async fn kserve_v1_shim() {
     let mut s = Server::start(demo_config()).await;
     let b64 = base64::engine::general_purpose::STANDARD.encode(image_bytes("003.jpg"));
     let body = json!({"instances": [{"image": {"b64": b64}}, {"image": {"b64": b64}}], "methods": "gradcam", "target": [1, 2]});
-    let r: Value = s.client.post(s.url("/v1/models/demo:explain")).json(&body).send().await.unwrap().json().await.unwrap();
+    let r = post_json(&s, "/v1/models/demo:explain", &body).await;
     let ex = r["explanations"].as_array().unwrap();
     assert_eq!(ex.len(), 2);
     // Each instance answers as /v1 does: here two targets, one Grad-CAM each.
     assert_eq!(ex[0]["explanations"].as_array().unwrap().len(), 2);
     assert_eq!(ex[0]["explanations"][1]["target"]["index"], 2);
-    let r: Value = s
-        .client
-        .post(s.url("/v1/models/demo:predict"))
-        .json(&json!({"instances": [{"image": {"b64": b64}}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = post_json(&s, "/v1/models/demo:predict", &json!({"instances": [{"image": {"b64": b64}}]})).await;
     assert_eq!(r["predictions"][0]["model"], "demo");
     check_response("/v1/models/{model}:predict", "post", 200, "application/json", &r);
     assert!(r["predictions"][0].get("explanations").is_none());
