@@ -73,14 +73,18 @@ def main():
     body = pathlib.Path(a.photo).read_bytes()
     print(f"| model | methods | clients | images/s | per core | p50 ms | p99 ms | errors | requests |")
     print("|---|---|---|---|---|---|---|---|---|")
+    failed = 0
     for case in a.cases.split(","):
         model, methods = case.split(":")
         methods = methods.replace("+", ",")
         rate, p50, p99, errors, n = run(a.base, model, methods, a.clients, a.seconds, body)
+        failed += errors
         print(f"| {model} | `{methods}` | {a.clients} | {rate:.1f} | {rate / a.cores:.1f} | {p50:.0f} | {p99:.0f} | {errors} | {n} |")
         sys.stdout.flush()
     if a.pid:
         print(f"\npeak RSS of the server: {peak_rss_mib(a.pid):.0f} MiB")
+    if failed:
+        sys.exit(f"capacity: {failed} requests failed; the figures above do not measure a healthy replica")
 
 
 if __name__ == "__main__":

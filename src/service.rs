@@ -317,7 +317,8 @@ impl Service {
     }
 }
 
-fn softmax(logits: ndarray::ArrayView1<f32>) -> Vec<f32> {
+/// Softmax of one row of logits, summed in float64.
+pub fn softmax(logits: ndarray::ArrayView1<f32>) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f64> = logits.iter().map(|&v| ((v - max) as f64).exp()).collect();
     let sum: f64 = exps.iter().sum();

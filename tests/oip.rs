@@ -171,6 +171,7 @@ async fn malformed_requests_get_the_protocols_error_form() {
         ("not base64", serde_json::to_vec(&json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%"]}]})).unwrap(), None, 400, "not base64"),
         ("bad option", serde_json::to_vec(&json!({"parameters": {"alpha": 3}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}]})).unwrap(), None, 422, "alpha must be between 0 and 1"),
         ("targets", serde_json::to_vec(&json!({"parameters": {"target": [1, 2]}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}]})).unwrap(), None, 400, "one class for all images, or one per image"),
+        ("method without output", serde_json::to_vec(&json!({"parameters": {"methods": "gradcam,saliency"}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}], "outputs": [{"name": "gradcam"}]})).unwrap(), None, 400, "method `saliency` is in `methods` but no output asks for it"),
         ("classification", serde_json::to_vec(&json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}], "outputs": [{"name": "top_k", "parameters": {"classification": 2}}]})).unwrap(), None, 400, "classification applies to"),
     ];
     for (what, body, n, status, needle) in cases {

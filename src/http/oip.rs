@@ -9,8 +9,9 @@
 //!   top class);
 //! - outputs: `logits` and `probabilities` (`FP32 [N, K]`), `top_k` (`BYTES [N, k]`, `"<score>:<index>:<label>"`
 //!   as Triton's classification extension writes them), per method `<method>` (its raw map, `FP32`) and
-//!   `<method>_heatmap_png` / `<method>_overlay_png` (`BYTES [N]`). Only requested outputs are computed and sent;
-//!   with no `outputs`, the three class outputs and the raw map of each method in `methods`;
+//!   `<method>_heatmap_png` / `<method>_overlay_png` (`BYTES [N]`). Only requested outputs are computed and sent
+//!   (with `outputs`, the methods are the ones they name); with no `outputs`, the three class outputs and the raw
+//!   map of each method in `methods`;
 //! - Triton's binary tensor extension both ways (`Inference-Header-Content-Length`, `binary_data_size`,
 //!   `binary_data`, `binary_data_output`), and its classification extension (`classification: k` on `logits` or
 //!   `probabilities`). JSON tensors work too; a `BYTES` image in JSON is its file in base64.
@@ -420,10 +421,7 @@ impl Tensor {
 }
 
 fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f64> = logits.iter().map(|&v| ((v - max) as f64).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.iter().map(|&e| (e / sum) as f32).collect()
+    crate::service::softmax(ndarray::ArrayView1::from(logits))
 }
 
 /// Triton's classification strings for the `k` largest `values`: `"<value>:<index>"`, `":<label>"` appended when
@@ -565,13 +563,20 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
         Some(list) => list.iter().map(|o| parse_output(o).map(|p| (p, o))).collect::<Result<_, _>>()?,
         None => vec![],
     };
-    let mut methods: Vec<String> = raw.methods.clone().unwrap_or_default();
+    // With `outputs`, the methods are those the outputs name (nothing else is computed); without, `methods`.
+    let mut methods: Vec<String> = if request.outputs.is_some() { vec![] } else { raw.methods.clone().unwrap_or_default() };
     for (o, _) in &requested {
         if let Output::Raw(m) | Output::HeatmapPng(m) | Output::OverlayPng(m) = o
             && !methods.iter().any(|x| Method::parse(x) == Some(*m))
         {
             methods.push(m.as_str().to_string());
         }
+    }
+    if request.outputs.is_some()
+        && let Some(asked) = &raw.methods
+        && let Some(m) = asked.iter().filter_map(|a| Method::parse(a)).find(|m| !methods.iter().any(|x| Method::parse(x) == Some(*m)))
+    {
+        return Err(bad(format!("method `{m}` is in `methods` but no output asks for it: request `{m}`, `{m}_heatmap_png` or `{m}_overlay_png`")));
     }
     let mut outputs: Vec<(Output, String, bool)> = if request.outputs.is_some() {
         requested.iter().map(|(o, r)| Ok((o.clone(), r.name.clone(), truthy(r.parameters.get("binary_data"), "binary_data")? || binary_all))).collect::<Result<_, OipError>>()?
