@@ -73,9 +73,8 @@ enum Command {
         model: PathBuf,
         #[arg(long)]
         image: PathBuf,
-        /// Method (repeatable): gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, guided_backprop,
-        /// deconvnet, saliency, guided_gradcam.
-        #[arg(long = "method")]
+        /// Method (repeatable).
+        #[arg(long = "method", ignore_case = true, value_parser = clap::builder::PossibleValuesParser::new(camserve::explain::Method::ALL.map(camserve::explain::Method::as_str)))]
         methods: Vec<String>,
         /// Class index or label (repeatable); default: the top prediction.
         #[arg(long = "target")]

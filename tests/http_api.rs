@@ -621,3 +621,18 @@ async fn a_panic_in_a_batch_is_a_500_and_the_model_keeps_serving() {
     assert_eq!(s.client.get(s.url("/readyz")).send().await.unwrap().status(), 200);
     s.stop().await.unwrap();
 }
+
+/// openapi.yaml's `Method` enum is the method registry (`Method::ALL`, `Method::as_str`), in order; so are the
+/// names `GET /v1/models` lists for a model that offers every method but the rollouts.
+#[test]
+fn openapi_method_enum_is_the_registry() {
+    use camserve::explain::Method;
+    let registry: Vec<&str> = Method::ALL.iter().map(|m| m.as_str()).collect();
+    let doc = openapi();
+    let enumerated: Vec<&str> = doc["components"]["schemas"]["Method"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(enumerated, registry);
+    for m in Method::ALL {
+        assert_eq!(serde_json::to_value(m).unwrap(), json!(m.as_str()));
+        assert_eq!(Method::parse(m.as_str()), Some(m));
+    }
+}

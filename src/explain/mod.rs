@@ -11,32 +11,22 @@ pub mod rollout;
 
 use crate::onnx::rules::ReluRule;
 
-/// Every explanation method of the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+/// Every explanation method of the API. [`Method::ALL`] and [`Method::as_str`] are the one list of methods and
+/// names: serde, `GET /v1/models`, the CLI's `--method` values and the OIP outputs read them, and a test holds
+/// openapi.yaml's `Method` enum to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Method {
-    #[serde(rename = "gradcam")]
     GradCam,
-    #[serde(rename = "gradcam++")]
     GradCamPlusPlus,
-    #[serde(rename = "xgradcam")]
     XGradCam,
-    #[serde(rename = "hirescam")]
     HiResCam,
-    #[serde(rename = "layercam")]
     LayerCam,
-    #[serde(rename = "eigencam")]
     EigenCam,
-    #[serde(rename = "guided_backprop")]
     GuidedBackprop,
-    #[serde(rename = "deconvnet")]
     Deconvnet,
-    #[serde(rename = "saliency")]
     Saliency,
-    #[serde(rename = "guided_gradcam")]
     GuidedGradCam,
-    #[serde(rename = "attention_rollout")]
     AttentionRollout,
-    #[serde(rename = "gradient_rollout")]
     GradientRollout,
 }
 
@@ -102,6 +92,12 @@ impl Method {
     /// True for the methods that read every attention block of a transformer (maps on its token grid).
     pub fn is_attention(self) -> bool {
         matches!(self, Method::AttentionRollout | Method::GradientRollout)
+    }
+}
+
+impl serde::Serialize for Method {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
