@@ -50,6 +50,9 @@ async fn service_routes() {
     let (st, body) = json_of(s.client.get(s.url("/v1/models")).send().await.unwrap(), "/v1/models", "get").await;
     assert_eq!(st, 200);
     let m = &body["models"][0];
+    // The catalogue the page builds its method list from: every method of the registry, with its kind.
+    assert_eq!(body["methods"][6], json!({"name": "guided_backprop", "kind": "gradient"}));
+    assert_eq!(body["methods"].as_array().unwrap().len(), camserve::explain::Method::ALL.len());
     assert_eq!(m["name"], "demo");
     assert_eq!(m["input_shape"], json!([3, 64, 64]));
     assert_eq!(m["classes"], 6);
@@ -631,6 +634,8 @@ fn openapi_method_enum_is_the_registry() {
     let doc = openapi();
     let enumerated: Vec<&str> = doc["components"]["schemas"]["Method"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(enumerated, registry);
+    let kinds: Vec<&str> = Method::ALL.iter().map(|m| m.kind()).collect();
+    assert_eq!(kinds, ["cam", "cam", "cam", "cam", "cam", "cam", "gradient", "gradient", "gradient", "gradient", "attention", "attention"]);
     for m in Method::ALL {
         assert_eq!(serde_json::to_value(m).unwrap(), json!(m.as_str()));
         assert_eq!(Method::parse(m.as_str()), Some(m));

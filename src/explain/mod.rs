@@ -74,6 +74,18 @@ impl Method {
         Method::ALL.into_iter().find(|m| m.as_str() == s)
     }
 
+    /// What the method's map is: `cam` (the layer's grid), `gradient` (an input gradient image `[C, H, W]`) or
+    /// `attention` (a transformer's token grid, from every attention block).
+    pub fn kind(self) -> &'static str {
+        if self.is_attention() {
+            "attention"
+        } else if self.is_cam() {
+            "cam"
+        } else {
+            "gradient"
+        }
+    }
+
     /// The input-gradient rule the method reads, if any.
     pub fn input_rule(self) -> Option<ReluRule> {
         match self {

@@ -159,7 +159,9 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_jso
     let mut handles: Vec<_> = state.service.models()?.values().collect();
     handles.sort_by_key(|m| m.position);
     let models: Vec<ModelView> = handles.into_iter().map(|m| model_view(&m.info)).collect();
-    Ok(Json(serde_json::json!({ "models": models })))
+    // Every method camserve has, from the registry, with its kind; each model lists the ones it offers.
+    let methods: Vec<_> = Method::ALL.iter().map(|m| serde_json::json!({ "name": m, "kind": m.kind() })).collect();
+    Ok(Json(serde_json::json!({ "models": models, "methods": methods })))
 }
 
 pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelView>, ApiError> {
