@@ -621,7 +621,6 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
         },
     };
 
-    // One job per image, all queued at once: the model's batcher batches them.
     let mut jobs = Vec::with_capacity(n);
     for (image, target) in images.into_iter().zip(targets) {
         let mut options = raw.clone();
@@ -633,14 +632,9 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
         {
             return Err(bad("one target per image: give one class for all images, or a list with one per image"));
         }
-        let (service, model) = (state.service.clone(), model.clone());
-        jobs.push(tokio::spawn(async move { service.handle_input(&model, endpoint, image, options).await }));
+        jobs.push((image, options));
     }
-    let mut answers = Vec::with_capacity(n);
-    for job in jobs {
-        let answer = job.await.map_err(|e| OipError(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("an inference task failed: {e}"))))?;
-        answers.push(answer?);
-    }
+    let answers = answer_all(&state, &model, endpoint, jobs).await?;
 
     let tensors: Vec<Tensor> = outputs
         .iter()
@@ -676,22 +670,25 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
 
 /// The whole body within the size and time limits /v1 uses (413 and 408).
 async fn read_body(req: Request, limit: usize, timeout: Duration) -> Result<axum::body::Bytes, OipError> {
-    match tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit)).await {
-        Err(_) => Err(OipError(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body-timeout",
-            format!("the request body did not arrive within {} ms", timeout.as_millis()),
-        ))),
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                Err(OipError(ApiError::too_large(format!("the request body is over the {limit}-byte limit"))))
-            } else {
-                Err(bad(format!("reading the request body: {e}")))
-            }
-        }
-        Ok(Ok(b)) => Ok(b),
+    let body = tokio::time::timeout(timeout, super::upload::body_bytes(req.into_body(), limit)).await;
+    Ok(body.map_err(|_| super::upload::body_timeout(timeout))??)
+}
+
+/// Each image's answer, in order: one job per image, all queued at once, so the model's batcher batches them.
+async fn answer_all(state: &AppState, model: &str, endpoint: Endpoint, jobs: Vec<(ImageInput, RawOptions)>) -> Result<Vec<ExplainResponse>, OipError> {
+    let tasks: Vec<_> = jobs
+        .into_iter()
+        .map(|(image, options)| {
+            let (service, model) = (state.service.clone(), model.to_string());
+            tokio::spawn(async move { service.handle_input(&model, endpoint, image, options).await })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let answer = task.await.map_err(|e| OipError(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("an inference task failed: {e}"))))?;
+        answers.push(answer?);
     }
+    Ok(answers)
 }
 
 // ------------------------------------------------------------------------------------------ KServe v1 shim
@@ -757,16 +754,7 @@ pub async fn kserve_v1(State(state): State<AppState>, Path(target): Path<String>
             _ => Err(bad(format!("instance {i}: expected {{\"image\": {{\"b64\": ...}}}} or a [C][H][W] list"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut jobs = Vec::with_capacity(images.len());
-    for image in images {
-        let (service, model, options) = (state.service.clone(), model.clone(), raw.clone());
-        jobs.push(tokio::spawn(async move { service.handle_input(&model, endpoint, image, options).await }));
-    }
-    let mut answers = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let answer = job.await.map_err(|e| OipError(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("an inference task failed: {e}"))))?;
-        answers.push(answer?);
-    }
+    let answers = answer_all(&state, &model, endpoint, images.into_iter().map(|i| (i, raw.clone())).collect()).await?;
     let key = if endpoint == Endpoint::Predict { "predictions" } else { "explanations" };
     let timings = answers.first().map(|a| a.timings_ms);
     let mut res = Json(json!({ key: answers })).into_response();

@@ -171,13 +171,9 @@ pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>)
 async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -> Result<Response, ApiError> {
     // Unknown model or not ready: answer before reading the body.
     state.service.model(&model)?;
-    let up = tokio::time::timeout(state.body_timeout, upload::parse(req, state.body_limit)).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body-timeout",
-            format!("the request body did not arrive within {} ms", state.body_timeout.as_millis()),
-        )
-    })??;
+    let up = tokio::time::timeout(state.body_timeout, upload::parse(req, state.body_limit))
+        .await
+        .map_err(|_| upload::body_timeout(state.body_timeout))??;
     let response: ExplainResponse = state.service.handle(&model, endpoint, up.image, up.options).await?;
     let timings = response.timings_ms;
     let mut res = Json(response).into_response();

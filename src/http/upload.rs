@@ -47,7 +47,17 @@ fn query_options(query: Option<&str>) -> Result<RawOptions, ApiError> {
     Ok(o)
 }
 
-async fn body_bytes(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// 408 for a body that did not arrive within `timeout` (`server.body_timeout_ms`).
+pub fn body_timeout(timeout: std::time::Duration) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        "body-timeout",
+        format!("the request body did not arrive within {} ms", timeout.as_millis()),
+    )
+}
+
+/// The whole body, 413 past `limit`.
+pub async fn body_bytes(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) || e.to_string().contains("length limit") {
             ApiError::too_large(format!("the request body is larger than {limit} bytes"))
