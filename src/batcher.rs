@@ -25,17 +25,28 @@ pub struct BatcherConfig {
 }
 
 /// What one row explains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Target {
     /// The n-th highest logit (0 = the prediction).
     Rank(usize),
     Class(usize),
+    /// A seed over the logits (the gradient of the explained score with respect to them; Finer-CAM's). The row
+    /// reports the seed's largest entry as its class.
+    Seed(Arc<[f32]>),
+}
+
+/// A job's images.
+pub enum Images {
+    /// One preprocessed image `[C, H, W]`, run once per target.
+    One(Array3<f32>),
+    /// One array per target: images (masked, interpolated, noisy copies) or, for a [`PlanKey::Head`], a layer's
+    /// activations `[C, h, w]`. All of one shape.
+    PerRow(Vec<Array3<f32>>),
 }
 
 pub struct Job {
     pub plan: PlanKey,
-    /// The preprocessed image `[C, H, W]`.
-    pub image: Array3<f32>,
+    pub images: Images,
     pub targets: Vec<Target>,
     pub deadline: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
@@ -232,9 +243,13 @@ fn worker(mut runner: ModelRunner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
     }
 }
 
-/// Stacks the jobs' images (one copy per row) with their seed rows and ranks.
+/// Stacks the jobs' images (one per row) with their seed rows and ranks. Jobs of one plan have images of one shape
+/// (the model's input, or a [`PlanKey::Head`]'s layer): `Service` builds them so.
 fn assemble(jobs: &[Queued], info: &ModelInfo) -> Batch {
-    let [c, h, w] = info.input_shape;
+    let (c, h, w) = match &jobs[0].job.images {
+        Images::One(a) => a.dim(),
+        Images::PerRow(v) => v.first().map(|a| a.dim()).unwrap_or((info.input_shape[0], info.input_shape[1], info.input_shape[2])),
+    };
     let rows: usize = jobs.iter().map(|q| q.job.targets.len().max(1)).sum();
     let mut images = Array4::<f32>::zeros((rows, c, h, w));
     let mut seeds = Array2::<f32>::zeros((rows, info.num_classes));
@@ -242,13 +257,21 @@ fn assemble(jobs: &[Queued], info: &ModelInfo) -> Batch {
     let mut r = 0;
     for q in jobs {
         let targets: &[Target] = if q.job.targets.is_empty() { &[Target::Rank(0)] } else { &q.job.targets };
-        for t in targets {
-            images.index_axis_mut(Axis(0), r).assign(&q.job.image);
-            match *t {
-                Target::Rank(k) => ranks[r] = k as i64,
+        for (i, t) in targets.iter().enumerate() {
+            let image = match &q.job.images {
+                Images::One(a) => a,
+                Images::PerRow(v) => &v[i.min(v.len().saturating_sub(1))],
+            };
+            images.index_axis_mut(Axis(0), r).assign(image);
+            match t {
+                Target::Rank(k) => ranks[r] = *k as i64,
                 Target::Class(class) => {
                     ranks[r] = -1;
-                    seeds[[r, class]] = 1.0;
+                    seeds[[r, *class]] = 1.0;
+                }
+                Target::Seed(seed) => {
+                    ranks[r] = -1;
+                    seeds.row_mut(r).assign(&ndarray::ArrayView1::from(&seed[..]));
                 }
             }
             r += 1;
@@ -260,6 +283,7 @@ fn assemble(jobs: &[Queued], info: &ModelInfo) -> Batch {
 pub fn plan_label(plan: &PlanKey) -> String {
     match plan {
         PlanKey::Predict => "predict".into(),
+        PlanKey::Head(_) => "head".into(),
         PlanKey::Explain(p) => {
             let mut parts = vec!["cam"];
             parts.extend(p.rules.iter().map(|r| r.as_str()));

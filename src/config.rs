@@ -75,6 +75,12 @@ pub struct ServerConfig {
     pub max_top_k: usize,
     pub max_targets: usize,
     pub max_methods: usize,
+    /// The most forward-equivalents one explain request may cost: its explain pass, each multi-pass method's
+    /// batches and each metric's, for every target (docs/METHODS.md gives the costs). Over it: 422 with the cost.
+    pub max_forward_passes: u64,
+    /// Score-CAM's channel cap (the highest-variance channels first); a request's `channels` may lower it. Unset:
+    /// every channel of the layer.
+    pub scorecam_max_channels: Option<usize>,
     /// On SIGTERM, readyz turns 503 and the server keeps accepting for this long, so load balancers see it
     /// before connections are refused.
     pub drain_delay_ms: u64,
@@ -175,7 +181,11 @@ impl Default for ServerConfig {
             cors_origins: vec![],
             max_top_k: 10,
             max_targets: 10,
-            max_methods: 12,
+            max_methods: 18,
+            // A full Score-CAM on ResNet-50's last layer (2,048 masked forwards + the explain pass) with room for a
+            // deletion and an insertion curve (2 x 225).
+            max_forward_passes: 4096,
+            scorecam_max_channels: None,
             drain_delay_ms: 1_000,
             shutdown_grace_ms: 30_000,
         }
@@ -277,6 +287,8 @@ impl Config {
             ("server.max_top_k", self.server.max_top_k as u64),
             ("server.max_targets", self.server.max_targets as u64),
             ("server.max_methods", self.server.max_methods as u64),
+            ("server.max_forward_passes", self.server.max_forward_passes),
+            ("server.scorecam_max_channels", self.server.scorecam_max_channels.map_or(1, |c| c as u64)),
             ("batching.max_batch", self.batching.max_batch as u64),
             ("batching.queue_capacity", self.batching.queue_capacity as u64),
         ];

@@ -12,5 +12,6 @@ pub mod config;
 pub mod engine;
 pub mod explain;
 pub mod http;
+pub mod methods;
 pub mod runtime;
 pub mod service;

@@ -83,7 +83,7 @@ enum Command {
         top_k: Option<i64>,
         #[arg(long)]
         layer: Option<String>,
-        /// heatmap, overlay, mask, raw (comma-separated).
+        /// heatmap, overlay, mask, raw, curves (comma-separated).
         #[arg(long, value_delimiter = ',')]
         outputs: Vec<String>,
         #[arg(long)]
@@ -93,6 +93,24 @@ enum Command {
         /// model or original.
         #[arg(long)]
         size: Option<String>,
+        /// Faithfulness metrics: deletion, insertion, confidence_change or all (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        metrics: Vec<String>,
+        /// Integrated gradients' steps (default 50).
+        #[arg(long)]
+        steps: Option<i64>,
+        /// SmoothGrad's noisy copies (default 25).
+        #[arg(long)]
+        samples: Option<i64>,
+        /// SmoothGrad's noise level (default 0.15).
+        #[arg(long)]
+        noise: Option<f64>,
+        /// SmoothGrad's seed (default: random; the JSON gives the one used).
+        #[arg(long)]
+        seed: Option<i64>,
+        /// Score-CAM's channel cap (highest-variance channels first).
+        #[arg(long)]
+        channels: Option<i64>,
         /// A labels file (one label per line).
         #[arg(long)]
         labels: Option<PathBuf>,
@@ -208,7 +226,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             print!("{report}");
             Ok(if report.has_unsupported() { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }
-        Command::Explain { model, image, methods, targets, top_k, layer, outputs, colormap, alpha, size, labels, input_size, out } => {
+        Command::Explain {
+            model, image, methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, steps, samples, noise, seed, channels, labels, input_size, out,
+        } => {
             let name = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_");
             let mut config = Config::default();
             config.runtime.device = DeviceChoice::Auto;
@@ -254,6 +274,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             raw.colormap = colormap;
             raw.alpha = alpha;
             raw.size = size;
+            if !metrics.is_empty() {
+                raw.metrics = Some(metrics);
+            }
+            (raw.steps, raw.samples, raw.noise, raw.seed, raw.channels) = (steps, samples, noise, seed, channels);
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
             let rt = tokio::runtime::Runtime::new()?;
             let response = rt.block_on(async {

@@ -21,6 +21,12 @@ pub struct RawOptions {
     pub colormap: Option<String>,
     pub alpha: Option<f64>,
     pub size: Option<String>,
+    pub metrics: Option<Vec<String>>,
+    pub steps: Option<i64>,
+    pub samples: Option<i64>,
+    pub noise: Option<f64>,
+    pub seed: Option<i64>,
+    pub channels: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -42,10 +48,11 @@ fn invalid(s: impl Into<String>) -> OptionError {
     OptionError::Invalid(s.into())
 }
 
-const KEYS: [&str; 8] = ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size"];
+const KEYS: [&str; 14] =
+    ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size", "metrics", "steps", "samples", "noise", "seed", "channels"];
 
-/// The most members a JSON body or JSON `options` part may have (the image and eight options, each once, fit with
-/// room to spare). Checked while parsing: a 20 MiB body of a million keys is refused at the 33rd, not built.
+/// The most members a JSON body or JSON `options` part may have (the image and the fourteen options, each once, fit
+/// with room to spare). Checked while parsing: a 20 MiB body of a million keys is refused at the 33rd, not built.
 pub const MAX_JSON_MEMBERS: usize = 32;
 /// The most bytes one option's value may take (a multipart text part, a JSON member's text). The image is bounded
 /// by the body limit only; an option never needs more than a few hundred bytes.
@@ -103,6 +110,18 @@ fn method_list(v: &str) -> Vec<String> {
     v.split(',').map(|s| s.trim_start().to_string()).filter(|s| !s.trim_end().is_empty()).collect()
 }
 
+fn int_text(key: &str, v: &str) -> Result<i64, OptionError> {
+    v.trim().parse().map_err(|_| invalid(format!("{key} must be an integer, not `{v}`")))
+}
+
+fn int_json(key: &str, v: &Value) -> Result<i64, OptionError> {
+    match v {
+        Value::Number(n) => n.as_i64().ok_or_else(|| invalid(format!("{key} must be an integer, not {n}"))),
+        Value::String(s) => int_text(key, s),
+        _ => Err(invalid(format!("{key} must be an integer"))),
+    }
+}
+
 fn target_from_str(s: &str) -> TargetSpec {
     match s.parse::<i64>() {
         Ok(i) => TargetSpec::Index(i),
@@ -124,6 +143,14 @@ impl RawOptions {
                 self.alpha = Some(value.trim().parse().map_err(|_| invalid(format!("alpha must be a number, not `{value}`")))?)
             }
             "size" => self.size = Some(value.trim().to_string()),
+            "metrics" | "metric" => self.metrics.get_or_insert_with(Vec::new).extend(list(value)),
+            "steps" => self.steps = Some(int_text(key, value)?),
+            "samples" => self.samples = Some(int_text(key, value)?),
+            "channels" => self.channels = Some(int_text(key, value)?),
+            "seed" => self.seed = Some(int_text(key, value)?),
+            "noise" => {
+                self.noise = Some(value.trim().parse().map_err(|_| invalid(format!("noise must be a number, not `{value}`")))?)
+            }
             other => return Err(invalid(format!("unknown option `{other}` (known: {})", KEYS.join(", ")))),
         }
         Ok(())
@@ -174,6 +201,18 @@ impl RawOptions {
                 })
             }
             "size" => self.size = Some(value.as_str().ok_or_else(|| invalid("size must be a string"))?.to_string()),
+            "metrics" | "metric" => self.metrics = Some(strings(value, "metrics")?),
+            "steps" => self.steps = Some(int_json(key, value)?),
+            "samples" => self.samples = Some(int_json(key, value)?),
+            "channels" => self.channels = Some(int_json(key, value)?),
+            "seed" => self.seed = Some(int_json(key, value)?),
+            "noise" => {
+                self.noise = Some(match value {
+                    Value::Number(n) => n.as_f64().ok_or_else(|| invalid("noise must be a number"))?,
+                    Value::String(s) => s.trim().parse().map_err(|_| invalid(format!("noise must be a number, not `{s}`")))?,
+                    _ => return Err(invalid("noise must be a number")),
+                })
+            }
             other => return Err(invalid(format!("unknown option `{other}` (known: {})", KEYS.join(", ")))),
         }
         Ok(())
@@ -201,7 +240,7 @@ impl RawOptions {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
-        take!(methods, target, top_k, layer, outputs, colormap, alpha, size);
+        take!(methods, target, top_k, layer, outputs, colormap, alpha, size, metrics, steps, samples, noise, seed, channels);
     }
 }
 
@@ -219,7 +258,43 @@ pub struct Outputs {
     pub overlay: bool,
     pub mask: bool,
     pub raw: bool,
+    /// The deletion and insertion curves behind the metrics.
+    pub curves: bool,
 }
+
+/// A faithfulness metric (methods/metrics.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    Deletion,
+    Insertion,
+    ConfidenceChange,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 3] = [Metric::Deletion, Metric::Insertion, Metric::ConfidenceChange];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Deletion => "deletion",
+            Metric::Insertion => "insertion",
+            Metric::ConfidenceChange => "confidence_change",
+        }
+    }
+}
+
+impl serde::Serialize for Metric {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Defaults of the multi-pass methods' options (docs/METHODS.md).
+pub const DEFAULT_STEPS: usize = 50;
+pub const DEFAULT_SAMPLES: usize = 25;
+pub const DEFAULT_NOISE: f32 = 0.15;
+/// Bounds that keep one option from asking for absurd work before the budget is even computed.
+pub const MAX_STEPS: usize = 1000;
+pub const MAX_SAMPLES: usize = 1000;
 
 /// Validated options of one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -233,6 +308,17 @@ pub struct ExplainOptions {
     pub colormap: Colormap,
     pub alpha: f32,
     pub size: OutputSize,
+    pub metrics: Vec<Metric>,
+    /// Integrated gradients' steps.
+    pub steps: usize,
+    /// SmoothGrad's noisy copies.
+    pub samples: usize,
+    /// SmoothGrad's noise level: sigma = noise * (max - min) of the model-space input.
+    pub noise: f32,
+    /// SmoothGrad's seed (a random one when not given; returned either way).
+    pub seed: Option<u64>,
+    /// Score-CAM's channel cap (the highest-variance channels first).
+    pub channels: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -240,6 +326,8 @@ pub struct OptionLimits {
     pub max_top_k: usize,
     pub max_targets: usize,
     pub max_methods: usize,
+    /// Score-CAM's channel cap from the configuration (`server.scorecam_max_channels`); `None`: every channel.
+    pub scorecam_max_channels: Option<usize>,
 }
 
 pub const DEFAULT_METHODS: [Method; 2] = [Method::GradCam, Method::GuidedGradCam];
@@ -269,6 +357,10 @@ impl RawOptions {
         }
         for m in &methods {
             if let Some(rule) = m.input_rule()
+                && !model.rules.contains(&rule) {
+                    return Err(invalid(format!("method `{m}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name)));
+                }
+            if let Some(rule) = m.batch_rule()
                 && !model.rules.contains(&rule) {
                     return Err(invalid(format!("method `{m}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name)));
                 }
@@ -320,6 +412,17 @@ impl RawOptions {
             Some(l) if let Some(found) = model.layer(l) => found.name.clone(),
             Some(l) => return Err(invalid(format!("unknown layer `{l}`; GET /v1/models/{} lists the candidate layers", model.name))),
         };
+        for m in &methods {
+            let refuse = |why: String| invalid(format!("method `{m}` is not available for layer `{layer}` of model `{}`: {why}", model.name));
+            match m {
+                Method::Cam => {
+                    model.linear_head(&layer).map_err(refuse)?;
+                }
+                Method::AblationCam => model.head(&layer).map_err(refuse)?,
+                Method::FinerCam if model.num_classes < 2 => return Err(refuse("Finer-CAM compares the target with other classes".into())),
+                _ => {}
+            }
+        }
         let mut outputs = Outputs::default();
         let requested = self.outputs.clone().unwrap_or_else(|| vec!["heatmap".into(), "overlay".into()]);
         if requested.is_empty() {
@@ -331,7 +434,8 @@ impl RawOptions {
                 "overlay" => outputs.overlay = true,
                 "mask" => outputs.mask = true,
                 "raw" => outputs.raw = true,
-                other => return Err(invalid(format!("unknown output `{other}` (known: heatmap, overlay, mask, raw)"))),
+                "curves" => outputs.curves = true,
+                other => return Err(invalid(format!("unknown output `{other}` (known: heatmap, overlay, mask, raw, curves)"))),
             }
         }
         let colormap = match &self.colormap {
@@ -348,6 +452,51 @@ impl RawOptions {
             Some("original") => OutputSize::Original,
             Some(s) => return Err(invalid(format!("size must be `model` or `original`, not `{s}`"))),
         };
-        Ok(ExplainOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size })
+        let mut metrics = Vec::new();
+        for name in self.metrics.iter().flatten() {
+            let found: Vec<Metric> = if name == "all" {
+                Metric::ALL.to_vec()
+            } else {
+                let known: Vec<&str> = Metric::ALL.iter().map(|m| m.as_str()).collect();
+                vec![Metric::ALL.into_iter().find(|m| m.as_str() == name).ok_or_else(|| {
+                    invalid(format!("unknown metric `{name}` (known: {}, all)", known.join(", ")))
+                })?]
+            };
+            for m in found {
+                if !metrics.contains(&m) {
+                    metrics.push(m);
+                }
+            }
+        }
+        if outputs.curves && !metrics.iter().any(|m| matches!(m, Metric::Deletion | Metric::Insertion)) {
+            return Err(invalid("outputs=curves needs metrics=deletion or insertion"));
+        }
+        let count = |v: Option<i64>, name: &str, default: usize, max: usize| -> Result<usize, OptionError> {
+            match v {
+                None => Ok(default),
+                Some(n) if n >= 1 && n as usize <= max => Ok(n as usize),
+                Some(n) => Err(invalid(format!("{name} must be between 1 and {max}, not {n}"))),
+            }
+        };
+        let steps = count(self.steps, "steps", DEFAULT_STEPS, MAX_STEPS)?;
+        let samples = count(self.samples, "samples", DEFAULT_SAMPLES, MAX_SAMPLES)?;
+        let noise = match self.noise {
+            None => DEFAULT_NOISE,
+            Some(n) if n.is_finite() && (0.0..=10.0).contains(&n) => n as f32,
+            Some(n) => return Err(invalid(format!("noise must be between 0 and 10, not {n}"))),
+        };
+        let seed = match self.seed {
+            None => None,
+            Some(s) if s >= 0 => Some(s as u64),
+            Some(s) => return Err(invalid(format!("seed must be a non-negative integer, not {s}"))),
+        };
+        let layer_channels = model.layer(&layer).map_or(usize::MAX, |l| l.dims[1] as usize);
+        let channels = match self.channels {
+            None => limits.scorecam_max_channels,
+            Some(c) if c >= 1 => Some(limits.scorecam_max_channels.map_or(c as usize, |m| m.min(c as usize))),
+            Some(c) => return Err(invalid(format!("channels must be at least 1, not {c}"))),
+        }
+        .filter(|&c| c < layer_channels);
+        Ok(ExplainOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, steps, samples, noise, seed, channels })
     }
 }

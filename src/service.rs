@@ -13,13 +13,14 @@ use rayon::prelude::*;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::batcher::{Job, Queue, SubmitError, Target};
+use crate::batcher::{Images, Job, Queue, SubmitError, Target};
 use crate::engine::{ranked, BatchOutput, Device, ModelInfo, ModelKind, PlanKey};
 use crate::explain::{cam, maps, rollout, Method};
 use crate::onnx::rewrite::ExplainPlan;
 use crate::options::{ExplainOptions, OptionError, OptionLimits, OutputSize, RawOptions};
 use crate::preprocess::{self, DecodeLimits, ImageError};
 use crate::render;
+use crate::methods;
 
 /// What can go wrong in a request; `http::error` maps each kind to its status.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,8 @@ pub struct ModelHandle {
     pub queue: Queue,
     /// Its place in the configuration: `GET /v1/models` lists models in that order (the page opens on the first).
     pub position: usize,
+    /// The batcher's `max_batch`: the multi-pass methods submit their rows in jobs of this size.
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +75,8 @@ pub struct ServiceLimits {
     pub decode: DecodeLimits,
     pub options: OptionLimits,
     pub request_timeout: Duration,
+    /// The most forward-equivalents one request may cost (`server.max_forward_passes`; methods::request_cost).
+    pub max_forward_passes: u64,
 }
 
 pub struct Service {
@@ -150,6 +155,18 @@ pub struct Explanation {
     pub raw: Option<RawArray>,
     pub peak: maps::Point,
     pub bbox: Option<maps::BBox>,
+    /// The faithfulness metrics asked for (`metrics=`), by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<BTreeMap<&'static str, f64>>,
+    /// The deletion and insertion curves (`outputs=curves`): the target's softmax score at each step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curves: Option<BTreeMap<&'static str, Vec<f64>>>,
+    /// SmoothGrad's noise seed: send it back as `seed` to reproduce the map.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Score-CAM's channels, when fewer than the layer's (`channels`, `server.scorecam_max_channels`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -166,6 +183,8 @@ pub struct Timings {
     pub decode: f64,
     pub inference: f64,
     pub explain: f64,
+    /// The faithfulness metrics' forward passes.
+    pub metrics: f64,
     pub render: f64,
     pub total: f64,
 }
@@ -217,6 +236,15 @@ impl Service {
         let handle = self.model(model)?;
         let info = handle.info.clone();
         let options = raw.validate(&info, self.limits.options)?;
+        if endpoint == Endpoint::Explain {
+            let cost = methods::request_cost(&info, &options);
+            if cost > self.limits.max_forward_passes {
+                return Err(ServiceError::Unprocessable(format!(
+                    "this request costs {cost} forward passes (methods, metrics and targets together; GET /v1/models/{} gives each method's cost), over the limit of {} (server.max_forward_passes)",
+                    info.name, self.limits.max_forward_passes
+                )));
+            }
+        }
         // Under overload, refuse before spending a decode on a request that cannot be queued.
         let rows = if endpoint == Endpoint::Predict { 1 } else { options.targets.len() };
         if !handle.queue.has_room(rows) {
@@ -274,9 +302,13 @@ impl Service {
         let targets = if endpoint == Endpoint::Predict { vec![Target::Rank(0)] } else { options.targets.clone() };
         let deadline = started + self.limits.request_timeout;
         let (tx, rx) = oneshot::channel();
+        let pass_label = if endpoint == Endpoint::Predict { "predict" } else { "explain" };
+        metrics::counter!("camserve_forward_passes_total", "model" => info.name.clone(), "method" => pass_label).increment(targets.len().max(1) as u64);
+        let multipass = endpoint == Endpoint::Explain && (options.methods.iter().any(|m| m.is_multipass()) || !options.metrics.is_empty());
+        let kept_input = multipass.then(|| input.clone());
         handle
             .queue
-            .submit(Job { plan, image: input, targets, deadline, reply: tx })
+            .submit(Job { plan, images: Images::One(input), targets, deadline, reply: tx })
             .map_err(|e| match e {
                 SubmitError::QueueFull => ServiceError::QueueFull(info.name.clone()),
                 SubmitError::Closed => ServiceError::Internal("the model's worker has stopped".into()),
@@ -292,13 +324,47 @@ impl Service {
         let image_size = ImageSize { width: orig.width(), height: orig.height() };
         let mut timings = Timings { queue: ms(out.queue), decode: ms(decode), inference: ms(out.inference), ..Default::default() };
         let explanations = if endpoint == Endpoint::Explain {
-            let (ex, t_explain, t_render) = tokio::task::spawn_blocking({
-                let info = info.clone();
-                move || build_explanations(&info, &options, &out.output, &orig, &model_rgb, region)
+            let output = Arc::new(out.output);
+            let passes = methods::Passes { queue: &handle.queue, info: &info, max_batch: handle.max_batch, deadline, timeout: self.limits.request_timeout };
+            let t0 = Instant::now();
+            // The multi-pass methods' maps, per (row, method), through the batcher.
+            let mut extras = BTreeMap::new();
+            if let Some(input) = &kept_input {
+                for row in 0..output.len() {
+                    for &m in options.methods.iter().filter(|m| m.is_multipass()) {
+                        extras.insert((row, m), methods::run(m, &passes, &options, &output, row, input).await?);
+                    }
+                }
+            }
+            let t_passes = t0.elapsed();
+            let options = Arc::new(options);
+            let (mut prepared, t_explain, orig, model_rgb) = tokio::task::spawn_blocking({
+                let (info, options, output) = (info.clone(), options.clone(), output.clone());
+                move || prepare_all(&info, &options, &output, extras, &orig, &model_rgb, region).map(|(p, t)| (p, t, orig, model_rgb))
             })
             .await
             .map_err(|e| ServiceError::Internal(format!("explanation task failed: {e}")))??;
-            timings.explain = ms(t_explain);
+            // The metrics, on each map at the model's input size, through the batcher.
+            let t1 = Instant::now();
+            if let Some(input) = &kept_input {
+                let scores: Vec<Vec<f32>> = output.logits.outer_iter().map(softmax).collect();
+                for p in prepared.iter_mut() {
+                    let class = p.class(&output);
+                    for &metric in &options.metrics {
+                        let score = methods::metrics::evaluate(&passes, metric, input, &p.model_map, class, scores[p.row][class] as f64).await?;
+                        p.scores.push(score);
+                    }
+                }
+            }
+            let t_metrics = t1.elapsed();
+            let (ex, t_render) = tokio::task::spawn_blocking({
+                let (info, options, output) = (info.clone(), options.clone(), output.clone());
+                move || render_all(prepared, &info, &options, &output, &orig, &model_rgb)
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("render task failed: {e}")))?;
+            timings.explain = ms(t_explain + t_passes);
+            timings.metrics = ms(t_metrics);
             timings.render = ms(t_render);
             Some(ex)
         } else {
@@ -344,11 +410,23 @@ enum Display {
     Gradient { rgb: Array3<f32>, magnitude: Array2<f32> },
 }
 
-struct Prepared {
+/// One explanation between its computation and its rendering.
+pub struct Prepared {
     method: Method,
     row: usize,
     raw: (Vec<usize>, Vec<f32>),
     display: Display,
+    /// The map at the model's input size, normalised to [0, 1]: what the metrics rank and multiply with.
+    model_map: Array2<f32>,
+    extra: methods::Extra,
+    scores: Vec<methods::metrics::Score>,
+}
+
+impl Prepared {
+    /// The class this explanation's row explains.
+    fn class(&self, out: &BatchOutput) -> usize {
+        out.targets.as_deref().and_then(|t| t.get(self.row).copied()).unwrap_or(0)
+    }
 }
 
 fn input_grad(out: &BatchOutput, method: Method) -> Result<&ndarray::Array4<f32>, ServiceError> {
@@ -376,46 +454,73 @@ fn rollout_map(method: Method, info: &ModelInfo, row: usize, out: &BatchOutput) 
     map.map_err(bug)
 }
 
-fn prepare(method: Method, info: &ModelInfo, row: usize, out: &BatchOutput, size: (usize, usize)) -> Result<Prepared, ServiceError> {
+/// The raw map of one (row, method): from the request's explain pass, or the multi-pass method's own result.
+fn raw_map(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, extra: Option<methods::RawMap>) -> Result<methods::RawMap, ServiceError> {
+    use methods::RawMap;
+    if let Some(r) = extra {
+        return Ok(r);
+    }
     let missing = || ServiceError::Internal("activations missing from an explain run. This is a bug.".into());
     let acts = out.activations.as_ref().ok_or_else(missing)?.index_axis(Axis(0), row);
     let grads = out.gradients.as_ref().ok_or_else(missing)?.index_axis(Axis(0), row);
+    Ok(match method {
+        m if m.is_attention() => RawMap::Cam(rollout_map(method, info, row, out)?),
+        Method::Cam => {
+            let class = out.targets.as_deref().and_then(|t| t.get(row).copied()).unwrap_or(0);
+            let head = info.linear_head(layer).map_err(ServiceError::Unprocessable)?;
+            RawMap::Cam(cam::weighted(acts, head.class_weights(class)))
+        }
+        m if m.is_multipass() => return Err(ServiceError::Internal(format!("{m}'s map was not computed. This is a bug."))),
+        m if m.is_cam() => RawMap::Cam(cam::compute(m, acts, grads)),
+        Method::GuidedGradCam => {
+            // guided_backprop * up(gradcam), up = bilinear upsampling to H x W, then min-max normalisation.
+            let g = input_grad(out, method)?.index_axis(Axis(0), row);
+            let (h, w) = (g.shape()[1], g.shape()[2]);
+            let up = maps::normalize(&maps::resize_bilinear(cam::gradcam(acts, grads).view(), h, w));
+            RawMap::Gradient(&g * &up.insert_axis(Axis(0)))
+        }
+        m => RawMap::Gradient(input_grad(out, m)?.index_axis(Axis(0), row).to_owned()),
+    })
+}
+
+struct Sizes {
+    /// The display's size (the model's input, the upload, or a crop of it).
+    display: (usize, usize),
+    model: (usize, usize),
+}
+
+fn prepare(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, sizes: Sizes, extra: Option<(methods::RawMap, methods::Extra)>) -> Result<Prepared, ServiceError> {
+    let (size, model_size) = (sizes.display, sizes.model);
     let (oh, ow) = size;
-    if method.is_attention() {
-        let raw = rollout_map(method, info, row, out)?;
-        let display = Display::Map(maps::display_map(&raw, oh, ow));
-        let shape = raw.shape().to_vec();
-        return Ok(Prepared { method, row, raw: (shape, raw.into_raw_vec_and_offset().0), display });
-    }
-    if method.is_cam() {
-        let raw = cam::compute(method, acts, grads);
-        let display = Display::Map(maps::display_map(&raw, oh, ow));
-        let shape = raw.shape().to_vec();
-        return Ok(Prepared { method, row, raw: (shape, raw.into_raw_vec_and_offset().0), display });
-    }
-    let g = input_grad(out, method)?.index_axis(Axis(0), row);
-    let raw: Array3<f32> = if method == Method::GuidedGradCam {
-        // guided_backprop * up(gradcam), up = bilinear upsampling to H x W, then min-max normalisation.
-        let (h, w) = (g.shape()[1], g.shape()[2]);
-        let up = maps::normalize(&maps::resize_bilinear(cam::gradcam(acts, grads).view(), h, w));
-        &g * &up.insert_axis(Axis(0))
-    } else {
-        g.to_owned()
+    let (raw_extra, extra) = match extra {
+        Some((r, e)) => (Some(r), e),
+        None => (None, methods::Extra::default()),
     };
-    let mut rgb = maps::deprocess(raw.view());
-    let mut magnitude = maps::magnitude(raw.view());
-    if magnitude.dim() != (oh, ow) {
-        let chw = rgb.permuted_axes([2, 0, 1]);
-        rgb = maps::resize_channels(chw.view(), oh, ow).permuted_axes([1, 2, 0]).as_standard_layout().to_owned();
-        magnitude = maps::resize_bilinear(magnitude.view(), oh, ow);
+    match raw_map(method, info, layer, row, out, raw_extra)? {
+        methods::RawMap::Cam(raw) => {
+            let display = Display::Map(maps::display_map(&raw, oh, ow));
+            let model_map = maps::display_map(&raw, model_size.0, model_size.1);
+            let shape = raw.shape().to_vec();
+            Ok(Prepared { method, row, raw: (shape, raw.into_raw_vec_and_offset().0), display, model_map, extra, scores: vec![] })
+        }
+        methods::RawMap::Gradient(raw) => {
+            let mut rgb = maps::deprocess(raw.view());
+            let mut magnitude = maps::magnitude(raw.view());
+            let model_map = if magnitude.dim() == model_size { magnitude.clone() } else { maps::resize_bilinear(magnitude.view(), model_size.0, model_size.1) };
+            if magnitude.dim() != (oh, ow) {
+                let chw = rgb.permuted_axes([2, 0, 1]);
+                rgb = maps::resize_channels(chw.view(), oh, ow).permuted_axes([1, 2, 0]).as_standard_layout().to_owned();
+                magnitude = maps::resize_bilinear(magnitude.view(), oh, ow);
+            }
+            let shape = raw.shape().to_vec();
+            let raw = (shape, raw.as_standard_layout().iter().copied().collect());
+            Ok(Prepared { method, row, raw, display: Display::Gradient { rgb, magnitude }, model_map, extra, scores: vec![] })
+        }
     }
-    let shape = raw.shape().to_vec();
-    Ok(Prepared { method, row, raw: (shape, raw.as_standard_layout().iter().copied().collect()), display: Display::Gradient { rgb, magnitude } })
 }
 
 fn render_one(p: Prepared, info: &ModelInfo, options: &ExplainOptions, out: &BatchOutput, scores: &[Vec<f32>], base: &RgbImage) -> Explanation {
-    let targets = out.targets.as_deref().unwrap_or(&[]);
-    let class = targets.get(p.row).copied().unwrap_or(0);
+    let class = p.class(out);
     let target = TargetInfo { index: class, label: info.label(class).map(str::to_string), score: scores[p.row][class] };
     let o = options.outputs;
     let png = |b: Vec<u8>| render::base64(&b);
@@ -437,7 +542,10 @@ fn render_one(p: Prepared, info: &ModelInfo, options: &ExplainOptions, out: &Bat
         }
         RawArray { shape: p.raw.0.clone(), dtype: "float32", data: render::base64(&bytes) }
     });
-    let uses_layer = p.method.is_cam() || p.method == Method::GuidedGradCam;
+    let uses_layer = (p.method.is_cam() && !p.method.is_attention()) || p.method == Method::GuidedGradCam;
+    let metrics = (!p.scores.is_empty()).then(|| p.scores.iter().map(|s| (s.metric.as_str(), s.value)).collect());
+    let curves = (o.curves && !p.scores.is_empty())
+        .then(|| p.scores.iter().filter_map(|s| Some((s.metric.as_str(), s.curve.clone()?))).collect());
     Explanation {
         method: p.method,
         layer: uses_layer.then(|| options.layer.clone()),
@@ -448,42 +556,62 @@ fn render_one(p: Prepared, info: &ModelInfo, options: &ExplainOptions, out: &Bat
         raw,
         peak: maps::peak(map),
         bbox: maps::bbox(map, 0.15),
+        metrics,
+        curves,
+        seed: p.extra.seed,
+        channels: p.extra.channels,
     }
 }
 
-/// Every (target row, method) pair, computed and rendered in parallel; returns the explain and render times.
-pub fn build_explanations(
+/// Every (target row, method) pair's map, computed in parallel (multi-pass methods' maps given in `extras`);
+/// returns them with the time taken.
+pub fn prepare_all(
     info: &ModelInfo,
     options: &ExplainOptions,
     out: &BatchOutput,
+    mut extras: BTreeMap<(usize, Method), (methods::RawMap, methods::Extra)>,
     orig: &RgbImage,
     model_rgb: &RgbImage,
     region: preprocess::Region,
-) -> Result<(Vec<Explanation>, Duration, Duration), ServiceError> {
+) -> Result<(Vec<Prepared>, Duration), ServiceError> {
     // At `size=original` the maps cover the part of the upload the model saw (all of it unless cropped), in the
     // upload's pixels; outside a crop they are zero (gradient images neutral grey).
-    let (base, size, placed) = match options.size {
-        OutputSize::Model => (model_rgb, (model_rgb.height() as usize, model_rgb.width() as usize), None),
+    let model_size = (model_rgb.height() as usize, model_rgb.width() as usize);
+    let (size, placed) = match options.size {
+        OutputSize::Model => (model_size, None),
         OutputSize::Original => {
             let (x0, y0, x1, y1) = region.pixels(orig.width(), orig.height());
             let full = (x0, y0, x1, y1) == (0, 0, orig.width(), orig.height());
             let at = (!full).then_some(((y0 as usize, x0 as usize), ((y1 - y0) as usize, (x1 - x0) as usize)));
-            (orig, (orig.height() as usize, orig.width() as usize), at)
+            ((orig.height() as usize, orig.width() as usize), at)
         }
+    };
+    let t0 = Instant::now();
+    let items: Vec<(usize, Method, Option<(methods::RawMap, methods::Extra)>)> = (0..out.len())
+        .flat_map(|r| options.methods.iter().map(move |&m| (r, m)))
+        .map(|(r, m)| (r, m, extras.remove(&(r, m))))
+        .collect();
+    let layer = options.layer.as_str();
+    let prepared: Vec<Prepared> = items
+        .into_par_iter()
+        .map(|(r, m, extra)| match placed {
+            None => prepare(m, info, layer, r, out, Sizes { display: size, model: model_size }, extra),
+            Some((at, inner)) => prepare(m, info, layer, r, out, Sizes { display: inner, model: model_size }, extra).map(|p| place(p, at, size)),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((prepared, t0.elapsed()))
+}
+
+/// Renders every prepared explanation in parallel; returns them with the time taken.
+pub fn render_all(prepared: Vec<Prepared>, info: &ModelInfo, options: &ExplainOptions, out: &BatchOutput, orig: &RgbImage, model_rgb: &RgbImage) -> (Vec<Explanation>, Duration) {
+    let base = match options.size {
+        OutputSize::Model => model_rgb,
+        OutputSize::Original => orig,
     };
     let scores: Vec<Vec<f32>> = out.logits.outer_iter().map(softmax).collect();
     let t0 = Instant::now();
-    let items: Vec<(usize, Method)> = (0..out.len()).flat_map(|r| options.methods.iter().map(move |&m| (r, m))).collect();
-    let prepared: Vec<Prepared> = items
-        .par_iter()
-        .map(|&(r, m)| match placed {
-            None => prepare(m, info, r, out, size),
-            Some((at, inner)) => prepare(m, info, r, out, inner).map(|p| place(p, at, size)),
-        })
-        .collect::<Result<_, _>>()?;
-    let t1 = Instant::now();
     let explanations: Vec<Explanation> = prepared.into_par_iter().map(|p| render_one(p, info, options, out, &scores, base)).collect();
-    Ok((explanations, t1 - t0, t1.elapsed()))
+    (explanations, t0.elapsed())
 }
 
 /// A prepared display of the crop's size, placed at `at` (row, column) on a canvas of `size`: maps are zero

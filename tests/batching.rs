@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use camserve::batcher::{self, BatcherConfig, Job, SubmitError, Target};
+use camserve::batcher::{self, BatcherConfig, Images, Job, SubmitError, Target};
 use camserve::engine::{DeviceChoice, EngineOptions, ModelRunner, ModelSpec, PlanKey};
 use camserve::onnx::rewrite::ExplainPlan;
 use camserve::onnx::rules::ReluRule;
@@ -29,7 +29,7 @@ fn runner() -> ModelRunner {
 fn job(plan: &PlanKey, targets: Vec<Target>, seed: f32) -> (Job, oneshot::Receiver<Result<batcher::JobOutput, camserve::engine::EngineError>>) {
     let (tx, rx) = oneshot::channel();
     let image = Array3::from_shape_fn((3, 64, 64), |(c, y, x)| ((c + y * 3 + x * 7) as f32 * seed).sin());
-    (Job { plan: plan.clone(), image, targets, deadline: Instant::now() + Duration::from_secs(30), reply: tx }, rx)
+    (Job { plan: plan.clone(), images: Images::One(image), targets, deadline: Instant::now() + Duration::from_secs(30), reply: tx }, rx)
 }
 
 fn explain_plan(r: &ModelRunner) -> PlanKey {

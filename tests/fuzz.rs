@@ -108,7 +108,7 @@ fn demo_info() -> &'static ModelInfo {
     })
 }
 
-const OPTION_LIMITS: OptionLimits = OptionLimits { max_top_k: 10, max_targets: 10, max_methods: 10 };
+const OPTION_LIMITS: OptionLimits = OptionLimits { max_top_k: 10, max_targets: 10, max_methods: 10, scorecam_max_channels: None };
 
 fn token() -> impl Strategy<Value = String> {
     prop_oneof![

@@ -58,7 +58,8 @@ async fn service_routes() {
     assert_eq!(m["classes"], 6);
     assert_eq!(m["labels"], true);
     assert_eq!(m["device"], "cpu");
-    assert_eq!(m["methods"].as_array().unwrap().len(), 10);
+    // Every method but the two attention rollouts: the demo CNN ends in global average pooling and a linear layer.
+    assert_eq!(m["methods"].as_array().unwrap().len(), 16);
     assert!(m["layers"].as_array().unwrap().iter().any(|l| l["name"] == m["default_layer"]));
     let (st, one) = json_of(s.client.get(s.url("/v1/models/demo")).send().await.unwrap(), "/v1/models/{model}", "get").await;
     assert_eq!((st, &one), (200, m));
@@ -530,7 +531,12 @@ async fn contract_models_are_served_as_they_are() {
     let (_, m) = json_of(s.client.get(s.url("/v1/models/contract")).send().await.unwrap(), "/v1/models/{model}", "get").await;
     assert_eq!(m["kind"], "contract");
     assert_eq!(m["default_layer"], json!(layer));
-    assert_eq!(m["methods"], json!(["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "guided_gradcam"]));
+    // No plain input gradient (so no saliency, integrated gradients, SmoothGrad) and one graph (no head for CAM
+    // or Ablation-CAM); Score-CAM runs its masked inputs through that graph, Finer-CAM its seed.
+    assert_eq!(
+        m["methods"],
+        json!(["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "guided_gradcam", "scorecam", "finercam"])
+    );
     let img = image_bytes("008.jpg");
     for query in ["methods=gradcam,guided_gradcam&outputs=raw&top_k=2", "methods=gradcam&outputs=raw&target=3"] {
         let mut bodies = vec![];
@@ -591,7 +597,9 @@ async fn vision_transformer_without_reshape_transform() {
     // `gradcam++` unencoded in the query string (its '+' signs decode to spaces) is still Grad-CAM++.
     let all: Vec<&str> = m["methods"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(all.contains(&"attention_rollout") && all.contains(&"gradient_rollout"), "{all:?}");
-    assert_eq!(all.len(), camserve::config::Config::default().server.max_methods, "the default limit is every method once");
+    assert_eq!(camserve::config::Config::default().server.max_methods, camserve::explain::Method::ALL.len(), "the default limit is every method once");
+    // Not plain CAM nor Ablation-CAM: a token layer has no pooling + linear head of its own.
+    assert_eq!(all.len(), camserve::explain::Method::ALL.len() - 2, "{all:?}");
     let url = s.url(&format!("/v1/models/vit/explain?methods={}&outputs=raw", all.join(",")));
     let r = s.client.post(url).header("content-type", "image/jpeg").body(img).send().await.unwrap();
     let (st, b) = json_of(r, EXPLAIN, "post").await;
@@ -635,9 +643,137 @@ fn openapi_method_enum_is_the_registry() {
     let enumerated: Vec<&str> = doc["components"]["schemas"]["Method"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(enumerated, registry);
     let kinds: Vec<&str> = Method::ALL.iter().map(|m| m.kind()).collect();
-    assert_eq!(kinds, ["cam", "cam", "cam", "cam", "cam", "cam", "gradient", "gradient", "gradient", "gradient", "attention", "attention"]);
+    assert_eq!(
+        kinds,
+        [
+            "cam", "cam", "cam", "cam", "cam", "cam", "gradient", "gradient", "gradient", "gradient", "attention", "attention", "cam", "cam",
+            "cam", "cam", "gradient", "gradient"
+        ]
+    );
     for m in Method::ALL {
         assert_eq!(serde_json::to_value(m).unwrap(), json!(m.as_str()));
         assert_eq!(Method::parse(m.as_str()), Some(m));
     }
+}
+
+fn raw_f32(e: &Value) -> (Vec<usize>, Vec<f32>) {
+    let shape = e["raw"]["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(e["raw"]["data"].as_str().unwrap()).unwrap();
+    (shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+}
+
+/// The multi-pass methods and the metrics through the API: every form of request, the cost each model lists,
+/// the budget's 422, SmoothGrad's seed, and the forward-pass counter. Their values against the references are
+/// tests/methods.rs.
+#[tokio::test]
+async fn multipass_methods_and_metrics_through_the_api() {
+    let mut s = Server::start(demo_and_vit_config()).await;
+    let img = image_bytes("003.jpg");
+    let (_, m) = json_of(s.client.get(s.url("/v1/models/demo")).send().await.unwrap(), "/v1/models/{model}", "get").await;
+    let channels = m["layers"].as_array().unwrap().iter().find(|l| l["name"] == m["default_layer"]).unwrap()["shape"][0].as_u64().unwrap();
+    // One explain pass with one gradient chain (3), plus each method's batches.
+    assert_eq!(m["costs"]["gradcam"], 3);
+    assert_eq!(m["costs"]["guided_gradcam"], 3);
+    assert_eq!(m["costs"]["scorecam"], 3 + channels);
+    assert_eq!(m["costs"]["ablationcam"], 3 + channels);
+    assert_eq!(m["costs"]["integrated_gradients"], 3 + 3 * 50);
+    assert_eq!(m["costs"]["smoothgrad"], 3 + 3 * 25);
+    assert_eq!(m["costs"]["finercam"], 6);
+    // 64x64: 19 pixels per step, 216 steps, 217 states.
+    assert_eq!(m["metric_costs"], json!({"deletion": 217, "insertion": 217, "confidence_change": 1}));
+
+    // JSON body: every new method with every metric and its curves, SmoothGrad seeded.
+    let methods = ["cam", "scorecam", "ablationcam", "finercam", "integrated_gradients", "smoothgrad"];
+    let body = json!({"image": b64(&img), "methods": methods, "metrics": "all", "outputs": ["raw", "curves", "heatmap"], "seed": 7, "samples": 4, "steps": 8});
+    let (st, b) = json_of(s.client.post(s.url("/v1/models/demo/explain")).json(&body).send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 200, "{b}");
+    let ex = b["explanations"].as_array().unwrap();
+    assert_eq!(ex.iter().map(|e| e["method"].as_str().unwrap()).collect::<Vec<_>>(), methods);
+    for e in ex {
+        let name = e["method"].as_str().unwrap();
+        let (shape, data) = raw_f32(e);
+        if ["integrated_gradients", "smoothgrad"].contains(&name) {
+            assert_eq!(shape, [3, 64, 64], "{name}");
+        } else {
+            assert_eq!(shape.len(), 2, "{name}: a map on the layer's grid");
+            assert!(data.iter().all(|&v| v >= 0.0) && data.iter().any(|&v| v > 0.0), "{name}: a rectified, non-zero map");
+        }
+        let (del, ins, conf) = (e["metrics"]["deletion"].as_f64().unwrap(), e["metrics"]["insertion"].as_f64().unwrap(), e["metrics"]["confidence_change"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&del) && (0.0..=1.0).contains(&ins) && (-1.0..=1.0).contains(&conf), "{name}: {}", e["metrics"]);
+        for curve in ["deletion", "insertion"] {
+            let c = e["curves"][curve].as_array().unwrap();
+            assert_eq!(c.len(), 217, "{name} {curve}");
+        }
+        // The deletion curve starts at the target's score on the image; insertion ends there.
+        let score = e["target"]["score"].as_f64().unwrap();
+        assert!((e["curves"]["deletion"][0].as_f64().unwrap() - score).abs() < 1e-5, "{name}");
+        assert!((e["curves"]["insertion"][216].as_f64().unwrap() - score).abs() < 1e-5, "{name}");
+    }
+    assert_eq!(ex[5]["seed"], 7, "SmoothGrad returns its seed");
+    assert!(b["timings_ms"]["metrics"].as_f64().unwrap() > 0.0);
+
+    // Query string: the seed reproduces SmoothGrad; without noise it is saliency, bit for bit.
+    let post = |q: &str| s.client.post(s.url(&format!("/v1/models/demo/explain?{q}"))).header("content-type", "image/jpeg").body(img.clone());
+    let (_, a) = json_of(post("methods=smoothgrad&outputs=raw&seed=7&samples=4").send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(a["explanations"][0]["raw"], ex[5]["raw"], "the same seed gives the same map");
+    let (_, c) = json_of(post("methods=smoothgrad&outputs=raw&seed=8&samples=4").send().await.unwrap(), EXPLAIN, "post").await;
+    assert_ne!(c["explanations"][0]["raw"], ex[5]["raw"], "another seed another map");
+    let (_, z) = json_of(post("methods=saliency,smoothgrad&outputs=raw&noise=0&samples=3").send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(z["explanations"][0]["raw"], z["explanations"][1]["raw"], "smoothgrad with noise=0 is saliency");
+    let (_, r) = json_of(post("methods=smoothgrad&outputs=raw&samples=2").send().await.unwrap(), EXPLAIN, "post").await;
+    assert!(r["explanations"][0]["seed"].is_u64(), "a random seed is returned");
+    // Score-CAM capped: fewer channels, and it says how many.
+    let (st, cap) = json_of(post("methods=scorecam&outputs=raw&channels=3").send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!((st, &cap["explanations"][0]["channels"]), (200, &json!(3)), "{cap}");
+
+    // Multipart, options in the `options` part.
+    let form = Form::new().part("image", Part::bytes(img.clone()).file_name("x.jpg").mime_str("image/jpeg").unwrap()).text("options", r#"{"methods": "cam", "metrics": ["confidence_change"]}"#);
+    let (st, mp) = json_of(s.client.post(s.url("/v1/models/demo/explain")).multipart(form).send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 200, "{mp}");
+    assert_eq!(mp["explanations"][0]["metrics"].as_object().unwrap().keys().collect::<Vec<_>>(), ["confidence_change"]);
+
+    // Refusals name their reason.
+    for (q, model, want) in [
+        ("methods=cam", "vit", "not available for layer"),
+        ("methods=ablationcam", "vit", "not available for layer"),
+        ("methods=gradcam&metrics=beauty", "demo", "unknown metric `beauty`"),
+        ("methods=gradcam&outputs=curves", "demo", "curves needs metrics"),
+        ("methods=integrated_gradients&steps=0", "demo", "steps must be between 1 and 1000"),
+        ("methods=smoothgrad&noise=-1", "demo", "noise must be between 0 and 10"),
+        ("methods=scorecam&channels=0", "demo", "channels must be at least 1"),
+    ] {
+        let r = s.client.post(s.url(&format!("/v1/models/{model}/explain?{q}"))).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap();
+        let (st, p) = json_of(r, EXPLAIN, "post").await;
+        assert_eq!(st, 422, "{q}: {p}");
+        assert!(p["detail"].as_str().unwrap().contains(want), "{q}: {}", p["detail"]);
+    }
+
+    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for method in ["scorecam", "ablationcam", "smoothgrad", "metric:deletion", "explain"] {
+        let line = metrics.lines().find(|l| l.starts_with("camserve_forward_passes_total") && l.contains(&format!("method=\"{method}\"")) && l.contains("model=\"demo\""));
+        assert!(line.is_some(), "no forward-pass count for {method}");
+    }
+    s.stop().await.unwrap();
+}
+
+/// A request over `server.max_forward_passes` is a 422 that gives its cost and the limit, before any work.
+#[tokio::test]
+async fn the_forward_pass_budget_refuses_with_the_cost() {
+    let mut config = demo_config();
+    config.server.max_forward_passes = 100;
+    let mut s = Server::start(config).await;
+    let img = image_bytes("003.jpg");
+    let post = |q: &str| s.client.post(s.url(&format!("/v1/models/demo/explain?{q}"))).header("content-type", "image/jpeg").body(img.clone());
+    let (st, _) = json_of(post("methods=integrated_gradients&steps=32").send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 200, "3 + 96 = 99 forward passes fit in 100");
+    let (st, p) = json_of(post("methods=integrated_gradients&steps=33").send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 422);
+    assert!(p["detail"].as_str().unwrap().contains("costs 102 forward passes") && p["detail"].as_str().unwrap().contains("limit of 100"), "{p}");
+    // Targets multiply the cost; metrics add theirs per explanation.
+    let (st, p) = json_of(post("methods=integrated_gradients&steps=16&top_k=2").send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 422, "2 x (3 + 48) = 102: {p}");
+    let (st, p) = json_of(post("methods=gradcam&metrics=deletion").send().await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 422, "3 + 217: {p}");
+    assert!(p["detail"].as_str().unwrap().contains("costs 220 forward passes"), "{p}");
+    s.stop().await.unwrap();
 }

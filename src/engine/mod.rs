@@ -18,6 +18,7 @@ use ort::session::SessionInputValue;
 use ort::value::{Tensor, TensorRef};
 
 use crate::onnx::contract::{self, ContractInfo};
+use crate::onnx::head::LinearHead;
 use crate::onnx::rewrite::{AttentionInfo, ExplainPlan, Explainable, LayerInfo, PrepareOptions};
 use crate::onnx::rules::ReluRule;
 use crate::onnx::{io, OnnxError};
@@ -76,6 +77,12 @@ pub struct ModelInfo {
     pub stripped_output_op: Option<String>,
     /// The attention blocks of a transformer (plain models only): what the attention rollouts read.
     pub attention: Option<AttentionInfo>,
+    /// Per convolutional layer: the global-average-pool + linear head after it (plain CAM's weights), or why there
+    /// is none.
+    pub linear_heads: std::collections::BTreeMap<String, Result<Arc<LinearHead>, String>>,
+    /// Per convolutional layer: whether the part of the model after it runs on its activations alone
+    /// (Ablation-CAM's [`PlanKey::Head`]), or why not.
+    pub heads: std::collections::BTreeMap<String, Result<(), String>>,
 }
 
 impl ModelInfo {
@@ -91,6 +98,24 @@ impl ModelInfo {
     pub fn layer(&self, name: &str) -> Option<&LayerInfo> {
         crate::onnx::layers::find(&self.layers, name)
     }
+
+    /// The linear head after `layer` (a tensor name), or why plain CAM cannot use it.
+    pub fn linear_head(&self, layer: &str) -> Result<Arc<LinearHead>, String> {
+        match self.linear_heads.get(layer) {
+            Some(r) => r.clone(),
+            None if self.kind == ModelKind::Contract => Err("a contract model carries one graph and no separate head".into()),
+            None => Err(format!("layer `{layer}` is not a convolutional [N, C, h, w] layer")),
+        }
+    }
+
+    /// Ok when the part of the model after `layer` can run on the layer's activations alone.
+    pub fn head(&self, layer: &str) -> Result<(), String> {
+        match self.heads.get(layer) {
+            Some(r) => r.clone(),
+            None if self.kind == ModelKind::Contract => Err("a contract model carries one graph and no separate head".into()),
+            None => Err(format!("layer `{layer}` is not a convolutional [N, C, h, w] layer")),
+        }
+    }
 }
 
 /// The graph a batch runs through.
@@ -99,6 +124,9 @@ pub enum PlanKey {
     /// Logits only.
     Predict,
     Explain(ExplainPlan),
+    /// The part of the model after a layer (a tensor name): the batch's "images" are the layer's activations
+    /// `[N, C, h, w]`, the output the logits. Ablation-CAM's ablated batches.
+    Head(String),
 }
 
 /// One batch: images with a seed row and a target rank each (rank >= 0: the rank-th prediction; -1: the seed).
@@ -191,6 +219,8 @@ impl ModelRunner {
             input_layout: crate::onnx::rewrite::InputLayout::Nchw,
             stripped_output_op: None,
             attention: None,
+            linear_heads: Default::default(),
+            heads: Default::default(),
         }
     }
 
@@ -204,6 +234,9 @@ impl ModelRunner {
             None => ex.default_layer.clone().ok_or("no layer on a spatial grid larger than 1x1")?,
         };
         let d = &ex.input_dims;
+        let conv = ex.layers.iter().filter(|l| l.layout == crate::onnx::rewrite::LayerLayout::Nchw);
+        let linear_heads = conv.clone().map(|l| (l.name.clone(), ex.linear_head(&l.name).map(Arc::new))).collect();
+        let heads = conv.map(|l| (l.name.clone(), ex.head_reads_image(&l.name).map_or(Ok(()), Err))).collect();
         let info = ModelInfo {
             input_name: ex.input.clone(),
             input_shape: [d[1] as usize, d[2] as usize, d[3] as usize],
@@ -214,6 +247,8 @@ impl ModelRunner {
             input_layout: ex.input_layout,
             stripped_output_op: ex.stripped_output_op.clone(),
             attention: ex.attention.clone(),
+            linear_heads,
+            heads,
             ..Self::base_info(spec, ModelKind::Plain, device)
         };
         Ok((Source::Plain(Box::new(ex)), info))
@@ -269,6 +304,10 @@ impl ModelRunner {
             let bytes = match (&self.source, key) {
                 (Source::Plain(ex), PlanKey::Predict) => io::encode_model(&ex.forward_model()?)?,
                 (Source::Plain(ex), PlanKey::Explain(plan)) => io::encode_model(&ex.build(plan)?)?,
+                (Source::Plain(ex), PlanKey::Head(layer)) => io::encode_model(&ex.head_model(layer)?)?,
+                (Source::Contract { .. }, PlanKey::Head(_)) => {
+                    return Err(EngineError::Ort("a contract model has no separate head. This is a bug.".into()));
+                }
                 (Source::Contract { bytes, .. }, _) => bytes.clone(),
             };
             let s = session::build(&bytes, self.info.device, &self.options)?;
@@ -283,7 +322,10 @@ impl ModelRunner {
         if let Source::Contract { info, .. } = &self.source {
             return self.run_contract(key, batch, info.clone());
         }
-        let input_name = self.info.input_name.clone();
+        let input_name = match key {
+            PlanKey::Head(layer) => layer.clone(),
+            _ => self.info.input_name.clone(),
+        };
         let blocks = self.info.attention.as_ref().map_or(0, |a| a.outputs.len());
         let session = self.session(key)?;
         // Views, not copies: ONNX Runtime reads the batch's buffers directly.

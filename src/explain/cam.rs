@@ -18,6 +18,12 @@ fn weighted_sum(a: ArrayView3<f32>, w: &[f32]) -> Array2<f32> {
     out
 }
 
+/// relu(sum_k w_k * A_k) with weights computed elsewhere: plain CAM (the linear head's weights), Score-CAM (softmax
+/// of the masked inputs' scores), Ablation-CAM (relative score drops).
+pub fn weighted(a: ArrayView3<f32>, w: &[f32]) -> Array2<f32> {
+    relu(weighted_sum(a, w))
+}
+
 /// Grad-CAM: relu(sum_k mean_ij(g_k) * A_k).
 pub fn gradcam(a: ArrayView3<f32>, g: ArrayView3<f32>) -> Array2<f32> {
     let w: Vec<f32> = g.outer_iter().map(|gk| gk.mean().unwrap_or(0.0)).collect();

@@ -21,6 +21,34 @@ pub fn resize_bilinear(src: ArrayView2<f32>, out_h: usize, out_w: usize) -> Arra
     out
 }
 
+/// Bilinear resize with corner pixels aligned (PyTorch `align_corners=True`, `nn.UpsamplingBilinear2d`): source
+/// coordinate = dst * (in - 1) / (out - 1). Score-CAM upsamples its masks so.
+pub fn resize_bilinear_corners(src: ArrayView2<f32>, out_h: usize, out_w: usize) -> Array2<f32> {
+    let (in_h, in_w) = src.dim();
+    let axis = |input: usize, output: usize| -> Vec<(usize, usize, f32)> {
+        let scale = if output > 1 { (input - 1) as f64 / (output - 1) as f64 } else { 0.0 };
+        (0..output)
+            .map(|o| {
+                let s = o as f64 * scale;
+                let i0 = (s.floor() as usize).min(input - 1);
+                let i1 = (i0 + 1).min(input - 1);
+                (i0, i1, if i1 == i0 { 0.0 } else { (s - i0 as f64) as f32 })
+            })
+            .collect()
+    };
+    let (ys, xs) = (axis(in_h, out_h), axis(in_w, out_w));
+    let mut out = Array2::<f32>::zeros((out_h, out_w));
+    for (oy, &(y0, y1, wy)) in ys.iter().enumerate() {
+        let (r0, r1) = (src.row(y0), src.row(y1));
+        for (ox, &(x0, x1, wx)) in xs.iter().enumerate() {
+            let top = r0[x0] + (r0[x1] - r0[x0]) * wx;
+            let bottom = r1[x0] + (r1[x1] - r1[x0]) * wx;
+            out[[oy, ox]] = top + (bottom - top) * wy;
+        }
+    }
+    out
+}
+
 /// Per output index: (lower source index, upper source index, weight of the upper one).
 fn axis_weights(input: usize, output: usize) -> Vec<(usize, usize, f32)> {
     let scale = input as f64 / output as f64;

@@ -28,10 +28,16 @@ pub enum Method {
     GuidedGradCam,
     AttentionRollout,
     GradientRollout,
+    Cam,
+    ScoreCam,
+    AblationCam,
+    FinerCam,
+    IntegratedGradients,
+    SmoothGrad,
 }
 
 impl Method {
-    pub const ALL: [Method; 12] = [
+    pub const ALL: [Method; 18] = [
         Method::GradCam,
         Method::GradCamPlusPlus,
         Method::XGradCam,
@@ -44,6 +50,12 @@ impl Method {
         Method::GuidedGradCam,
         Method::AttentionRollout,
         Method::GradientRollout,
+        Method::Cam,
+        Method::ScoreCam,
+        Method::AblationCam,
+        Method::FinerCam,
+        Method::IntegratedGradients,
+        Method::SmoothGrad,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +72,12 @@ impl Method {
             Method::GuidedGradCam => "guided_gradcam",
             Method::AttentionRollout => "attention_rollout",
             Method::GradientRollout => "gradient_rollout",
+            Method::Cam => "cam",
+            Method::ScoreCam => "scorecam",
+            Method::AblationCam => "ablationcam",
+            Method::FinerCam => "finercam",
+            Method::IntegratedGradients => "integrated_gradients",
+            Method::SmoothGrad => "smoothgrad",
         }
     }
 
@@ -86,7 +104,19 @@ impl Method {
         }
     }
 
-    /// The input-gradient rule the method reads, if any.
+    /// The input-gradient rule of the methods whose maps are batches of plain input gradients (integrated
+    /// gradients, SmoothGrad): run in their own batches, not in the request's explain pass.
+    pub fn batch_rule(self) -> Option<ReluRule> {
+        matches!(self, Method::IntegratedGradients | Method::SmoothGrad).then_some(ReluRule::Plain)
+    }
+
+    /// True for the methods that need more than the request's one explain pass (methods/): extra batches of
+    /// masked, ablated, interpolated or noisy inputs, or a second pass with their own seed.
+    pub fn is_multipass(self) -> bool {
+        matches!(self, Method::ScoreCam | Method::AblationCam | Method::FinerCam | Method::IntegratedGradients | Method::SmoothGrad)
+    }
+
+    /// The input-gradient rule the method reads from the request's explain pass, if any.
     pub fn input_rule(self) -> Option<ReluRule> {
         match self {
             Method::GuidedBackprop | Method::GuidedGradCam => Some(ReluRule::Guided),
@@ -98,7 +128,10 @@ impl Method {
 
     /// True for the CAM methods: a layer-resolution map from the layer's activations and gradients.
     pub fn is_cam(self) -> bool {
-        !matches!(self, Method::GuidedBackprop | Method::Deconvnet | Method::Saliency | Method::GuidedGradCam) && !self.is_attention()
+        !matches!(
+            self,
+            Method::GuidedBackprop | Method::Deconvnet | Method::Saliency | Method::GuidedGradCam | Method::IntegratedGradients | Method::SmoothGrad
+        ) && !self.is_attention()
     }
 
     /// True for the methods that read every attention block of a transformer (maps on its token grid).

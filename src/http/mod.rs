@@ -272,7 +272,7 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             seconds = started.elapsed().as_secs_f64(), "model loaded and warmed");
         let queue = batcher::spawn(runner, batching);
         let position = models.len();
-        models.insert(m.name.clone(), ModelHandle { info, queue, position });
+        models.insert(m.name.clone(), ModelHandle { info, queue, position, max_batch: batching.max_batch });
     }
     Ok(models)
 }
@@ -284,8 +284,10 @@ pub fn service_limits(config: &Config) -> ServiceLimits {
             max_top_k: config.server.max_top_k,
             max_targets: config.server.max_targets,
             max_methods: config.server.max_methods,
+            scorecam_max_channels: config.server.scorecam_max_channels,
         },
         request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+        max_forward_passes: config.server.max_forward_passes,
     }
 }
 

@@ -102,6 +102,11 @@ pub struct ModelView {
     default_layer: String,
     layers: Vec<LayerView>,
     methods: Vec<Method>,
+    /// Each offered method's cost in forward-equivalents for one target at the default layer and options
+    /// (what `server.max_forward_passes` limits; docs/METHODS.md).
+    costs: std::collections::BTreeMap<&'static str, u64>,
+    /// What each metric adds per explanation.
+    metric_costs: std::collections::BTreeMap<&'static str, u64>,
     /// The image input's layout in the model file (`nchw` or `nhwc`); camserve feeds NCHW either way.
     input_layout: crate::onnx::rewrite::InputLayout,
     /// What the logits and the explanations are computed on: `logits`, or `pre-softmax` when the model ended
@@ -113,8 +118,11 @@ pub struct ModelView {
     resize_shorter_side: Option<u32>,
 }
 
-fn model_view(info: &ModelInfo) -> ModelView {
+fn model_view(info: &ModelInfo, limits: crate::options::OptionLimits) -> ModelView {
+    let methods = methods_for(info);
     ModelView {
+        costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, limits)?))).collect(),
+        metric_costs: crate::options::Metric::ALL.iter().map(|&m| (m.as_str(), crate::methods::metric_cost(m, info))).collect(),
         name: info.name.clone(),
         kind: info.kind,
         device: info.device,
@@ -141,31 +149,35 @@ fn model_view(info: &ModelInfo) -> ModelView {
         resize_shorter_side: (info.pixels.resize == crate::preprocess::ResizePolicy::ShorterSideThenCenterCrop)
             .then(|| info.pixels.shorter_side(info.input_shape[2] as u32, info.input_shape[1] as u32)),
         scores: if info.stripped_output_op.is_some() { "pre-softmax" } else { "logits" },
-        methods: methods_for(info),
+        methods,
     }
 }
 
-/// The methods a model offers: the input-gradient ones where its rewrite has the rule, the rollouts on
-/// transformers.
+/// The methods a model offers at its default layer: the input-gradient ones where its rewrite has the rule, the
+/// rollouts on transformers, plain CAM where a pooling + linear head follows the layer, Ablation-CAM where the part
+/// after the layer runs on its activations alone.
 pub fn methods_for(info: &ModelInfo) -> Vec<Method> {
     Method::ALL
         .into_iter()
-        .filter(|m| m.input_rule().is_none_or(|r| info.rules.contains(&r)))
+        .filter(|m| m.input_rule().or(m.batch_rule()).is_none_or(|r| info.rules.contains(&r)))
         .filter(|m| !m.is_attention() || info.attention.is_some())
+        .filter(|m| *m != Method::Cam || info.linear_head(&info.default_layer).is_ok())
+        .filter(|m| *m != Method::AblationCam || info.head(&info.default_layer).is_ok())
         .collect()
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let mut handles: Vec<_> = state.service.models()?.values().collect();
     handles.sort_by_key(|m| m.position);
-    let models: Vec<ModelView> = handles.into_iter().map(|m| model_view(&m.info)).collect();
+    let limits = state.service.limits.options;
+    let models: Vec<ModelView> = handles.into_iter().map(|m| model_view(&m.info, limits)).collect();
     // Every method camserve has, from the registry, with its kind; each model lists the ones it offers.
     let methods: Vec<_> = Method::ALL.iter().map(|m| serde_json::json!({ "name": m, "kind": m.kind() })).collect();
     Ok(Json(serde_json::json!({ "models": models, "methods": methods })))
 }
 
 pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelView>, ApiError> {
-    Ok(Json(model_view(&state.service.model(&model)?.info)))
+    Ok(Json(model_view(&state.service.model(&model)?.info, state.service.limits.options)))
 }
 
 async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -> Result<Response, ApiError> {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod flow;
 pub mod functions;
 pub mod graph;
+pub mod head;
 pub mod inspect;
 pub mod io;
 pub mod layers;

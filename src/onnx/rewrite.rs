@@ -266,6 +266,57 @@ impl Explainable {
         Ok(model)
     }
 
+    /// The part of the model after `layer`: the layer's tensor is the input (its own dimensions, dynamic batch), the
+    /// logits the output. Ablation-CAM runs it on ablated activations instead of rerunning the backbone. Refused
+    /// when that part also reads the image (a skip connection around the layer, a shape taken from the input).
+    pub fn head_model(&self, layer: &str) -> Result<ModelProto> {
+        let layer = self.layer(layer).ok_or_else(|| OnnxError::BadLayer(layer.to_string()))?.clone();
+        let mut model = self.model.clone();
+        let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
+        let logit_dims = self.probe.dims(&self.logits).unwrap_or(&[]).to_vec();
+        graph.node.retain(|n| !n.output.contains(&layer.name));
+        graph.input = vec![value_info(&layer.name, tensor::FLOAT, &with_batch(&layer.native_dims))];
+        graph.output = vec![value_info(&self.logits, tensor::FLOAT, &with_batch(&logit_dims))];
+        graph.value_info.clear();
+        prune(graph);
+        if let Some(why) = self.head_reads_image(&layer.name) {
+            return Err(OnnxError::Invalid(why));
+        }
+        Ok(model)
+    }
+
+    /// Why the part of the model after `layer` cannot run on the layer's activations alone (it also reads the
+    /// image: a skip connection around the layer, a shape taken from the input), or `None` when it can.
+    pub fn head_reads_image(&self, layer: &str) -> Option<String> {
+        let graph = self.model.graph.as_ref()?;
+        let mut needed: HashSet<&str> = HashSet::from([self.logits.as_str()]);
+        // Nodes are in topological order, so one reverse pass finds everything the logits need above the layer.
+        for n in graph.node.iter().rev() {
+            if n.output.iter().any(|o| o == layer) || !n.output.iter().any(|o| needed.contains(o.as_str())) {
+                continue;
+            }
+            if n.input.contains(&self.input) {
+                return Some(format!(
+                    "the part of the model after layer `{layer}` also reads the image input (node `{}`), so it cannot run on the layer's activations alone",
+                    node_label(n)
+                ));
+            }
+            needed.extend(n.input.iter().map(String::as_str));
+        }
+        None
+    }
+
+    /// The weights of the global-average-pool + linear head that follows `layer` (what plain CAM reads), or why the
+    /// layer has none.
+    pub fn linear_head(&self, layer: &str) -> std::result::Result<super::head::LinearHead, super::head::NoHead> {
+        let info = self.layer(layer).ok_or_else(|| format!("no layer `{layer}`"))?;
+        if info.layout != LayerLayout::Nchw {
+            return Err(format!("layer `{}` is a {} layer, not a convolutional [N, C, h, w] one", info.name, info.layout.as_str()));
+        }
+        let graph = self.model.graph.as_ref().ok_or("the model has no graph")?;
+        super::head::linear_head(graph, &self.index, &info.name, &self.logits, info.dims[1] as usize)
+    }
+
     /// A layer by tensor name, or by module path (the last layer the module produces: its output).
     pub fn layer(&self, name: &str) -> Option<&LayerInfo> {
         layers::find(&self.layers, name)

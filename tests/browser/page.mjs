@@ -76,6 +76,18 @@ await page.focus("#go");
 await page.keyboard.press("Enter");
 await page.waitForFunction(() => [...document.querySelectorAll(".card h3 span")].some((s) => s.textContent === "layercam"), null, { timeout: 60000 });
 
+// Faithfulness: tick deletion and insertion; each card shows both scores, in [0, 1].
+await page.check('#metrics input[value="deletion"]');
+await page.check('#metrics input[value="insertion"]');
+await page.click("#go");
+await page.waitForFunction(() => document.querySelectorAll('.card dd[data-metric="insertion"]').length > 0, null, { timeout: 120000 });
+const scores = await page.$$eval(".card dd[data-metric]", (dds) => dds.map((d) => [d.dataset.metric, Number(d.textContent)]));
+const cardCount = await page.$$eval(".card", (c) => c.length);
+assert.equal(scores.length, 2 * cardCount, "deletion and insertion on every card");
+assert.ok(scores.every(([, v]) => v >= 0 && v <= 1), `metric values in [0, 1]: ${JSON.stringify(scores)}`);
+await page.uncheck('#metrics input[value="deletion"]');
+await page.uncheck('#metrics input[value="insertion"]');
+
 // A phone-sized screen: one column, nothing wider than the viewport.
 await page.setViewportSize({ width: 390, height: 844 });
 const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);

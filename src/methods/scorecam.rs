@@ -1,0 +1,75 @@
+//! Score-CAM (Wang et al. 2020), as pytorch-grad-cam 1.5.7's `ScoreCAM`: each activation channel, upsampled to the
+//! input size (bilinear, corners aligned, as its `UpsamplingBilinear2d`) and min-max normalised, masks the
+//! model-space input; the target's logit on each masked input, softmax-normalised over the channels, is the
+//! channel's weight; the map is relu(sum_k w_k A_k). The masked inputs run as batches through the batcher.
+
+use ndarray::{Array2, Array3, ArrayView3, Axis};
+
+use super::Passes;
+use crate::explain::{cam, maps};
+use crate::service::ServiceError;
+
+/// The channels Score-CAM masks with: all of them, or when capped the `cap` channels of highest variance over the
+/// grid (a flat channel makes a blank mask and says nothing), in channel order.
+pub fn channels(acts: ArrayView3<f32>, cap: Option<usize>) -> Vec<usize> {
+    let k = acts.len_of(Axis(0));
+    match cap {
+        Some(c) if c < k => {
+            let var: Vec<f64> = acts
+                .outer_iter()
+                .map(|a| {
+                    let n = a.len() as f64;
+                    let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
+                    a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..k).collect();
+            order.sort_by(|&a, &b| var[b].total_cmp(&var[a]).then(a.cmp(&b)));
+            let mut keep = order[..c].to_vec();
+            keep.sort();
+            keep
+        }
+        _ => (0..k).collect(),
+    }
+}
+
+/// Channel `k`'s mask at the input size: upsampled with corners aligned, then (m - min) / (max - min + 1e-8).
+pub fn mask(acts: ArrayView3<f32>, k: usize, h: usize, w: usize) -> Array2<f32> {
+    let up = maps::resize_bilinear_corners(acts.index_axis(Axis(0), k), h, w);
+    let (lo, hi) = up.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    up.mapv(|v| (v - lo) / (hi - lo + 1e-8))
+}
+
+/// Softmax in float64 (the weights of Score-CAM).
+pub fn softmax(scores: &[f32]) -> Vec<f32> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = scores.iter().map(|&s| (s as f64 - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|v| (v / sum) as f32).collect()
+}
+
+/// Score-CAM's map for target `class`, and how many channels it used.
+pub async fn run(
+    passes: &Passes<'_>,
+    acts: ArrayView3<'_, f32>,
+    input: &Array3<f32>,
+    class: usize,
+    cap: Option<usize>,
+    label: &str,
+) -> Result<(Array2<f32>, usize), ServiceError> {
+    let (h, w) = (input.shape()[1], input.shape()[2]);
+    let chosen = channels(acts, cap);
+    let logits = passes
+        .logits(chosen.len(), label, |i| {
+            let m = mask(acts, chosen[i], h, w);
+            input * &m.insert_axis(Axis(0))
+        })
+        .await?;
+    let scores: Vec<f32> = logits.column(class).to_vec();
+    let weights = softmax(&scores);
+    let mut full = vec![0f32; acts.len_of(Axis(0))];
+    for (&k, &wk) in chosen.iter().zip(&weights) {
+        full[k] = wk;
+    }
+    Ok((cam::weighted(acts, &full), chosen.len()))
+}

@@ -1,0 +1,69 @@
+//! SmoothGrad (Smilkov et al. 2017): the mean plain input gradient over `samples` noisy copies of the model-space
+//! input, with Gaussian noise of sigma = `noise` x (max - min) of that input (0.15 by default, as the paper). What
+//! Captum's `NoiseTunnel(Saliency(abs=False))` with `nt_type="smoothgrad"` computes. The noise comes from ChaCha8
+//! seeded per request; the seed is returned, so the same request with it reproduces the map bit for bit. With
+//! noise 0 every copy is the input and the map is `saliency`'s exactly.
+
+use ndarray::{Array3, Axis, Zip};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::Passes;
+use crate::service::ServiceError;
+
+/// Sigma of the noise for `input`.
+pub fn sigma(input: &Array3<f32>, noise: f32) -> f32 {
+    let (lo, hi) = input.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    noise * (hi - lo)
+}
+
+/// The noisy copies' noise, in the order the copies are made: copy i is `input + noise[i]`.
+pub struct Noise {
+    rng: ChaCha8Rng,
+    normal: Option<Normal<f32>>,
+}
+
+impl Noise {
+    pub fn new(seed: u64, sigma: f32) -> Noise {
+        let normal = (sigma > 0.0).then(|| Normal::new(0.0, sigma)).and_then(Result::ok);
+        Noise { rng: ChaCha8Rng::seed_from_u64(seed), normal }
+    }
+
+    /// The next noisy copy of `input`.
+    pub fn copy(&mut self, input: &Array3<f32>) -> Array3<f32> {
+        match &self.normal {
+            None => input.clone(),
+            Some(n) => input.mapv(|v| v + n.sample(&mut self.rng)),
+        }
+    }
+}
+
+/// The mean of the plain input gradients of `class` at `n` inputs, summed in float64.
+pub async fn mean_gradient<F>(passes: &Passes<'_>, layer: &str, class: usize, n: usize, label: &str, row: F) -> Result<Array3<f32>, ServiceError>
+where
+    F: FnMut(usize) -> Array3<f32>,
+{
+    let grads = passes.plain_gradients(layer, class, n, label, row).await?;
+    let mut sum = Array3::<f64>::zeros((grads.shape()[1], grads.shape()[2], grads.shape()[3]));
+    for g in grads.axis_iter(Axis(0)) {
+        Zip::from(&mut sum).and(&g).for_each(|s, &v| *s += v as f64);
+    }
+    Ok(sum.mapv(|s| (s / n as f64) as f32))
+}
+
+/// SmoothGrad's map `[C, H, W]` of target `class`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    passes: &Passes<'_>,
+    layer: &str,
+    input: &Array3<f32>,
+    class: usize,
+    samples: usize,
+    noise: f32,
+    seed: u64,
+    label: &str,
+) -> Result<Array3<f32>, ServiceError> {
+    let mut rng = Noise::new(seed, sigma(input, noise));
+    mean_gradient(passes, layer, class, samples, label, |_| rng.copy(input)).await
+}
