@@ -654,6 +654,15 @@ fn openapi_method_enum_is_the_registry() {
         assert_eq!(serde_json::to_value(m).unwrap(), json!(m.as_str()));
         assert_eq!(Method::parse(m.as_str()), Some(m));
     }
+    // The README's options table and docs/METHODS.md name every method of the registry.
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let row = readme.lines().find(|l| l.starts_with("| `methods` |")).expect("README's methods row");
+    let methods_md = std::fs::read_to_string(root().join("docs/METHODS.md")).unwrap();
+    for m in Method::ALL {
+        let quoted = format!("`{}`", m.as_str());
+        assert!(row.contains(&quoted), "README's methods row lacks {quoted}");
+        assert!(methods_md.contains(&format!("| {quoted} |")), "docs/METHODS.md's table lacks {quoted}");
+    }
 }
 
 fn raw_f32(e: &Value) -> (Vec<usize>, Vec<f32>) {

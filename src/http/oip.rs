@@ -555,6 +555,10 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
     for (key, value) in &request.parameters {
         // `target` is per image here, and `top_k` sizes the `top_k` output (in /v1 it asks for the top k classes'
         // explanations, which have no place in an [N, ...] tensor): both are read below.
+        if key == "metrics" {
+            // Scores per explanation have no place among the infer outputs: refused rather than computed and dropped.
+            return Err(ServiceError::Unprocessable("the `metrics` parameter is not offered by v2 infer; ask /v1/models/{model}/explain or :explain for them".into()).into());
+        }
         if !PROTOCOL_PARAMETERS.contains(&key.as_str()) && key != "target" && key != "top_k" {
             raw.set_json(key, value).map_err(ServiceError::from)?;
         }
