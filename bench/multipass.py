@@ -5,9 +5,9 @@ same ResNet-50 weights and input, one session, CPU.
     /work/venv/bin/python bench/multipass.py [--n 3] [--threads 2]     (needs a release build)
 
 Builds torchvision's ResNet-50 with seeded random weights, exports it to ONNX, serves it with
-target/release/camserve (runtime.threads = --threads, batching.max_batch 32, a 10-minute request timeout and no
-forward-pass limit), and times batch-1 requests of a 224x224 PNG (assets/photos/chelsea.jpg resized), one at a
-time, `--n` times each after one warm-up: the client's wall time, decode and render included. Then it stops the
+target/release/camserve (runtime.threads = --threads, batching.max_batch = --max-batch (8, camserve's default), a
+10-minute request timeout and no forward-pass limit), and times batch-1 requests of a 224x224 PNG
+(assets/photos/chelsea.jpg resized), one at a time, `--n` times each after one warm-up: the client's wall time, decode and render included. Then it stops the
 server and times the references on the same preprocessed tensor with the same thread count, as their users call
 them (library defaults): pytorch-grad-cam 1.5.7's ScoreCAM (batches of 16), AblationCAM (batches of 32, the
 whole model per batch), FinerCAM; Captum's IntegratedGradients (50 steps, one batch) and
@@ -54,10 +54,10 @@ def post(url, body):
     return out
 
 
-def camserve_times(onnx_path, png, requests, threads, n):
+def camserve_times(onnx_path, png, requests, threads, n, max_batch):
     port = 18711
     env = dict(os.environ, CAMSERVE_SERVER__REQUEST_TIMEOUT_MS="600000", CAMSERVE_SERVER__MAX_FORWARD_PASSES="100000000",
-               CAMSERVE_BATCHING__MAX_BATCH="32", CAMSERVE_RUNTIME__THREADS=str(threads), CAMSERVE_SERVER__BODY_TIMEOUT_MS="600000")
+               CAMSERVE_BATCHING__MAX_BATCH=str(max_batch), CAMSERVE_RUNTIME__THREADS=str(threads), CAMSERVE_SERVER__BODY_TIMEOUT_MS="600000")
     proc = subprocess.Popen([str(ROOT / "target/release/camserve"), "serve", "--model", f"r50={onnx_path}", "--bind", f"127.0.0.1:{port}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -106,6 +106,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=8, help="camserve's batching.max_batch (its default: 8)")
+    ap.add_argument("--only", choices=["camserve", "references"], help="time one side only")
     a = ap.parse_args()
     model = seeded_resnet50(a.threads)
     layer = model.layer4[-1]
@@ -135,7 +137,9 @@ def main():
         onnx_path = pathlib.Path(d) / "resnet50.onnx"
         torch.onnx.export(model, x, str(onnx_path), opset_version=17, dynamo=False, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-        ours = camserve_times(onnx_path, png, requests, a.threads, a.n)
+        ours = camserve_times(onnx_path, png, requests, a.threads, a.n, a.max_batch) if a.only != "references" else {}
+    if a.only == "camserve":
+        return
 
     from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
     from pytorch_grad_cam import AblationCAM, FinerCAM, GradCAM, ScoreCAM
@@ -190,7 +194,9 @@ def main():
     print("| request | camserve over HTTP | reference (in process) | reference | ratio |")
     print("|---|---|---|---|---|")
     for name, _, _ in requests:
-        if name in theirs:
+        if name not in ours:
+            print(f"| `{name}` | | {refs.get(name, '')} | {theirs.get(name, 0):.2f} | |")
+        elif name in theirs:
             print(f"| `{name}` | {ours[name]:.2f} | {refs[name]} | {theirs[name]:.2f} | {ours[name] / theirs[name]:.2f} |")
         else:
             print(f"| `{name}` | {ours[name]:.2f} | (none) | | |")
