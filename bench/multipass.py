@@ -197,7 +197,7 @@ def main():
         if name not in ours:
             print(f"| `{name}` | | {refs.get(name, '')} | {theirs.get(name, 0):.2f} | |")
         elif name in theirs:
-            print(f"| `{name}` | {ours[name]:.2f} | {refs[name]} | {theirs[name]:.2f} | {ours[name] / theirs[name]:.2f} |")
+            print(f"| `{name}` | {ours[name]:.2f} | {refs[name]} | {theirs[name]:.2f} | {ours[name] / theirs[name]:.3f} |")
         else:
             print(f"| `{name}` | {ours[name]:.2f} | (none) | | |")
 
