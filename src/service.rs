@@ -503,6 +503,15 @@ fn prepare(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &Batc
             let shape = raw.shape().to_vec();
             Ok(Prepared { method, row, raw: (shape, raw.into_raw_vec_and_offset().0), display, model_map, extra, scores: vec![] })
         }
+        // Integrated gradients' attribution is shown as Captum shows it: the channel-summed magnitude as a heatmap.
+        methods::RawMap::Gradient(raw) if method == Method::IntegratedGradients => {
+            let summed = raw.mapv(f32::abs).sum_axis(Axis(0));
+            let display = Display::Map(maps::display_map(&summed, oh, ow));
+            let model_map = maps::display_map(&summed, model_size.0, model_size.1);
+            let shape = raw.shape().to_vec();
+            let raw = (shape, raw.as_standard_layout().iter().copied().collect());
+            Ok(Prepared { method, row, raw, display, model_map, extra, scores: vec![] })
+        }
         methods::RawMap::Gradient(raw) => {
             let mut rgb = maps::deprocess(raw.view());
             let mut magnitude = maps::magnitude(raw.view());

@@ -92,8 +92,9 @@ impl Method {
         Method::ALL.into_iter().find(|m| m.as_str() == s)
     }
 
-    /// What the method's map is: `cam` (the layer's grid), `gradient` (an input gradient image `[C, H, W]`) or
-    /// `attention` (a transformer's token grid, from every attention block).
+    /// What the method's map is: `cam` (the layer's grid), `gradient` (an input gradient or attribution image
+    /// `[C, H, W]`; integrated gradients' heatmap is its channel-summed magnitude) or `attention` (a transformer's
+    /// token grid, from every attention block).
     pub fn kind(self) -> &'static str {
         if self.is_attention() {
             "attention"
