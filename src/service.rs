@@ -1,5 +1,6 @@
-//! The request workflow behind the HTTP routes: decode and preprocess the image, queue it for the model's
-//! batcher, then turn the engine's arrays into explanations (explain/) and pictures (render/).
+//! The request pipeline behind the HTTP routes: validate the options and the request's cost, decode and
+//! preprocess the image, run the explain pass through the model's batcher, then the multi-pass methods' and the
+//! metrics' batches (methods/), turn the arrays into explanations (explain/) and pictures (render/).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,9 +12,8 @@ use image::RgbImage;
 use ndarray::{Array2, Array3, Axis};
 use rayon::prelude::*;
 use serde::Serialize;
-use tokio::sync::oneshot;
 
-use crate::batcher::{Images, Job, Queue, SubmitError, Target};
+use crate::batcher::{Images, Queue, Target};
 use crate::engine::{ranked, BatchOutput, Device, ModelInfo, ModelKind, PlanKey};
 use crate::explain::{cam, maps, rollout, Method};
 use crate::onnx::rewrite::ExplainPlan;
@@ -301,23 +301,12 @@ impl Service {
         };
         let targets = if endpoint == Endpoint::Predict { vec![Target::Rank(0)] } else { options.targets.clone() };
         let deadline = started + self.limits.request_timeout;
-        let (tx, rx) = oneshot::channel();
-        let pass_label = if endpoint == Endpoint::Predict { "predict" } else { "explain" };
-        metrics::counter!("camserve_forward_passes_total", "model" => info.name.clone(), "method" => pass_label).increment(targets.len().max(1) as u64);
+        // The request's own pass and every multi-pass method's and metric's batches go through one handle.
+        let passes = methods::Passes { queue: &handle.queue, info: &info, max_batch: handle.max_batch, deadline, timeout: self.limits.request_timeout };
         let multipass = endpoint == Endpoint::Explain && (options.methods.iter().any(|m| m.is_multipass()) || !options.metrics.is_empty());
         let kept_input = multipass.then(|| input.clone());
-        handle
-            .queue
-            .submit(Job { plan, images: Images::One(input), targets, deadline, reply: tx })
-            .map_err(|e| match e {
-                SubmitError::QueueFull => ServiceError::QueueFull(info.name.clone()),
-                SubmitError::Closed => ServiceError::Internal("the model's worker has stopped".into()),
-            })?;
-        let out = match tokio::time::timeout_at(deadline.into(), rx).await {
-            Err(_) => return Err(ServiceError::Timeout(self.limits.request_timeout)),
-            Ok(Err(_)) => return Err(ServiceError::Timeout(self.limits.request_timeout)),
-            Ok(Ok(r)) => r.map_err(|e| ServiceError::Internal(e.to_string()))?,
-        };
+        let label = if endpoint == Endpoint::Predict { "predict" } else { "explain" };
+        let out = passes.wait(passes.submit(&plan, Images::One(input), targets, label)?).await?;
 
         let predictions = predictions(&info, &out.output, options.top_k.max(5));
         let logits = out.output.logits.row(0).to_vec();
@@ -325,7 +314,6 @@ impl Service {
         let mut timings = Timings { queue: ms(out.queue), decode: ms(decode), inference: ms(out.inference), ..Default::default() };
         let explanations = if endpoint == Endpoint::Explain {
             let output = Arc::new(out.output);
-            let passes = methods::Passes { queue: &handle.queue, info: &info, max_batch: handle.max_batch, deadline, timeout: self.limits.request_timeout };
             let t0 = Instant::now();
             // The multi-pass methods' maps, per (row, method), through the batcher.
             let mut extras = BTreeMap::new();

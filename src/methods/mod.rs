@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use ndarray::{concatenate, Array2, Array3, Array4, Axis};
 use tokio::sync::oneshot;
 
-use crate::batcher::{Images, Job, Queue, SubmitError, Target};
+use crate::batcher::{Images, Job, JobOutput, Queue, SubmitError, Target};
 use crate::engine::{BatchOutput, ModelInfo, PlanKey};
 use crate::explain::Method;
 use crate::onnx::rewrite::ExplainPlan;
@@ -40,9 +40,30 @@ pub struct Passes<'a> {
     pub timeout: Duration,
 }
 
-type Reply = oneshot::Receiver<Result<crate::batcher::JobOutput, crate::engine::EngineError>>;
+/// A submitted job's answer.
+pub type Reply = oneshot::Receiver<Result<JobOutput, crate::engine::EngineError>>;
 
 impl Passes<'_> {
+    /// Submits one job, or refuses at once when the queue is full; counts its rows under `label`.
+    pub fn submit(&self, plan: &PlanKey, images: Images, targets: Vec<Target>, label: &str) -> Result<Reply, ServiceError> {
+        let rows = targets.len().max(1) as u64;
+        let (tx, rx) = oneshot::channel();
+        self.queue.submit(Job { plan: plan.clone(), images, targets, deadline: self.deadline, reply: tx }).map_err(|e| match e {
+            SubmitError::QueueFull => ServiceError::QueueFull(self.info.name.clone()),
+            SubmitError::Closed => ServiceError::Internal("the model's worker has stopped".into()),
+        })?;
+        ::metrics::counter!("camserve_forward_passes_total", "model" => self.info.name.clone(), "method" => label.to_string()).increment(rows);
+        Ok(rx)
+    }
+
+    /// Awaits a submitted job within the request's deadline.
+    pub async fn wait(&self, rx: Reply) -> Result<JobOutput, ServiceError> {
+        match tokio::time::timeout_at(self.deadline.into(), rx).await {
+            Err(_) | Ok(Err(_)) => Err(ServiceError::Timeout(self.timeout)),
+            Ok(Ok(r)) => r.map_err(|e| ServiceError::Internal(e.to_string())),
+        }
+    }
+
     /// Runs `n` rows through `plan`, `row(i)` making row i's array and target when its chunk is submitted (so a
     /// 2048-row Score-CAM never holds more than two chunks of masked images). Chunks of `max_batch` rows, two in
     /// flight, so the worker never waits for the next chunk to be built. Returns the chunks' outputs in order.
@@ -58,25 +79,12 @@ impl Passes<'_> {
             if start < n && inflight.len() < 2 {
                 let end = (start + chunk).min(n);
                 let (images, targets): (Vec<_>, Vec<_>) = (start..end).map(&mut row).unzip();
-                let (tx, rx) = oneshot::channel();
-                self.queue
-                    .submit(Job { plan: plan.clone(), images: Images::PerRow(images), targets, deadline: self.deadline, reply: tx })
-                    .map_err(|e| match e {
-                        SubmitError::QueueFull => ServiceError::QueueFull(self.info.name.clone()),
-                        SubmitError::Closed => ServiceError::Internal("the model's worker has stopped".into()),
-                    })?;
-                ::metrics::counter!("camserve_forward_passes_total", "model" => self.info.name.clone(), "method" => label.to_string())
-                    .increment((end - start) as u64);
-                inflight.push_back(rx);
+                inflight.push_back(self.submit(plan, Images::PerRow(images), targets, label)?);
                 start = end;
                 continue;
             }
             let rx = inflight.pop_front().expect("checked non-empty above. This is a bug.");
-            let out = match tokio::time::timeout_at(self.deadline.into(), rx).await {
-                Err(_) | Ok(Err(_)) => return Err(ServiceError::Timeout(self.timeout)),
-                Ok(Ok(r)) => r.map_err(|e| ServiceError::Internal(e.to_string()))?,
-            };
-            outs.push(out.output);
+            outs.push(self.wait(rx).await?.output);
         }
         Ok(outs)
     }
