@@ -13,5 +13,7 @@ pub mod engine;
 pub mod explain;
 pub mod http;
 pub mod methods;
+pub mod registry;
+pub mod server;
 pub mod runtime;
 pub mod service;

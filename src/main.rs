@@ -194,7 +194,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             // thread (and one allocator arena) per waiting request.
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads((4 * cores).max(8)).build()?;
-            rt.block_on(camserve::http::serve(config))?;
+            rt.block_on(camserve::server::serve(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Augment { input, output, layer, rules, input_size } => {
@@ -281,11 +281,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
             let rt = tokio::runtime::Runtime::new()?;
             let response = rt.block_on(async {
-                let service = Service::new(camserve::http::service_limits(&config));
+                let service = Service::new(camserve::registry::service_limits(&config));
                 let handle = tokio::runtime::Handle::current();
                 let models = tokio::task::spawn_blocking(move || {
                     let _g = handle.enter();
-                    camserve::http::load_models(&config)
+                    camserve::registry::load_models(&config)
                 })
                 .await??;
                 service.install(models);

@@ -79,7 +79,7 @@ async fn request_head_limits() {
     let (st, _) = raw(&s, &format!("GET /healthz?{} HTTP/1.1", "a".repeat(70_000))).await;
     assert_eq!(st, 414);
     // One more header line than MAX_HEADERS: 431.
-    let many: String = (0..camserve::http::MAX_HEADERS + 1).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let many: String = (0..camserve::server::MAX_HEADERS + 1).map(|i| format!("x-h{i}: v\r\n")).collect();
     let (st, _) = raw(&s, &format!("GET /healthz HTTP/1.1\r\n{}", many.trim_end())).await;
     assert_eq!(st, 431);
     // A head over MAX_HEAD_BYTES (one long header): 431. hyper compares its buffer with the limit between reads,
@@ -87,7 +87,7 @@ async fn request_head_limits() {
     let (st, _) = raw(&s, &format!("GET /healthz HTTP/1.1\r\nx-big: {}", "b".repeat(128 * 1024))).await;
     assert_eq!(st, 431);
     // Just inside the limits is served.
-    let fits: String = (0..camserve::http::MAX_HEADERS - 3).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let fits: String = (0..camserve::server::MAX_HEADERS - 3).map(|i| format!("x-h{i}: v\r\n")).collect();
     let (st, _) = raw(&s, &format!("GET /healthz HTTP/1.1\r\n{}", fits.trim_end())).await;
     assert_eq!(st, 200);
     let (st, _) = raw(&s, &format!("GET /healthz?{} HTTP/1.1", "a".repeat(60_000))).await;

@@ -53,7 +53,7 @@ impl Server {
         if config.server.drain_delay_ms == camserve::config::Config::default().server.drain_delay_ms {
             config.server.drain_delay_ms = 0;
         }
-        let task = tokio::spawn(camserve::http::serve_on(listener, config, async {
+        let task = tokio::spawn(camserve::server::serve_on(listener, config, async {
             let _ = rx.await;
         }));
         let client = reqwest::Client::new();

@@ -1,0 +1,86 @@
+//! The model registry: every configured model loaded, analysed, warmed and given its batcher, and the request
+//! limits the configuration sets. `crate::server` installs the result into the `Service` once it is ready.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::batcher::{self, BatcherConfig};
+use crate::config::{self, Config};
+use crate::engine::{EngineOptions, ModelRunner, ModelSpec, PlanKey};
+use crate::onnx::rewrite::ExplainPlan;
+use crate::onnx::rules::ReluRule;
+use crate::options::OptionLimits;
+use crate::preprocess::DecodeLimits;
+use crate::service::{ModelHandle, ServiceLimits};
+
+/// Loads, warms and queues every configured model (blocking; call from a blocking thread).
+pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHandle>> {
+    let options = EngineOptions {
+        device: config.runtime.device,
+        intra_threads: config.runtime.threads,
+        ort_library: config.runtime.ort_library.clone(),
+        cuda_device: config.runtime.cuda_device,
+        cpu_arena: config.runtime.cpu_arena,
+    };
+    let batching = BatcherConfig {
+        max_batch: config.batching.max_batch,
+        max_wait: Duration::from_millis(config.batching.max_wait_ms),
+        queue_capacity: config.batching.queue_capacity,
+    };
+    let mut models = BTreeMap::new();
+    for m in &config.models {
+        let started = Instant::now();
+        let labels = match &m.labels {
+            Some(p) => {
+                let p = config::resolve(p);
+                Some(config::read_labels(&p).map_err(|e| anyhow::anyhow!("model `{}`: labels {}: {e}", m.name, p.display()))?)
+            }
+            None => None,
+        };
+        let spec = ModelSpec {
+            name: m.name.clone(),
+            path: config::resolve(&m.path),
+            labels,
+            mean: m.mean,
+            std: m.std,
+            default_layer: m.default_layer.clone(),
+            input_size: m.input_size.map(|[h, w]| (h, w)),
+            layout: m.layout,
+            pixels: crate::preprocess::PixelFormat {
+                channel_order: m.channel_order,
+                scale: m.scale,
+                resize: m.resize,
+                resize_shorter_side: m.resize_shorter_side,
+            },
+        };
+        let mut runner = ModelRunner::load(&spec, &options).map_err(|e| anyhow::anyhow!("model `{}` ({}): {e}", m.name, spec.path.display()))?;
+        let info = runner.info();
+        // Warm the graphs the default request uses: predict, and Grad-CAM + guided Grad-CAM.
+        let mut keys = vec![PlanKey::Predict];
+        if info.rules.contains(&ReluRule::Guided) {
+            let plan = ExplainPlan::new(info.default_layer.clone(), [ReluRule::Guided]);
+            keys.push(PlanKey::Explain(if info.kind == crate::engine::ModelKind::Plain { plan.with_target_selection() } else { plan }));
+        }
+        runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
+        tracing::info!(model = %m.name, device = %info.device, classes = info.num_classes, layer = %info.default_layer,
+            seconds = started.elapsed().as_secs_f64(), "model loaded and warmed");
+        let queue = batcher::spawn(runner, batching);
+        let position = models.len();
+        models.insert(m.name.clone(), ModelHandle { info, queue, position, max_batch: batching.max_batch });
+    }
+    Ok(models)
+}
+
+pub fn service_limits(config: &Config) -> ServiceLimits {
+    ServiceLimits {
+        decode: DecodeLimits { max_pixels: config.server.max_image_pixels, max_dimension: config.server.max_image_dimension },
+        options: OptionLimits {
+            max_top_k: config.server.max_top_k,
+            max_targets: config.server.max_targets,
+            max_methods: config.server.max_methods,
+            scorecam_max_channels: config.server.scorecam_max_channels,
+        },
+        request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+        max_forward_passes: config.server.max_forward_passes,
+    }
+}
