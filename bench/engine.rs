@@ -42,17 +42,7 @@ fn main() -> anyhow::Result<()> {
         _ => DeviceChoice::Auto,
     };
     let options = EngineOptions { device, intra_threads: args.threads, ort_library: None, cuda_device: 0, cpu_arena: false };
-    let spec = ModelSpec {
-        name: "bench".into(),
-        path: args.model.clone(),
-        labels: None,
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-        default_layer: None,
-        input_size: None,
-        layout: None,
-        pixels: Default::default(),
-    };
+    let spec = ModelSpec::new("bench", args.model.clone(), camserve::config::IMAGENET_MEAN, camserve::config::IMAGENET_STD);
     let mut runner = ModelRunner::load(&spec, &options)?;
     let info = runner.info();
     let layer = info.default_layer.clone();

@@ -11,17 +11,7 @@ use ndarray::Array3;
 use tokio::sync::oneshot;
 
 fn runner() -> ModelRunner {
-    let spec = ModelSpec {
-        name: "demo".into(),
-        path: concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo.onnx").into(),
-        labels: None,
-        mean: [0.5; 3],
-        std: [0.25; 3],
-        default_layer: None,
-        input_size: None,
-        layout: None,
-        pixels: Default::default(),
-    };
+    let spec = ModelSpec::new("demo", concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo.onnx"), [0.5; 3], [0.25; 3]);
     let options = EngineOptions { device: DeviceChoice::Cpu, intra_threads: 1, ..Default::default() };
     ModelRunner::load(&spec, &options).unwrap()
 }

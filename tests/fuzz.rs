@@ -93,15 +93,8 @@ fn demo_info() -> &'static ModelInfo {
     static INFO: OnceLock<ModelInfo> = OnceLock::new();
     INFO.get_or_init(|| {
         let spec = ModelSpec {
-            name: "demo".into(),
-            path: concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo.onnx").into(),
             labels: Some(vec!["circle", "square", "triangle", "star", "cross", "hexagon"].into_iter().map(String::from).collect()),
-            mean: [0.5; 3],
-            std: [0.25; 3],
-            default_layer: None,
-            input_size: None,
-        layout: None,
-        pixels: Default::default(),
+            ..ModelSpec::new("demo", concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo.onnx"), [0.5; 3], [0.25; 3])
         };
         let r = ModelRunner::load(&spec, &EngineOptions { device: DeviceChoice::Cpu, ..Default::default() }).unwrap();
         (*r.info()).clone()

@@ -22,6 +22,7 @@
 use std::time::{Duration, Instant};
 
 use camserve::batcher::{self, BatcherConfig, Images, Job, Target};
+use camserve::config::{IMAGENET_MEAN, IMAGENET_STD};
 use camserve::engine::{BatchOutput, DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec, PlanKey};
 use camserve::explain::cam;
 use camserve::methods::{self, ablationcam, finercam, integrated_gradients, metrics, scorecam, smoothgrad, Passes};
@@ -57,17 +58,7 @@ fn rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
 }
 
 fn runner() -> ModelRunner {
-    let spec = ModelSpec {
-        name: "methods_cnn".into(),
-        path: root().join("tests/fixtures/models/methods_cnn.onnx"),
-        labels: None,
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-        default_layer: None,
-        input_size: None,
-        layout: None,
-        pixels: Default::default(),
-    };
+    let spec = ModelSpec::new("methods_cnn", root().join("tests/fixtures/models/methods_cnn.onnx"), IMAGENET_MEAN, IMAGENET_STD);
     ModelRunner::load(&spec, &EngineOptions { device: DeviceChoice::Cpu, intra_threads: 1, ..Default::default() }).unwrap()
 }
 

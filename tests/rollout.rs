@@ -168,17 +168,7 @@ fn vit_rollouts_match_pytorch() {
 #[test]
 fn vit_rollouts_through_the_engine() {
     let f = fixture();
-    let spec = ModelSpec {
-        name: "vit".into(),
-        path: models_dir().join("vit.onnx"),
-        labels: None,
-        mean: [0.5; 3],
-        std: [0.25; 3],
-        default_layer: None,
-        input_size: None,
-        layout: None,
-        pixels: Default::default(),
-    };
+    let spec = ModelSpec::new("vit", models_dir().join("vit.onnx"), [0.5; 3], [0.25; 3]);
     let mut r = ModelRunner::load(&spec, &EngineOptions { device: DeviceChoice::Cpu, ..Default::default() }).unwrap();
     assert!(r.info().attention.is_some());
     let plan = ExplainPlan::new(r.info().default_layer.clone(), []).with_attention().with_target_selection();

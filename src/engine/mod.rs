@@ -176,6 +176,14 @@ pub struct ModelSpec {
     pub pixels: crate::preprocess::PixelFormat,
 }
 
+impl ModelSpec {
+    /// A model file with its normalisation; no labels, the default layer, the file's input size and layout,
+    /// RGB pixels in [0, 1] stretched to the input (set the other fields with struct update syntax).
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>, mean: [f32; 3], std: [f32; 3]) -> ModelSpec {
+        ModelSpec { name: name.into(), path: path.into(), labels: None, mean, std, default_layer: None, input_size: None, layout: None, pixels: Default::default() }
+    }
+}
+
 impl ModelRunner {
     /// Loads, analyses and places a model; fails if the device choice cannot be honoured.
     pub fn load(spec: &ModelSpec, options: &EngineOptions) -> Result<ModelRunner, EngineError> {
