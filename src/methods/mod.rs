@@ -2,11 +2,11 @@
 //!
 //! The request's explain pass (`Service::handle_input`) gives the logits, the layer's activations and gradients
 //! and the input gradients every one-pass method reads (explain/). A method here declares what more it needs
-//! ([`Method::is_multipass`], [`cost`]) and gets a [`Passes`] handle through which it submits extra batches to the
-//! model's batcher and awaits them: masked inputs (Score-CAM), ablated activations through the part of the model
-//! after the layer (Ablation-CAM), interpolated or noisy inputs through the plain input gradient (integrated
-//! gradients, SmoothGrad), or a second pass with its own seed (Finer-CAM). Each method is one file; the metrics
-//! (metrics.rs) run the same way. docs/METHODS.md says what each answers and what it costs.
+//! ([`Method::is_multipass`], [`method_cost`]) and gets a [`Passes`] handle through which it submits extra
+//! batches to the model's batcher and awaits them: masked inputs (Score-CAM), ablated activations through the
+//! part of the model after the layer (Ablation-CAM), interpolated or noisy inputs through the plain input gradient
+//! (integrated gradients, SmoothGrad), or a second pass with its own seed (Finer-CAM). Each method is one file;
+//! the metrics (metrics.rs) run the same way. docs/METHODS.md says what each answers and what it costs.
 
 pub mod ablationcam;
 pub mod finercam;
