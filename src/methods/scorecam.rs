@@ -40,14 +40,6 @@ pub fn mask(acts: ArrayView3<f32>, k: usize, h: usize, w: usize) -> Array2<f32> 
     up.mapv(|v| (v - lo) / (hi - lo + 1e-8))
 }
 
-/// Softmax in float64 (the weights of Score-CAM).
-pub fn softmax(scores: &[f32]) -> Vec<f32> {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let e: Vec<f64> = scores.iter().map(|&s| (s as f64 - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.iter().map(|v| (v / sum) as f32).collect()
-}
-
 /// Score-CAM's map for target `class`, and how many channels it used.
 pub async fn run(
     passes: &Passes<'_>,
@@ -65,8 +57,7 @@ pub async fn run(
             input * &m.insert_axis(Axis(0))
         })
         .await?;
-    let scores: Vec<f32> = logits.column(class).to_vec();
-    let weights = softmax(&scores);
+    let weights = crate::service::softmax(logits.column(class));
     let mut full = vec![0f32; acts.len_of(Axis(0))];
     for (&k, &wk) in chosen.iter().zip(&weights) {
         full[k] = wk;
