@@ -74,7 +74,7 @@ enum Command {
         #[arg(long)]
         image: PathBuf,
         /// Method (repeatable).
-        #[arg(long = "method", ignore_case = true, value_parser = clap::builder::PossibleValuesParser::new(camserve::explain::Method::ALL.map(camserve::explain::Method::as_str)))]
+        #[arg(long = "method", ignore_case = true, value_parser = clap::builder::PossibleValuesParser::new(camserve::methods::Method::ALL.map(camserve::methods::Method::as_str)))]
         methods: Vec<String>,
         /// Class index or label (repeatable); default: the top prediction.
         #[arg(long = "target")]

@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 
 use crate::batcher::Target;
 use crate::engine::ModelInfo;
-use crate::explain::Method;
+use crate::methods::Method;
 use crate::render::Colormap;
 
 /// An option as received, before validation.
@@ -330,13 +330,11 @@ pub struct OptionLimits {
     pub scorecam_max_channels: Option<usize>,
 }
 
-pub const DEFAULT_METHODS: [Method; 2] = [Method::GradCam, Method::GuidedGradCam];
-
 impl RawOptions {
     pub fn validate(&self, model: &ModelInfo, limits: OptionLimits) -> Result<ExplainOptions, OptionError> {
         let mut methods = Vec::new();
         match &self.methods {
-            None => methods.extend(DEFAULT_METHODS),
+            None => methods.extend(Method::DEFAULT),
             Some(list) => {
                 for m in list {
                     let method = Method::parse(m).ok_or_else(|| {
@@ -356,20 +354,7 @@ impl RawOptions {
             return Err(invalid(format!("{} methods requested, at most {} allowed", methods.len(), limits.max_methods)));
         }
         for m in &methods {
-            if let Some(rule) = m.input_rule()
-                && !model.rules.contains(&rule) {
-                    return Err(invalid(format!("method `{m}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name)));
-                }
-            if let Some(rule) = m.batch_rule()
-                && !model.rules.contains(&rule) {
-                    return Err(invalid(format!("method `{m}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name)));
-                }
-            if m.is_attention() && model.attention.is_none() {
-                return Err(invalid(format!(
-                    "method `{m}` needs attention: model `{}` has no attention blocks (Softmax [N, heads, T, T] over its token layers)",
-                    model.name
-                )));
-            }
+            m.requirements(model).map_err(invalid)?;
         }
         let top_k = match self.top_k {
             None => 1,
@@ -414,14 +399,7 @@ impl RawOptions {
         };
         for m in &methods {
             let refuse = |why: String| invalid(format!("method `{m}` is not available for layer `{layer}` of model `{}`: {why}", model.name));
-            match m {
-                Method::Cam => {
-                    model.linear_head(&layer).map_err(refuse)?;
-                }
-                Method::AblationCam => model.head(&layer).map_err(refuse)?,
-                Method::FinerCam if model.num_classes < 2 => return Err(refuse("Finer-CAM compares the target with other classes".into())),
-                _ => {}
-            }
+            (m.available)(model, &layer).map_err(refuse)?;
         }
         let mut outputs = Outputs::default();
         let requested = self.outputs.clone().unwrap_or_else(|| vec!["heatmap".into(), "overlay".into()]);

@@ -15,12 +15,12 @@ use serde::Serialize;
 
 use crate::batcher::{Images, Queue, Target};
 use crate::engine::{ranked, BatchOutput, Device, ModelInfo, ModelKind, PlanKey};
-use crate::explain::{cam, maps, rollout, Method};
+use crate::explain::maps;
 use crate::onnx::rewrite::ExplainPlan;
 use crate::options::{ExplainOptions, OptionError, OptionLimits, OutputSize, RawOptions};
 use crate::preprocess::{self, DecodeLimits, ImageError};
 use crate::render;
-use crate::methods;
+use crate::methods::{self, Heatmap, Kind, Method};
 
 /// What can go wrong in a request; `http::error` maps each kind to its status.
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +266,7 @@ impl Service {
                         Ok((orig, resized, input, region))
                     }
                     ImageInput::Tensor(input) => {
-                        let want = [c as usize, h as usize, w as usize];
+                        let want = [c, h, w];
                         if input.shape() != want {
                             return Err(ServiceError::BadRequest(format!(
                                 "the input tensor of one image has shape {:?}; model `{}` takes {want:?}",
@@ -291,9 +291,9 @@ impl Service {
         let plan = match endpoint {
             Endpoint::Predict => PlanKey::Predict,
             Endpoint::Explain => {
-                let rules = options.methods.iter().filter_map(|m| m.input_rule());
+                let rules = options.methods.iter().filter_map(|m| m.input_rule);
                 let mut plan = ExplainPlan::new(options.layer.clone(), rules);
-                if options.methods.iter().any(|m| m.is_attention()) {
+                if options.methods.iter().any(|m| m.kind == Kind::Attention) {
                     plan = plan.with_attention();
                 }
                 PlanKey::Explain(if info.kind == ModelKind::Plain { plan.with_target_selection() } else { plan })
@@ -320,7 +320,7 @@ impl Service {
             if let Some(input) = &kept_input {
                 for row in 0..output.len() {
                     for &m in options.methods.iter().filter(|m| m.is_multipass()) {
-                        extras.insert((row, m), methods::run(m, &passes, &options, &output, row, input).await?);
+                        extras.insert((row, m), methods::multi_pass(m, &passes, &options, &output, row, input).await?);
                     }
                 }
             }
@@ -417,58 +417,12 @@ impl Prepared {
     }
 }
 
-fn input_grad(out: &BatchOutput, method: Method) -> Result<&ndarray::Array4<f32>, ServiceError> {
-    let rule = method.input_rule().ok_or_else(|| ServiceError::Internal(format!("{method} reads no input gradient. This is a bug.")))?;
-    out.input_grads
-        .iter()
-        .find(|(r, _)| *r == rule)
-        .map(|(_, a)| a)
-        .ok_or_else(|| ServiceError::Internal(format!("the {rule} input gradient is missing. This is a bug.")))
-}
-
-/// An attention rollout's raw map on the token grid `[h, w]`, from the row's attention blocks.
-fn rollout_map(method: Method, info: &ModelInfo, row: usize, out: &BatchOutput) -> Result<Array2<f32>, ServiceError> {
-    let bug = |why: String| ServiceError::Internal(format!("{method}: {why}. This is a bug."));
-    let a = info.attention.as_ref().ok_or_else(|| bug("the model has no attention blocks".into()))?;
-    if out.attention.len() != a.outputs.len() {
-        return Err(bug(format!("{} attention blocks returned for {}", out.attention.len(), a.outputs.len())));
-    }
-    let grid = rollout::TokenGrid { prefix: a.prefix, h: a.grid.0 as usize, w: a.grid.1 as usize };
-    let blocks: Vec<_> = out.attention.iter().map(|(p, g)| (p.index_axis(Axis(0), row), g.index_axis(Axis(0), row))).collect();
-    let map = match method {
-        Method::AttentionRollout => rollout::attention_rollout(&blocks.iter().map(|b| b.0.view()).collect::<Vec<_>>(), grid),
-        _ => rollout::gradient_rollout(&blocks, grid),
-    };
-    map.map_err(bug)
-}
-
-/// The raw map of one (row, method): from the request's explain pass, or the multi-pass method's own result.
+/// The raw map of one (row, method): the multi-pass method's own result, or from the request's explain pass.
 fn raw_map(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, extra: Option<methods::RawMap>) -> Result<methods::RawMap, ServiceError> {
-    use methods::RawMap;
-    if let Some(r) = extra {
-        return Ok(r);
+    match extra {
+        Some(r) => Ok(r),
+        None => methods::one_pass(method, info, layer, out, row),
     }
-    let missing = || ServiceError::Internal("activations missing from an explain run. This is a bug.".into());
-    let acts = out.activations.as_ref().ok_or_else(missing)?.index_axis(Axis(0), row);
-    let grads = out.gradients.as_ref().ok_or_else(missing)?.index_axis(Axis(0), row);
-    Ok(match method {
-        m if m.is_attention() => RawMap::Cam(rollout_map(method, info, row, out)?),
-        Method::Cam => {
-            let class = out.targets.as_deref().and_then(|t| t.get(row).copied()).unwrap_or(0);
-            let head = info.linear_head(layer).map_err(ServiceError::Unprocessable)?;
-            RawMap::Cam(cam::weighted(acts, head.class_weights(class)))
-        }
-        m if m.is_multipass() => return Err(ServiceError::Internal(format!("{m}'s map was not computed. This is a bug."))),
-        m if m.is_cam() => RawMap::Cam(cam::compute(m, acts, grads)),
-        Method::GuidedGradCam => {
-            // guided_backprop * up(gradcam), up = bilinear upsampling to H x W, then min-max normalisation.
-            let g = input_grad(out, method)?.index_axis(Axis(0), row);
-            let (h, w) = (g.shape()[1], g.shape()[2]);
-            let up = maps::normalize(&maps::resize_bilinear(cam::gradcam(acts, grads).view(), h, w));
-            RawMap::Gradient(&g * &up.insert_axis(Axis(0)))
-        }
-        m => RawMap::Gradient(input_grad(out, m)?.index_axis(Axis(0), row).to_owned()),
-    })
 }
 
 struct Sizes {
@@ -492,7 +446,7 @@ fn prepare(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &Batc
             Ok(Prepared { method, row, raw: (shape, raw.into_raw_vec_and_offset().0), display, model_map, extra, scores: vec![] })
         }
         // Integrated gradients' attribution is shown as Captum shows it: the channel-summed magnitude as a heatmap.
-        methods::RawMap::Gradient(raw) if method == Method::IntegratedGradients => {
+        methods::RawMap::Gradient(raw) if method.heatmap == Heatmap::SummedMagnitude => {
             let summed = raw.mapv(f32::abs).sum_axis(Axis(0));
             let display = Display::Map(maps::display_map(&summed, oh, ow));
             let model_map = maps::display_map(&summed, model_size.0, model_size.1);
@@ -539,13 +493,12 @@ fn render_one(p: Prepared, info: &ModelInfo, options: &ExplainOptions, out: &Bat
         }
         RawArray { shape: p.raw.0.clone(), dtype: "float32", data: render::base64(&bytes) }
     });
-    let uses_layer = (p.method.is_cam() && !p.method.is_attention()) || p.method == Method::GuidedGradCam;
     let metrics = (!p.scores.is_empty()).then(|| p.scores.iter().map(|s| (s.metric.as_str(), s.value)).collect());
     let curves = (o.curves && !p.scores.is_empty())
         .then(|| p.scores.iter().filter_map(|s| Some((s.metric.as_str(), s.curve.clone()?))).collect());
     Explanation {
         method: p.method,
-        layer: uses_layer.then(|| options.layer.clone()),
+        layer: p.method.uses_layer.then(|| options.layer.clone()),
         target,
         heatmap_png: heat.map(|h| png(render::png_rgb(&h))),
         overlay_png: overlay,

@@ -50,9 +50,13 @@ async fn service_routes() {
     let (st, body) = json_of(s.client.get(s.url("/v1/models")).send().await.unwrap(), "/v1/models", "get").await;
     assert_eq!(st, 200);
     let m = &body["models"][0];
-    // The catalogue the page builds its method list from: every method of the registry, with its kind.
-    assert_eq!(body["methods"][6], json!({"name": "guided_backprop", "kind": "gradient"}));
-    assert_eq!(body["methods"].as_array().unwrap().len(), camserve::explain::Method::ALL.len());
+    // The catalogue the page builds its method list from: every method of the registry, with its kind, how its
+    // heatmap shows and whether it is a default.
+    assert_eq!(body["methods"][0], json!({"name": "gradcam", "kind": "cam", "heatmap": "map", "default": true}));
+    assert_eq!(body["methods"][6], json!({"name": "guided_backprop", "kind": "gradient", "heatmap": "gradient_image", "default": false}));
+    assert_eq!(body["methods"][9]["default"], true, "guided_gradcam");
+    assert_eq!(body["methods"][16], json!({"name": "integrated_gradients", "kind": "gradient", "heatmap": "summed_magnitude", "default": false}));
+    assert_eq!(body["methods"].as_array().unwrap().len(), camserve::methods::Method::ALL.len());
     assert_eq!(m["name"], "demo");
     assert_eq!(m["input_shape"], json!([3, 64, 64]));
     assert_eq!(m["classes"], 6);
@@ -60,6 +64,10 @@ async fn service_routes() {
     assert_eq!(m["device"], "cpu");
     // Every method but the two attention rollouts: the demo CNN ends in global average pooling and a linear layer.
     assert_eq!(m["methods"].as_array().unwrap().len(), 16);
+    // The two it does not offer, each with the reason the page shows.
+    let why = m["unavailable"].as_object().unwrap();
+    assert_eq!(why.keys().collect::<Vec<_>>(), ["attention_rollout", "gradient_rollout"]);
+    assert!(why["attention_rollout"].as_str().unwrap().contains("has no attention blocks"), "{why:?}");
     assert!(m["layers"].as_array().unwrap().iter().any(|l| l["name"] == m["default_layer"]));
     let (st, one) = json_of(s.client.get(s.url("/v1/models/demo")).send().await.unwrap(), "/v1/models/{model}", "get").await;
     assert_eq!((st, &one), (200, m));
@@ -537,6 +545,8 @@ async fn contract_models_are_served_as_they_are() {
         m["methods"],
         json!(["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "guided_gradcam", "scorecam", "finercam"])
     );
+    assert!(m["unavailable"]["saliency"].as_str().unwrap().contains("needs the `plain` input gradient"), "{m}");
+    assert!(m["unavailable"]["cam"].as_str().unwrap().contains("no separate head"), "{m}");
     let img = image_bytes("008.jpg");
     for query in ["methods=gradcam,guided_gradcam&outputs=raw&top_k=2", "methods=gradcam&outputs=raw&target=3"] {
         let mut bodies = vec![];
@@ -597,9 +607,9 @@ async fn vision_transformer_without_reshape_transform() {
     // `gradcam++` unencoded in the query string (its '+' signs decode to spaces) is still Grad-CAM++.
     let all: Vec<&str> = m["methods"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(all.contains(&"attention_rollout") && all.contains(&"gradient_rollout"), "{all:?}");
-    assert_eq!(camserve::config::Config::default().server.max_methods, camserve::explain::Method::ALL.len(), "the default limit is every method once");
+    assert_eq!(camserve::config::Config::default().server.max_methods, camserve::methods::Method::ALL.len(), "the default limit is every method once");
     // Not plain CAM nor Ablation-CAM: a token layer has no pooling + linear head of its own.
-    assert_eq!(all.len(), camserve::explain::Method::ALL.len() - 2, "{all:?}");
+    assert_eq!(all.len(), camserve::methods::Method::ALL.len() - 2, "{all:?}");
     let url = s.url(&format!("/v1/models/vit/explain?methods={}&outputs=raw", all.join(",")));
     let r = s.client.post(url).header("content-type", "image/jpeg").body(img).send().await.unwrap();
     let (st, b) = json_of(r, EXPLAIN, "post").await;
@@ -637,12 +647,12 @@ async fn a_panic_in_a_batch_is_a_500_and_the_model_keeps_serving() {
 /// names `GET /v1/models` lists for a model that offers every method but the rollouts.
 #[test]
 fn openapi_method_enum_is_the_registry() {
-    use camserve::explain::Method;
+    use camserve::methods::Method;
     let registry: Vec<&str> = Method::ALL.iter().map(|m| m.as_str()).collect();
     let doc = openapi();
     let enumerated: Vec<&str> = doc["components"]["schemas"]["Method"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(enumerated, registry);
-    let kinds: Vec<&str> = Method::ALL.iter().map(|m| m.kind()).collect();
+    let kinds: Vec<&str> = Method::ALL.iter().map(|m| m.kind.as_str()).collect();
     assert_eq!(
         kinds,
         [

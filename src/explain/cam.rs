@@ -2,8 +2,6 @@
 
 use ndarray::{Array2, ArrayView3, Axis, Zip};
 
-use super::Method;
-
 fn relu(mut m: Array2<f32>) -> Array2<f32> {
     m.mapv_inplace(|v| v.max(0.0));
     m
@@ -149,17 +147,4 @@ fn top_eigenvector(a: &[f64], n: usize) -> (f64, Vec<f64>) {
         }
     }
     (lambda, v)
-}
-
-/// The raw map of a CAM method (`method.is_cam()`).
-pub fn compute(method: Method, a: ArrayView3<f32>, g: ArrayView3<f32>) -> Array2<f32> {
-    match method {
-        Method::GradCam => gradcam(a, g),
-        Method::GradCamPlusPlus => gradcam_pp(a, g),
-        Method::XGradCam => xgradcam(a, g),
-        Method::HiResCam => hirescam(a, g),
-        Method::LayerCam => layercam(a, g),
-        Method::EigenCam => eigencam(a),
-        _ => unreachable!("compute() is only called for CAM methods. This is a bug."),
-    }
 }

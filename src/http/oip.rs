@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::AppState;
 use crate::engine::{ranked, ModelInfo};
-use crate::explain::Method;
+use crate::methods::{Kind, Method};
 use crate::options::RawOptions;
 use crate::service::{Endpoint, ExplainResponse, ImageInput, ServiceError};
 
@@ -154,7 +154,7 @@ pub fn model_metadata_value(info: &ModelInfo) -> Value {
         tensor_meta("top_k", "BYTES", &[-1, -1]),
     ];
     for m in &methods {
-        let shape: &[i64] = if m.is_cam() || m.is_attention() { &[-1, -1, -1] } else { &[-1, c, h, w] };
+        let shape: &[i64] = if m.kind == Kind::Gradient { &[-1, c, h, w] } else { &[-1, -1, -1] };
         outputs.push(tensor_meta(m.as_str(), "FP32", shape));
         outputs.push(tensor_meta(&format!("{m}_heatmap_png"), "BYTES", &[-1]));
         outputs.push(tensor_meta(&format!("{m}_overlay_png"), "BYTES", &[-1]));

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::{upload, AppState};
 use crate::engine::{Device, ModelInfo, ModelKind};
-use crate::explain::Method;
+use crate::methods::Method;
 use crate::service::{Endpoint, ExplainResponse};
 
 const OPENAPI: &str = include_str!("../../openapi.yaml");
@@ -102,6 +102,8 @@ pub struct ModelView {
     default_layer: String,
     layers: Vec<LayerView>,
     methods: Vec<Method>,
+    /// Why each method the model does not offer is not available at the default layer.
+    unavailable: std::collections::BTreeMap<&'static str, String>,
     /// Each offered method's cost in forward-equivalents for one target at the default layer and options
     /// (what `server.max_forward_passes` limits; docs/METHODS.md).
     costs: std::collections::BTreeMap<&'static str, u64>,
@@ -121,6 +123,7 @@ pub struct ModelView {
 fn model_view(info: &ModelInfo, limits: crate::options::OptionLimits) -> ModelView {
     let methods = methods_for(info);
     ModelView {
+        unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), m.unavailable(info, &info.default_layer)?))).collect(),
         costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, limits)?))).collect(),
         metric_costs: crate::options::Metric::ALL.iter().map(|&m| (m.as_str(), crate::methods::metric_cost(m, info))).collect(),
         name: info.name.clone(),
@@ -157,13 +160,7 @@ fn model_view(info: &ModelInfo, limits: crate::options::OptionLimits) -> ModelVi
 /// rollouts on transformers, plain CAM where a pooling + linear head follows the layer, Ablation-CAM where the part
 /// after the layer runs on its activations alone.
 pub fn methods_for(info: &ModelInfo) -> Vec<Method> {
-    Method::ALL
-        .into_iter()
-        .filter(|m| m.input_rule().or(m.batch_rule()).is_none_or(|r| info.rules.contains(&r)))
-        .filter(|m| !m.is_attention() || info.attention.is_some())
-        .filter(|m| *m != Method::Cam || info.linear_head(&info.default_layer).is_ok())
-        .filter(|m| *m != Method::AblationCam || info.head(&info.default_layer).is_ok())
-        .collect()
+    Method::ALL.into_iter().filter(|m| m.unavailable(info, &info.default_layer).is_none()).collect()
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -171,8 +168,12 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_jso
     handles.sort_by_key(|m| m.position);
     let limits = state.service.limits.options;
     let models: Vec<ModelView> = handles.into_iter().map(|m| model_view(&m.info, limits)).collect();
-    // Every method camserve has, from the registry, with its kind; each model lists the ones it offers.
-    let methods: Vec<_> = Method::ALL.iter().map(|m| serde_json::json!({ "name": m, "kind": m.kind() })).collect();
+    // Every method camserve has, from the registry, with its kind, how its heatmap shows and whether a request
+    // without `methods` gets it; each model lists the ones it offers.
+    let methods: Vec<_> = Method::ALL
+        .iter()
+        .map(|m| serde_json::json!({ "name": m, "kind": m.kind.as_str(), "heatmap": m.heatmap.as_str(), "default": Method::DEFAULT.contains(m) }))
+        .collect();
     Ok(Json(serde_json::json!({ "models": models, "methods": methods })))
 }
 

@@ -11,7 +11,8 @@
 
 use ndarray::{Array2, ArrayView3, Axis};
 
-use super::Passes;
+use super::{Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
+use crate::engine::ModelInfo;
 use crate::explain::cam;
 use crate::service::ServiceError;
 
@@ -34,4 +35,30 @@ pub async fn run(passes: &Passes<'_>, layer: &str, acts: ArrayView3<'_, f32>, cl
         .await?;
     let weights: Vec<f32> = logits.column(class).iter().map(|&yk| (y - yk) / y).collect();
     Ok(cam::weighted(acts, &weights))
+}
+
+/// The registry's entry: one pass of the part after the layer per channel, counted as a whole forward (an upper
+/// bound).
+pub const DEF: MethodDef = MethodDef {
+    name: "ablationcam",
+    kind: Kind::Cam,
+    heatmap: Heatmap::Map,
+    input_rule: None,
+    batch_rule: None,
+    uses_layer: true,
+    available: head_runs_alone,
+    cost: |info, options| info.layer(&options.layer).map_or(0, |l| l.dims[1] as u64),
+    compute: Compute::Passes(start),
+};
+
+/// Offered where the part of the model after the layer runs on the layer's activations alone.
+fn head_runs_alone(info: &ModelInfo, layer: &str) -> Result<(), String> {
+    info.head(layer)
+}
+
+fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+    Box::pin(async move {
+        let y = cx.out.logits[[cx.row, cx.class]];
+        Ok((RawMap::Cam(run(cx.passes, &cx.options.layer, cx.acts, cx.class, y, cx.label).await?), Extra::default()))
+    })
 }

@@ -6,6 +6,10 @@
 
 use ndarray::ArrayView1;
 
+use super::{Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, RawMap};
+use crate::engine::ModelInfo;
+use crate::explain::cam;
+
 pub const ALPHA: f64 = 1.0;
 /// How many similar classes the target is compared with (pytorch-grad-cam's comparison_categories 1, 2, 3).
 pub const COMPARISONS: usize = 3;
@@ -45,4 +49,29 @@ pub fn seed(logits: ArrayView1<f32>, target: usize, alpha: f64, comparisons: usi
             ((dn * (s + EPS) - num * ds) / ((s + EPS) * (s + EPS))) as f32
         })
         .collect()
+}
+
+/// The registry's entry: one seeded gradient pass after the request's, counted as a forward and a backward.
+pub const DEF: MethodDef = MethodDef {
+    name: "finercam",
+    kind: Kind::Cam,
+    heatmap: Heatmap::Map,
+    input_rule: None,
+    batch_rule: None,
+    uses_layer: true,
+    available: compares_classes,
+    cost: |_, _| 3,
+    compute: Compute::Passes(start),
+};
+
+fn compares_classes(info: &ModelInfo, _: &str) -> Result<(), String> {
+    if info.num_classes < 2 { Err("Finer-CAM compares the target with other classes".into()) } else { Ok(()) }
+}
+
+fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+    Box::pin(async move {
+        let seed = seed(cx.out.logits.row(cx.row), cx.class, ALPHA, COMPARISONS);
+        let grads = cx.passes.seeded_gradients(&cx.options.layer, cx.input, seed, cx.label).await?;
+        Ok((RawMap::Cam(cam::gradcam(cx.acts, grads.view())), Extra::default()))
+    })
 }

@@ -5,7 +5,8 @@
 
 use ndarray::{Array3, Axis, Zip};
 
-use super::Passes;
+use super::{anywhere, black_input, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
+use crate::onnx::rules::ReluRule;
 use crate::service::ServiceError;
 
 /// Gauss-Legendre nodes and weights on [0, 1] (as Captum: 0.5 * (1 + x_i) and 0.5 * w_i of the rule on [-1, 1]).
@@ -65,4 +66,26 @@ pub async fn run(
         Zip::from(&mut total).and(&g).for_each(|t, &v| *t += w * v as f64);
     }
     Ok(Zip::from(&total).and(&diff).map_collect(|&t, &d| (t * d as f64) as f32))
+}
+
+/// The registry's entry: `steps` gradient passes through the plain chain (a forward and a backward each). The
+/// attribution `[C, H, W]` is the raw output; the heatmap is its channel-summed magnitude.
+pub const DEF: MethodDef = MethodDef {
+    name: "integrated_gradients",
+    kind: Kind::Gradient,
+    heatmap: Heatmap::SummedMagnitude,
+    input_rule: None,
+    batch_rule: Some(ReluRule::Plain),
+    uses_layer: false,
+    available: anywhere,
+    cost: |_, options| 3 * options.steps as u64,
+    compute: Compute::Passes(start),
+};
+
+fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+    Box::pin(async move {
+        let baseline = black_input(cx.passes.info);
+        let a = run(cx.passes, &cx.options.layer, cx.input, &baseline, cx.class, cx.options.steps, cx.label).await?;
+        Ok((RawMap::Gradient(a), Extra::default()))
+    })
 }

@@ -1,145 +1,315 @@
-//! The methods that need more than the request's one explain pass, and the faithfulness metrics.
+//! The explanation methods: each one a [`MethodDef`] that says what it reads, what it costs and how it computes its
+//! map, and [`Method::ALL`], the one registry of them.
 //!
-//! The request's explain pass (`Service::handle_input`) gives the logits, the layer's activations and gradients
-//! and the input gradients every one-pass method reads (explain/). A method here declares what more it needs
-//! ([`Method::is_multipass`], [`method_cost`]) and gets a [`Passes`] handle through which it submits extra
-//! batches to the model's batcher and awaits them: masked inputs (Score-CAM), ablated activations through the
-//! part of the model after the layer (Ablation-CAM), interpolated or noisy inputs through the plain input gradient
-//! (integrated gradients, SmoothGrad), or a second pass with its own seed (Finer-CAM). Each method is one file;
-//! the metrics (metrics.rs) run the same way. docs/METHODS.md says what each answers and what it costs.
+//! The request's explain pass (`Service::handle_input`) gives the logits, the layer's activations and gradients,
+//! the input gradients and the attention blocks the methods ask for. A one-pass method computes its map from its
+//! row of that pass ([`Compute::Layer`], [`Compute::Pass`]); a multi-pass method ([`Compute::Passes`]) gets a
+//! [`Passes`] handle through which it submits extra batches to the model's batcher and awaits them: masked inputs
+//! (Score-CAM), ablated activations through the part of the model after the layer (Ablation-CAM), interpolated or
+//! noisy inputs through the plain input gradient (integrated gradients, SmoothGrad), or a second pass with its own
+//! seed (Finer-CAM). The metrics (metrics.rs) run the same way.
+//!
+//! The registry is the single source of the method names: serde, `GET /v1/models` (which the page reads), the
+//! CLI's `--method` values, the OIP outputs; a test holds openapi.yaml's enum, README's table and
+//! docs/METHODS.md's table to it. A new method is its file here (a `pub const DEF: MethodDef`), one line in
+//! [`Method::ALL`], and its test; docs/METHODS.md says what each answers and what it costs.
 
 pub mod ablationcam;
+pub mod cams;
 pub mod finercam;
+pub mod gradients;
 pub mod integrated_gradients;
 pub mod metrics;
+mod passes;
+pub mod rollouts;
 pub mod scorecam;
 pub mod smoothgrad;
 
-use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::pin::Pin;
 
-use ndarray::{concatenate, Array2, Array3, Array4, Axis};
-use tokio::sync::oneshot;
+use ndarray::{Array2, Array3, ArrayView3, Axis};
 
-use crate::batcher::{Images, Job, JobOutput, Queue, SubmitError, Target};
-use crate::engine::{BatchOutput, ModelInfo, PlanKey};
-use crate::explain::Method;
-use crate::onnx::rewrite::ExplainPlan;
+use crate::engine::{BatchOutput, ModelInfo};
 use crate::onnx::rules::ReluRule;
 use crate::options::{ExplainOptions, Metric};
 use crate::service::ServiceError;
+pub use passes::{Passes, Reply};
 
-/// What a method may ask of the model: batches through its batcher, within the request's deadline. Every row
-/// submitted is counted in `camserve_forward_passes_total{model, method}`.
-pub struct Passes<'a> {
-    pub queue: &'a Queue,
+// ------------------------------------------------------------------------------------------ what a method is
+
+/// What a method's map is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A map on the layer's grid `[h, w]`.
+    Cam,
+    /// An input gradient or attribution image `[C, H, W]`.
+    Gradient,
+    /// A map on a transformer's token grid, from every attention block.
+    Attention,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Cam => "cam",
+            Kind::Gradient => "gradient",
+            Kind::Attention => "attention",
+        }
+    }
+}
+
+/// How a `[C, H, W]` map is shown (maps on a grid are always a colour-mapped heatmap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heatmap {
+    /// The colour-mapped map.
+    Map,
+    /// The gradient as an image (`maps::deprocess`), its magnitude for the overlay and mask.
+    GradientImage,
+    /// The channel-summed magnitude as a heatmap (Captum's view of an attribution).
+    SummedMagnitude,
+}
+
+impl Heatmap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Heatmap::Map => "map",
+            Heatmap::GradientImage => "gradient_image",
+            Heatmap::SummedMagnitude => "summed_magnitude",
+        }
+    }
+}
+
+/// A method's description: the registry's entry.
+pub struct MethodDef {
+    /// Its name in the API (serde, query strings, the CLI, OIP output names).
+    pub name: &'static str,
+    pub kind: Kind,
+    pub heatmap: Heatmap,
+    /// The input-gradient chain it reads from the request's explain pass.
+    pub input_rule: Option<ReluRule>,
+    /// The input-gradient chain its own batches run through (integrated gradients, SmoothGrad).
+    pub batch_rule: Option<ReluRule>,
+    /// Whether its explanation names the layer it read.
+    pub uses_layer: bool,
+    /// Why it cannot run at a layer (a tensor name) of a model, beyond its rules and attention (checked from the
+    /// fields above); `Ok` where it can.
+    pub available: fn(&ModelInfo, &str) -> Result<(), String>,
+    /// Forward-equivalents it costs per target beyond the request's explain pass.
+    pub cost: fn(&ModelInfo, &ExplainOptions) -> u64,
+    pub compute: Compute,
+}
+
+/// A future borrowing its method's context (the multi-pass methods are `async`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A multi-pass method's computation under way: its raw map and what it returns besides.
+pub type Pending<'a> = BoxFuture<'a, Result<(RawMap, Extra), ServiceError>>;
+
+/// How a method computes its map for one target row.
+pub enum Compute {
+    /// From the row's activations `[K, h, w]` and gradients of the layer alone (the Grad-CAM family).
+    Layer(fn(ArrayView3<f32>, ArrayView3<f32>) -> Array2<f32>),
+    /// From the row of the request's explain pass (input gradients, attention blocks, the model's head).
+    Pass(fn(&Row<'_>) -> Result<RawMap, ServiceError>),
+    /// With extra batches through the model's batcher.
+    Passes(for<'a> fn(&'a Ctx<'a>) -> Pending<'a>),
+}
+
+/// One target row of the request's explain pass, as a one-pass method reads it.
+pub struct Row<'a> {
     pub info: &'a ModelInfo,
-    /// Rows per submitted job: the batcher's `max_batch`, so one method's rows share batches with other requests.
-    pub max_batch: usize,
-    pub deadline: Instant,
-    pub timeout: Duration,
+    /// The layer (a tensor name).
+    pub layer: &'a str,
+    pub row: usize,
+    /// The class the row explains.
+    pub class: usize,
+    pub out: &'a BatchOutput,
+    pub acts: ArrayView3<'a, f32>,
+    pub grads: ArrayView3<'a, f32>,
 }
 
-/// A submitted job's answer.
-pub type Reply = oneshot::Receiver<Result<JobOutput, crate::engine::EngineError>>;
-
-impl Passes<'_> {
-    /// Submits one job, or refuses at once when the queue is full; counts its rows under `label`.
-    pub fn submit(&self, plan: &PlanKey, images: Images, targets: Vec<Target>, label: &str) -> Result<Reply, ServiceError> {
-        let rows = targets.len().max(1) as u64;
-        let (tx, rx) = oneshot::channel();
-        self.queue.submit(Job { plan: plan.clone(), images, targets, deadline: self.deadline, reply: tx }).map_err(|e| match e {
-            SubmitError::QueueFull => ServiceError::QueueFull(self.info.name.clone()),
-            SubmitError::Closed => ServiceError::Internal("the model's worker has stopped".into()),
-        })?;
-        ::metrics::counter!("camserve_forward_passes_total", "model" => self.info.name.clone(), "method" => label.to_string()).increment(rows);
-        Ok(rx)
-    }
-
-    /// Awaits a submitted job within the request's deadline.
-    pub async fn wait(&self, rx: Reply) -> Result<JobOutput, ServiceError> {
-        match tokio::time::timeout_at(self.deadline.into(), rx).await {
-            Err(_) | Ok(Err(_)) => Err(ServiceError::Timeout(self.timeout)),
-            Ok(Ok(r)) => r.map_err(|e| ServiceError::Internal(e.to_string())),
-        }
-    }
-
-    /// Runs `n` rows through `plan`, `row(i)` making row i's array and target when its chunk is submitted (so a
-    /// 2048-row Score-CAM never holds more than two chunks of masked images). Chunks of `max_batch` rows, two in
-    /// flight, so the worker never waits for the next chunk to be built. Returns the chunks' outputs in order.
-    pub async fn run<F>(&self, plan: &PlanKey, n: usize, label: &str, mut row: F) -> Result<Vec<BatchOutput>, ServiceError>
-    where
-        F: FnMut(usize) -> (Array3<f32>, Target),
-    {
-        let chunk = self.max_batch.max(1);
-        let mut inflight: VecDeque<Reply> = VecDeque::new();
-        let mut outs = Vec::with_capacity(n.div_ceil(chunk));
-        let mut start = 0;
-        while start < n || !inflight.is_empty() {
-            if start < n && inflight.len() < 2 {
-                let end = (start + chunk).min(n);
-                let (images, targets): (Vec<_>, Vec<_>) = (start..end).map(&mut row).unzip();
-                inflight.push_back(self.submit(plan, Images::PerRow(images), targets, label)?);
-                start = end;
-                continue;
-            }
-            let rx = inflight.pop_front().expect("checked non-empty above. This is a bug.");
-            outs.push(self.wait(rx).await?.output);
-        }
-        Ok(outs)
-    }
-
-    /// The logits of `n` images (`row(i)`), `[n, K]`.
-    pub async fn logits<F>(&self, n: usize, label: &str, mut row: F) -> Result<Array2<f32>, ServiceError>
-    where
-        F: FnMut(usize) -> Array3<f32>,
-    {
-        let outs = self.run(&PlanKey::Predict, n, label, |i| (row(i), Target::Rank(0))).await?;
-        stack_logits(&outs)
-    }
-
-    /// The logits of the part of the model after `layer`, on `n` activations `[C, h, w]` (`row(i)`).
-    pub async fn head_logits<F>(&self, layer: &str, n: usize, label: &str, mut row: F) -> Result<Array2<f32>, ServiceError>
-    where
-        F: FnMut(usize) -> Array3<f32>,
-    {
-        let outs = self.run(&PlanKey::Head(layer.to_string()), n, label, |i| (row(i), Target::Rank(0))).await?;
-        stack_logits(&outs)
-    }
-
-    /// The plain input gradients `[n, C, H, W]` of `class`'s logit at `n` images (`row(i)`).
-    pub async fn plain_gradients<F>(&self, layer: &str, class: usize, n: usize, label: &str, mut row: F) -> Result<Array4<f32>, ServiceError>
-    where
-        F: FnMut(usize) -> Array3<f32>,
-    {
-        let plan = self.explain_plan(ExplainPlan::new(layer.to_string(), [ReluRule::Plain]));
-        let outs = self.run(&plan, n, label, |i| (row(i), Target::Class(class))).await?;
-        let grads: Vec<_> = outs
+impl<'a> Row<'a> {
+    /// The row's input gradient `[C, H, W]` under `rule`.
+    pub fn input_grad(&self, rule: ReluRule) -> Result<ArrayView3<'a, f32>, ServiceError> {
+        self.out
+            .input_grads
             .iter()
-            .map(|o| o.input_grads.iter().find(|(r, _)| *r == ReluRule::Plain).map(|(_, g)| g.view()))
-            .collect::<Option<_>>()
-            .ok_or_else(|| ServiceError::Internal("the plain input gradient is missing. This is a bug.".into()))?;
-        concatenate(Axis(0), &grads).map_err(|e| ServiceError::Internal(format!("stacking gradients: {e}")))
-    }
-
-    /// The layer's gradients `[C, h, w]` of the score whose gradient with respect to the logits is `seed`.
-    pub async fn seeded_gradients(&self, layer: &str, image: &Array3<f32>, seed: Vec<f32>, label: &str) -> Result<Array3<f32>, ServiceError> {
-        let plan = self.explain_plan(ExplainPlan::new(layer.to_string(), []));
-        let seed: std::sync::Arc<[f32]> = seed.into();
-        let outs = self.run(&plan, 1, label, |_| (image.clone(), Target::Seed(seed.clone()))).await?;
-        let g = outs.first().and_then(|o| o.gradients.as_ref()).ok_or_else(|| ServiceError::Internal("gradients missing. This is a bug.".into()))?;
-        Ok(g.index_axis(Axis(0), 0).to_owned())
-    }
-
-    /// Plain models choose targets inside the graph; contract models take the seed as it is.
-    fn explain_plan(&self, plan: ExplainPlan) -> PlanKey {
-        PlanKey::Explain(if self.info.kind == crate::engine::ModelKind::Plain { plan.with_target_selection() } else { plan })
+            .find(|(r, _)| *r == rule)
+            .map(|(_, a)| a.index_axis(Axis(0), self.row))
+            .ok_or_else(|| ServiceError::Internal(format!("the {rule} input gradient is missing. This is a bug.")))
     }
 }
 
-fn stack_logits(outs: &[BatchOutput]) -> Result<Array2<f32>, ServiceError> {
-    let views: Vec<_> = outs.iter().map(|o| o.logits.view()).collect();
-    concatenate(Axis(0), &views).map_err(|e| ServiceError::Internal(format!("stacking logits: {e}")))
+/// What a multi-pass method gets: its target row of the request's explain pass and the [`Passes`] handle.
+pub struct Ctx<'a> {
+    pub passes: &'a Passes<'a>,
+    pub options: &'a ExplainOptions,
+    pub out: &'a BatchOutput,
+    pub row: usize,
+    pub class: usize,
+    /// The row's activations of the layer `[K, h, w]`.
+    pub acts: ArrayView3<'a, f32>,
+    /// The preprocessed image `[C, H, W]`.
+    pub input: &'a Array3<f32>,
+    /// The method's name, the label its rows are counted under.
+    pub label: &'static str,
+}
+
+/// A method's raw map for one target row: `[h, w]` on a grid, `[C, H, W]` for the gradient methods.
+pub enum RawMap {
+    Cam(Array2<f32>),
+    Gradient(Array3<f32>),
+}
+
+/// What a multi-pass method returns besides its map.
+#[derive(Default)]
+pub struct Extra {
+    /// SmoothGrad's noise seed, returned so a result can be reproduced.
+    pub seed: Option<u64>,
+    /// Score-CAM's channels when capped.
+    pub channels: Option<usize>,
+}
+
+/// Available wherever its rules and attention are.
+pub fn anywhere(_: &ModelInfo, _: &str) -> Result<(), String> {
+    Ok(())
+}
+
+/// No forward passes beyond the request's explain pass.
+pub fn no_cost(_: &ModelInfo, _: &ExplainOptions) -> u64 {
+    0
+}
+
+// ------------------------------------------------------------------------------------------ the registry
+
+/// An explanation method: a handle on its registry entry. Equal, hashed and ordered by name.
+#[derive(Clone, Copy)]
+pub struct Method(&'static MethodDef);
+
+impl Method {
+    /// Every method of the API, in the order `GET /v1/models`, the CLI, openapi.yaml and the docs list them.
+    pub const ALL: [Method; 18] = [
+        Method(&cams::GRADCAM),
+        Method(&cams::GRADCAM_PLUS_PLUS),
+        Method(&cams::XGRADCAM),
+        Method(&cams::HIRESCAM),
+        Method(&cams::LAYERCAM),
+        Method(&cams::EIGENCAM),
+        Method(&gradients::GUIDED_BACKPROP),
+        Method(&gradients::DECONVNET),
+        Method(&gradients::SALIENCY),
+        Method(&gradients::GUIDED_GRADCAM),
+        Method(&rollouts::ATTENTION_ROLLOUT),
+        Method(&rollouts::GRADIENT_ROLLOUT),
+        Method(&cams::CAM),
+        Method(&scorecam::DEF),
+        Method(&ablationcam::DEF),
+        Method(&finercam::DEF),
+        Method(&integrated_gradients::DEF),
+        Method(&smoothgrad::DEF),
+    ];
+
+    /// What a request gets without `methods`.
+    pub const DEFAULT: [Method; 2] = [Method(&cams::GRADCAM), Method(&gradients::GUIDED_GRADCAM)];
+
+    pub fn as_str(self) -> &'static str {
+        self.0.name
+    }
+
+    pub fn def(self) -> &'static MethodDef {
+        self.0
+    }
+
+    pub fn parse(s: &str) -> Option<Method> {
+        let s = s.trim_start().to_ascii_lowercase();
+        // `?methods=gradcam++` typed into a URL arrives as "gradcam  " ('+' is a space in a query string);
+        // trimming it would silently give plain Grad-CAM.
+        if s == "gradcam  " {
+            return Some(Method(&cams::GRADCAM_PLUS_PLUS));
+        }
+        let s = s.trim_end();
+        Method::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
+    /// True for the methods that need more than the request's one explain pass.
+    pub fn is_multipass(self) -> bool {
+        matches!(self.0.compute, Compute::Passes(_))
+    }
+
+    /// Why the method cannot run on `model` at all, if it cannot: an input-gradient rule the model lacks, or
+    /// attention it does not have.
+    pub fn requirements(self, model: &ModelInfo) -> Result<(), String> {
+        for rule in [self.input_rule, self.batch_rule].into_iter().flatten() {
+            if !model.rules.contains(&rule) {
+                return Err(format!("method `{self}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name));
+            }
+        }
+        if self.kind == Kind::Attention && model.attention.is_none() {
+            return Err(format!(
+                "method `{self}` needs attention: model `{}` has no attention blocks (Softmax [N, heads, T, T] over its token layers)",
+                model.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why the method does not run at `layer` (a tensor name) of `model`, if it does not: its requirements, then
+    /// its own condition.
+    pub fn unavailable(self, model: &ModelInfo, layer: &str) -> Option<String> {
+        self.requirements(model).and_then(|()| (self.available)(model, layer)).err()
+    }
+}
+
+impl std::ops::Deref for Method {
+    type Target = MethodDef;
+    fn deref(&self) -> &MethodDef {
+        self.0
+    }
+}
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Method) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Method {}
+
+impl std::hash::Hash for Method {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.name.hash(h)
+    }
+}
+
+impl PartialOrd for Method {
+    fn partial_cmp(&self, other: &Method) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Method {
+    fn cmp(&self, other: &Method) -> std::cmp::Ordering {
+        self.0.name.cmp(other.0.name)
+    }
+}
+
+impl std::fmt::Debug for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Method({})", self.0.name)
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.name)
+    }
+}
+
+impl serde::Serialize for Method {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name)
+    }
 }
 
 // ------------------------------------------------------------------------------------------ costs
@@ -147,29 +317,14 @@ fn stack_logits(outs: &[BatchOutput]) -> Result<Array2<f32>, ServiceError> {
 /// Forward passes one row of the request's explain pass costs: one forward and, per gradient chain, a backward
 /// counted as two forwards (the usual estimate of reverse-mode cost).
 pub fn explain_pass_cost(options: &ExplainOptions) -> u64 {
-    let rules = options.methods.iter().filter_map(|m| m.input_rule()).collect::<std::collections::BTreeSet<_>>();
+    let rules = options.methods.iter().filter_map(|m| m.input_rule).collect::<std::collections::BTreeSet<_>>();
     let chains = rules.len().max(1) as u64;
     1 + 2 * chains
 }
 
-/// Channels of the layer Score-CAM masks with, given the request's cap.
-pub fn scorecam_channels(info: &ModelInfo, layer: &str, cap: Option<usize>) -> usize {
-    let k = info.layer(layer).map_or(0, |l| l.dims[1] as usize);
-    cap.map_or(k, |c| c.min(k))
-}
-
 /// Extra forward-equivalents `method` costs per target beyond the request's explain pass.
 pub fn method_cost(method: Method, info: &ModelInfo, options: &ExplainOptions) -> u64 {
-    let channels = info.layer(&options.layer).map_or(0, |l| l.dims[1] as u64);
-    match method {
-        Method::ScoreCam => scorecam_channels(info, &options.layer, options.channels) as u64,
-        // One pass of the part after the layer per channel, counted as a whole forward (an upper bound).
-        Method::AblationCam => channels,
-        Method::FinerCam => 3,
-        Method::IntegratedGradients => 3 * options.steps as u64,
-        Method::SmoothGrad => 3 * options.samples as u64,
-        _ => 0,
-    }
+    (method.cost)(info, options)
 }
 
 /// The cost of one target explained by `method` alone at the model's default layer and options; `None` when the
@@ -199,23 +354,33 @@ pub fn request_cost(info: &ModelInfo, options: &ExplainOptions) -> u64 {
 
 // ------------------------------------------------------------------------------------------ running them
 
-/// A multi-pass method's raw map for one target row: `[h, w]` for the CAMs, `[C, H, W]` for the gradient methods.
-pub enum RawMap {
-    Cam(Array2<f32>),
-    Gradient(Array3<f32>),
+/// The class target row `row` of the explain pass explains.
+fn row_class(out: &BatchOutput, row: usize) -> Result<usize, ServiceError> {
+    out.targets
+        .as_ref()
+        .and_then(|t| t.get(row).copied())
+        .ok_or_else(|| ServiceError::Internal("targets missing from the explain pass. This is a bug.".into()))
 }
 
-/// What a multi-pass method returns besides its map.
-#[derive(Default)]
-pub struct Extra {
-    /// SmoothGrad's noise seed, returned so a result can be reproduced.
-    pub seed: Option<u64>,
-    /// Score-CAM's channels when capped.
-    pub channels: Option<usize>,
+fn layer_arrays(out: &BatchOutput, row: usize) -> Result<(ArrayView3<'_, f32>, ArrayView3<'_, f32>), ServiceError> {
+    let missing = || ServiceError::Internal("activations missing from an explain run. This is a bug.".into());
+    let acts = out.activations.as_ref().ok_or_else(missing)?;
+    let grads = out.gradients.as_ref().ok_or_else(missing)?;
+    Ok((acts.index_axis(Axis(0), row), grads.index_axis(Axis(0), row)))
 }
 
-/// Computes one multi-pass method for target row `row` of the request's explain pass `out`.
-pub async fn run(
+/// A one-pass method's raw map for target row `row` of the request's explain pass `out`.
+pub fn one_pass(method: Method, info: &ModelInfo, layer: &str, out: &BatchOutput, row: usize) -> Result<RawMap, ServiceError> {
+    let (acts, grads) = layer_arrays(out, row)?;
+    match method.compute {
+        Compute::Layer(f) => Ok(RawMap::Cam(f(acts, grads))),
+        Compute::Pass(f) => f(&Row { info, layer, row, class: row_class(out, row)?, out, acts, grads }),
+        Compute::Passes(_) => Err(ServiceError::Internal(format!("{method} needs its own passes. This is a bug."))),
+    }
+}
+
+/// A multi-pass method's raw map (and what it returns besides) for target row `row` of the request's explain pass.
+pub async fn multi_pass(
     method: Method,
     passes: &Passes<'_>,
     options: &ExplainOptions,
@@ -223,37 +388,12 @@ pub async fn run(
     row: usize,
     input: &Array3<f32>,
 ) -> Result<(RawMap, Extra), ServiceError> {
-    let bug = |what: &str| ServiceError::Internal(format!("{what} missing from the explain pass. This is a bug."));
-    let class = out.targets.as_ref().and_then(|t| t.get(row).copied()).ok_or_else(|| bug("targets"))?;
-    let acts = out.activations.as_ref().ok_or_else(|| bug("activations"))?.index_axis(Axis(0), row);
-    let layer = options.layer.as_str();
-    let label = method.as_str();
-    Ok(match method {
-        Method::ScoreCam => {
-            let (map, used) = scorecam::run(passes, acts, input, class, options.channels, label).await?;
-            (RawMap::Cam(map), Extra { channels: Some(used), ..Default::default() })
-        }
-        Method::AblationCam => {
-            let y = out.logits[[row, class]];
-            (RawMap::Cam(ablationcam::run(passes, layer, acts, class, y, label).await?), Extra::default())
-        }
-        Method::FinerCam => {
-            let seed = finercam::seed(out.logits.row(row), class, finercam::ALPHA, finercam::COMPARISONS);
-            let grads = passes.seeded_gradients(layer, input, seed, label).await?;
-            (RawMap::Cam(crate::explain::cam::gradcam(acts, grads.view())), Extra::default())
-        }
-        Method::IntegratedGradients => {
-            let baseline = black_input(passes.info);
-            let a = integrated_gradients::run(passes, layer, input, &baseline, class, options.steps, label).await?;
-            (RawMap::Gradient(a), Extra::default())
-        }
-        Method::SmoothGrad => {
-            let seed = options.seed.unwrap_or_else(rand::random);
-            let g = smoothgrad::run(passes, layer, input, class, options.samples, options.noise, seed, label).await?;
-            (RawMap::Gradient(g), Extra { seed: Some(seed), ..Default::default() })
-        }
-        _ => return Err(ServiceError::Internal(format!("{method} is not a multi-pass method. This is a bug."))),
-    })
+    let Compute::Passes(start) = method.compute else {
+        return Err(ServiceError::Internal(format!("{method} is not a multi-pass method. This is a bug.")));
+    };
+    let (acts, _) = layer_arrays(out, row)?;
+    let cx = Ctx { passes, options, out, row, class: row_class(out, row)?, acts, input, label: method.as_str() };
+    start(&cx).await
 }
 
 /// The model-space input of an all-black image (integrated gradients' baseline): `(0 - mean) / std` per channel.

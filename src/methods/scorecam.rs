@@ -5,7 +5,8 @@
 
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 
-use super::Passes;
+use super::{anywhere, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
+use crate::engine::ModelInfo;
 use crate::explain::{cam, maps};
 use crate::service::ServiceError;
 
@@ -63,4 +64,30 @@ pub async fn run(
         full[k] = wk;
     }
     Ok((cam::weighted(acts, &full), chosen.len()))
+}
+
+/// The registry's entry: masked forwards, one per channel used.
+pub const DEF: MethodDef = MethodDef {
+    name: "scorecam",
+    kind: Kind::Cam,
+    heatmap: Heatmap::Map,
+    input_rule: None,
+    batch_rule: None,
+    uses_layer: true,
+    available: anywhere,
+    cost: |info, options| used_channels(info, &options.layer, options.channels) as u64,
+    compute: Compute::Passes(start),
+};
+
+/// Channels of the layer Score-CAM masks with, given the request's cap.
+pub fn used_channels(info: &ModelInfo, layer: &str, cap: Option<usize>) -> usize {
+    let k = info.layer(layer).map_or(0, |l| l.dims[1] as usize);
+    cap.map_or(k, |c| c.min(k))
+}
+
+fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+    Box::pin(async move {
+        let (map, used) = run(cx.passes, cx.acts, cx.input, cx.class, cx.options.channels, cx.label).await?;
+        Ok((RawMap::Cam(map), Extra { channels: Some(used), ..Default::default() }))
+    })
 }

@@ -9,7 +9,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::Passes;
+use super::{anywhere, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
+use crate::onnx::rules::ReluRule;
 use crate::service::ServiceError;
 
 /// Sigma of the noise for `input`.
@@ -66,4 +67,26 @@ pub async fn run(
 ) -> Result<Array3<f32>, ServiceError> {
     let mut rng = Noise::new(seed, sigma(input, noise));
     mean_gradient(passes, layer, class, samples, label, |_| rng.copy(input)).await
+}
+
+/// The registry's entry: `samples` gradient passes through the plain chain (a forward and a backward each).
+pub const DEF: MethodDef = MethodDef {
+    name: "smoothgrad",
+    kind: Kind::Gradient,
+    heatmap: Heatmap::GradientImage,
+    input_rule: None,
+    batch_rule: Some(ReluRule::Plain),
+    uses_layer: false,
+    available: anywhere,
+    cost: |_, options| 3 * options.samples as u64,
+    compute: Compute::Passes(start),
+};
+
+/// Runs with the request's seed, or a fresh one, which the explanation returns.
+fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+    Box::pin(async move {
+        let seed = cx.options.seed.unwrap_or_else(rand::random);
+        let g = run(cx.passes, &cx.options.layer, cx.input, cx.class, cx.options.samples, cx.options.noise, seed, cx.label).await?;
+        Ok((RawMap::Gradient(g), Extra { seed: Some(seed), ..Default::default() }))
+    })
 }

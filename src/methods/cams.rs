@@ -1,0 +1,55 @@
+//! The one-pass CAMs: the Grad-CAM family, from the layer's activations and gradients of the request's explain
+//! pass (formulas in `crate::explain::cam`, as pytorch-grad-cam 1.5.7), and Zhou et al.'s plain CAM, from the
+//! weights of the global-average-pool + linear head after the layer.
+
+use ndarray::{Array2, ArrayView3};
+
+use super::{anywhere, no_cost, Compute, Heatmap, Kind, MethodDef, RawMap, Row};
+use crate::engine::ModelInfo;
+use crate::explain::cam;
+use crate::service::ServiceError;
+
+/// A CAM computed from the layer's activations and gradients alone.
+const fn layer_cam(name: &'static str, f: fn(ArrayView3<f32>, ArrayView3<f32>) -> Array2<f32>) -> MethodDef {
+    MethodDef {
+        name,
+        kind: Kind::Cam,
+        heatmap: Heatmap::Map,
+        input_rule: None,
+        batch_rule: None,
+        uses_layer: true,
+        available: anywhere,
+        cost: no_cost,
+        compute: Compute::Layer(f),
+    }
+}
+
+pub const GRADCAM: MethodDef = layer_cam("gradcam", cam::gradcam);
+pub const GRADCAM_PLUS_PLUS: MethodDef = layer_cam("gradcam++", cam::gradcam_pp);
+pub const XGRADCAM: MethodDef = layer_cam("xgradcam", cam::xgradcam);
+pub const HIRESCAM: MethodDef = layer_cam("hirescam", cam::hirescam);
+pub const LAYERCAM: MethodDef = layer_cam("layercam", cam::layercam);
+pub const EIGENCAM: MethodDef = layer_cam("eigencam", eigencam);
+
+/// Eigen-CAM reads the activations only.
+fn eigencam(a: ArrayView3<f32>, _: ArrayView3<f32>) -> Array2<f32> {
+    cam::eigencam(a)
+}
+
+/// Plain CAM (Zhou et al. 2016): relu(sum_k w_ck A_k) with the linear head's weights of the target class.
+pub const CAM: MethodDef = MethodDef {
+    name: "cam",
+    compute: Compute::Pass(plain_cam),
+    available: has_linear_head,
+    ..layer_cam("cam", cam::gradcam)
+};
+
+/// Offered only where a global-average-pool + linear head follows the layer (found when the model is loaded).
+fn has_linear_head(info: &ModelInfo, layer: &str) -> Result<(), String> {
+    info.linear_head(layer).map(|_| ())
+}
+
+fn plain_cam(r: &Row<'_>) -> Result<RawMap, ServiceError> {
+    let head = r.info.linear_head(r.layer).map_err(ServiceError::Unprocessable)?;
+    Ok(RawMap::Cam(cam::weighted(r.acts, head.class_weights(r.class))))
+}
