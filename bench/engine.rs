@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use camserve::engine::{Batch, DeviceChoice, EngineOptions, ModelRunner, ModelSpec, PlanKey};
+use camserve::backend::engine::{Batch, DeviceChoice, EngineOptions, ModelRunner, ModelSpec, PlanKey};
 use camserve::onnx::rewrite::ExplainPlan;
 use camserve::onnx::rules::ReluRule;
 use clap::Parser;

@@ -9,7 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::DeviceChoice;
+use crate::backend::engine::DeviceChoice;
 use crate::onnx::rewrite::InputLayout;
 use crate::preprocess::{ChannelOrder, ResizePolicy};
 

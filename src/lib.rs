@@ -1,19 +1,19 @@
 //! camserve: explanations (Grad-CAM and its family, guided backprop, ...) for ONNX image classifiers.
 //!
-//! Data path: [`http`] -> [`batcher`] -> [`engine`] -> [`explain`] -> [`render`]. The graph rewrite that
-//! makes gradients available from ONNX Runtime lives in [`onnx`] and has no server code in it.
+//! Data path: [`api`] (routes, request forms, problem+json, wire types) -> [`core`] (the model registry, the
+//! request pipeline, options) -> [`backend`] (per-model queue and batching worker, ONNX Runtime sessions) ->
+//! [`methods`] (each method's entry and its extra passes) -> [`explain`] (the maths on arrays) -> [`render`]
+//! (pictures). [`server`] is the listener, signals and drain around the router. The graph rewrite that makes
+//! gradients available from ONNX Runtime lives in [`onnx`] and has no server code in it. docs/DESIGN.md has the
+//! table of what each owns.
 
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod core;
+pub mod explain;
+pub mod methods;
 pub mod onnx;
-pub mod options;
 pub mod preprocess;
 pub mod render;
-pub mod batcher;
-pub mod config;
-pub mod engine;
-pub mod explain;
-pub mod http;
-pub mod methods;
-pub mod registry;
 pub mod server;
-pub mod runtime;
-pub mod service;

@@ -4,12 +4,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use base64::Engine as _;
 use camserve::config::{Config, ModelConfig, IMAGENET_MEAN, IMAGENET_STD};
-use camserve::engine::DeviceChoice;
+use camserve::backend::engine::DeviceChoice;
 use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
 use camserve::onnx::{contract, inspect, io};
-use camserve::options::RawOptions;
-use camserve::service::{Endpoint, Service};
+use camserve::core::options::RawOptions;
+use camserve::core::pipeline::{Endpoint, Service};
 use clap::{Parser, Subcommand};
 use figment::providers::Serialized;
 use figment::Figment;
@@ -281,11 +281,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
             let rt = tokio::runtime::Runtime::new()?;
             let response = rt.block_on(async {
-                let service = Service::new(camserve::registry::service_limits(&config));
+                let service = Service::new(camserve::core::registry::service_limits(&config));
                 let handle = tokio::runtime::Handle::current();
                 let models = tokio::task::spawn_blocking(move || {
                     let _g = handle.enter();
-                    camserve::registry::load_models(&config)
+                    camserve::core::registry::load_models(&config)
                 })
                 .await??;
                 service.install(models);

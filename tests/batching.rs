@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use camserve::batcher::{self, BatcherConfig, Images, Job, SubmitError, Target};
-use camserve::engine::{DeviceChoice, EngineOptions, ModelRunner, ModelSpec, PlanKey};
+use camserve::backend::batcher::{self, BatcherConfig, Images, Job, SubmitError, Target};
+use camserve::backend::engine::{DeviceChoice, EngineOptions, ModelRunner, ModelSpec, PlanKey};
 use camserve::onnx::rewrite::ExplainPlan;
 use camserve::onnx::rules::ReluRule;
 use ndarray::Array3;
@@ -16,7 +16,7 @@ fn runner() -> ModelRunner {
     ModelRunner::load(&spec, &options).unwrap()
 }
 
-fn job(plan: &PlanKey, targets: Vec<Target>, seed: f32) -> (Job, oneshot::Receiver<Result<batcher::JobOutput, camserve::engine::EngineError>>) {
+fn job(plan: &PlanKey, targets: Vec<Target>, seed: f32) -> (Job, oneshot::Receiver<Result<batcher::JobOutput, camserve::backend::engine::EngineError>>) {
     let (tx, rx) = oneshot::channel();
     let image = Array3::from_shape_fn((3, 64, 64), |(c, y, x)| ((c + y * 3 + x * 7) as f32 * seed).sin());
     (Job { plan: plan.clone(), images: Images::One(image), targets, deadline: Instant::now() + Duration::from_secs(30), reply: tx }, rx)
@@ -46,7 +46,7 @@ async fn concurrent_jobs_share_one_run_and_get_their_own_rows() {
         assert_eq!(o.output.len(), 2);
         let targets = o.output.targets.clone().unwrap();
         assert_eq!(targets[1], i, "the explicit class row");
-        assert_eq!(targets[0], camserve::engine::argmax(o.output.logits.row(0).iter()), "the rank-0 row is the prediction");
+        assert_eq!(targets[0], camserve::backend::engine::argmax(o.output.logits.row(0).iter()), "the rank-0 row is the prediction");
     }
     // Each job got its own image's rows: different inputs, different logits.
     assert_ne!(outs[0].output.logits.row(0), outs[1].output.logits.row(0));

@@ -10,10 +10,10 @@
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use camserve::engine::{DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec};
+use camserve::backend::engine::{DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec};
 use camserve::onnx::rewrite::{Explainable, PrepareOptions};
 use camserve::onnx::{io, proto::ModelProto};
-use camserve::options::{OptionLimits, RawOptions};
+use camserve::core::options::{OptionLimits, RawOptions};
 use camserve::preprocess::{self, DecodeLimits};
 use proptest::prelude::*;
 
@@ -165,7 +165,7 @@ proptest! {
         let uri = match &query { Some(q) => format!("/v1/models/demo/explain?{q}"), None => "/v1/models/demo/explain".into() };
         let req = axum::http::Request::builder().method("POST").uri(uri).header("content-type", content_type.as_str())
             .body(axum::body::Body::from(body)).unwrap();
-        let res = rt.block_on(camserve::http::upload::parse(req, 1 << 20));
+        let res = rt.block_on(camserve::api::upload::parse(req, 1 << 20));
         if let Err(e) = res {
             prop_assert!([400u16, 413, 415, 422].contains(&e.status.as_u16()), "{}", e.status);
         }

@@ -628,7 +628,7 @@ async fn a_panic_in_a_batch_is_a_500_and_the_model_keeps_serving() {
     let mut s = Server::start(config).await;
     let url = s.url("/v1/models/panicky/explain?methods=gradcam&outputs=raw");
     let img = image_bytes("010.jpg");
-    camserve::batcher::test_hooks::panic_next_batch("panicky");
+    camserve::backend::batcher::test_hooks::panic_next_batch("panicky");
     let r = s.client.post(&url).header("content-type", "image/jpeg").body(img.clone()).send().await.unwrap();
     let (st, body) = json_of(r, EXPLAIN, "post").await;
     assert_eq!(st, 500, "{body}");

@@ -20,7 +20,7 @@ fn imagenet_config() -> camserve::config::Config {
     m.path = root().join(&m.path);
     m.labels = m.labels.as_ref().map(|p| root().join(p));
     c.server.bind = "127.0.0.1:0".into();
-    c.runtime.device = camserve::engine::DeviceChoice::Cpu;
+    c.runtime.device = camserve::backend::engine::DeviceChoice::Cpu;
     c
 }
 

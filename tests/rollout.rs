@@ -21,7 +21,7 @@ mod server;
 
 use std::path::PathBuf;
 
-use camserve::engine::{Batch, DeviceChoice, EngineOptions, ModelRunner, ModelSpec, PlanKey};
+use camserve::backend::engine::{Batch, DeviceChoice, EngineOptions, ModelRunner, ModelSpec, PlanKey};
 use camserve::explain::rollout::{self, TokenGrid};
 use camserve::onnx::contract;
 use camserve::onnx::io;

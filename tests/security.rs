@@ -105,8 +105,8 @@ async fn problem(r: reqwest::Response) -> (u16, String) {
 
 #[tokio::test]
 async fn multipart_parts_and_json_members_are_bounded() {
-    use camserve::http::upload::MAX_PARTS;
-    use camserve::options::{MAX_JSON_MEMBERS, MAX_OPTION_BYTES};
+    use camserve::api::upload::MAX_PARTS;
+    use camserve::core::options::{MAX_JSON_MEMBERS, MAX_OPTION_BYTES};
     let s = Server::start(demo_config()).await;
     let url = s.url("/v1/models/demo/explain?outputs=raw");
     let jpg = image_bytes("010.jpg");
@@ -218,7 +218,7 @@ async fn api_keys_are_never_logged() {
     let mut s = Server::start(config).await;
     exercise_keys(&s.url(""), "keyed").await;
     // A panic inside a batch: logged as an error, answered 500, and the key is not in the log.
-    camserve::batcher::test_hooks::panic_next_batch("keyed");
+    camserve::backend::batcher::test_hooks::panic_next_batch("keyed");
     let r = s.client.post(s.url("/v1/models/keyed/explain")).bearer_auth(KEY).header("content-type", "image/jpeg")
         .body(image_bytes("010.jpg")).send().await.unwrap();
     assert_eq!(r.status(), 500);
@@ -310,7 +310,7 @@ async fn cors_preflight_with_and_without_keys() {
 
 #[test]
 fn json_member_limit_is_checked_while_parsing() {
-    use camserve::options::{json_members, MAX_JSON_MEMBERS};
+    use camserve::core::options::{json_members, MAX_JSON_MEMBERS};
     let ok = format!("{{{}}}", (0..MAX_JSON_MEMBERS).map(|i| format!("\"k{i}\": [1, {{\"a\": 2}}]")).collect::<Vec<_>>().join(","));
     let m = json_members(ok.as_bytes()).unwrap();
     assert_eq!(m.len(), MAX_JSON_MEMBERS);

@@ -2,7 +2,7 @@
 //! relative drop of the target's logit when the channel is ablated, (y - y_k) / y; the map is relu(sum_k w_k A_k).
 //! A channel is ablated as its `AblationLayer` does: set to 0 when the layer's minimum is 0 (after a ReLU), else to
 //! that minimum minus 1e7. Only the part of the model after the layer runs for the ablated batches
-//! ([`crate::engine::PlanKey::Head`], built at rewrite time): the backbone is not rerun.
+//! ([`crate::backend::engine::PlanKey::Head`], built at rewrite time): the backbone is not rerun.
 //!
 //! One difference from the reference: pytorch-grad-cam takes the minimum of the whole ablation batch, which after
 //! the first ablation already holds the ablation value, so with negative activations its later rows go 1e7 lower
@@ -12,9 +12,9 @@
 use ndarray::{Array2, ArrayView3, Axis};
 
 use super::{Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
-use crate::engine::ModelInfo;
+use crate::backend::engine::ModelInfo;
 use crate::explain::cam;
-use crate::service::ServiceError;
+use crate::core::pipeline::ServiceError;
 
 /// The value an ablated channel is set to.
 pub fn ablation_value(acts: ArrayView3<f32>) -> f32 {

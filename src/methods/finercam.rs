@@ -7,7 +7,7 @@
 use ndarray::ArrayView1;
 
 use super::{Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, RawMap};
-use crate::engine::ModelInfo;
+use crate::backend::engine::ModelInfo;
 use crate::explain::cam;
 
 pub const ALPHA: f64 = 1.0;

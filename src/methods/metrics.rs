@@ -14,8 +14,8 @@
 use ndarray::{Array2, Array3, ArrayView2, Axis};
 
 use super::Passes;
-use crate::options::Metric;
-use crate::service::ServiceError;
+use crate::core::options::Metric;
+use crate::core::pipeline::ServiceError;
 
 /// `(step, n_steps)`: pixels per step and steps for an `h x w` input (RISE: 224 at 224x224).
 pub fn steps(h: usize, w: usize) -> (usize, usize) {

@@ -30,10 +30,10 @@ use std::pin::Pin;
 
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 
-use crate::engine::{BatchOutput, ModelInfo};
+use crate::backend::engine::{BatchOutput, ModelInfo};
 use crate::onnx::rules::ReluRule;
-use crate::options::{ExplainOptions, Metric};
-use crate::service::ServiceError;
+use crate::core::options::{ExplainOptions, Metric};
+use crate::core::pipeline::ServiceError;
 pub use passes::{Passes, Reply};
 
 // ------------------------------------------------------------------------------------------ what a method is
@@ -329,9 +329,9 @@ pub fn method_cost(method: Method, info: &ModelInfo, options: &ExplainOptions) -
 
 /// The cost of one target explained by `method` alone at the model's default layer and options; `None` when the
 /// method is not available there.
-pub fn default_cost(method: Method, info: &ModelInfo, limits: crate::options::OptionLimits) -> Option<u64> {
-    let raw = crate::options::RawOptions { methods: Some(vec![method.as_str().to_string()]), ..Default::default() };
-    let limits = crate::options::OptionLimits { max_methods: 1, ..limits };
+pub fn default_cost(method: Method, info: &ModelInfo, limits: crate::core::options::OptionLimits) -> Option<u64> {
+    let raw = crate::core::options::RawOptions { methods: Some(vec![method.as_str().to_string()]), ..Default::default() };
+    let limits = crate::core::options::OptionLimits { max_methods: 1, ..limits };
     raw.validate(info, limits).ok().map(|o| request_cost(info, &o))
 }
 

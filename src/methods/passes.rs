@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use ndarray::{concatenate, Array2, Array3, Array4, Axis};
 use tokio::sync::oneshot;
 
-use crate::batcher::{Images, Job, JobOutput, Queue, SubmitError, Target};
-use crate::engine::{BatchOutput, ModelInfo, PlanKey};
+use crate::backend::batcher::{Images, Job, JobOutput, Queue, SubmitError, Target};
+use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
 use crate::onnx::rewrite::ExplainPlan;
 use crate::onnx::rules::ReluRule;
-use crate::service::ServiceError;
+use crate::core::pipeline::ServiceError;
 
 /// What a method may ask of the model: batches through its batcher, within the request's deadline. Every row
 /// submitted is counted in `camserve_forward_passes_total{model, method}`.
@@ -24,7 +24,7 @@ pub struct Passes<'a> {
 }
 
 /// A submitted job's answer.
-pub type Reply = oneshot::Receiver<Result<JobOutput, crate::engine::EngineError>>;
+pub type Reply = oneshot::Receiver<Result<JobOutput, crate::backend::engine::EngineError>>;
 
 impl Passes<'_> {
     /// Submits one job, or refuses at once when the queue is full; counts its rows under `label`.
@@ -116,7 +116,7 @@ impl Passes<'_> {
 
     /// Plain models choose targets inside the graph; contract models take the seed as it is.
     fn explain_plan(&self, plan: ExplainPlan) -> PlanKey {
-        PlanKey::Explain(if self.info.kind == crate::engine::ModelKind::Plain { plan.with_target_selection() } else { plan })
+        PlanKey::Explain(if self.info.kind == crate::backend::engine::ModelKind::Plain { plan.with_target_selection() } else { plan })
     }
 }
 

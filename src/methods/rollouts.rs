@@ -6,7 +6,7 @@ use ndarray::{Array2, ArrayView3, Axis};
 
 use super::{anywhere, no_cost, Compute, Heatmap, Kind, MethodDef, RawMap, Row};
 use crate::explain::rollout::{self, TokenGrid};
-use crate::service::ServiceError;
+use crate::core::pipeline::ServiceError;
 
 const fn attention(name: &'static str, f: fn(&Row<'_>) -> Result<RawMap, ServiceError>) -> MethodDef {
     MethodDef {

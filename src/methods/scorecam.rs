@@ -6,9 +6,9 @@
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 
 use super::{anywhere, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
-use crate::engine::ModelInfo;
+use crate::backend::engine::ModelInfo;
 use crate::explain::{cam, maps};
-use crate::service::ServiceError;
+use crate::core::pipeline::ServiceError;
 
 /// The channels Score-CAM masks with: all of them, or when capped the `cap` channels of highest variance over the
 /// grid (a flat channel makes a blank mask and says nothing), in channel order.
@@ -58,7 +58,7 @@ pub async fn run(
             input * &m.insert_axis(Axis(0))
         })
         .await?;
-    let weights = crate::service::softmax(logits.column(class));
+    let weights = crate::core::pipeline::softmax(logits.column(class));
     let mut full = vec![0f32; acts.len_of(Axis(0))];
     for (&k, &wk) in chosen.iter().zip(&weights) {
         full[k] = wk;

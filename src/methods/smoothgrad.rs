@@ -11,7 +11,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::{anywhere, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
 use crate::onnx::rules::ReluRule;
-use crate::service::ServiceError;
+use crate::core::pipeline::ServiceError;
 
 /// Sigma of the noise for `input`.
 pub fn sigma(input: &Array3<f32>, noise: f32) -> f32 {

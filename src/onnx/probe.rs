@@ -56,7 +56,7 @@ impl Probe {
 
 /// Runs `model` on zeros of `input_dims` (the image input; batch 1) and records every node output.
 pub fn probe(model: &ModelProto, input_name: &str, input_dims: &[i64]) -> Result<Probe> {
-    let env = crate::runtime::environment(None).map_err(|e| OnnxError::Probe(e.to_string()))?;
+    let env = crate::backend::runtime::environment(None).map_err(|e| OnnxError::Probe(e.to_string()))?;
     let mut m = model.clone();
     let graph = m.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
     let existing: std::collections::HashSet<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
@@ -76,7 +76,7 @@ pub fn probe(model: &ModelProto, input_name: &str, input_dims: &[i64]) -> Result
         .map_err(|e| perr(&e))?
         .with_intra_threads(1)
         .map_err(|e| perr(&e))?;
-    let mut session = crate::runtime::unpanic("shape probe", || builder.commit_from_memory(&bytes))
+    let mut session = crate::backend::runtime::unpanic("shape probe", || builder.commit_from_memory(&bytes))
         .map_err(OnnxError::Probe)?
         .map_err(|e| perr(&e))?;
     // Batch size 2 first, for the dims only: which axes follow the batch size. A model whose batch size is

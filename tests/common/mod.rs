@@ -155,7 +155,7 @@ pub fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
 }
 
 pub fn session(model: &ModelProto, level: GraphOptimizationLevel) -> Session {
-    let env = camserve::runtime::environment(None).expect("ONNX Runtime library (run scripts/fetch-ort.sh)");
+    let env = camserve::backend::runtime::environment(None).expect("ONNX Runtime library (run scripts/fetch-ort.sh)");
     let bytes = io::encode_model(model).expect("encode");
     Session::builder(env)
         .expect("builder")

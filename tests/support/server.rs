@@ -20,7 +20,7 @@ pub fn demo_config() -> Config {
     c.models[0].path = root().join("models/demo.onnx");
     c.models[0].labels = Some(root().join("models/demo.labels.txt"));
     c.server.bind = "127.0.0.1:0".into();
-    c.runtime.device = camserve::engine::DeviceChoice::Cpu;
+    c.runtime.device = camserve::backend::engine::DeviceChoice::Cpu;
     c.runtime.threads = 1;
     c
 }

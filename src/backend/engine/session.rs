@@ -51,7 +51,7 @@ pub struct EngineOptions {
 }
 
 fn builder(device: super::Device, options: &EngineOptions) -> Result<SessionBuilder, EngineError> {
-    let env = crate::runtime::environment(options.ort_library.as_deref())?;
+    let env = crate::backend::runtime::environment(options.ort_library.as_deref())?;
     let mut b = Session::builder(env).map_err(ort_err)?;
     b = b.with_optimization_level(GraphOptimizationLevel::All).map_err(ort_err)?;
     if options.intra_threads > 0 {
@@ -116,7 +116,7 @@ fn probe_cuda(options: &EngineOptions) -> Result<(), String> {
     let result = (|| {
         let mut b = builder(Device::Cuda, options).map_err(|e| e.to_string())?;
         let model = crate::onnx::io::encode_model(&crate::onnx::builder::relu_model()).map_err(|e| e.to_string())?;
-        crate::runtime::unpanic("CUDA probe session", || b.commit_from_memory(&model))?
+        crate::backend::runtime::unpanic("CUDA probe session", || b.commit_from_memory(&model))?
             .map(drop)
             .map_err(|e| format!("starting the CUDA execution provider on device {}: {e}", options.cuda_device))
     })();
@@ -126,5 +126,5 @@ fn probe_cuda(options: &EngineOptions) -> Result<(), String> {
 
 pub fn build(bytes: &[u8], device: Device, options: &EngineOptions) -> Result<Session, EngineError> {
     let mut b = builder(device, options)?;
-    crate::runtime::unpanic("session", || b.commit_from_memory(bytes)).map_err(EngineError::Ort)?.map_err(ort_err)
+    crate::backend::runtime::unpanic("session", || b.commit_from_memory(bytes)).map_err(EngineError::Ort)?.map_err(ort_err)
 }

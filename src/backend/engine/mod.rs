@@ -29,7 +29,7 @@ pub enum EngineError {
     #[error(transparent)]
     Onnx(#[from] OnnxError),
     #[error(transparent)]
-    Runtime(#[from] crate::runtime::RuntimeError),
+    Runtime(#[from] crate::backend::runtime::RuntimeError),
     #[error("ONNX Runtime: {0}")]
     Ort(String),
     #[error("model `{model}`: {reason}")]
@@ -188,7 +188,7 @@ impl ModelRunner {
     /// Loads, analyses and places a model; fails if the device choice cannot be honoured.
     pub fn load(spec: &ModelSpec, options: &EngineOptions) -> Result<ModelRunner, EngineError> {
         let bad = |reason: String| EngineError::Model { model: spec.name.clone(), reason };
-        crate::runtime::environment(options.ort_library.as_deref())?;
+        crate::backend::runtime::environment(options.ort_library.as_deref())?;
         let model = io::load_model(&spec.path)?;
         let device = session::choose_device(options)?;
         let (source, info) = match contract::contract_info(&model) {

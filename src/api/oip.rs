@@ -31,10 +31,11 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::engine::{ranked, ModelInfo};
+use crate::backend::engine::{ranked, ModelInfo};
 use crate::methods::{Kind, Method};
-use crate::options::RawOptions;
-use crate::service::{Endpoint, ExplainResponse, ImageInput, ServiceError};
+use crate::core::options::RawOptions;
+use super::wire::ExplainResponse;
+use crate::core::pipeline::{Endpoint, ImageInput, ServiceError};
 
 /// Triton's binary tensor extension: the length of the JSON part of a body that binary tensors follow.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -421,7 +422,7 @@ impl Tensor {
 }
 
 fn softmax(logits: &[f32]) -> Vec<f32> {
-    crate::service::softmax(ndarray::ArrayView1::from(logits))
+    crate::core::pipeline::softmax(ndarray::ArrayView1::from(logits))
 }
 
 /// Triton's classification strings for the `k` largest `values`: `"<value>:<index>"`, `":<label>"` appended when
@@ -444,7 +445,7 @@ fn decode_b64(s: &str) -> Result<Vec<u8>, OipError> {
 }
 
 /// The explanation of `method` in one image's answer.
-fn explanation(r: &ExplainResponse, m: Method) -> Result<&crate::service::Explanation, OipError> {
+fn explanation(r: &ExplainResponse, m: Method) -> Result<&crate::api::wire::Explanation, OipError> {
     r.explanations.as_ref().and_then(|e| e.iter().find(|e| e.method == m)).ok_or_else(|| {
         OipError(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the {m} explanation is missing. This is a bug.")))
     })

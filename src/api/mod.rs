@@ -1,12 +1,16 @@
-//! HTTP API v1 (docs/DESIGN.md §5): routes, request parsing, problem+json errors, API keys, CORS, metrics.
+//! The HTTP API (docs/DESIGN.md §5): the router, the request forms (upload.rs), the Open Inference Protocol and
+//! KServe routes (oip.rs), problem+json errors (error.rs), the wire types (wire.rs), API keys, CORS and the
+//! request metrics.
 //!
-//! `app()` builds the router from an [`AppState`] (tests drive it in-process or bind 127.0.0.1:0); the listener,
-//! signals and drain are `crate::server`, model loading `crate::registry`.
+//! `app()` builds the router from an [`AppState`]; tests drive it with `oneshot` against a stand-in backend
+//! (tests/api.rs) or bind 127.0.0.1:0 with real models. The listener, signals and drain are `crate::server`,
+//! model loading `crate::core::registry`.
 
 pub mod error;
 pub mod oip;
 mod routes;
 pub mod upload;
+pub mod wire;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,7 +24,7 @@ use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::service::Service;
+use crate::core::pipeline::Service;
 use error::ApiError;
 
 #[derive(Clone)]
@@ -152,7 +156,7 @@ async fn record_request(mut req: Request, next: Next) -> Response {
         res.headers_mut().insert(REQUEST_ID, v);
     }
     let ms = elapsed.as_secs_f64() * 1000.0;
-    match res.extensions().get::<crate::service::Timings>() {
+    match res.extensions().get::<crate::api::wire::Timings>() {
         Some(t) => tracing::info!(request_id, method, path, status, ms, queue_ms = t.queue, decode_ms = t.decode,
             inference_ms = t.inference, explain_ms = t.explain, render_ms = t.render, "request"),
         None => tracing::info!(request_id, method, path, status, ms, "request"),

@@ -8,9 +8,10 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::{upload, AppState};
-use crate::engine::{Device, ModelInfo, ModelKind};
+use crate::backend::engine::{Device, ModelInfo, ModelKind};
 use crate::methods::Method;
-use crate::service::{Endpoint, ExplainResponse};
+use super::wire::ExplainResponse;
+use crate::core::pipeline::Endpoint;
 
 const OPENAPI: &str = include_str!("../../openapi.yaml");
 const PAGE: &str = include_str!("page.html");
@@ -120,12 +121,12 @@ pub struct ModelView {
     resize_shorter_side: Option<u32>,
 }
 
-fn model_view(info: &ModelInfo, limits: crate::options::OptionLimits) -> ModelView {
+fn model_view(info: &ModelInfo, limits: crate::core::options::OptionLimits) -> ModelView {
     let methods = methods_for(info);
     ModelView {
         unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), m.unavailable(info, &info.default_layer)?))).collect(),
         costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, limits)?))).collect(),
-        metric_costs: crate::options::Metric::ALL.iter().map(|&m| (m.as_str(), crate::methods::metric_cost(m, info))).collect(),
+        metric_costs: crate::core::options::Metric::ALL.iter().map(|&m| (m.as_str(), crate::methods::metric_cost(m, info))).collect(),
         name: info.name.clone(),
         kind: info.kind,
         device: info.device,

@@ -8,21 +8,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use image::RgbImage;
-use ndarray::{Array2, Array3, Axis};
-use rayon::prelude::*;
-use serde::Serialize;
 
-use crate::batcher::{Images, Queue, Target};
-use crate::engine::{ranked, BatchOutput, Device, ModelInfo, ModelKind, PlanKey};
-use crate::explain::maps;
+use super::explanations::{prepare_all, render_all};
+use super::options::{OptionError, OptionLimits, RawOptions};
+use crate::api::wire::{ExplainResponse, ImageSize, Prediction, Timings};
+use crate::backend::batcher::{Images, Queue, Target};
+use crate::backend::engine::{ranked, BatchOutput, ModelInfo, ModelKind, PlanKey};
+use crate::methods::{self, Kind};
 use crate::onnx::rewrite::ExplainPlan;
-use crate::options::{ExplainOptions, OptionError, OptionLimits, OutputSize, RawOptions};
 use crate::preprocess::{self, DecodeLimits, ImageError};
-use crate::render;
-use crate::methods::{self, Heatmap, Kind, Method};
 
-/// What can go wrong in a request; `http::error` maps each kind to its status.
+/// What can go wrong in a request; `api::error` maps each kind to its status.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("{0}")]
@@ -92,23 +88,6 @@ pub enum Endpoint {
     Explain,
 }
 
-// ------------------------------------------------------------------------------------------ response types
-
-#[derive(Debug, Serialize)]
-pub struct ExplainResponse {
-    pub model: String,
-    pub device: Device,
-    pub image: ImageSize,
-    pub predictions: Vec<Prediction>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub explanations: Option<Vec<Explanation>>,
-    pub timings_ms: Timings,
-    /// Every class's logit, for the Open Inference Protocol's `logits` and `probabilities` outputs (the v1 JSON
-    /// answer carries the top classes only).
-    #[serde(skip)]
-    pub logits: Vec<f32>,
-}
-
 /// What a request brings as its image.
 pub enum ImageInput {
     /// An encoded file (JPEG, PNG, ...): decoded and preprocessed for the model.
@@ -116,77 +95,6 @@ pub enum ImageInput {
     /// The model's input tensor `[C, H, W]`, already preprocessed; overlays are drawn on the image it stands for
     /// (the preprocessing undone).
     Tensor(ndarray::Array3<f32>),
-}
-
-#[derive(Debug, Serialize, Clone, Copy)]
-pub struct ImageSize {
-    pub width: u32,
-    pub height: u32,
-}
-
-#[derive(Debug, Serialize, Clone)]
-pub struct Prediction {
-    pub index: usize,
-    pub label: Option<String>,
-    pub score: f32,
-    pub logit: f32,
-}
-
-#[derive(Debug, Serialize, Clone)]
-pub struct TargetInfo {
-    pub index: usize,
-    pub label: Option<String>,
-    pub score: f32,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Explanation {
-    pub method: Method,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub layer: Option<String>,
-    pub target: TargetInfo,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heatmap_png: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub overlay_png: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mask_png: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub raw: Option<RawArray>,
-    pub peak: maps::Point,
-    pub bbox: Option<maps::BBox>,
-    /// The faithfulness metrics asked for (`metrics=`), by name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<BTreeMap<&'static str, f64>>,
-    /// The deletion and insertion curves (`outputs=curves`): the target's softmax score at each step.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub curves: Option<BTreeMap<&'static str, Vec<f64>>>,
-    /// SmoothGrad's noise seed: send it back as `seed` to reproduce the map.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    /// Score-CAM's channels, when fewer than the layer's (`channels`, `server.scorecam_max_channels`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub channels: Option<usize>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct RawArray {
-    pub shape: Vec<usize>,
-    pub dtype: &'static str,
-    /// Little-endian float32 values, base64.
-    pub data: String,
-}
-
-#[derive(Debug, Serialize, Default, Clone, Copy)]
-pub struct Timings {
-    pub queue: f64,
-    pub decode: f64,
-    pub inference: f64,
-    pub explain: f64,
-    /// The faithfulness metrics' forward passes.
-    pub metrics: f64,
-    pub render: f64,
-    pub total: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -388,200 +296,4 @@ fn predictions(info: &ModelInfo, out: &BatchOutput, n: usize) -> Vec<Prediction>
         .take(n.min(info.num_classes))
         .map(|i| Prediction { index: i, label: info.label(i).map(str::to_string), score: scores[i], logit: logits[i] })
         .collect()
-}
-
-/// What an explanation shows, before rendering.
-enum Display {
-    /// A [0, 1] map at the output size.
-    Map(Array2<f32>),
-    /// A gradient image `[H, W, 3]` in [0, 1] and its normalised magnitude, at the output size.
-    Gradient { rgb: Array3<f32>, magnitude: Array2<f32> },
-}
-
-/// One explanation between its computation and its rendering.
-pub struct Prepared {
-    method: Method,
-    row: usize,
-    raw: (Vec<usize>, Vec<f32>),
-    display: Display,
-    /// The map at the model's input size, normalised to [0, 1]: what the metrics rank and multiply with.
-    model_map: Array2<f32>,
-    extra: methods::Extra,
-    scores: Vec<methods::metrics::Score>,
-}
-
-impl Prepared {
-    /// The class this explanation's row explains.
-    fn class(&self, out: &BatchOutput) -> usize {
-        out.targets.as_deref().and_then(|t| t.get(self.row).copied()).unwrap_or(0)
-    }
-}
-
-/// The raw map of one (row, method): the multi-pass method's own result, or from the request's explain pass.
-fn raw_map(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, extra: Option<methods::RawMap>) -> Result<methods::RawMap, ServiceError> {
-    match extra {
-        Some(r) => Ok(r),
-        None => methods::one_pass(method, info, layer, out, row),
-    }
-}
-
-struct Sizes {
-    /// The display's size (the model's input, the upload, or a crop of it).
-    display: (usize, usize),
-    model: (usize, usize),
-}
-
-fn prepare(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, sizes: Sizes, extra: Option<(methods::RawMap, methods::Extra)>) -> Result<Prepared, ServiceError> {
-    let (size, model_size) = (sizes.display, sizes.model);
-    let (oh, ow) = size;
-    let (raw_extra, extra) = match extra {
-        Some((r, e)) => (Some(r), e),
-        None => (None, methods::Extra::default()),
-    };
-    match raw_map(method, info, layer, row, out, raw_extra)? {
-        methods::RawMap::Cam(raw) => {
-            let display = Display::Map(maps::display_map(&raw, oh, ow));
-            let model_map = maps::display_map(&raw, model_size.0, model_size.1);
-            let shape = raw.shape().to_vec();
-            Ok(Prepared { method, row, raw: (shape, raw.into_raw_vec_and_offset().0), display, model_map, extra, scores: vec![] })
-        }
-        // Integrated gradients' attribution is shown as Captum shows it: the channel-summed magnitude as a heatmap.
-        methods::RawMap::Gradient(raw) if method.heatmap == Heatmap::SummedMagnitude => {
-            let summed = raw.mapv(f32::abs).sum_axis(Axis(0));
-            let display = Display::Map(maps::display_map(&summed, oh, ow));
-            let model_map = maps::display_map(&summed, model_size.0, model_size.1);
-            let shape = raw.shape().to_vec();
-            let raw = (shape, raw.as_standard_layout().iter().copied().collect());
-            Ok(Prepared { method, row, raw, display, model_map, extra, scores: vec![] })
-        }
-        methods::RawMap::Gradient(raw) => {
-            let mut rgb = maps::deprocess(raw.view());
-            let mut magnitude = maps::magnitude(raw.view());
-            let model_map = if magnitude.dim() == model_size { magnitude.clone() } else { maps::resize_bilinear(magnitude.view(), model_size.0, model_size.1) };
-            if magnitude.dim() != (oh, ow) {
-                let chw = rgb.permuted_axes([2, 0, 1]);
-                rgb = maps::resize_channels(chw.view(), oh, ow).permuted_axes([1, 2, 0]).as_standard_layout().to_owned();
-                magnitude = maps::resize_bilinear(magnitude.view(), oh, ow);
-            }
-            let shape = raw.shape().to_vec();
-            let raw = (shape, raw.as_standard_layout().iter().copied().collect());
-            Ok(Prepared { method, row, raw, display: Display::Gradient { rgb, magnitude }, model_map, extra, scores: vec![] })
-        }
-    }
-}
-
-fn render_one(p: Prepared, info: &ModelInfo, options: &ExplainOptions, out: &BatchOutput, scores: &[Vec<f32>], base: &RgbImage) -> Explanation {
-    let class = p.class(out);
-    let target = TargetInfo { index: class, label: info.label(class).map(str::to_string), score: scores[p.row][class] };
-    let o = options.outputs;
-    let png = |b: Vec<u8>| render::base64(&b);
-    let (map, heat) = match &p.display {
-        Display::Map(m) => (m, o.heatmap.then(|| render::colorize(m, options.colormap))),
-        Display::Gradient { rgb, magnitude } => (magnitude, o.heatmap.then(|| render::rgb_from_unit(rgb))),
-    };
-    let overlay = o.overlay.then(|| {
-        let colored = match (&p.display, &heat) {
-            (Display::Map(_), Some(h)) => h.clone(),
-            _ => render::colorize(map, options.colormap),
-        };
-        png(render::png_rgb(&render::overlay(base, &colored, options.alpha)))
-    });
-    let raw = o.raw.then(|| {
-        let mut bytes = Vec::with_capacity(p.raw.1.len() * 4);
-        for v in &p.raw.1 {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        RawArray { shape: p.raw.0.clone(), dtype: "float32", data: render::base64(&bytes) }
-    });
-    let metrics = (!p.scores.is_empty()).then(|| p.scores.iter().map(|s| (s.metric.as_str(), s.value)).collect());
-    let curves = (o.curves && !p.scores.is_empty())
-        .then(|| p.scores.iter().filter_map(|s| Some((s.metric.as_str(), s.curve.clone()?))).collect());
-    Explanation {
-        method: p.method,
-        layer: p.method.uses_layer.then(|| options.layer.clone()),
-        target,
-        heatmap_png: heat.map(|h| png(render::png_rgb(&h))),
-        overlay_png: overlay,
-        mask_png: o.mask.then(|| png(render::png_gray(&render::mask(map)))),
-        raw,
-        peak: maps::peak(map),
-        bbox: maps::bbox(map, 0.15),
-        metrics,
-        curves,
-        seed: p.extra.seed,
-        channels: p.extra.channels,
-    }
-}
-
-/// Every (target row, method) pair's map, computed in parallel (multi-pass methods' maps given in `extras`);
-/// returns them with the time taken.
-pub fn prepare_all(
-    info: &ModelInfo,
-    options: &ExplainOptions,
-    out: &BatchOutput,
-    mut extras: BTreeMap<(usize, Method), (methods::RawMap, methods::Extra)>,
-    orig: &RgbImage,
-    model_rgb: &RgbImage,
-    region: preprocess::Region,
-) -> Result<(Vec<Prepared>, Duration), ServiceError> {
-    // At `size=original` the maps cover the part of the upload the model saw (all of it unless cropped), in the
-    // upload's pixels; outside a crop they are zero (gradient images neutral grey).
-    let model_size = (model_rgb.height() as usize, model_rgb.width() as usize);
-    let (size, placed) = match options.size {
-        OutputSize::Model => (model_size, None),
-        OutputSize::Original => {
-            let (x0, y0, x1, y1) = region.pixels(orig.width(), orig.height());
-            let full = (x0, y0, x1, y1) == (0, 0, orig.width(), orig.height());
-            let at = (!full).then_some(((y0 as usize, x0 as usize), ((y1 - y0) as usize, (x1 - x0) as usize)));
-            ((orig.height() as usize, orig.width() as usize), at)
-        }
-    };
-    let t0 = Instant::now();
-    let items: Vec<(usize, Method, Option<(methods::RawMap, methods::Extra)>)> = (0..out.len())
-        .flat_map(|r| options.methods.iter().map(move |&m| (r, m)))
-        .map(|(r, m)| (r, m, extras.remove(&(r, m))))
-        .collect();
-    let layer = options.layer.as_str();
-    let prepared: Vec<Prepared> = items
-        .into_par_iter()
-        .map(|(r, m, extra)| match placed {
-            None => prepare(m, info, layer, r, out, Sizes { display: size, model: model_size }, extra),
-            Some((at, inner)) => prepare(m, info, layer, r, out, Sizes { display: inner, model: model_size }, extra).map(|p| place(p, at, size)),
-        })
-        .collect::<Result<_, _>>()?;
-    Ok((prepared, t0.elapsed()))
-}
-
-/// Renders every prepared explanation in parallel; returns them with the time taken.
-pub fn render_all(prepared: Vec<Prepared>, info: &ModelInfo, options: &ExplainOptions, out: &BatchOutput, orig: &RgbImage, model_rgb: &RgbImage) -> (Vec<Explanation>, Duration) {
-    let base = match options.size {
-        OutputSize::Model => model_rgb,
-        OutputSize::Original => orig,
-    };
-    let scores: Vec<Vec<f32>> = out.logits.outer_iter().map(softmax).collect();
-    let t0 = Instant::now();
-    let explanations: Vec<Explanation> = prepared.into_par_iter().map(|p| render_one(p, info, options, out, &scores, base)).collect();
-    (explanations, t0.elapsed())
-}
-
-/// A prepared display of the crop's size, placed at `at` (row, column) on a canvas of `size`: maps are zero
-/// outside, gradient images neutral grey (0.5, what `deprocess` makes of a zero gradient) with zero magnitude.
-fn place(p: Prepared, at: (usize, usize), size: (usize, usize)) -> Prepared {
-    let (y0, x0) = at;
-    let display = match p.display {
-        Display::Map(m) => {
-            let mut canvas = Array2::zeros(size);
-            canvas.slice_mut(ndarray::s![y0..y0 + m.nrows(), x0..x0 + m.ncols()]).assign(&m);
-            Display::Map(canvas)
-        }
-        Display::Gradient { rgb, magnitude } => {
-            let (h, w) = magnitude.dim();
-            let mut rgb_canvas = Array3::from_elem((size.0, size.1, 3), 0.5f32);
-            rgb_canvas.slice_mut(ndarray::s![y0..y0 + h, x0..x0 + w, ..]).assign(&rgb);
-            let mut mag = Array2::zeros(size);
-            mag.slice_mut(ndarray::s![y0..y0 + h, x0..x0 + w]).assign(&magnitude);
-            Display::Gradient { rgb: rgb_canvas, magnitude: mag }
-        }
-    };
-    Prepared { display, ..p }
 }

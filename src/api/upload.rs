@@ -9,7 +9,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 
 use super::error::ApiError;
-use crate::options::{OptionError, RawOptions};
+use crate::core::options::{OptionError, RawOptions};
 
 pub struct Upload {
     pub image: Bytes,
@@ -104,7 +104,7 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                     }
                 })?;
                 if !matches!(name.as_str(), "image" | "file") {
-                    crate::options::check_option_size(&name, data.len()).map_err(option_error)?;
+                    crate::core::options::check_option_size(&name, data.len()).map_err(option_error)?;
                 }
                 match name.as_str() {
                     "image" | "file" => {
@@ -127,7 +127,7 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
         }
         "application/json" => {
             let bytes = body_bytes(req.into_body(), body_limit).await?;
-            let members = crate::options::json_members(&bytes).map_err(|e| ApiError::bad_request(format!("the JSON body {e}")))?;
+            let members = crate::core::options::json_members(&bytes).map_err(|e| ApiError::bad_request(format!("the JSON body {e}")))?;
             let mut body_opts = RawOptions::default();
             let mut image = None;
             for (k, v) in members {

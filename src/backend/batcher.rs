@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ndarray::{Array1, Array2, Array3, Array4, Axis};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{Batch, BatchOutput, EngineError, ModelInfo, ModelRunner, PlanKey};
+use crate::backend::engine::{Batch, BatchOutput, EngineError, ModelInfo, ModelRunner, PlanKey};
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatcherConfig {
@@ -111,8 +111,27 @@ impl Queue {
     }
 }
 
+/// What the worker runs batches on: a model's ONNX Runtime sessions ([`ModelRunner`]), or a stand-in that
+/// computes its outputs otherwise (the API's tests run the whole service on one, without ONNX Runtime).
+pub trait Runner: Send + 'static {
+    /// The model it runs.
+    fn info(&self) -> Arc<ModelInfo>;
+    /// Runs one batch through the plan's graph; the output is row-aligned with the batch.
+    fn run(&mut self, plan: &PlanKey, batch: &Batch) -> Result<BatchOutput, EngineError>;
+}
+
+impl Runner for ModelRunner {
+    fn info(&self) -> Arc<ModelInfo> {
+        ModelRunner::info(self)
+    }
+
+    fn run(&mut self, plan: &PlanKey, batch: &Batch) -> Result<BatchOutput, EngineError> {
+        ModelRunner::run(self, plan, batch)
+    }
+}
+
 /// Starts a model's collector task and worker thread. Must be called inside a tokio runtime.
-pub fn spawn(runner: ModelRunner, config: BatcherConfig) -> Queue {
+pub fn spawn(runner: impl Runner, config: BatcherConfig) -> Queue {
     let info = runner.info();
     let (tx, rx) = mpsc::unbounded_channel();
     let waiting_rows = Arc::new(AtomicUsize::new(0));
@@ -196,7 +215,7 @@ async fn collector(
     }
 }
 
-fn worker(mut runner: ModelRunner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
+fn worker(mut runner: impl Runner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
     let info = runner.info();
     while let Some(jobs) = work_rx.blocking_recv() {
         let started = Instant::now();
@@ -211,7 +230,7 @@ fn worker(mut runner: ModelRunner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
             runner.run(&plan, &batch)
         }))
         .unwrap_or_else(|p| {
-            let msg = crate::runtime::panic_message(&*p);
+            let msg = crate::backend::runtime::panic_message(&*p);
             tracing::error!(model = %info.name, plan = %plan_label, rows, "inference panicked: {msg}");
             // The message stays in the log: a 500 does not hand internals to the client.
             Err(EngineError::Ort("inference failed unexpectedly (a bug; the cause is in the server log)".into()))

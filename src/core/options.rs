@@ -5,8 +5,8 @@ use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::batcher::Target;
-use crate::engine::ModelInfo;
+use crate::backend::batcher::Target;
+use crate::backend::engine::ModelInfo;
 use crate::methods::Method;
 use crate::render::Colormap;
 
