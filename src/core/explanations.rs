@@ -61,7 +61,7 @@ struct Sizes {
     model: (usize, usize),
 }
 
-fn prepare(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, sizes: Sizes, extra: Option<(methods::RawMap, methods::Extra)>) -> Result<Prepared, ServiceError> {
+fn prepare(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, sizes: Sizes, extra: Option<methods::Computed>) -> Result<Prepared, ServiceError> {
     let (size, model_size) = (sizes.display, sizes.model);
     let (oh, ow) = size;
     let (raw_extra, extra) = match extra {
@@ -149,7 +149,7 @@ pub fn prepare_all(
     info: &ModelInfo,
     options: &ExplainOptions,
     out: &BatchOutput,
-    mut extras: BTreeMap<(usize, Method), (methods::RawMap, methods::Extra)>,
+    mut extras: BTreeMap<(usize, Method), methods::Computed>,
     orig: &RgbImage,
     model_rgb: &RgbImage,
     region: preprocess::Region,
@@ -167,7 +167,7 @@ pub fn prepare_all(
         }
     };
     let t0 = Instant::now();
-    let items: Vec<(usize, Method, Option<(methods::RawMap, methods::Extra)>)> = (0..out.len())
+    let items: Vec<(usize, Method, Option<methods::Computed>)> = (0..out.len())
         .flat_map(|r| options.methods.iter().map(move |&m| (r, m)))
         .map(|(r, m)| (r, m, extras.remove(&(r, m))))
         .collect();

@@ -103,8 +103,11 @@ pub struct MethodDef {
 /// A future borrowing its method's context (the multi-pass methods are `async`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A multi-pass method's computation under way: its raw map and what it returns besides.
-pub type Pending<'a> = BoxFuture<'a, Result<(RawMap, Extra), ServiceError>>;
+/// A multi-pass method's result for one target row: its raw map and what it returns besides.
+pub type Computed = (RawMap, Extra);
+
+/// A multi-pass method's computation under way.
+pub type Pending<'a> = BoxFuture<'a, Result<Computed, ServiceError>>;
 
 /// How a method computes its map for one target row.
 pub enum Compute {
@@ -387,7 +390,7 @@ pub async fn multi_pass(
     out: &BatchOutput,
     row: usize,
     input: &Array3<f32>,
-) -> Result<(RawMap, Extra), ServiceError> {
+) -> Result<Computed, ServiceError> {
     let Compute::Passes(start) = method.compute else {
         return Err(ServiceError::Internal(format!("{method} is not a multi-pass method. This is a bug.")));
     };
