@@ -3,13 +3,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use base64::Engine as _;
-use camserve::config::{Config, ModelConfig, IMAGENET_MEAN, IMAGENET_STD};
 use camserve::backend::engine::DeviceChoice;
+use camserve::config::{Config, ModelConfig, IMAGENET_MEAN, IMAGENET_STD};
+use camserve::core::options::RawOptions;
+use camserve::core::pipeline::{Endpoint, Service};
 use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
 use camserve::onnx::{contract, inspect, io};
-use camserve::core::options::RawOptions;
-use camserve::core::pipeline::{Endpoint, Service};
 use clap::{Parser, Subcommand};
 use figment::providers::Serialized;
 use figment::Figment;

@@ -11,9 +11,9 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use camserve::backend::engine::{DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec};
+use camserve::core::options::{OptionLimits, RawOptions};
 use camserve::onnx::rewrite::{Explainable, PrepareOptions};
 use camserve::onnx::{io, proto::ModelProto};
-use camserve::core::options::{OptionLimits, RawOptions};
 use camserve::preprocess::{self, DecodeLimits};
 use proptest::prelude::*;
 

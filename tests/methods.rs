@@ -22,13 +22,13 @@
 use std::time::{Duration, Instant};
 
 use camserve::backend::batcher::{self, BatcherConfig, Images, Job, Target};
-use camserve::config::{IMAGENET_MEAN, IMAGENET_STD};
 use camserve::backend::engine::{BatchOutput, DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec, PlanKey};
+use camserve::config::{IMAGENET_MEAN, IMAGENET_STD};
+use camserve::core::options::Metric;
 use camserve::explain::cam;
 use camserve::methods::{self, ablationcam, finercam, integrated_gradients, metrics, scorecam, smoothgrad, Passes};
 use camserve::onnx::rewrite::ExplainPlan;
 use camserve::onnx::rules::ReluRule;
-use camserve::core::options::Metric;
 use ndarray::{s, Array1, Array2, Array3, ArrayD, Axis, Ix2, Ix3};
 use ndarray_npy::NpzReader;
 

@@ -4,8 +4,8 @@
 mod common;
 
 use camserve::onnx::contract::{self, contract_info};
-use camserve::onnx::proto::tensor_proto::DataLocation;
 use camserve::onnx::proto::StringStringEntryProto;
+use camserve::onnx::proto::tensor_proto::DataLocation;
 use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
 use camserve::onnx::{inspect, io, OnnxError};

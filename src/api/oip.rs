@@ -30,12 +30,12 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use super::wire::ExplainResponse;
 use super::AppState;
 use crate::backend::engine::{ranked, ModelInfo};
-use crate::methods::{Kind, Method};
 use crate::core::options::RawOptions;
-use super::wire::ExplainResponse;
 use crate::core::pipeline::{Endpoint, ImageInput, ServiceError};
+use crate::methods::{Kind, Method};
 
 /// Triton's binary tensor extension: the length of the JSON part of a body that binary tensors follow.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";

@@ -7,11 +7,11 @@ use axum::Json;
 use serde::Serialize;
 
 use super::error::ApiError;
+use super::wire::ExplainResponse;
 use super::{upload, AppState};
 use crate::backend::engine::{Device, ModelInfo, ModelKind};
-use crate::methods::Method;
-use super::wire::ExplainResponse;
 use crate::core::pipeline::Endpoint;
+use crate::methods::Method;
 
 const OPENAPI: &str = include_str!("../../openapi.yaml");
 const PAGE: &str = include_str!("page.html");
@@ -157,9 +157,8 @@ fn model_view(info: &ModelInfo, limits: crate::core::options::OptionLimits) -> M
     }
 }
 
-/// The methods a model offers at its default layer: the input-gradient ones where its rewrite has the rule, the
-/// rollouts on transformers, plain CAM where a pooling + linear head follows the layer, Ablation-CAM where the part
-/// after the layer runs on its activations alone.
+/// The methods a model offers at its default layer: those whose registry entry finds its input-gradient rules,
+/// attention blocks and own condition there (`Method::unavailable`).
 pub fn methods_for(info: &ModelInfo) -> Vec<Method> {
     Method::ALL.into_iter().filter(|m| m.unavailable(info, &info.default_layer).is_none()).collect()
 }

@@ -13,7 +13,7 @@ use super::explanations::{prepare_all, render_all};
 use super::options::{OptionError, OptionLimits, RawOptions};
 use crate::api::wire::{ExplainResponse, ImageSize, Prediction, Timings};
 use crate::backend::batcher::{Images, Queue, Target};
-use crate::backend::engine::{ranked, BatchOutput, ModelInfo, ModelKind, PlanKey};
+use crate::backend::engine::{ranked, BatchOutput, ModelInfo, PlanKey};
 use crate::methods::{self, Kind};
 use crate::onnx::rewrite::ExplainPlan;
 use crate::preprocess::{self, DecodeLimits, ImageError};
@@ -204,7 +204,7 @@ impl Service {
                 if options.methods.iter().any(|m| m.kind == Kind::Attention) {
                     plan = plan.with_attention();
                 }
-                PlanKey::Explain(if info.kind == ModelKind::Plain { plan.with_target_selection() } else { plan })
+                PlanKey::explain(&info, plan)
             }
         };
         let targets = if endpoint == Endpoint::Predict { vec![Target::Rank(0)] } else { options.targets.clone() };

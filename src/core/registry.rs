@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::backend::batcher::{self, BatcherConfig};
-use crate::config::{self, Config};
 use crate::backend::engine::{EngineOptions, ModelRunner, ModelSpec, PlanKey};
+use crate::config::{self, Config};
+use crate::core::options::OptionLimits;
+use crate::core::pipeline::{ModelHandle, ServiceLimits};
 use crate::onnx::rewrite::ExplainPlan;
 use crate::onnx::rules::ReluRule;
-use crate::core::options::OptionLimits;
 use crate::preprocess::DecodeLimits;
-use crate::core::pipeline::{ModelHandle, ServiceLimits};
 
 /// Loads, warms and queues every configured model (blocking; call from a blocking thread).
 pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHandle>> {
@@ -59,7 +59,7 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
         let mut keys = vec![PlanKey::Predict];
         if info.rules.contains(&ReluRule::Guided) {
             let plan = ExplainPlan::new(info.default_layer.clone(), [ReluRule::Guided]);
-            keys.push(PlanKey::Explain(if info.kind == crate::backend::engine::ModelKind::Plain { plan.with_target_selection() } else { plan }));
+            keys.push(PlanKey::explain(&info, plan));
         }
         runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
         tracing::info!(model = %m.name, device = %info.device, classes = info.num_classes, layer = %info.default_layer,

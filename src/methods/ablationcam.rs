@@ -13,8 +13,8 @@ use ndarray::{Array2, ArrayView3, Axis};
 
 use super::{Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
 use crate::backend::engine::ModelInfo;
-use crate::explain::cam;
 use crate::core::pipeline::ServiceError;
+use crate::explain::cam;
 
 /// The value an ablated channel is set to.
 pub fn ablation_value(acts: ArrayView3<f32>) -> f32 {

@@ -6,8 +6,8 @@ use ndarray::{Array2, ArrayView3};
 
 use super::{anywhere, no_cost, Compute, Heatmap, Kind, MethodDef, RawMap, Row};
 use crate::backend::engine::ModelInfo;
-use crate::explain::cam;
 use crate::core::pipeline::ServiceError;
+use crate::explain::cam;
 
 /// A CAM computed from the layer's activations and gradients alone.
 const fn layer_cam(name: &'static str, f: fn(ArrayView3<f32>, ArrayView3<f32>) -> Array2<f32>) -> MethodDef {

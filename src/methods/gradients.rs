@@ -5,9 +5,9 @@
 use ndarray::Axis;
 
 use super::{anywhere, no_cost, Compute, Heatmap, Kind, MethodDef, RawMap, Row};
+use crate::core::pipeline::ServiceError;
 use crate::explain::{cam, maps};
 use crate::onnx::rules::ReluRule;
-use crate::core::pipeline::ServiceError;
 
 /// A method whose map comes from the input gradient of the chain `rule`.
 const fn input_gradient(name: &'static str, rule: ReluRule, f: fn(&Row<'_>) -> Result<RawMap, ServiceError>) -> MethodDef {

@@ -6,8 +6,8 @@
 use ndarray::{Array3, Axis, Zip};
 
 use super::{anywhere, black_input, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
-use crate::onnx::rules::ReluRule;
 use crate::core::pipeline::ServiceError;
+use crate::onnx::rules::ReluRule;
 
 /// Gauss-Legendre nodes and weights on [0, 1] (as Captum: 0.5 * (1 + x_i) and 0.5 * w_i of the rule on [-1, 1]).
 /// The roots of P_n by Newton's method from Chebyshev guesses, weights 2 / ((1 - x^2) P_n'(x)^2): what numpy's

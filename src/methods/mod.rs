@@ -31,9 +31,9 @@ use std::pin::Pin;
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 
 use crate::backend::engine::{BatchOutput, ModelInfo};
-use crate::onnx::rules::ReluRule;
 use crate::core::options::{ExplainOptions, Metric};
 use crate::core::pipeline::ServiceError;
+use crate::onnx::rules::ReluRule;
 pub use passes::{Passes, Reply};
 
 // ------------------------------------------------------------------------------------------ what a method is

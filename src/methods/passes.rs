@@ -8,9 +8,9 @@ use tokio::sync::oneshot;
 
 use crate::backend::batcher::{Images, Job, JobOutput, Queue, SubmitError, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
+use crate::core::pipeline::ServiceError;
 use crate::onnx::rewrite::ExplainPlan;
 use crate::onnx::rules::ReluRule;
-use crate::core::pipeline::ServiceError;
 
 /// What a method may ask of the model: batches through its batcher, within the request's deadline. Every row
 /// submitted is counted in `camserve_forward_passes_total{model, method}`.
@@ -95,7 +95,7 @@ impl Passes<'_> {
     where
         F: FnMut(usize) -> Array3<f32>,
     {
-        let plan = self.explain_plan(ExplainPlan::new(layer.to_string(), [ReluRule::Plain]));
+        let plan = PlanKey::explain(self.info, ExplainPlan::new(layer.to_string(), [ReluRule::Plain]));
         let outs = self.run(&plan, n, label, |i| (row(i), Target::Class(class))).await?;
         let grads: Vec<_> = outs
             .iter()
@@ -107,16 +107,11 @@ impl Passes<'_> {
 
     /// The layer's gradients `[C, h, w]` of the score whose gradient with respect to the logits is `seed`.
     pub async fn seeded_gradients(&self, layer: &str, image: &Array3<f32>, seed: Vec<f32>, label: &str) -> Result<Array3<f32>, ServiceError> {
-        let plan = self.explain_plan(ExplainPlan::new(layer.to_string(), []));
+        let plan = PlanKey::explain(self.info, ExplainPlan::new(layer.to_string(), []));
         let seed: std::sync::Arc<[f32]> = seed.into();
         let outs = self.run(&plan, 1, label, |_| (image.clone(), Target::Seed(seed.clone()))).await?;
         let g = outs.first().and_then(|o| o.gradients.as_ref()).ok_or_else(|| ServiceError::Internal("gradients missing. This is a bug.".into()))?;
         Ok(g.index_axis(Axis(0), 0).to_owned())
-    }
-
-    /// Plain models choose targets inside the graph; contract models take the seed as it is.
-    fn explain_plan(&self, plan: ExplainPlan) -> PlanKey {
-        PlanKey::Explain(if self.info.kind == crate::backend::engine::ModelKind::Plain { plan.with_target_selection() } else { plan })
     }
 }
 

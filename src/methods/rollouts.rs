@@ -5,8 +5,8 @@
 use ndarray::{Array2, ArrayView3, Axis};
 
 use super::{anywhere, no_cost, Compute, Heatmap, Kind, MethodDef, RawMap, Row};
-use crate::explain::rollout::{self, TokenGrid};
 use crate::core::pipeline::ServiceError;
+use crate::explain::rollout::{self, TokenGrid};
 
 const fn attention(name: &'static str, f: fn(&Row<'_>) -> Result<RawMap, ServiceError>) -> MethodDef {
     MethodDef {

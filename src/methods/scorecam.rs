@@ -7,8 +7,8 @@ use ndarray::{Array2, Array3, ArrayView3, Axis};
 
 use super::{anywhere, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
 use crate::backend::engine::ModelInfo;
-use crate::explain::{cam, maps};
 use crate::core::pipeline::ServiceError;
+use crate::explain::{cam, maps};
 
 /// The channels Score-CAM masks with: all of them, or when capped the `cap` channels of highest variance over the
 /// grid (a flat channel makes a blank mask and says nothing), in channel order.

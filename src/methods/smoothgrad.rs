@@ -10,8 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::{anywhere, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
-use crate::onnx::rules::ReluRule;
 use crate::core::pipeline::ServiceError;
+use crate::onnx::rules::ReluRule;
 
 /// Sigma of the noise for `input`.
 pub fn sigma(input: &Array3<f32>, noise: f32) -> f32 {

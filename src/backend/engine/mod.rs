@@ -129,6 +129,14 @@ pub enum PlanKey {
     Head(String),
 }
 
+impl PlanKey {
+    /// The explain plan as `info`'s model runs it: plain models choose targets by rank inside the graph; a contract
+    /// model's graph takes the seed as it is (the engine ranks its logits first).
+    pub fn explain(info: &ModelInfo, plan: ExplainPlan) -> PlanKey {
+        PlanKey::Explain(if info.kind == ModelKind::Plain { plan.with_target_selection() } else { plan })
+    }
+}
+
 /// One batch: images with a seed row and a target rank each (rank >= 0: the rank-th prediction; -1: the seed).
 pub struct Batch {
     pub images: Array4<f32>,
