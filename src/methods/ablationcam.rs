@@ -11,7 +11,7 @@
 
 use ndarray::{Array2, ArrayView3, Axis};
 
-use super::{Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
+use super::{Compute, Ctx, Extra, Kind, MethodDef, Pending, Passes, RawMap};
 use crate::backend::engine::ModelInfo;
 use crate::core::pipeline::ServiceError;
 use crate::explain::cam;
@@ -40,15 +40,9 @@ pub async fn run(passes: &Passes<'_>, layer: &str, acts: ArrayView3<'_, f32>, cl
 /// The registry's entry: one pass of the part after the layer per channel, counted as a whole forward (an upper
 /// bound).
 pub const DEF: MethodDef = MethodDef {
-    name: "ablationcam",
-    kind: Kind::Cam,
-    heatmap: Heatmap::Map,
-    input_rule: None,
-    batch_rule: None,
-    uses_layer: true,
     available: head_runs_alone,
     cost: |info, options| info.layer(&options.layer).map_or(0, |l| l.dims[1] as u64),
-    compute: Compute::Passes(start),
+    ..MethodDef::new("ablationcam", Kind::Cam, Compute::Passes(start))
 };
 
 /// Offered where the part of the model after the layer runs on the layer's activations alone.

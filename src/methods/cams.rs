@@ -4,24 +4,14 @@
 
 use ndarray::{Array2, ArrayView3};
 
-use super::{anywhere, no_cost, Compute, Heatmap, Kind, MethodDef, RawMap, Row};
+use super::{Compute, Kind, MethodDef, RawMap, Row};
 use crate::backend::engine::ModelInfo;
 use crate::core::pipeline::ServiceError;
 use crate::explain::cam;
 
 /// A CAM computed from the layer's activations and gradients alone.
 const fn layer_cam(name: &'static str, f: fn(ArrayView3<f32>, ArrayView3<f32>) -> Array2<f32>) -> MethodDef {
-    MethodDef {
-        name,
-        kind: Kind::Cam,
-        heatmap: Heatmap::Map,
-        input_rule: None,
-        batch_rule: None,
-        uses_layer: true,
-        available: anywhere,
-        cost: no_cost,
-        compute: Compute::Layer(f),
-    }
+    MethodDef::new(name, Kind::Cam, Compute::Layer(f))
 }
 
 pub const GRADCAM: MethodDef = layer_cam("gradcam", cam::gradcam);
@@ -37,12 +27,7 @@ fn eigencam(a: ArrayView3<f32>, _: ArrayView3<f32>) -> Array2<f32> {
 }
 
 /// Plain CAM (Zhou et al. 2016): relu(sum_k w_ck A_k) with the linear head's weights of the target class.
-pub const CAM: MethodDef = MethodDef {
-    name: "cam",
-    compute: Compute::Pass(plain_cam),
-    available: has_linear_head,
-    ..layer_cam("cam", cam::gradcam)
-};
+pub const CAM: MethodDef = MethodDef { available: has_linear_head, ..MethodDef::new("cam", Kind::Cam, Compute::Pass(plain_cam)) };
 
 /// Offered only where a global-average-pool + linear head follows the layer (found when the model is loaded).
 fn has_linear_head(info: &ModelInfo, layer: &str) -> Result<(), String> {

@@ -6,7 +6,7 @@
 
 use ndarray::ArrayView1;
 
-use super::{Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, RawMap};
+use super::{Compute, Ctx, Extra, Kind, MethodDef, Pending, RawMap};
 use crate::backend::engine::ModelInfo;
 use crate::explain::cam;
 
@@ -53,15 +53,9 @@ pub fn seed(logits: ArrayView1<f32>, target: usize, alpha: f64, comparisons: usi
 
 /// The registry's entry: one seeded gradient pass after the request's, counted as a forward and a backward.
 pub const DEF: MethodDef = MethodDef {
-    name: "finercam",
-    kind: Kind::Cam,
-    heatmap: Heatmap::Map,
-    input_rule: None,
-    batch_rule: None,
-    uses_layer: true,
     available: compares_classes,
     cost: |_, _| 3,
-    compute: Compute::Passes(start),
+    ..MethodDef::new("finercam", Kind::Cam, Compute::Passes(start))
 };
 
 fn compares_classes(info: &ModelInfo, _: &str) -> Result<(), String> {

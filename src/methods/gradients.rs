@@ -4,24 +4,14 @@
 
 use ndarray::Axis;
 
-use super::{anywhere, no_cost, Compute, Heatmap, Kind, MethodDef, RawMap, Row};
+use super::{Compute, Kind, MethodDef, RawMap, Row};
 use crate::core::pipeline::ServiceError;
 use crate::explain::{cam, maps};
 use crate::onnx::rules::ReluRule;
 
 /// A method whose map comes from the input gradient of the chain `rule`.
 const fn input_gradient(name: &'static str, rule: ReluRule, f: fn(&Row<'_>) -> Result<RawMap, ServiceError>) -> MethodDef {
-    MethodDef {
-        name,
-        kind: Kind::Gradient,
-        heatmap: Heatmap::GradientImage,
-        input_rule: Some(rule),
-        batch_rule: None,
-        uses_layer: false,
-        available: anywhere,
-        cost: no_cost,
-        compute: Compute::Pass(f),
-    }
+    MethodDef { input_rule: Some(rule), ..MethodDef::new(name, Kind::Gradient, Compute::Pass(f)) }
 }
 
 pub const GUIDED_BACKPROP: MethodDef = input_gradient("guided_backprop", ReluRule::Guided, |r| gradient(r, ReluRule::Guided));

@@ -5,7 +5,7 @@
 
 use ndarray::{Array3, Axis, Zip};
 
-use super::{anywhere, black_input, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
+use super::{black_input, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
 use crate::core::pipeline::ServiceError;
 use crate::onnx::rules::ReluRule;
 
@@ -71,15 +71,10 @@ pub async fn run(
 /// The registry's entry: `steps` gradient passes through the plain chain (a forward and a backward each). The
 /// attribution `[C, H, W]` is the raw output; the heatmap is its channel-summed magnitude.
 pub const DEF: MethodDef = MethodDef {
-    name: "integrated_gradients",
-    kind: Kind::Gradient,
     heatmap: Heatmap::SummedMagnitude,
-    input_rule: None,
     batch_rule: Some(ReluRule::Plain),
-    uses_layer: false,
-    available: anywhere,
     cost: |_, options| 3 * options.steps as u64,
-    compute: Compute::Passes(start),
+    ..MethodDef::new("integrated_gradients", Kind::Gradient, Compute::Passes(start))
 };
 
 fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {

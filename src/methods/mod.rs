@@ -11,8 +11,9 @@
 //!
 //! The registry is the single source of the method names: serde, `GET /v1/models` (which the page reads), the
 //! CLI's `--method` values, the OIP outputs; a test holds openapi.yaml's enum, README's table and
-//! docs/METHODS.md's table to it. A new method is its file here (a `pub const DEF: MethodDef`), one line in
-//! [`Method::ALL`], and its test; docs/METHODS.md says what each answers and what it costs.
+//! docs/METHODS.md's table to it. A new method is its file here (a `pub const DEF: MethodDef`, from
+//! [`MethodDef::new`] and the fields where it differs), one line in [`Method::ALL`], and its test;
+//! docs/METHODS.md says what each answers and what it costs.
 
 pub mod ablationcam;
 pub mod cams;
@@ -100,6 +101,25 @@ pub struct MethodDef {
     pub compute: Compute,
 }
 
+impl MethodDef {
+    /// An entry with what most share: no input-gradient rule, available wherever its rules and attention are, no
+    /// cost beyond the explain pass; CAMs name their layer, gradient maps show as images. An entry overrides the
+    /// rest with struct update syntax.
+    pub const fn new(name: &'static str, kind: Kind, compute: Compute) -> MethodDef {
+        MethodDef {
+            name,
+            kind,
+            heatmap: if matches!(kind, Kind::Gradient) { Heatmap::GradientImage } else { Heatmap::Map },
+            input_rule: None,
+            batch_rule: None,
+            uses_layer: matches!(kind, Kind::Cam),
+            available: anywhere,
+            cost: no_cost,
+            compute,
+        }
+    }
+}
+
 /// A future borrowing its method's context (the multi-pass methods are `async`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -175,12 +195,12 @@ pub struct Extra {
 }
 
 /// Available wherever its rules and attention are.
-pub fn anywhere(_: &ModelInfo, _: &str) -> Result<(), String> {
+fn anywhere(_: &ModelInfo, _: &str) -> Result<(), String> {
     Ok(())
 }
 
 /// No forward passes beyond the request's explain pass.
-pub fn no_cost(_: &ModelInfo, _: &ExplainOptions) -> u64 {
+fn no_cost(_: &ModelInfo, _: &ExplainOptions) -> u64 {
     0
 }
 

@@ -4,22 +4,12 @@
 
 use ndarray::{Array2, ArrayView3, Axis};
 
-use super::{anywhere, no_cost, Compute, Heatmap, Kind, MethodDef, RawMap, Row};
+use super::{Compute, Kind, MethodDef, RawMap, Row};
 use crate::core::pipeline::ServiceError;
 use crate::explain::rollout::{self, TokenGrid};
 
 const fn attention(name: &'static str, f: fn(&Row<'_>) -> Result<RawMap, ServiceError>) -> MethodDef {
-    MethodDef {
-        name,
-        kind: Kind::Attention,
-        heatmap: Heatmap::Map,
-        input_rule: None,
-        batch_rule: None,
-        uses_layer: false,
-        available: anywhere,
-        cost: no_cost,
-        compute: Compute::Pass(f),
-    }
+    MethodDef::new(name, Kind::Attention, Compute::Pass(f))
 }
 
 pub const ATTENTION_ROLLOUT: MethodDef = attention("attention_rollout", |r| {

@@ -5,7 +5,7 @@
 
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 
-use super::{anywhere, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
+use super::{Compute, Ctx, Extra, Kind, MethodDef, Pending, Passes, RawMap};
 use crate::backend::engine::ModelInfo;
 use crate::core::pipeline::ServiceError;
 use crate::explain::{cam, maps};
@@ -68,15 +68,8 @@ pub async fn run(
 
 /// The registry's entry: masked forwards, one per channel used.
 pub const DEF: MethodDef = MethodDef {
-    name: "scorecam",
-    kind: Kind::Cam,
-    heatmap: Heatmap::Map,
-    input_rule: None,
-    batch_rule: None,
-    uses_layer: true,
-    available: anywhere,
     cost: |info, options| used_channels(info, &options.layer, options.channels) as u64,
-    compute: Compute::Passes(start),
+    ..MethodDef::new("scorecam", Kind::Cam, Compute::Passes(start))
 };
 
 /// Channels of the layer Score-CAM masks with, given the request's cap.

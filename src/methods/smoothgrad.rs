@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::{anywhere, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
+use super::{Compute, Ctx, Extra, Kind, MethodDef, Pending, Passes, RawMap};
 use crate::core::pipeline::ServiceError;
 use crate::onnx::rules::ReluRule;
 
@@ -71,15 +71,9 @@ pub async fn run(
 
 /// The registry's entry: `samples` gradient passes through the plain chain (a forward and a backward each).
 pub const DEF: MethodDef = MethodDef {
-    name: "smoothgrad",
-    kind: Kind::Gradient,
-    heatmap: Heatmap::GradientImage,
-    input_rule: None,
     batch_rule: Some(ReluRule::Plain),
-    uses_layer: false,
-    available: anywhere,
     cost: |_, options| 3 * options.samples as u64,
-    compute: Compute::Passes(start),
+    ..MethodDef::new("smoothgrad", Kind::Gradient, Compute::Passes(start))
 };
 
 /// Runs with the request's seed, or a fresh one, which the explanation returns.
