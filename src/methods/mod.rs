@@ -240,10 +240,6 @@ impl Method {
         self.0.name
     }
 
-    pub fn def(self) -> &'static MethodDef {
-        self.0
-    }
-
     pub fn parse(s: &str) -> Option<Method> {
         let s = s.trim_start().to_ascii_lowercase();
         // `?methods=gradcam++` typed into a URL arrives as "gradcam  " ('+' is a space in a query string);
@@ -345,11 +341,6 @@ pub fn explain_pass_cost(options: &ExplainOptions) -> u64 {
     1 + 2 * chains
 }
 
-/// Extra forward-equivalents `method` costs per target beyond the request's explain pass.
-pub fn method_cost(method: Method, info: &ModelInfo, options: &ExplainOptions) -> u64 {
-    (method.cost)(info, options)
-}
-
 /// The cost of one target explained by `method` alone at the model's default layer and options; `None` when the
 /// method is not available there.
 pub fn default_cost(method: Method, info: &ModelInfo, limits: crate::core::options::OptionLimits) -> Option<u64> {
@@ -370,7 +361,7 @@ pub fn metric_cost(metric: Metric, info: &ModelInfo) -> u64 {
 /// every target.
 pub fn request_cost(info: &ModelInfo, options: &ExplainOptions) -> u64 {
     let per_target: u64 = explain_pass_cost(options)
-        + options.methods.iter().map(|&m| method_cost(m, info, options)).sum::<u64>()
+        + options.methods.iter().map(|m| (m.cost)(info, options)).sum::<u64>()
         + options.methods.len() as u64 * options.metrics.iter().map(|&m| metric_cost(m, info)).sum::<u64>();
     per_target * options.targets.len().max(1) as u64
 }
