@@ -158,6 +158,27 @@ fn one() -> f32 {
     1.0
 }
 
+impl ModelConfig {
+    /// A model file with the defaults a `[[models]]` table gets for the keys it leaves out: no labels, ImageNet's
+    /// mean and std on [0, 1] RGB pixels, stretched to the input size, the default layer.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> ModelConfig {
+        ModelConfig {
+            name: name.into(),
+            path: path.into(),
+            labels: None,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            default_layer: None,
+            input_size: None,
+            layout: None,
+            channel_order: ChannelOrder::Rgb,
+            scale: 1.0,
+            resize: ResizePolicy::Stretch,
+            resize_shorter_side: None,
+        }
+    }
+}
+
 fn imagenet_mean() -> [f32; 3] {
     IMAGENET_MEAN
 }
@@ -213,33 +234,13 @@ impl Default for Config {
             batching: BatchingConfig::default(),
             models: vec![
                 ModelConfig {
-                    name: "imagenet".into(),
-                    path: "models/imagenet.onnx".into(),
                     labels: Some("models/imagenet.labels.txt".into()),
                     mean: [127.0 / 255.0; 3],
                     std: [128.0 / 255.0; 3],
-                    default_layer: None,
-                    input_size: None,
-                    layout: None,
-                    channel_order: ChannelOrder::Rgb,
-                    scale: 1.0,
                     resize: ResizePolicy::ShorterSideThenCenterCrop,
-                    resize_shorter_side: None,
+                    ..ModelConfig::new("imagenet", "models/imagenet.onnx")
                 },
-                ModelConfig {
-                    name: "demo".into(),
-                    path: "models/demo.onnx".into(),
-                    labels: Some("models/demo.labels.txt".into()),
-                    mean: IMAGENET_MEAN,
-                    std: IMAGENET_STD,
-                    default_layer: None,
-                    input_size: None,
-                    layout: None,
-                    channel_order: ChannelOrder::Rgb,
-                    scale: 1.0,
-                    resize: ResizePolicy::Stretch,
-                    resize_shorter_side: None,
-                },
+                ModelConfig { labels: Some("models/demo.labels.txt".into()), ..ModelConfig::new("demo", "models/demo.onnx") },
             ],
         }
     }

@@ -2,14 +2,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use base64::Engine as _;
 use camserve::backend::engine::DeviceChoice;
-use camserve::config::{Config, ModelConfig, IMAGENET_MEAN, IMAGENET_STD};
+use camserve::config::{Config, ModelConfig};
+use camserve::core::answer::Answer;
 use camserve::core::options::RawOptions;
 use camserve::core::pipeline::{Endpoint, Service};
-use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
+use camserve::methods::params;
+use camserve::onnx::rewrite::{ExplainPlan, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
-use camserve::onnx::{contract, inspect, io};
+use camserve::onnx::{contract, io};
 use clap::{Parser, Subcommand};
 use figment::providers::Serialized;
 use figment::Figment;
@@ -96,21 +97,9 @@ enum Command {
         /// Faithfulness metrics: deletion, insertion, confidence_change or all (comma-separated).
         #[arg(long, value_delimiter = ',')]
         metrics: Vec<String>,
-        /// Integrated gradients' steps (default 50).
-        #[arg(long)]
-        steps: Option<i64>,
-        /// SmoothGrad's noisy copies (default 25).
-        #[arg(long)]
-        samples: Option<i64>,
-        /// SmoothGrad's noise level (default 0.15).
-        #[arg(long)]
-        noise: Option<f64>,
-        /// SmoothGrad's seed (default: random; the JSON gives the one used).
-        #[arg(long)]
-        seed: Option<i64>,
-        /// Score-CAM's channel cap (highest-variance channels first).
-        #[arg(long)]
-        channels: Option<i64>,
+        /// The methods' own parameters, one flag each (`--steps`, `--samples`, ...), from their declarations.
+        #[command(flatten)]
+        params: ParamArgs,
         /// A labels file (one label per line).
         #[arg(long)]
         labels: Option<PathBuf>,
@@ -120,6 +109,36 @@ enum Command {
         #[arg(long, default_value = "camserve-out")]
         out: PathBuf,
     },
+}
+
+/// One `--<name>` flag per declared method parameter (`methods::params`), its help and default from the
+/// declaration: a method's new parameter needs no edit here.
+#[derive(Debug, Clone, Default)]
+struct ParamArgs(Vec<(&'static str, String)>);
+
+impl clap::FromArgMatches for ParamArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Ok(ParamArgs(params::all().into_iter().filter_map(|p| Some((p.name, m.get_one::<String>(p.name)?.clone()))).collect()))
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for ParamArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        params::all().into_iter().fold(cmd, |cmd, p| {
+            let help = match p.default_text() {
+                Some(d) => format!("{} ({}; default {d})", p.help, p.range_text()),
+                None => format!("{} ({})", p.help, p.range_text()),
+            };
+            cmd.arg(clap::Arg::new(p.name).long(p.name).value_name(p.name).help(help))
+        })
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 fn parse_size(s: &Option<String>) -> anyhow::Result<Option<(i64, i64)>> {
@@ -155,108 +174,18 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { config, models, bind, device, threads } => {
-            let mut overrides = Figment::new();
-            if !models.is_empty() {
-                let list: Vec<ModelConfig> = models
-                    .iter()
-                    .map(|m| {
-                        let (name, path) = m.split_once('=').with_context(|| format!("--model `{m}`: expected NAME=PATH"))?;
-                        Ok(ModelConfig {
-                            name: name.to_string(),
-                            path: path.into(),
-                            labels: None,
-                            mean: IMAGENET_MEAN,
-                            std: IMAGENET_STD,
-                            default_layer: None,
-                            input_size: None,
-                            layout: None,
-                            channel_order: Default::default(),
-                            scale: 1.0,
-                            resize: Default::default(),
-                            resize_shorter_side: None,
-                        })
-                    })
-                    .collect::<anyhow::Result<_>>()?;
-                overrides = overrides.merge(Serialized::default("models", list));
-            }
-            if let Some(b) = bind {
-                overrides = overrides.merge(Serialized::default("server.bind", b));
-            }
-            if let Some(d) = device {
-                overrides = overrides.merge(Serialized::default("runtime.device", d));
-            }
-            if let Some(t) = threads {
-                overrides = overrides.merge(Serialized::default("runtime.threads", t));
-            }
-            let config = Config::load(config.as_deref(), overrides)?;
-            // Decoding and rendering run on blocking threads; a bounded pool keeps a flood from growing one
-            // thread (and one allocator arena) per waiting request.
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads((4 * cores).max(8)).build()?;
-            rt.block_on(camserve::server::serve(config))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Augment { input, output, layer, rules, input_size } => {
-            let started = std::time::Instant::now();
-            let model = io::load_model(&input)?;
-            if contract::contract_info(&model).is_some() {
-                eprintln!("{} already is an explain model; copying it unchanged", input.display());
-                io::save_model(&model, &output)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let rules = rules
-                .iter()
-                .filter(|r| !r.is_empty() && r.as_str() != "none")
-                .map(|r| ReluRule::parse(r).with_context(|| format!("unknown rule `{r}` (guided, deconvnet, plain)")))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let ex = Explainable::analyse(model, &PrepareOptions { input_size: parse_size(&input_size)?, layout: None })?;
-            let layer = match layer.or(ex.default_layer.clone()) {
-                Some(l) => l,
-                None => anyhow::bail!("the model has no 4-D layer with spatial size > 1; pass --layer"),
-            };
-            let out = ex.build(&ExplainPlan::new(layer.clone(), rules))?;
-            io::save_model(&out, &output)?;
-            eprintln!("wrote {} (layer {layer}) in {:.2} s", output.display(), started.elapsed().as_secs_f64());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Serve { config, models, bind, device, threads } => serve(config, models, bind, device, threads),
+        Command::Augment { input, output, layer, rules, input_size } => augment(input, output, layer, rules, input_size),
         Command::Inspect { input, input_size } => {
             let model = io::load_model(&input)?;
-            let report = inspect::inspect(model, &PrepareOptions { input_size: parse_size(&input_size)?, layout: None })?;
+            let report = camserve::backend::probe::inspect(model, &PrepareOptions { input_size: parse_size(&input_size)?, layout: None })?;
             print!("{report}");
             Ok(if report.has_unsupported() { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }
         Command::Explain {
-            model, image, methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, steps, samples, noise, seed, channels, labels, input_size, out,
+            model, image, methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, labels, input_size, out,
         } => {
-            let name = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_");
-            let mut config = Config::default();
-            config.runtime.device = DeviceChoice::Auto;
-            // A bundled model by name (`--model imagenet`) comes with its labels, normalisation and resize policy.
-            let bundled = (!model.exists()).then(|| config.models.iter().find(|m| m.name.as_str() == model.as_os_str())).flatten().cloned();
-            let name = bundled.as_ref().map(|m| m.name.clone()).unwrap_or(name);
-            config.models = vec![match bundled {
-                Some(mut m) => {
-                    m.labels = labels.or(m.labels);
-                    m.input_size = parse_size(&input_size)?.map(|(h, w)| [h, w]).or(m.input_size);
-                    m
-                }
-                None => ModelConfig {
-                    name: name.clone(),
-                    path: model,
-                    labels,
-                    mean: IMAGENET_MEAN,
-                    std: IMAGENET_STD,
-                    default_layer: None,
-                    input_size: parse_size(&input_size)?.map(|(h, w)| [h, w]),
-                    layout: None,
-                    channel_order: Default::default(),
-                    scale: 1.0,
-                    resize: Default::default(),
-                    resize_shorter_side: None,
-                },
-            }];
-            config.validate()?;
+            let (name, config) = explain_config(model, labels, &input_size)?;
             let mut raw = RawOptions::default();
             for m in &methods {
                 raw.set_text("methods", m)?;
@@ -264,55 +193,136 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             for t in &targets {
                 raw.set_text("target", t)?;
             }
-            if let Some(k) = top_k {
-                raw.top_k = Some(k);
-            }
+            raw.top_k = top_k;
             raw.layer = layer;
-            if !outputs.is_empty() {
-                raw.outputs = Some(outputs);
+            raw.outputs = (!outputs.is_empty()).then_some(outputs);
+            (raw.colormap, raw.alpha, raw.size) = (colormap, alpha, size);
+            raw.metrics = (!metrics.is_empty()).then_some(metrics);
+            for (name, value) in &params.0 {
+                raw.set_text(name, value)?;
             }
-            raw.colormap = colormap;
-            raw.alpha = alpha;
-            raw.size = size;
-            if !metrics.is_empty() {
-                raw.metrics = Some(metrics);
-            }
-            (raw.steps, raw.samples, raw.noise, raw.seed, raw.channels) = (steps, samples, noise, seed, channels);
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
-            let rt = tokio::runtime::Runtime::new()?;
-            let response = rt.block_on(async {
-                let service = Service::new(camserve::core::registry::service_limits(&config));
-                let handle = tokio::runtime::Handle::current();
-                let models = tokio::task::spawn_blocking(move || {
-                    let _g = handle.enter();
-                    camserve::core::registry::load_models(&config)
-                })
-                .await??;
-                service.install(models);
-                service.handle(&name, Endpoint::Explain, bytes.into(), raw).await.map_err(anyhow::Error::from)
-            })?;
-            std::fs::create_dir_all(&out)?;
-            let json = serde_json::to_value(&response)?;
-            std::fs::write(out.join("explanation.json"), serde_json::to_string_pretty(&json)?)?;
-            let b64 = base64::engine::general_purpose::STANDARD;
-            for e in json["explanations"].as_array().into_iter().flatten() {
-                let stem = format!("{}_{}", e["method"].as_str().unwrap_or("m").replace('+', "p"), e["target"]["index"]);
-                for kind in ["heatmap", "overlay", "mask"] {
-                    if let Some(data) = e[format!("{kind}_png")].as_str() {
-                        std::fs::write(out.join(format!("{stem}_{kind}.png")), b64.decode(data)?)?;
-                    }
-                }
-            }
-            let top = &response.predictions[0];
+            let answer = explain_offline(config, &name, bytes, raw)?;
+            write_explanation(&answer, &out)?;
+            let top = &answer.classification().top[0];
             eprintln!(
                 "{}: {} ({:.3}); wrote {} explanations to {}",
                 image.display(),
                 top.label.clone().unwrap_or_else(|| top.index.to_string()),
                 top.score,
-                json["explanations"].as_array().map_or(0, |a| a.len()),
+                answer.explanations.as_ref().map_or(0, Vec::len),
                 out.display()
             );
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn serve(config: Option<PathBuf>, models: Vec<String>, bind: Option<String>, device: Option<String>, threads: Option<usize>) -> anyhow::Result<ExitCode> {
+    let mut overrides = Figment::new();
+    if !models.is_empty() {
+        let list: Vec<ModelConfig> = models
+            .iter()
+            .map(|m| {
+                let (name, path) = m.split_once('=').with_context(|| format!("--model `{m}`: expected NAME=PATH"))?;
+                Ok(ModelConfig::new(name, path))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        overrides = overrides.merge(Serialized::default("models", list));
+    }
+    if let Some(b) = bind {
+        overrides = overrides.merge(Serialized::default("server.bind", b));
+    }
+    if let Some(d) = device {
+        overrides = overrides.merge(Serialized::default("runtime.device", d));
+    }
+    if let Some(t) = threads {
+        overrides = overrides.merge(Serialized::default("runtime.threads", t));
+    }
+    let config = Config::load(config.as_deref(), overrides)?;
+    // Decoding and rendering run on blocking threads; a bounded pool keeps a flood from growing one
+    // thread (and one allocator arena) per waiting request.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads((4 * cores).max(8)).build()?;
+    rt.block_on(camserve::server::serve(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn augment(input: PathBuf, output: PathBuf, layer: Option<String>, rules: Vec<String>, input_size: Option<String>) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let model = io::load_model(&input)?;
+    if contract::contract_info(&model).is_some() {
+        eprintln!("{} already is an explain model; copying it unchanged", input.display());
+        io::save_model(&model, &output)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rules = rules
+        .iter()
+        .filter(|r| !r.is_empty() && r.as_str() != "none")
+        .map(|r| ReluRule::parse(r).with_context(|| format!("unknown rule `{r}` (guided, deconvnet, plain)")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions { input_size: parse_size(&input_size)?, layout: None })?;
+    let layer = match layer.or(ex.default_layer.clone()) {
+        Some(l) => l,
+        None => anyhow::bail!("the model has no 4-D layer with spatial size > 1; pass --layer"),
+    };
+    let out = ex.build(&ExplainPlan::new(layer.clone(), rules))?;
+    io::save_model(&out, &output)?;
+    eprintln!("wrote {} (layer {layer}) in {:.2} s", output.display(), started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `explain`'s one model: a file (ImageNet normalisation, stretched), or a bundled model by name with its labels,
+/// normalisation and resize policy.
+fn explain_config(model: PathBuf, labels: Option<PathBuf>, input_size: &Option<String>) -> anyhow::Result<(String, Config)> {
+    let stem = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_");
+    let mut config = Config::default();
+    config.runtime.device = DeviceChoice::Auto;
+    let bundled = (!model.exists()).then(|| config.models.iter().find(|m| m.name.as_str() == model.as_os_str())).flatten().cloned();
+    let size = parse_size(input_size)?.map(|(h, w)| [h, w]);
+    let m = match bundled {
+        Some(mut m) => {
+            m.labels = labels.or(m.labels);
+            m.input_size = size.or(m.input_size);
+            m
+        }
+        None => ModelConfig { labels, input_size: size, ..ModelConfig::new(stem, model) },
+    };
+    let name = m.name.clone();
+    config.models = vec![m];
+    config.validate()?;
+    Ok((name, config))
+}
+
+/// Loads the one model and explains the image, as the server would.
+fn explain_offline(config: Config, name: &str, image: Vec<u8>, raw: RawOptions) -> anyhow::Result<Answer> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let service = Service::new(camserve::core::registry::service_limits(&config));
+        let handle = tokio::runtime::Handle::current();
+        let models = tokio::task::spawn_blocking(move || {
+            let _g = handle.enter();
+            camserve::core::registry::load_models(&config)
+        })
+        .await??;
+        service.install(models);
+        service.handle(name, Endpoint::Explain, image.into(), raw).await.map_err(anyhow::Error::from)
+    })
+}
+
+/// The CLI's encoder: the API v1 JSON as `explanation.json`, and each picture as its PNG file.
+fn write_explanation(answer: &Answer, out: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    // Through a `Value`, as before the encoders existed: the file's keys stay sorted.
+    let json = serde_json::to_value(camserve::api::v1::encode(answer))?;
+    std::fs::write(out.join("explanation.json"), serde_json::to_string_pretty(&json)?)?;
+    for e in answer.explanations.iter().flatten() {
+        let stem = format!("{}_{}", e.method.as_str().replace('+', "p"), e.target.index);
+        for (kind, png) in [("heatmap", &e.heatmap_png), ("overlay", &e.overlay_png), ("mask", &e.mask_png)] {
+            if let Some(png) = png {
+                std::fs::write(out.join(format!("{stem}_{kind}.png")), png)?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -153,7 +153,7 @@ fn harness(behaviour: Behaviour, queue_capacity: usize, timeout: Duration, ready
     let info = Arc::new(info());
     let config = BatcherConfig { max_batch: 4, max_wait: Duration::ZERO, queue_capacity };
     let queue = batcher::spawn(StandIn { info: info.clone(), behaviour, rows: rows.clone() }, config);
-    let handle = ModelHandle { info, queue, position: 0, max_batch: config.max_batch };
+    let handle = ModelHandle::new(info, queue, 0, config.max_batch);
     if ready {
         service.install([("standin".to_string(), handle)].into());
     }

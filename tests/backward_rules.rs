@@ -246,7 +246,7 @@ fn global_max_pool_ties_go_to_one_element() {
     // The gradient w.r.t. the Identity output goes through Relu (x < 0: zero), so look at the ReLU output
     // instead: build the same graph targeting the ReLU output.
     assert!(out[0].iter().all(|&v| v == 0.0));
-    let ex = camserve::onnx::rewrite::Explainable::analyse(model, &Default::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model, &Default::default()).unwrap();
     let m2 = ex.build(&camserve::onnx::rewrite::ExplainPlan::new(r.clone(), [])).unwrap();
     let mut s2 = session(&m2, ort::session::builder::GraphOptimizationLevel::All);
     let xin = ArrayD::from_elem(ndarray::IxDyn(&dims), -1.0f32);
@@ -833,7 +833,7 @@ fn slice_with_steps_along_the_batch_axis_is_refused() {
     let (st, en, ax, sp) = (g.ints(&[0]), g.ints(&[i64::MAX]), g.ints(&[0]), g.ints(&[2]));
     let y = g.op("Slice", &[&x, &st, &en, &ax, &sp], vec![]);
     let model = g.finish(&y);
-    let err = match camserve::onnx::rewrite::Explainable::analyse(model, &Default::default()) {
+    let err = match camserve::backend::probe::analyse(model, &Default::default()) {
         Err(e) => e.to_string(),
         Ok(ex) => ex
             .build(&camserve::onnx::rewrite::ExplainPlan::new("x_id", [camserve::onnx::rules::ReluRule::Plain]))

@@ -52,7 +52,7 @@ fn rel_err64(a: &ArrayD<f32>, b: &ArrayD<f64>) -> f64 {
 
 fn analyse(onnx: &str) -> Explainable {
     let model = io::load_model(&dir().join(onnx)).unwrap_or_else(|e| panic!("loading {onnx}: {e}"));
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{onnx}: analyse: {e}"));
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{onnx}: analyse: {e}"));
     let unsupported: Vec<String> = ex
         .unsupported
         .iter()

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use camserve::onnx::contract;
 use camserve::onnx::io;
-use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
+use camserve::onnx::rewrite::{ExplainPlan, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
 use common::*;
 use ndarray::ArrayD;
@@ -39,7 +39,7 @@ fn check(arch: &str, opset: i64) {
         ("camserve.input_grad.deconvnet", get("input_grad_deconvnet")),
     ];
     let model = io::load_model(&dir.join(format!("{arch}_op{opset}.onnx"))).unwrap();
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap();
     assert!(ex.unsupported.is_empty(), "{arch}: unsupported ops {:?}", ex.unsupported);
     let layer = ex.default_layer.clone().expect("a default layer");
     let plan = ExplainPlan::new(layer.clone(), [ReluRule::Plain, ReluRule::Guided, ReluRule::Deconvnet]);

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use camserve::backend::engine::{DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec};
 use camserve::core::options::{OptionLimits, RawOptions};
-use camserve::onnx::rewrite::{Explainable, PrepareOptions};
+use camserve::onnx::rewrite::PrepareOptions;
 use camserve::onnx::{io, proto::ModelProto};
 use camserve::preprocess::{self, DecodeLimits};
 use proptest::prelude::*;
@@ -203,7 +203,7 @@ fn corpus_models_are_refused_cleanly() {
     for (name, bytes) in models {
         let refused = match io::decode_model(Bytes::from(bytes), None) {
             Err(_) => true,
-            Ok(m) => camserve::onnx::inspect::inspect(m, &PrepareOptions::default()).is_err(),
+            Ok(m) => camserve::backend::probe::inspect(m, &PrepareOptions::default()).is_err(),
         };
         assert!(refused, "{name} was accepted");
     }
@@ -246,7 +246,7 @@ proptest! {
     #[test]
     fn model_bytes_never_panic(bytes in mutated(demo_bytes())) {
         if let Ok(m) = io::decode_model(Bytes::from(bytes), None) {
-            let _ = camserve::onnx::inspect::inspect(m, &PrepareOptions::default());
+            let _ = camserve::backend::probe::inspect(m, &PrepareOptions::default());
         }
     }
 
@@ -254,7 +254,7 @@ proptest! {
     fn model_rewrites_never_panic(edits in model_mutation()) {
         let m = io::decode_model(Bytes::from(demo_bytes()[0].clone()), None).unwrap();
         let m = mutate_model(m, &edits);
-        if let Ok(ex) = Explainable::analyse(m, &PrepareOptions::default())
+        if let Ok(ex) = camserve::backend::probe::analyse(m, &PrepareOptions::default())
             && let Some(layer) = ex.default_layer.clone() {
                 let _ = ex.build(&camserve::onnx::rewrite::ExplainPlan::new(layer, camserve::onnx::rules::ReluRule::ALL));
             }

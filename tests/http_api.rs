@@ -524,9 +524,9 @@ async fn explain_cli_writes_json_and_pngs() {
 
 #[tokio::test]
 async fn contract_models_are_served_as_they_are() {
-    use camserve::onnx::{io, rewrite::{ExplainPlan, Explainable, PrepareOptions}, rules::ReluRule};
+    use camserve::onnx::{io, rewrite::{ExplainPlan, PrepareOptions}, rules::ReluRule};
     let dir = tempfile::tempdir().unwrap();
-    let ex = Explainable::analyse(io::load_model(&root().join("models/demo.onnx")).unwrap(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(io::load_model(&root().join("models/demo.onnx")).unwrap(), &PrepareOptions::default()).unwrap();
     let layer = ex.default_layer.clone().unwrap();
     let path = dir.path().join("demo-explain.onnx");
     io::save_model(&ex.build(&ExplainPlan::new(layer.clone(), [ReluRule::Guided])).unwrap(), &path).unwrap();
@@ -672,6 +672,36 @@ fn openapi_method_enum_is_the_registry() {
         let quoted = format!("`{}`", m.as_str());
         assert!(row.contains(&quoted), "README's methods row lacks {quoted}");
         assert!(methods_md.contains(&format!("| {quoted} |")), "docs/METHODS.md's table lacks {quoted}");
+    }
+}
+
+/// Every parameter a method declares (`methods::params`) is an openapi.yaml query parameter of the predict and
+/// explain routes with the declared type and range, and docs/METHODS.md names it.
+#[test]
+fn openapi_and_methods_md_follow_the_declared_parameters() {
+    use camserve::methods::params::{self, ParamKind};
+    let doc = openapi();
+    let query = doc["paths"]["/v1/models/{model}/explain"]["post"]["parameters"].as_array().expect("explain's parameters");
+    let methods_md = std::fs::read_to_string(root().join("docs/METHODS.md")).unwrap();
+    let declared = params::all();
+    assert_eq!(declared.iter().map(|p| p.name).collect::<Vec<_>>(), ["channels", "steps", "samples", "noise", "seed"]);
+    for p in declared {
+        let q = query.iter().find(|q| q["name"] == p.name).unwrap_or_else(|| panic!("openapi.yaml has no query parameter `{}`", p.name));
+        let schema = &q["schema"];
+        match p.kind {
+            ParamKind::Count { max, .. } => {
+                assert_eq!((schema["type"].as_str(), schema["minimum"].as_u64(), schema["maximum"].as_u64()), (Some("integer"), Some(1), Some(max as u64)), "{}", p.name)
+            }
+            ParamKind::Number { min, max, .. } => {
+                assert_eq!((schema["type"].as_str(), schema["minimum"].as_f64(), schema["maximum"].as_f64()), (Some("number"), Some(min), Some(max)), "{}", p.name)
+            }
+            ParamKind::Seed => assert_eq!((schema["type"].as_str(), schema["minimum"].as_u64()), (Some("integer"), Some(0)), "{}", p.name),
+            ParamKind::Cap => assert_eq!((schema["type"].as_str(), schema["minimum"].as_u64()), (Some("integer"), Some(1)), "{}", p.name),
+        }
+        if let Some(d) = p.default_text() {
+            assert!(q["description"].as_str().unwrap_or("").contains(&format!("default {d}")), "openapi.yaml's `{}` does not give its default {d}", p.name);
+        }
+        assert!(methods_md.contains(&format!("`{}`", p.name)), "docs/METHODS.md does not name `{}`", p.name);
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use camserve::backend::batcher::{self, BatcherConfig, Images, Job, Target};
 use camserve::backend::engine::{BatchOutput, DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec, PlanKey};
 use camserve::config::{IMAGENET_MEAN, IMAGENET_STD};
-use camserve::core::options::Metric;
+use camserve::methods::metrics::Metric;
 use camserve::explain::cam;
 use camserve::methods::{self, ablationcam, finercam, integrated_gradients, metrics, scorecam, smoothgrad, Passes};
 use camserve::onnx::rewrite::ExplainPlan;

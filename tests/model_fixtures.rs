@@ -79,7 +79,7 @@ fn analyse(name: &str) -> (Meta, Explainable) {
     let dir = models_dir();
     let m = meta(&dir, name);
     let model = io::load_model(&dir.join(&m.onnx)).unwrap_or_else(|e| panic!("{name}: loading {}: {e}", m.onnx));
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{name}: analyse: {e}"));
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{name}: analyse: {e}"));
     (m, ex)
 }
 

@@ -4,9 +4,9 @@
 mod common;
 
 use camserve::onnx::proto::{FunctionProto, OperatorSetIdProto, StringStringEntryProto};
-use camserve::onnx::rewrite::{ExplainPlan, Explainable, InputLayout, LayerLayout, PrepareOptions};
+use camserve::onnx::rewrite::{ExplainPlan, InputLayout, LayerLayout, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
-use camserve::onnx::{contract, inspect, io, tensor};
+use camserve::onnx::{contract, io, tensor};
 use common::*;
 use ndarray::{ArrayD, IxDyn};
 use ort::session::builder::GraphOptimizationLevel as Level;
@@ -69,7 +69,7 @@ fn shape_arithmetic_beside_the_path_is_never_refused() {
     let w = g.rand(&[3, 2, 3, 3], 0.5);
     let y = g.op("Conv", &[&padded, &w], vec![a_is("strides", &[2, 2])]);
     let model = g.finish(&y);
-    let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()).unwrap();
     assert!(ex.unsupported.is_empty(), "refused: {:?}", ex.unsupported);
     assert!(ex.refusals().is_empty(), "refused: {:?}", ex.refusals());
     let x = uniform(&mut rng(1), &dims, -1.0, 1.0);
@@ -96,7 +96,7 @@ fn positional_encoding_from_shapes_is_forward_only() {
     let y = g.op("Add", &[&x, &enc], vec![]);
     let r = g.op("Mul", &[&y, &y], vec![]);
     let model = g.finish(&r);
-    let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()).unwrap();
     assert!(ex.unsupported.is_empty(), "refused: {:?}", ex.unsupported);
     let x = uniform(&mut rng(2), &[2, 2, 5, 5], -1.0, 1.0);
     check_gradients(&model, &x, 1e-2, 5e-4);
@@ -114,7 +114,7 @@ fn paddle_minus_one_dims_are_dynamic() {
     set_raw_input_dims(&mut model, &[-1, 3, 8, 8]);
     let bytes = io::encode_model(&model).unwrap();
     let loaded = io::decode_model(bytes::Bytes::from(bytes), None).unwrap();
-    let ex = Explainable::analyse(loaded, &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(loaded, &PrepareOptions::default()).unwrap();
     assert_eq!(ex.input_dims, vec![1, 3, 8, 8]);
     let x = uniform(&mut rng(3), &[2, 3, 8, 8], -1.0, 1.0);
     let explain = ex.build(&ExplainPlan::new("x_id", [ReluRule::Plain])).unwrap();
@@ -125,9 +125,9 @@ fn paddle_minus_one_dims_are_dynamic() {
     set_raw_input_dims(&mut model, &[-1, 3, -1, -1]);
     let bytes = io::encode_model(&model).unwrap();
     let loaded = io::decode_model(bytes::Bytes::from(bytes), None).unwrap();
-    let err = Explainable::analyse(loaded.clone(), &PrepareOptions::default()).err().map(|e| e.to_string()).unwrap_or_default();
+    let err = camserve::backend::probe::analyse(loaded.clone(), &PrepareOptions::default()).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("input_size"), "{err}");
-    let ex = Explainable::analyse(loaded, &PrepareOptions { input_size: Some((8, 8)), layout: None }).unwrap();
+    let ex = camserve::backend::probe::analyse(loaded, &PrepareOptions { input_size: Some((8, 8)), layout: None }).unwrap();
     assert_eq!(ex.input_dims, vec![1, 3, 8, 8]);
 
     set_raw_input_dims(&mut model, &[-2, 3, 8, 8]);
@@ -157,8 +157,8 @@ fn nhwc_input_is_detected_and_fed_nchw() {
         }
         model
     };
-    let nhwc = Explainable::analyse(build(true), &PrepareOptions::default()).unwrap();
-    let nchw = Explainable::analyse(build(false), &PrepareOptions::default()).unwrap();
+    let nhwc = camserve::backend::probe::analyse(build(true), &PrepareOptions::default()).unwrap();
+    let nchw = camserve::backend::probe::analyse(build(false), &PrepareOptions::default()).unwrap();
     assert_eq!(nhwc.input_layout, InputLayout::Nhwc);
     assert_eq!(nchw.input_layout, InputLayout::Nchw);
     assert_eq!(nhwc.input_dims, vec![1, 3, 8, 8]);
@@ -174,7 +174,7 @@ fn nhwc_input_is_detected_and_fed_nchw() {
         assert!(rel_err(&ra[i], &rb[i]) < 1e-6, "{n} differs");
     }
     // Stated in the config, a layout wins over the guess.
-    let forced = Explainable::analyse(build(false), &PrepareOptions { input_size: None, layout: Some(InputLayout::Nchw) }).unwrap();
+    let forced = camserve::backend::probe::analyse(build(false), &PrepareOptions { input_size: None, layout: Some(InputLayout::Nchw) }).unwrap();
     assert_eq!(forced.input_layout, InputLayout::Nchw);
 }
 
@@ -223,7 +223,7 @@ fn vit_tokens_map_to_the_patch_grid() {
     let logits = g.op("MatMul", &[&cls_out, &wh], vec![]);
     let model = g.finish(&logits);
 
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap();
     assert!(ex.unsupported.is_empty(), "{:?}", ex.unsupported);
     let l = ex.layer(&norm1).expect("the LayerNorm output is a layer");
     assert_eq!(l.layout, LayerLayout::Tokens { prefix: 1 });
@@ -277,7 +277,7 @@ fn layers_by_module_path() {
         key: Some("pkg.torch.onnx.name_scopes".into()),
         value: Some("['', 'layer2', 'layer2.conv']".into()),
     });
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap();
     assert_eq!(ex.layer("layer1").map(|l| l.name.as_str()), Some(r1.as_str()));
     assert_eq!(ex.layer("layer1.0.conv1").map(|l| l.name.as_str()), Some(c1.as_str()));
     assert_eq!(ex.layer("layer2").map(|l| l.name.as_str()), Some(c2.as_str()));
@@ -315,7 +315,7 @@ fn local_functions_are_inlined() {
         ..Default::default()
     });
     model.opset_import.push(OperatorSetIdProto { domain: Some("local".into()), version: Some(1) });
-    let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()).unwrap();
     assert!(ex.unsupported.is_empty(), "{:?}", ex.unsupported);
     let x = away_from_zero(&mut rng(6), &[2, 2, 5, 5], 0.1);
     // The inlined graph against closed form: d/dx 2 * leaky(x, 0.25) = 2 or 0.5.
@@ -339,7 +339,7 @@ fn inspect_reports_rule_refusals() {
     let exponent = g.op("ReduceMean", &[&x], vec![a_i("keepdims", 0)]);
     let p = g.op("Pow", &[&lrn, &exponent], vec![]);
     let model = g.finish(&p);
-    let report = inspect::inspect(model, &PrepareOptions::default()).unwrap();
+    let report = camserve::backend::probe::inspect(model, &PrepareOptions::default()).unwrap();
     let text = report.to_string();
     assert!(report.has_unsupported());
     for needle in ["LRN (node", "no backward rule", "Slice (node", "batch axis", "Pow (node"] {
@@ -363,11 +363,11 @@ fn trailing_softmax_is_stripped_and_reported() {
     graph.node.pop();
     graph.node.last_mut().unwrap().output[0] = "logits".into();
     let s = "logits".to_string();
-    let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()).unwrap();
     assert_eq!(ex.stripped_output_op.as_deref(), Some("Softmax"));
     assert_eq!(ex.logits, l);
     assert_ne!(ex.logits, s);
-    let text = inspect::inspect(model, &PrepareOptions::default()).unwrap().to_string();
+    let text = camserve::backend::probe::inspect(model, &PrepareOptions::default()).unwrap().to_string();
     assert!(text.contains("the scores before the final Softmax"), "{text}");
 }
 
@@ -386,7 +386,7 @@ fn old_upsample_and_resize_are_upgraded() {
         let y = g.op("Mul", &[&up, &w], vec![]);
         let model = g.finish(&y);
         let x = uniform(&mut rng(13), &[2, 2, 4, 5], -1.0, 1.0);
-        let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).unwrap();
+        let ex = camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()).unwrap();
         assert_eq!(ex.source_opset, opset);
         check_gradients(&model, &x, 0.5, 1e-4);
     }

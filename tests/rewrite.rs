@@ -6,9 +6,9 @@ mod common;
 use camserve::onnx::contract::{self, contract_info};
 use camserve::onnx::proto::StringStringEntryProto;
 use camserve::onnx::proto::tensor_proto::DataLocation;
-use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
+use camserve::onnx::rewrite::{ExplainPlan, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
-use camserve::onnx::{inspect, io, OnnxError};
+use camserve::onnx::{io, OnnxError};
 use common::*;
 use ndarray::{ArrayD, IxDyn, Zip};
 use ort::session::builder::GraphOptimizationLevel as Level;
@@ -110,7 +110,7 @@ impl FinishSoftmax for G {
 #[test]
 fn default_layer_is_last_spatial_tensor() {
     let model = small_cnn();
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap();
     let last = ex.layers.iter().rev().find(|l| l.dims[2] > 1).unwrap();
     assert_eq!(ex.default_layer.as_deref(), Some(last.name.as_str()));
     assert!(last.name.contains("Relu"), "expected the last ReLU output, got {}", last.name);
@@ -127,7 +127,7 @@ fn layout_hints_stay_off_graph_outputs() {
     // small_cnn's layer is a ReLU output feeding GlobalAveragePool, whose backward gets a layout hint (an
     // identity MaxPool, rules::RuleCtx::layout_hint) ahead of the ReLU masks; the outputs take the tensor
     // before the hint, and a hint that only an output would use is pruned.
-    let ex = Explainable::analyse(small_cnn(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(small_cnn(), &PrepareOptions::default()).unwrap();
     let layer = ex.default_layer.clone().unwrap();
     for rule in ALL_RULES {
         let m = ex.build(&ExplainPlan::new(layer.clone(), [rule])).unwrap();
@@ -148,7 +148,7 @@ fn layout_hints_stay_off_graph_outputs() {
 #[test]
 fn optimisation_levels_agree() {
     let model = small_cnn();
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap();
     let plan = ExplainPlan::new(ex.default_layer.clone().unwrap(), ALL_RULES);
     let explain = ex.build(&plan).unwrap();
     let mut r = rng(9);
@@ -173,13 +173,13 @@ fn unsupported_op_is_named() {
     let x = g.x();
     let l = g.op("LRN", &[&x], vec![a_i("size", 3)]);
     let model = g.finish(&l);
-    let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()).unwrap();
     assert_eq!(ex.unsupported.len(), 1);
     assert_eq!(ex.unsupported[0].op, "LRN");
     let err = ex.build(&ExplainPlan::new("x_id", [ReluRule::Guided])).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("op `LRN` (node `LRN:t"), "{msg}");
-    let report = inspect::inspect(model, &PrepareOptions::default()).unwrap();
+    let report = camserve::backend::probe::inspect(model, &PrepareOptions::default()).unwrap();
     assert!(report.has_unsupported());
     let text = report.to_string();
     assert!(text.contains("unsupported ops on the gradient path (1)") && text.contains("LRN (node `LRN:t"), "{text}");
@@ -187,7 +187,7 @@ fn unsupported_op_is_named() {
 
 #[test]
 fn inspect_report() {
-    let report = inspect::inspect(small_cnn(), &PrepareOptions::default()).unwrap();
+    let report = camserve::backend::probe::inspect(small_cnn(), &PrepareOptions::default()).unwrap();
     let text = report.to_string();
     assert!(!report.has_unsupported());
     for needle in ["opset: 17", "x [d0, 3, 16, 16]", "logits: ", "(5 classes)", "(default)", "unsupported ops: none"] {
@@ -232,7 +232,7 @@ fn cli_inspect_exit_codes_and_augment_idempotent() {
 #[test]
 fn contract_metadata_and_io() {
     let model = small_cnn();
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap();
     let layer = ex.default_layer.clone().unwrap();
     let m = ex.build(&ExplainPlan::new(layer.clone(), [ReluRule::Guided])).unwrap();
     let info = contract_info(&m).unwrap();
@@ -254,7 +254,7 @@ fn contract_metadata_and_io() {
     assert!(g2.node.iter().any(|n| n.op_type() == "MaxPool" && n.output.len() == 1));
     assert!(g2.node.iter().all(|n| n.op_type() != "ConvTranspose" || !n.name().contains("guided")));
     assert!(contract_info(&small_cnn()).is_none());
-    assert!(Explainable::analyse(m, &PrepareOptions::default()).is_err(), "a contract model is not analysed again");
+    assert!(camserve::backend::probe::analyse(m, &PrepareOptions::default()).is_err(), "a contract model is not analysed again");
 }
 
 /// A model in opset 8 form: attributes that later became inputs, Dropout with ratio, BN with spatial,
@@ -284,7 +284,7 @@ fn opset8_model() -> camserve::onnx::ModelProto {
 #[test]
 fn old_opset_is_upgraded_and_correct() {
     let model = opset8_model();
-    let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()).unwrap();
     assert_eq!(ex.source_opset, 8);
     assert_eq!(ex.opset(), 17);
     let x = away_from_zero(&mut rng(2), &[2, 2, 6, 6], 0.05);
@@ -311,7 +311,7 @@ fn unknown_op_in_old_opset_is_refused() {
     g.opset = 9;
     let x = g.x();
     let u = g.op("Upsample", &[&x], vec![a_s("mode", "nearest"), a_f("scales", 1.0)]);
-    let err = match Explainable::analyse(g.finish(&u), &PrepareOptions::default()) {
+    let err = match camserve::backend::probe::analyse(g.finish(&u), &PrepareOptions::default()) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("expected an error"),
     };
@@ -387,19 +387,19 @@ fn dynamic_input_size_needs_a_size() {
     let mut model = small_cnn();
     let g = model.graph.as_mut().unwrap();
     g.input[0] = value_info("x", &[None, Some(3), None, None]);
-    let err = match Explainable::analyse(model.clone(), &PrepareOptions::default()) {
+    let err = match camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("expected an error"),
     };
     assert!(err.contains("dynamic height/width"), "{err}");
-    let ex = Explainable::analyse(model, &PrepareOptions { input_size: Some((20, 20)), layout: None }).unwrap();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions { input_size: Some((20, 20)), layout: None }).unwrap();
     assert_eq!(ex.input_dims, vec![1, 3, 20, 20]);
 }
 
 #[test]
 fn targets_chosen_in_the_graph() {
     // Rows: top-1, top-2, explicit class 4 (rank -1): the gradients must equal a plain plan with those seeds.
-    let ex = Explainable::analyse(small_cnn(), &PrepareOptions::default()).unwrap();
+    let ex = camserve::backend::probe::analyse(small_cnn(), &PrepareOptions::default()).unwrap();
     let layer = ex.default_layer.clone().unwrap();
     let selecting = ex.build(&ExplainPlan::new(layer.clone(), [ReluRule::Guided]).with_target_selection()).unwrap();
     let plain = ex.build(&ExplainPlan::new(layer, [ReluRule::Guided])).unwrap();

@@ -68,7 +68,7 @@ fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f64>) -> f64 {
 
 fn analyse(name: &str) -> Explainable {
     let model = io::load_model(&models_dir().join(format!("{name}.onnx"))).unwrap();
-    Explainable::analyse(model, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{name}: analyse: {e}"))
+    camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{name}: analyse: {e}"))
 }
 
 /// Both rollouts of every row from per-block `(attention, gradient)` arrays `[N, heads, T, T]`: `[N, h, w]` each.

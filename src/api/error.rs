@@ -4,7 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::core::pipeline::ServiceError;
+use crate::error::ServiceError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -52,12 +52,13 @@ impl ApiError {
 /// logged with its message, and the connection and the server carry on.
 pub fn catch_panics() -> tower_http::catch_panic::CatchPanicLayer<fn(Box<dyn std::any::Any + Send>) -> Response> {
     fn on_panic(payload: Box<dyn std::any::Any + Send>) -> Response {
-        tracing::error!("request handler panicked: {}", crate::backend::runtime::panic_message(&*payload));
+        tracing::error!("request handler panicked: {}", crate::error::panic_message(&*payload));
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the server failed while handling this request").into_response()
     }
     tower_http::catch_panic::CatchPanicLayer::custom(on_panic as fn(Box<dyn std::any::Any + Send>) -> Response)
 }
 
+/// The one mapping of the serving half's errors to statuses (problem+json and OIP's error form both use it).
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let detail = e.to_string();

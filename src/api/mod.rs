@@ -1,16 +1,18 @@
-//! The HTTP API (docs/DESIGN.md §5): the router, the request forms (upload.rs), the Open Inference Protocol and
-//! KServe routes (oip.rs), problem+json errors (error.rs), the wire types (wire.rs), API keys, CORS and the
-//! request metrics.
+//! The HTTP API (docs/DESIGN.md §5): the router, the request forms (upload.rs), problem+json errors (error.rs),
+//! API keys, CORS and the request metrics. Each protocol is an encoder of the core's typed answer, one file each:
+//! API v1 (v1.rs), the Open Inference Protocol (oip.rs, its tensors in oip_tensors.rs), KServe v1 (kserve.rs).
 //!
 //! `app()` builds the router from an [`AppState`]; tests drive it with `oneshot` against a stand-in backend
 //! (tests/api.rs) or bind 127.0.0.1:0 with real models. The listener, signals and drain are `crate::server`,
 //! model loading `crate::core::registry`.
 
 pub mod error;
+pub mod kserve;
 pub mod oip;
+mod oip_tensors;
 mod routes;
 pub mod upload;
-pub mod wire;
+pub mod v1;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method as HttpMethod};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -61,7 +63,7 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(routes::list_models))
         // A POST here is KServe's v1 `{model}:predict` / `{model}:explain` (oip.rs).
-        .route("/v1/models/{model}", get(routes::get_model).post(oip::kserve_v1))
+        .route("/v1/models/{model}", get(routes::get_model).post(kserve::infer))
         .route("/v1/models/{model}/predict", post(routes::predict))
         .route("/v1/models/{model}/explain", post(routes::explain))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
@@ -74,7 +76,7 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         .route("/v2/models/{model}/versions/{version}/ready", get(oip::model_ready))
         .route("/v2/models/{model}/infer", post(oip::infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(oip::infer))
-        .route_layer(middleware::from_fn_with_state(state.clone(), oip::require_api_key));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     // Operational routes are open unless configured otherwise; the protocol's health routes follow healthz and
     // readyz (a refusal in its error form).
     let mut ops = Router::new();
@@ -94,7 +96,7 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         ops = if state.open_endpoints.iter().any(|e| e == name) {
             ops.route(path, route)
         } else {
-            ops.route(path, route.route_layer(middleware::from_fn_with_state(state.clone(), oip::require_api_key)))
+            ops.route(path, route.route_layer(middleware::from_fn_with_state(state.clone(), require_api_key)))
         };
     }
     let mut router = Router::new()
@@ -156,7 +158,7 @@ async fn record_request(mut req: Request, next: Next) -> Response {
         res.headers_mut().insert(REQUEST_ID, v);
     }
     let ms = elapsed.as_secs_f64() * 1000.0;
-    match res.extensions().get::<crate::api::wire::Timings>() {
+    match res.extensions().get::<crate::core::answer::Timings>() {
         Some(t) => tracing::info!(request_id, method, path, status, ms, queue_ms = t.queue, decode_ms = t.decode,
             inference_ms = t.inference, explain_ms = t.explain, render_ms = t.render, "request"),
         None => tracing::info!(request_id, method, path, status, ms, "request"),
@@ -193,13 +195,18 @@ fn new_request_id() -> String {
     format!("{start:016x}-{:08x}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
-/// With API keys configured, /v1 needs `Authorization: Bearer <key>` or `X-API-Key: <key>` (constant time).
-async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
-    if key_accepted(&state, req.headers()) { Ok(next.run(req).await) } else { Err(ApiError::unauthorized()) }
+/// The one API-key check: with keys configured, a route behind it needs `Authorization: Bearer <key>` or
+/// `X-API-Key: <key>` (compared in constant time). The refusal is 401 in the protocol's own error form: OIP's
+/// `{"error"}` under /v2, problem+json elsewhere.
+async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if key_accepted(&state, req.headers()) {
+        return next.run(req).await;
+    }
+    if req.uri().path().starts_with("/v2") { oip::OipError(ApiError::unauthorized()).into_response() } else { ApiError::unauthorized().into_response() }
 }
 
 /// True when no keys are configured, or the request presents one of them (compared in constant time).
-pub(crate) fn key_accepted(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+fn key_accepted(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
     if state.api_keys.0.is_empty() {
         return true;
     }

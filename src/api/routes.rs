@@ -7,10 +7,10 @@ use axum::Json;
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::wire::ExplainResponse;
-use super::{upload, AppState};
+use super::{upload, v1, AppState};
 use crate::backend::engine::{Device, ModelInfo, ModelKind};
-use crate::core::pipeline::Endpoint;
+use crate::core::pipeline::{Endpoint, ModelHandle};
+use crate::methods::metrics::Metric;
 use crate::methods::Method;
 
 const OPENAPI: &str = include_str!("../../openapi.yaml");
@@ -94,6 +94,8 @@ pub struct LayerView {
 #[derive(Serialize)]
 pub struct ModelView {
     name: String,
+    /// What the model's outputs are: `classification` (core/task.rs).
+    task: &'static str,
     kind: ModelKind,
     device: Device,
     /// `[C, H, W]`
@@ -121,13 +123,16 @@ pub struct ModelView {
     resize_shorter_side: Option<u32>,
 }
 
-fn model_view(info: &ModelInfo, limits: crate::core::options::OptionLimits) -> ModelView {
+fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) -> ModelView {
+    let info = &*handle.info;
     let methods = methods_for(info);
+    let defaults = crate::core::options::default_params(info, &info.default_layer, limits);
     ModelView {
         unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), m.unavailable(info, &info.default_layer)?))).collect(),
-        costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, limits)?))).collect(),
-        metric_costs: crate::core::options::Metric::ALL.iter().map(|&m| (m.as_str(), crate::methods::metric_cost(m, info))).collect(),
+        costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, &defaults)?))).collect(),
+        metric_costs: Metric::ALL.iter().map(|&m| (m.as_str(), m.cost(info))).collect(),
         name: info.name.clone(),
+        task: handle.task.as_str(),
         kind: info.kind,
         device: info.device,
         input_shape: info.input_shape,
@@ -167,7 +172,7 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_jso
     let mut handles: Vec<_> = state.service.models()?.values().collect();
     handles.sort_by_key(|m| m.position);
     let limits = state.service.limits.options;
-    let models: Vec<ModelView> = handles.into_iter().map(|m| model_view(&m.info, limits)).collect();
+    let models: Vec<ModelView> = handles.into_iter().map(|m| model_view(m, limits)).collect();
     // Every method camserve has, from the registry, with its kind, how its heatmap shows and whether a request
     // without `methods` gets it; each model lists the ones it offers.
     let methods: Vec<_> = Method::ALL
@@ -178,7 +183,7 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_jso
 }
 
 pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelView>, ApiError> {
-    Ok(Json(model_view(&state.service.model(&model)?.info, state.service.limits.options)))
+    Ok(Json(model_view(state.service.model(&model)?, state.service.limits.options)))
 }
 
 async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -> Result<Response, ApiError> {
@@ -187,11 +192,10 @@ async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -
     let up = tokio::time::timeout(state.body_timeout, upload::parse(req, state.body_limit))
         .await
         .map_err(|_| upload::body_timeout(state.body_timeout))??;
-    let response: ExplainResponse = state.service.handle(&model, endpoint, up.image, up.options).await?;
-    let timings = response.timings_ms;
-    let mut res = Json(response).into_response();
+    let answer = state.service.handle(&model, endpoint, up.image, up.options).await?;
+    let mut res = Json(v1::encode(&answer)).into_response();
     // For the request log line.
-    res.extensions_mut().insert(timings);
+    res.extensions_mut().insert(answer.timings);
     Ok(res)
 }
 

@@ -9,18 +9,11 @@ use base64::Engine as _;
 use bytes::Bytes;
 
 use super::error::ApiError;
-use crate::core::options::{OptionError, RawOptions};
+use crate::core::options::RawOptions;
 
 pub struct Upload {
     pub image: Bytes,
     pub options: RawOptions,
-}
-
-fn option_error(e: OptionError) -> ApiError {
-    match e {
-        OptionError::Malformed(m) => ApiError::bad_request(m),
-        OptionError::Invalid(m) => ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, "invalid-option", m),
-    }
 }
 
 /// The most parts a multipart body may have: the image and each option once fit eight times over; repeated text
@@ -41,7 +34,7 @@ fn query_options(query: Option<&str>) -> Result<RawOptions, ApiError> {
         let pairs: Vec<(String, String)> =
             serde_urlencoded::from_str(q).map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
         for (k, v) in pairs {
-            o.set_text(&k, &v).map_err(option_error)?;
+            o.set_text(&k, &v).map_err(ApiError::from)?;
         }
     }
     Ok(o)
@@ -104,7 +97,7 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                     }
                 })?;
                 if !matches!(name.as_str(), "image" | "file") {
-                    crate::core::options::check_option_size(&name, data.len()).map_err(option_error)?;
+                    crate::core::options::check_option_size(&name, data.len()).map_err(ApiError::from)?;
                 }
                 match name.as_str() {
                     "image" | "file" => {
@@ -112,10 +105,10 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                             return Err(ApiError::bad_request("more than one `image` part"));
                         }
                     }
-                    "options" => json_opts = Some(RawOptions::from_json_object(&data).map_err(option_error)?),
+                    "options" => json_opts = Some(RawOptions::from_json_object(&data).map_err(ApiError::from)?),
                     other => {
                         let text = std::str::from_utf8(&data).map_err(|_| ApiError::bad_request(format!("part `{other}` is not UTF-8 text")))?;
-                        body_opts.set_text(other, text).map_err(option_error)?;
+                        body_opts.set_text(other, text).map_err(ApiError::from)?;
                     }
                 }
             }
@@ -140,7 +133,7 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                         .map_err(|e| ApiError::bad_request(format!("`image` is not valid base64: {e}")))?;
                     image = Some(Bytes::from(decoded));
                 } else {
-                    body_opts.set_json_text(&k, v).map_err(option_error)?;
+                    body_opts.set_json_text(&k, v).map_err(ApiError::from)?;
                 }
             }
             options.merge(body_opts);

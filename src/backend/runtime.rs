@@ -85,14 +85,7 @@ pub fn unpanic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
         .map_err(|p| format!("{what}: ONNX Runtime could not describe the model ({})", panic_message(&*p)))
 }
 
-/// The text of a caught panic's payload (`panic!` with a literal or with a formatted message).
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "no message".into())
-}
+pub use crate::error::panic_message;
 
 #[cfg(test)]
 mod tests {

@@ -1,29 +1,38 @@
-//! From the arrays of a request's passes to its explanations: each (target row, method) pair's raw map, its
-//! display at the output size and at the model's input (what the metrics read), then the rendered PNGs and raw
-//! arrays of the answer. The two stages run in parallel over the pairs, on a blocking thread.
+//! From each (target row, method) pair's computed map to its explanation: its display at the output size and at
+//! the model's input (what the metrics read), then the rendered PNGs and the raw array of the answer. The maps
+//! themselves come from `methods::compute`, the one computation path; this module only turns them into displays.
+//! Both stages run in parallel over the pairs, on a blocking thread.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use ndarray::{Array2, Array3, Axis};
 use rayon::prelude::*;
 
+use super::answer::{ExplainedClass, Explanation, RawArray};
 use super::options::{ExplainOptions, OutputSize};
-use super::pipeline::{softmax, ServiceError};
-use crate::api::wire::{Explanation, RawArray, TargetInfo};
-use crate::backend::engine::{BatchOutput, ModelInfo};
+use crate::backend::engine::ModelInfo;
 use crate::explain::maps;
-use crate::methods::{self, Heatmap, Method};
+use crate::methods::metrics::Score;
+use crate::methods::{self, Heatmap, Method, Returned};
 use crate::preprocess;
 use crate::render;
 
 /// What an explanation shows, before rendering.
-enum Display {
+enum Shown {
     /// A [0, 1] map at the output size.
     Map(Array2<f32>),
     /// A gradient image `[H, W, 3]` in [0, 1] and its normalised magnitude, at the output size.
     Gradient { rgb: Array3<f32>, magnitude: Array2<f32> },
+}
+
+/// One pair's computed map, as the pipeline hands it over.
+pub struct ComputedMap {
+    /// The target row of the request's explain pass, and the class it explains.
+    pub row: usize,
+    pub class: usize,
+    pub method: Method,
+    pub computed: methods::Computed,
 }
 
 /// One explanation between its computation and its rendering.
@@ -31,28 +40,15 @@ pub struct Prepared {
     method: Method,
     /// The target row of the request's explain pass.
     pub row: usize,
-    raw: (Vec<usize>, Vec<f32>),
-    display: Display,
+    /// The class the row explains.
+    pub class: usize,
+    raw: RawArray,
+    shown: Shown,
     /// The map at the model's input size, normalised to [0, 1]: what the metrics rank and multiply with.
     pub model_map: Array2<f32>,
-    extra: methods::Extra,
+    returned: Returned,
     /// The metrics computed on it (the pipeline runs their passes between preparing and rendering).
-    pub scores: Vec<methods::metrics::Score>,
-}
-
-impl Prepared {
-    /// The class this explanation's row explains.
-    pub fn class(&self, out: &BatchOutput) -> usize {
-        out.targets.as_deref().and_then(|t| t.get(self.row).copied()).unwrap_or(0)
-    }
-}
-
-/// The raw map of one (row, method): the multi-pass method's own result, or from the request's explain pass.
-fn raw_map(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, extra: Option<methods::RawMap>) -> Result<methods::RawMap, ServiceError> {
-    match extra {
-        Some(r) => Ok(r),
-        None => methods::one_pass(method, info, layer, out, row),
-    }
+    pub scores: Vec<Score>,
 }
 
 struct Sizes {
@@ -61,28 +57,26 @@ struct Sizes {
     model: (usize, usize),
 }
 
-fn prepare(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &BatchOutput, sizes: Sizes, extra: Option<methods::Computed>) -> Result<Prepared, ServiceError> {
-    let (size, model_size) = (sizes.display, sizes.model);
-    let (oh, ow) = size;
-    let (raw_extra, extra) = match extra {
-        Some((r, e)) => (Some(r), e),
-        None => (None, methods::Extra::default()),
-    };
-    match raw_map(method, info, layer, row, out, raw_extra)? {
+fn raw_array<D: ndarray::Dimension>(a: &ndarray::Array<f32, D>) -> RawArray {
+    RawArray { shape: a.shape().to_vec(), values: a.as_standard_layout().iter().copied().collect() }
+}
+
+fn prepare(c: ComputedMap, sizes: Sizes) -> Prepared {
+    let (oh, ow) = sizes.display;
+    let model_size = sizes.model;
+    let ComputedMap { row, class, method, computed } = c;
+    let (raw, shown, model_map) = match computed.map {
         methods::RawMap::Cam(raw) => {
-            let display = Display::Map(maps::display_map(&raw, oh, ow));
+            let shown = Shown::Map(maps::display_map(&raw, oh, ow));
             let model_map = maps::display_map(&raw, model_size.0, model_size.1);
-            let shape = raw.shape().to_vec();
-            Ok(Prepared { method, row, raw: (shape, raw.into_raw_vec_and_offset().0), display, model_map, extra, scores: vec![] })
+            (raw_array(&raw), shown, model_map)
         }
         // Integrated gradients' attribution is shown as Captum shows it: the channel-summed magnitude as a heatmap.
         methods::RawMap::Gradient(raw) if method.heatmap == Heatmap::SummedMagnitude => {
             let summed = raw.mapv(f32::abs).sum_axis(Axis(0));
-            let display = Display::Map(maps::display_map(&summed, oh, ow));
+            let shown = Shown::Map(maps::display_map(&summed, oh, ow));
             let model_map = maps::display_map(&summed, model_size.0, model_size.1);
-            let shape = raw.shape().to_vec();
-            let raw = (shape, raw.as_standard_layout().iter().copied().collect());
-            Ok(Prepared { method, row, raw, display, model_map, extra, scores: vec![] })
+            (raw_array(&raw), shown, model_map)
         }
         methods::RawMap::Gradient(raw) => {
             let mut rgb = maps::deprocess(raw.view());
@@ -93,67 +87,47 @@ fn prepare(method: Method, info: &ModelInfo, layer: &str, row: usize, out: &Batc
                 rgb = maps::resize_channels(chw.view(), oh, ow).permuted_axes([1, 2, 0]).as_standard_layout().to_owned();
                 magnitude = maps::resize_bilinear(magnitude.view(), oh, ow);
             }
-            let shape = raw.shape().to_vec();
-            let raw = (shape, raw.as_standard_layout().iter().copied().collect());
-            Ok(Prepared { method, row, raw, display: Display::Gradient { rgb, magnitude }, model_map, extra, scores: vec![] })
+            (raw_array(&raw), Shown::Gradient { rgb, magnitude }, model_map)
         }
-    }
+    };
+    Prepared { method, row, class, raw, shown, model_map, returned: computed.returned, scores: vec![] }
 }
 
-fn render_one(p: Prepared, info: &ModelInfo, options: &ExplainOptions, out: &BatchOutput, scores: &[Vec<f32>], base: &RgbImage) -> Explanation {
-    let class = p.class(out);
-    let target = TargetInfo { index: class, label: info.label(class).map(str::to_string), score: scores[p.row][class] };
+fn render_one(p: Prepared, info: &ModelInfo, options: &ExplainOptions, probabilities: &[Vec<f32>], base: &RgbImage) -> Explanation {
+    let target = ExplainedClass { index: p.class, label: info.label(p.class).map(str::to_string), score: probabilities[p.row][p.class] };
     let o = options.outputs;
-    let png = |b: Vec<u8>| render::base64(&b);
-    let (map, heat) = match &p.display {
-        Display::Map(m) => (m, o.heatmap.then(|| render::colorize(m, options.colormap))),
-        Display::Gradient { rgb, magnitude } => (magnitude, o.heatmap.then(|| render::rgb_from_unit(rgb))),
+    let (map, heat) = match &p.shown {
+        Shown::Map(m) => (m, o.heatmap.then(|| render::colorize(m, options.colormap))),
+        Shown::Gradient { rgb, magnitude } => (magnitude, o.heatmap.then(|| render::rgb_from_unit(rgb))),
     };
     let overlay = o.overlay.then(|| {
-        let colored = match (&p.display, &heat) {
-            (Display::Map(_), Some(h)) => h.clone(),
+        let colored = match (&p.shown, &heat) {
+            (Shown::Map(_), Some(h)) => h.clone(),
             _ => render::colorize(map, options.colormap),
         };
-        png(render::png_rgb(&render::overlay(base, &colored, options.alpha)))
+        render::png_rgb(&render::overlay(base, &colored, options.alpha))
     });
-    let raw = o.raw.then(|| {
-        let mut bytes = Vec::with_capacity(p.raw.1.len() * 4);
-        for v in &p.raw.1 {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        RawArray { shape: p.raw.0.clone(), dtype: "float32", data: render::base64(&bytes) }
-    });
-    let metrics = (!p.scores.is_empty()).then(|| p.scores.iter().map(|s| (s.metric.as_str(), s.value)).collect());
-    let curves = (o.curves && !p.scores.is_empty())
-        .then(|| p.scores.iter().filter_map(|s| Some((s.metric.as_str(), s.curve.clone()?))).collect());
+    let mut scores = p.scores;
+    if !o.curves {
+        scores.iter_mut().for_each(|s| s.curve = None);
+    }
     Explanation {
         method: p.method,
         layer: p.method.uses_layer.then(|| options.layer.clone()),
         target,
-        heatmap_png: heat.map(|h| png(render::png_rgb(&h))),
+        heatmap_png: heat.map(|h| render::png_rgb(&h)),
         overlay_png: overlay,
-        mask_png: o.mask.then(|| png(render::png_gray(&render::mask(map)))),
-        raw,
+        mask_png: o.mask.then(|| render::png_gray(&render::mask(map))),
+        raw: o.raw.then_some(p.raw),
         peak: maps::peak(map),
         bbox: maps::bbox(map, 0.15),
-        metrics,
-        curves,
-        seed: p.extra.seed,
-        channels: p.extra.channels,
+        scores,
+        returned: p.returned,
     }
 }
 
-/// Every (target row, method) pair's map, computed in parallel (multi-pass methods' maps given in `extras`);
-/// returns them with the time taken.
-pub fn prepare_all(
-    info: &ModelInfo,
-    options: &ExplainOptions,
-    out: &BatchOutput,
-    mut extras: BTreeMap<(usize, Method), methods::Computed>,
-    orig: &RgbImage,
-    model_rgb: &RgbImage,
-    region: preprocess::Region,
-) -> Result<(Vec<Prepared>, Duration), ServiceError> {
+/// Every pair's display, prepared in parallel; returns them with the time taken.
+pub fn prepare_all(options: &ExplainOptions, computed: Vec<ComputedMap>, orig: &RgbImage, model_rgb: &RgbImage, region: preprocess::Region) -> (Vec<Prepared>, Duration) {
     // At `size=original` the maps cover the part of the upload the model saw (all of it unless cropped), in the
     // upload's pixels; outside a crop they are zero (gradient images neutral grey).
     let model_size = (model_rgb.height() as usize, model_rgb.width() as usize);
@@ -167,30 +141,25 @@ pub fn prepare_all(
         }
     };
     let t0 = Instant::now();
-    let items: Vec<(usize, Method, Option<methods::Computed>)> = (0..out.len())
-        .flat_map(|r| options.methods.iter().map(move |&m| (r, m)))
-        .map(|(r, m)| (r, m, extras.remove(&(r, m))))
-        .collect();
-    let layer = options.layer.as_str();
-    let prepared: Vec<Prepared> = items
+    let prepared: Vec<Prepared> = computed
         .into_par_iter()
-        .map(|(r, m, extra)| match placed {
-            None => prepare(m, info, layer, r, out, Sizes { display: size, model: model_size }, extra),
-            Some((at, inner)) => prepare(m, info, layer, r, out, Sizes { display: inner, model: model_size }, extra).map(|p| place(p, at, size)),
+        .map(|c| match placed {
+            None => prepare(c, Sizes { display: size, model: model_size }),
+            Some((at, inner)) => place(prepare(c, Sizes { display: inner, model: model_size }), at, size),
         })
-        .collect::<Result<_, _>>()?;
-    Ok((prepared, t0.elapsed()))
+        .collect();
+    (prepared, t0.elapsed())
 }
 
-/// Renders every prepared explanation in parallel; returns them with the time taken.
-pub fn render_all(prepared: Vec<Prepared>, info: &ModelInfo, options: &ExplainOptions, out: &BatchOutput, orig: &RgbImage, model_rgb: &RgbImage) -> (Vec<Explanation>, Duration) {
+/// Renders every prepared explanation in parallel; returns them with the time taken. `probabilities` holds each
+/// row's softmax (computed once by the pipeline).
+pub fn render_all(prepared: Vec<Prepared>, info: &ModelInfo, options: &ExplainOptions, probabilities: &[Vec<f32>], orig: &RgbImage, model_rgb: &RgbImage) -> (Vec<Explanation>, Duration) {
     let base = match options.size {
         OutputSize::Model => model_rgb,
         OutputSize::Original => orig,
     };
-    let scores: Vec<Vec<f32>> = out.logits.outer_iter().map(softmax).collect();
     let t0 = Instant::now();
-    let explanations: Vec<Explanation> = prepared.into_par_iter().map(|p| render_one(p, info, options, out, &scores, base)).collect();
+    let explanations: Vec<Explanation> = prepared.into_par_iter().map(|p| render_one(p, info, options, probabilities, base)).collect();
     (explanations, t0.elapsed())
 }
 
@@ -198,20 +167,20 @@ pub fn render_all(prepared: Vec<Prepared>, info: &ModelInfo, options: &ExplainOp
 /// outside, gradient images neutral grey (0.5, what `deprocess` makes of a zero gradient) with zero magnitude.
 fn place(p: Prepared, at: (usize, usize), size: (usize, usize)) -> Prepared {
     let (y0, x0) = at;
-    let display = match p.display {
-        Display::Map(m) => {
+    let shown = match p.shown {
+        Shown::Map(m) => {
             let mut canvas = Array2::zeros(size);
             canvas.slice_mut(ndarray::s![y0..y0 + m.nrows(), x0..x0 + m.ncols()]).assign(&m);
-            Display::Map(canvas)
+            Shown::Map(canvas)
         }
-        Display::Gradient { rgb, magnitude } => {
+        Shown::Gradient { rgb, magnitude } => {
             let (h, w) = magnitude.dim();
             let mut rgb_canvas = Array3::from_elem((size.0, size.1, 3), 0.5f32);
             rgb_canvas.slice_mut(ndarray::s![y0..y0 + h, x0..x0 + w, ..]).assign(&rgb);
             let mut mag = Array2::zeros(size);
             mag.slice_mut(ndarray::s![y0..y0 + h, x0..x0 + w]).assign(&magnitude);
-            Display::Gradient { rgb: rgb_canvas, magnitude: mag }
+            Shown::Gradient { rgb: rgb_canvas, magnitude: mag }
         }
     };
-    Prepared { display, ..p }
+    Prepared { shown, ..p }
 }

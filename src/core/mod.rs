@@ -1,7 +1,10 @@
-//! The service's core: the model registry (loading, warming, readiness), the request pipeline and the request
-//! options. No HTTP here: `crate::api` turns requests into calls on [`pipeline::Service`].
+//! The service's core: the model registry (loading, warming, readiness), the request pipeline, the request
+//! options, the models' tasks, and the typed [`answer::Answer`] the pipeline returns. No protocol here: `crate::api`
+//! and the CLI turn requests into calls on [`pipeline::Service`] and encode its answers.
 
+pub mod answer;
 pub mod explanations;
 pub mod options;
 pub mod pipeline;
 pub mod registry;
+pub mod task;

@@ -1,12 +1,20 @@
 //! Request options (docs/DESIGN.md §5 table): parsed from a query string, multipart text parts or a JSON body, then
-//! validated against the model into an [`ExplainOptions`].
+//! validated against the model into an [`ExplainOptions`]. The methods' own parameters (`steps`, `samples`, ...)
+//! are not listed here: each method declares them (`methods::params`), and they are parsed and checked from those
+//! declarations. Errors are [`ServiceError`]s: `BadRequest` (400) for a malformed request, `Unprocessable` (422)
+//! for a well-formed but unacceptable option.
 
 use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use std::collections::BTreeMap;
+
 use crate::backend::batcher::Target;
 use crate::backend::engine::ModelInfo;
+use crate::error::ServiceError;
+use crate::methods::metrics::Metric;
+use crate::methods::params::{self, Param, ParamKind, ParamValue, Params};
 use crate::methods::Method;
 use crate::render::Colormap;
 
@@ -22,11 +30,8 @@ pub struct RawOptions {
     pub alpha: Option<f64>,
     pub size: Option<String>,
     pub metrics: Option<Vec<String>>,
-    pub steps: Option<i64>,
-    pub samples: Option<i64>,
-    pub noise: Option<f64>,
-    pub seed: Option<i64>,
-    pub channels: Option<i64>,
+    /// The methods' declared parameters, by name, as received (checked against their declarations in `validate`).
+    pub params: BTreeMap<&'static str, ParamValue>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,21 +40,23 @@ pub enum TargetSpec {
     Label(String),
 }
 
-/// An invalid option: 400 when the request is malformed, 422 when well-formed but not acceptable.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum OptionError {
-    #[error("{0}")]
-    Malformed(String),
-    #[error("{0}")]
-    Invalid(String),
+fn invalid(s: impl Into<String>) -> ServiceError {
+    ServiceError::Unprocessable(s.into())
 }
 
-fn invalid(s: impl Into<String>) -> OptionError {
-    OptionError::Invalid(s.into())
+fn malformed(s: impl Into<String>) -> ServiceError {
+    ServiceError::BadRequest(s.into())
 }
 
-const KEYS: [&str; 14] =
-    ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size", "metrics", "steps", "samples", "noise", "seed", "channels"];
+/// The options every request may give; the methods' parameters come after them.
+const KEYS: [&str; 9] = ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size", "metrics"];
+
+/// The known option names, for the error that names an unknown one.
+fn known_keys() -> String {
+    let mut keys: Vec<&str> = KEYS.to_vec();
+    keys.extend(params::all().iter().map(|p| p.name));
+    keys.join(", ")
+}
 
 /// The most members a JSON body or JSON `options` part may have (the image and the fourteen options, each once, fit
 /// with room to spare). Checked while parsing: a 20 MiB body of a million keys is refused at the 33rd, not built.
@@ -59,9 +66,9 @@ pub const MAX_JSON_MEMBERS: usize = 32;
 pub const MAX_OPTION_BYTES: usize = 16 * 1024;
 
 /// 400 when one option's value is over [`MAX_OPTION_BYTES`].
-pub fn check_option_size(key: &str, len: usize) -> Result<(), OptionError> {
+pub fn check_option_size(key: &str, len: usize) -> Result<(), ServiceError> {
     if len > MAX_OPTION_BYTES {
-        return Err(OptionError::Malformed(format!("option `{key}` is {len} bytes long; at most {MAX_OPTION_BYTES} are accepted")));
+        return Err(malformed(format!("option `{key}` is {len} bytes long; at most {MAX_OPTION_BYTES} are accepted")));
     }
     Ok(())
 }
@@ -110,15 +117,36 @@ fn method_list(v: &str) -> Vec<String> {
     v.split(',').map(|s| s.trim_start().to_string()).filter(|s| !s.trim_end().is_empty()).collect()
 }
 
-fn int_text(key: &str, v: &str) -> Result<i64, OptionError> {
+fn int_text(key: &str, v: &str) -> Result<i64, ServiceError> {
     v.trim().parse().map_err(|_| invalid(format!("{key} must be an integer, not `{v}`")))
 }
 
-fn int_json(key: &str, v: &Value) -> Result<i64, OptionError> {
+fn int_json(key: &str, v: &Value) -> Result<i64, ServiceError> {
     match v {
         Value::Number(n) => n.as_i64().ok_or_else(|| invalid(format!("{key} must be an integer, not {n}"))),
         Value::String(s) => int_text(key, s),
         _ => Err(invalid(format!("{key} must be an integer"))),
+    }
+}
+
+/// A declared parameter's value from a text value.
+fn param_text(p: &Param, v: &str) -> Result<ParamValue, ServiceError> {
+    if p.is_integer() {
+        return int_text(p.name, v).map(ParamValue::Int);
+    }
+    v.trim().parse().map(ParamValue::Number).map_err(|_| invalid(format!("{} must be a number, not `{v}`", p.name)))
+}
+
+/// A declared parameter's value from a JSON value (a number, or a string holding one).
+fn param_json(p: &Param, v: &Value) -> Result<ParamValue, ServiceError> {
+    if p.is_integer() {
+        return int_json(p.name, v).map(ParamValue::Int);
+    }
+    let name = p.name;
+    match v {
+        Value::Number(n) => n.as_f64().map(ParamValue::Number).ok_or_else(|| invalid(format!("{name} must be a number"))),
+        Value::String(s) => s.trim().parse().map(ParamValue::Number).map_err(|_| invalid(format!("{name} must be a number, not `{s}`"))),
+        _ => Err(invalid(format!("{name} must be a number"))),
     }
 }
 
@@ -131,7 +159,7 @@ fn target_from_str(s: &str) -> TargetSpec {
 
 impl RawOptions {
     /// Sets one option from a text value (query string or multipart text part). Lists are comma-separated.
-    pub fn set_text(&mut self, key: &str, value: &str) -> Result<(), OptionError> {
+    pub fn set_text(&mut self, key: &str, value: &str) -> Result<(), ServiceError> {
         match key {
             "methods" | "method" => self.methods.get_or_insert_with(Vec::new).extend(method_list(value)),
             "target" | "targets" => self.target.get_or_insert_with(Vec::new).extend(list(value).iter().map(|s| target_from_str(s))),
@@ -144,21 +172,19 @@ impl RawOptions {
             }
             "size" => self.size = Some(value.trim().to_string()),
             "metrics" | "metric" => self.metrics.get_or_insert_with(Vec::new).extend(list(value)),
-            "steps" => self.steps = Some(int_text(key, value)?),
-            "samples" => self.samples = Some(int_text(key, value)?),
-            "channels" => self.channels = Some(int_text(key, value)?),
-            "seed" => self.seed = Some(int_text(key, value)?),
-            "noise" => {
-                self.noise = Some(value.trim().parse().map_err(|_| invalid(format!("noise must be a number, not `{value}`")))?)
-            }
-            other => return Err(invalid(format!("unknown option `{other}` (known: {})", KEYS.join(", ")))),
+            other => match params::find(other) {
+                Some(p) => {
+                    self.params.insert(p.name, param_text(p, value)?);
+                }
+                None => return Err(invalid(format!("unknown option `{other}` (known: {})", known_keys()))),
+            },
         }
         Ok(())
     }
 
     /// Sets options from a JSON object's members (the `image` member excluded by the caller).
-    pub fn set_json(&mut self, key: &str, value: &Value) -> Result<(), OptionError> {
-        let strings = |v: &Value, what: &str| -> Result<Vec<String>, OptionError> {
+    pub fn set_json(&mut self, key: &str, value: &Value) -> Result<(), ServiceError> {
+        let strings = |v: &Value, what: &str| -> Result<Vec<String>, ServiceError> {
             match v {
                 Value::String(s) => Ok(list(s)),
                 Value::Array(a) => a
@@ -168,7 +194,7 @@ impl RawOptions {
                 _ => Err(invalid(format!("{what} must be a string or a list of strings"))),
             }
         };
-        let target = |v: &Value| -> Result<TargetSpec, OptionError> {
+        let target = |v: &Value| -> Result<TargetSpec, ServiceError> {
             match v {
                 Value::Number(n) => n.as_i64().map(TargetSpec::Index).ok_or_else(|| invalid(format!("target {n} is not an integer"))),
                 Value::String(s) => Ok(target_from_str(s)),
@@ -202,25 +228,19 @@ impl RawOptions {
             }
             "size" => self.size = Some(value.as_str().ok_or_else(|| invalid("size must be a string"))?.to_string()),
             "metrics" | "metric" => self.metrics = Some(strings(value, "metrics")?),
-            "steps" => self.steps = Some(int_json(key, value)?),
-            "samples" => self.samples = Some(int_json(key, value)?),
-            "channels" => self.channels = Some(int_json(key, value)?),
-            "seed" => self.seed = Some(int_json(key, value)?),
-            "noise" => {
-                self.noise = Some(match value {
-                    Value::Number(n) => n.as_f64().ok_or_else(|| invalid("noise must be a number"))?,
-                    Value::String(s) => s.trim().parse().map_err(|_| invalid(format!("noise must be a number, not `{s}`")))?,
-                    _ => return Err(invalid("noise must be a number")),
-                })
-            }
-            other => return Err(invalid(format!("unknown option `{other}` (known: {})", KEYS.join(", ")))),
+            other => match params::find(other) {
+                Some(p) => {
+                    self.params.insert(p.name, param_json(p, value)?);
+                }
+                None => return Err(invalid(format!("unknown option `{other}` (known: {})", known_keys()))),
+            },
         }
         Ok(())
     }
 
     /// Options from a JSON object (e.g. the multipart part `options`).
-    pub fn from_json_object(text: &[u8]) -> Result<RawOptions, OptionError> {
-        let members = json_members(text).map_err(|e| OptionError::Malformed(format!("the `options` part {e}")))?;
+    pub fn from_json_object(text: &[u8]) -> Result<RawOptions, ServiceError> {
+        let members = json_members(text).map_err(|e| malformed(format!("the `options` part {e}")))?;
         let mut o = RawOptions::default();
         for (k, v) in members {
             o.set_json_text(&k, v)?;
@@ -229,9 +249,9 @@ impl RawOptions {
     }
 
     /// Sets one option from a JSON member's text, refusing values over [`MAX_OPTION_BYTES`] before parsing them.
-    pub fn set_json_text(&mut self, key: &str, raw: &RawValue) -> Result<(), OptionError> {
+    pub fn set_json_text(&mut self, key: &str, raw: &RawValue) -> Result<(), ServiceError> {
         check_option_size(key, raw.get().len())?;
-        let v: Value = serde_json::from_str(raw.get()).map_err(|e| OptionError::Malformed(format!("option `{key}` is not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(raw.get()).map_err(|e| malformed(format!("option `{key}` is not valid JSON: {e}")))?;
         self.set_json(key, &v)
     }
 
@@ -240,7 +260,8 @@ impl RawOptions {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
-        take!(methods, target, top_k, layer, outputs, colormap, alpha, size, metrics, steps, samples, noise, seed, channels);
+        take!(methods, target, top_k, layer, outputs, colormap, alpha, size, metrics);
+        self.params.extend(other.params);
     }
 }
 
@@ -262,40 +283,6 @@ pub struct Outputs {
     pub curves: bool,
 }
 
-/// A faithfulness metric (methods/metrics.rs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Metric {
-    Deletion,
-    Insertion,
-    ConfidenceChange,
-}
-
-impl Metric {
-    pub const ALL: [Metric; 3] = [Metric::Deletion, Metric::Insertion, Metric::ConfidenceChange];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Metric::Deletion => "deletion",
-            Metric::Insertion => "insertion",
-            Metric::ConfidenceChange => "confidence_change",
-        }
-    }
-}
-
-impl serde::Serialize for Metric {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-/// Defaults of the multi-pass methods' options (docs/METHODS.md).
-pub const DEFAULT_STEPS: usize = 50;
-pub const DEFAULT_SAMPLES: usize = 25;
-pub const DEFAULT_NOISE: f32 = 0.15;
-/// Bounds that keep one option from asking for absurd work before the budget is even computed.
-pub const MAX_STEPS: usize = 1000;
-pub const MAX_SAMPLES: usize = 1000;
-
 /// Validated options of one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExplainOptions {
@@ -309,16 +296,15 @@ pub struct ExplainOptions {
     pub alpha: f32,
     pub size: OutputSize,
     pub metrics: Vec<Metric>,
-    /// Integrated gradients' steps.
-    pub steps: usize,
-    /// SmoothGrad's noisy copies.
-    pub samples: usize,
-    /// SmoothGrad's noise level: sigma = noise * (max - min) of the model-space input.
-    pub noise: f32,
-    /// SmoothGrad's seed (a random one when not given; returned either way).
-    pub seed: Option<u64>,
-    /// Score-CAM's channel cap (the highest-variance channels first).
-    pub channels: Option<usize>,
+    /// The methods' parameters, checked against their declarations (`methods::params`).
+    pub params: Params,
+}
+
+impl ExplainOptions {
+    /// What the budget reads (`methods::request_cost`).
+    pub fn work(&self) -> crate::methods::Work<'_> {
+        crate::methods::Work { layer: &self.layer, methods: &self.methods, params: &self.params, metrics: &self.metrics, targets: self.targets.len() }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -331,7 +317,7 @@ pub struct OptionLimits {
 }
 
 impl RawOptions {
-    pub fn validate(&self, model: &ModelInfo, limits: OptionLimits) -> Result<ExplainOptions, OptionError> {
+    pub fn validate(&self, model: &ModelInfo, limits: OptionLimits) -> Result<ExplainOptions, ServiceError> {
         let mut methods = Vec::new();
         match &self.methods {
             None => methods.extend(Method::DEFAULT),
@@ -436,7 +422,7 @@ impl RawOptions {
                 Metric::ALL.to_vec()
             } else {
                 let known: Vec<&str> = Metric::ALL.iter().map(|m| m.as_str()).collect();
-                vec![Metric::ALL.into_iter().find(|m| m.as_str() == name).ok_or_else(|| {
+                vec![Metric::parse(name).ok_or_else(|| {
                     invalid(format!("unknown metric `{name}` (known: {}, all)", known.join(", ")))
                 })?]
             };
@@ -446,35 +432,40 @@ impl RawOptions {
                 }
             }
         }
-        if outputs.curves && !metrics.iter().any(|m| matches!(m, Metric::Deletion | Metric::Insertion)) {
+        if outputs.curves && !metrics.iter().any(|m| m.has_curve()) {
             return Err(invalid("outputs=curves needs metrics=deletion or insertion"));
         }
-        let count = |v: Option<i64>, name: &str, default: usize, max: usize| -> Result<usize, OptionError> {
-            match v {
-                None => Ok(default),
-                Some(n) if n >= 1 && n as usize <= max => Ok(n as usize),
-                Some(n) => Err(invalid(format!("{name} must be between 1 and {max}, not {n}"))),
-            }
-        };
-        let steps = count(self.steps, "steps", DEFAULT_STEPS, MAX_STEPS)?;
-        let samples = count(self.samples, "samples", DEFAULT_SAMPLES, MAX_SAMPLES)?;
-        let noise = match self.noise {
-            None => DEFAULT_NOISE,
-            Some(n) if n.is_finite() && (0.0..=10.0).contains(&n) => n as f32,
-            Some(n) => return Err(invalid(format!("noise must be between 0 and 10, not {n}"))),
-        };
-        let seed = match self.seed {
-            None => None,
-            Some(s) if s >= 0 => Some(s as u64),
-            Some(s) => return Err(invalid(format!("seed must be a non-negative integer, not {s}"))),
-        };
-        let layer_channels = model.layer(&layer).map_or(usize::MAX, |l| l.dims[1] as usize);
-        let channels = match self.channels {
+        let mut params = Params::default();
+        for (&name, &value) in &self.params {
+            let p = params::find(name).ok_or_else(|| invalid(format!("unknown option `{name}` (known: {})", known_keys())))?;
+            params.set(p, p.check(value).map_err(invalid)?);
+        }
+        resolve_caps(&mut params, model, &layer, limits);
+        Ok(ExplainOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params })
+    }
+}
+
+/// The caps (`ParamKind::Cap`: Score-CAM's `channels`) as the methods read them: the request's value, lowered to
+/// `server.scorecam_max_channels` (which also applies when the request gives none), and dropped when it is not
+/// below the layer's channel count (no cap then).
+fn resolve_caps(params: &mut Params, model: &ModelInfo, layer: &str, limits: OptionLimits) {
+    let layer_channels = model.layer(layer).map_or(usize::MAX, |l| l.dims[1] as usize);
+    for p in params::all().into_iter().filter(|p| p.kind == ParamKind::Cap) {
+        let cap = match params.integer(p) {
             None => limits.scorecam_max_channels,
-            Some(c) if c >= 1 => Some(limits.scorecam_max_channels.map_or(c as usize, |m| m.min(c as usize))),
-            Some(c) => return Err(invalid(format!("channels must be at least 1, not {c}"))),
+            Some(c) => Some(limits.scorecam_max_channels.map_or(c as usize, |m| m.min(c as usize))),
         }
         .filter(|&c| c < layer_channels);
-        Ok(ExplainOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, steps, samples, noise, seed, channels })
+        match cap {
+            Some(c) => params.set(p, ParamValue::Int(c as i64)),
+            None => params.clear(p),
+        }
     }
+}
+
+/// The parameters a request without options gets at `layer`: every default, with the configured caps.
+pub fn default_params(model: &ModelInfo, layer: &str, limits: OptionLimits) -> Params {
+    let mut params = Params::default();
+    resolve_caps(&mut params, model, layer, limits);
+    params
 }

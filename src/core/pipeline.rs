@@ -1,6 +1,7 @@
-//! The request pipeline behind the HTTP routes: validate the options and the request's cost, decode and
-//! preprocess the image, run the explain pass through the model's batcher, then the multi-pass methods' and the
-//! metrics' batches (methods/), turn the arrays into explanations (explain/) and pictures (render/).
+//! The request pipeline behind every protocol: validate the options and the request's cost, decode and
+//! preprocess the image, run the explain pass through the model's batcher, compute every (target, method) map
+//! through `methods::compute` (one-pass and multi-pass alike), run the metrics on them, and render. It returns a
+//! typed [`Answer`]; the protocols (`api::v1`, `api::oip`, `api::kserve`, the CLI) encode it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,62 +9,36 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use image::RgbImage;
+use ndarray::Array3;
 
-use super::explanations::{prepare_all, render_all};
-use super::options::{OptionError, OptionLimits, RawOptions};
-use crate::api::wire::{ExplainResponse, ImageSize, Prediction, Timings};
+use super::answer::{Answer, Explanation, ImageSize, Timings};
+use super::explanations::{prepare_all, render_all, ComputedMap};
+use super::options::{ExplainOptions, OptionLimits, RawOptions};
+use super::task::Task;
 use crate::backend::batcher::{Images, Queue, Target};
-use crate::backend::engine::{ranked, BatchOutput, ModelInfo, PlanKey};
-use crate::methods::{self, Kind};
+use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
+use crate::error::ServiceError;
+use crate::methods::{self, Kind, Passes};
 use crate::onnx::rewrite::ExplainPlan;
-use crate::preprocess::{self, DecodeLimits, ImageError};
-
-/// What can go wrong in a request; `api::error` maps each kind to its status.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("no model named `{0}`")]
-    UnknownModel(String),
-    #[error("{0}")]
-    TooLarge(String),
-    #[error("{0}")]
-    Unprocessable(String),
-    #[error("the queue of model `{0}` is full; retry shortly")]
-    QueueFull(String),
-    #[error("the request waited longer than {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    NotReady(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<OptionError> for ServiceError {
-    fn from(e: OptionError) -> Self {
-        match e {
-            OptionError::Malformed(m) => ServiceError::BadRequest(m),
-            OptionError::Invalid(m) => ServiceError::Unprocessable(m),
-        }
-    }
-}
-
-impl From<ImageError> for ServiceError {
-    fn from(e: ImageError) -> Self {
-        match e {
-            ImageError::TooLarge { .. } | ImageError::OverDecoderLimit(_) => ServiceError::TooLarge(e.to_string()),
-            _ => ServiceError::BadRequest(e.to_string()),
-        }
-    }
-}
+use crate::preprocess::{self, DecodeLimits};
 
 pub struct ModelHandle {
     pub info: Arc<ModelInfo>,
+    /// What the model's outputs are (core/task.rs).
+    pub task: Task,
     pub queue: Queue,
     /// Its place in the configuration: `GET /v1/models` lists models in that order (the page opens on the first).
     pub position: usize,
     /// The batcher's `max_batch`: the multi-pass methods submit their rows in jobs of this size.
     pub max_batch: usize,
+}
+
+impl ModelHandle {
+    /// A loaded model behind its batcher's queue, its task recognised from its outputs.
+    pub fn new(info: Arc<ModelInfo>, queue: Queue, position: usize, max_batch: usize) -> ModelHandle {
+        ModelHandle { task: Task::of(&info), info, queue, position, max_batch }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -135,17 +110,52 @@ impl Service {
         self.models()?.get(name).ok_or_else(|| ServiceError::UnknownModel(name.to_string()))
     }
 
-    pub async fn handle(&self, model: &str, endpoint: Endpoint, image: Bytes, raw: RawOptions) -> Result<ExplainResponse, ServiceError> {
+    pub async fn handle(&self, model: &str, endpoint: Endpoint, image: Bytes, raw: RawOptions) -> Result<Answer, ServiceError> {
         self.handle_input(model, endpoint, ImageInput::Encoded(image), raw).await
     }
 
-    pub async fn handle_input(&self, model: &str, endpoint: Endpoint, image: ImageInput, raw: RawOptions) -> Result<ExplainResponse, ServiceError> {
+    /// One request, start to end: admit it, decode its image, run its pass, explain and render.
+    pub async fn handle_input(&self, model: &str, endpoint: Endpoint, image: ImageInput, raw: RawOptions) -> Result<Answer, ServiceError> {
         let started = Instant::now();
         let handle = self.model(model)?;
         let info = handle.info.clone();
-        let options = raw.validate(&info, self.limits.options)?;
+        let options = self.admit(handle, endpoint, &raw)?;
+        let decoded = decode(info.clone(), image, self.limits.decode).await?;
+        let decode_time = started.elapsed();
+
+        let deadline = started + self.limits.request_timeout;
+        // The request's own pass and every multi-pass method's and metric's batches go through one handle.
+        let passes = Passes { queue: &handle.queue, info: &info, max_batch: handle.max_batch, deadline, timeout: self.limits.request_timeout };
+        let (plan, targets, label) = match endpoint {
+            Endpoint::Predict => (PlanKey::Predict, vec![Target::Rank(0)], "predict"),
+            Endpoint::Explain => (explain_plan(&info, &options), options.targets.clone(), "explain"),
+        };
+        let needs_image = endpoint == Endpoint::Explain && (options.methods.iter().any(|m| m.is_multipass()) || !options.metrics.is_empty());
+        let kept_input = needs_image.then(|| decoded.input.clone());
+        let out = passes.wait(passes.submit(&plan, Images::One(decoded.input), targets, label)?).await?;
+
+        // Softmax once per row of the pass: the predictions, the targets' scores and the metrics read it.
+        let probabilities: Vec<Vec<f32>> = out.output.logits.outer_iter().map(crate::explain::softmax).collect();
+        let result = handle.task.decode(&info, out.output.logits.row(0).to_vec(), probabilities[0].clone(), options.top_k.max(5));
+        let mut timings = Timings { queue: ms(out.queue), decode: ms(decode_time), inference: ms(out.inference), ..Default::default() };
+        let explanations = match endpoint {
+            Endpoint::Predict => None,
+            Endpoint::Explain => {
+                let work = Explaining { info: &info, options, output: out.output, probabilities, passes: &passes, input: kept_input };
+                Some(work.run(decoded.orig, decoded.model_rgb, decoded.region, &mut timings).await?)
+            }
+        };
+        timings.total = ms(started.elapsed());
+        Ok(Answer { model: info.name.clone(), device: info.device, image: decoded.size, result, explanations, timings })
+    }
+
+    /// Validates the options and, for an explain request, its cost; refuses before any work when the model's
+    /// queue is full.
+    fn admit(&self, handle: &ModelHandle, endpoint: Endpoint, raw: &RawOptions) -> Result<ExplainOptions, ServiceError> {
+        let info = &handle.info;
+        let options = raw.validate(info, self.limits.options)?;
         if endpoint == Endpoint::Explain {
-            let cost = methods::request_cost(&info, &options);
+            let cost = methods::request_cost(info, &options.work());
             if cost > self.limits.max_forward_passes {
                 return Err(ServiceError::Unprocessable(format!(
                     "this request costs {cost} forward passes (methods, metrics and targets together; GET /v1/models/{} gives each method's cost), over the limit of {} (server.max_forward_passes)",
@@ -159,141 +169,128 @@ impl Service {
             metrics::counter!("camserve_queue_rejections_total").increment(1);
             return Err(ServiceError::QueueFull(info.name.clone()));
         }
-
-        // Decode and preprocess off the async runtime.
-        let limits = self.limits.decode;
-        let (orig, model_rgb, input, region) = tokio::task::spawn_blocking({
-            let info = info.clone();
-            move || -> Result<_, ServiceError> {
-                let [c, h, w] = info.input_shape;
-                match image {
-                    ImageInput::Encoded(bytes) => {
-                        let orig = preprocess::decode(&bytes, limits)?;
-                        let (resized, region) = preprocess::to_model_size(&orig, w as u32, h as u32, info.pixels);
-                        let input = preprocess::normalize(&resized, info.mean, info.std, info.pixels);
-                        Ok((orig, resized, input, region))
-                    }
-                    ImageInput::Tensor(input) => {
-                        let want = [c, h, w];
-                        if input.shape() != want {
-                            return Err(ServiceError::BadRequest(format!(
-                                "the input tensor of one image has shape {:?}; model `{}` takes {want:?}",
-                                input.shape(),
-                                info.name
-                            )));
-                        }
-                        if input.iter().any(|v| !v.is_finite()) {
-                            return Err(ServiceError::BadRequest("the input tensor holds a NaN or an infinity".into()));
-                        }
-                        let rgb = preprocess::denormalize(input.view(), info.mean, info.std, info.pixels);
-                        let whole = preprocess::Region { x: 0.0, y: 0.0, width: w as f64, height: h as f64 };
-                        Ok((rgb.clone(), rgb, input, whole))
-                    }
-                }
-            }
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("preprocessing task failed: {e}")))??;
-        let decode = started.elapsed();
-
-        let plan = match endpoint {
-            Endpoint::Predict => PlanKey::Predict,
-            Endpoint::Explain => {
-                let rules = options.methods.iter().filter_map(|m| m.input_rule);
-                let mut plan = ExplainPlan::new(options.layer.clone(), rules);
-                if options.methods.iter().any(|m| m.kind == Kind::Attention) {
-                    plan = plan.with_attention();
-                }
-                PlanKey::explain(&info, plan)
-            }
-        };
-        let targets = if endpoint == Endpoint::Predict { vec![Target::Rank(0)] } else { options.targets.clone() };
-        let deadline = started + self.limits.request_timeout;
-        // The request's own pass and every multi-pass method's and metric's batches go through one handle.
-        let passes = methods::Passes { queue: &handle.queue, info: &info, max_batch: handle.max_batch, deadline, timeout: self.limits.request_timeout };
-        let multipass = endpoint == Endpoint::Explain && (options.methods.iter().any(|m| m.is_multipass()) || !options.metrics.is_empty());
-        let kept_input = multipass.then(|| input.clone());
-        let label = if endpoint == Endpoint::Predict { "predict" } else { "explain" };
-        let out = passes.wait(passes.submit(&plan, Images::One(input), targets, label)?).await?;
-
-        let predictions = predictions(&info, &out.output, options.top_k.max(5));
-        let logits = out.output.logits.row(0).to_vec();
-        let image_size = ImageSize { width: orig.width(), height: orig.height() };
-        let mut timings = Timings { queue: ms(out.queue), decode: ms(decode), inference: ms(out.inference), ..Default::default() };
-        let explanations = if endpoint == Endpoint::Explain {
-            let output = Arc::new(out.output);
-            let t0 = Instant::now();
-            // The multi-pass methods' maps, per (row, method), through the batcher.
-            let mut extras = BTreeMap::new();
-            if let Some(input) = &kept_input {
-                for row in 0..output.len() {
-                    for &m in options.methods.iter().filter(|m| m.is_multipass()) {
-                        extras.insert((row, m), methods::multi_pass(m, &passes, &options, &output, row, input).await?);
-                    }
-                }
-            }
-            let t_passes = t0.elapsed();
-            let options = Arc::new(options);
-            let (mut prepared, t_explain, orig, model_rgb) = tokio::task::spawn_blocking({
-                let (info, options, output) = (info.clone(), options.clone(), output.clone());
-                move || prepare_all(&info, &options, &output, extras, &orig, &model_rgb, region).map(|(p, t)| (p, t, orig, model_rgb))
-            })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("explanation task failed: {e}")))??;
-            // The metrics, on each map at the model's input size, through the batcher.
-            let t1 = Instant::now();
-            if let Some(input) = &kept_input {
-                let scores: Vec<Vec<f32>> = output.logits.outer_iter().map(softmax).collect();
-                for p in prepared.iter_mut() {
-                    let class = p.class(&output);
-                    for &metric in &options.metrics {
-                        let score = methods::metrics::evaluate(&passes, metric, input, &p.model_map, class, scores[p.row][class] as f64).await?;
-                        p.scores.push(score);
-                    }
-                }
-            }
-            let t_metrics = t1.elapsed();
-            let (ex, t_render) = tokio::task::spawn_blocking({
-                let (info, options, output) = (info.clone(), options.clone(), output.clone());
-                move || render_all(prepared, &info, &options, &output, &orig, &model_rgb)
-            })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("render task failed: {e}")))?;
-            timings.explain = ms(t_explain + t_passes);
-            timings.metrics = ms(t_metrics);
-            timings.render = ms(t_render);
-            Some(ex)
-        } else {
-            None
-        };
-        timings.total = ms(started.elapsed());
-        Ok(ExplainResponse {
-            model: info.name.clone(),
-            device: info.device,
-            image: image_size,
-            predictions,
-            explanations,
-            timings_ms: timings,
-            logits,
-        })
+        Ok(options)
     }
 }
 
-/// Softmax of one row of logits, summed in float64.
-pub fn softmax(logits: ndarray::ArrayView1<f32>) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f64> = logits.iter().map(|&v| ((v - max) as f64).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.iter().map(|&e| (e / sum) as f32).collect()
+/// The explain plan a request needs: its layer, the input-gradient chains its methods read, attention if any
+/// method reads it.
+fn explain_plan(info: &ModelInfo, options: &ExplainOptions) -> PlanKey {
+    let rules = options.methods.iter().filter_map(|m| m.input_rule);
+    let mut plan = ExplainPlan::new(options.layer.clone(), rules);
+    if options.methods.iter().any(|m| m.kind == Kind::Attention) {
+        plan = plan.with_attention();
+    }
+    PlanKey::explain(info, plan)
 }
 
-/// The top `n` classes of the first row, with softmax scores.
-fn predictions(info: &ModelInfo, out: &BatchOutput, n: usize) -> Vec<Prediction> {
-    let logits = out.logits.row(0);
-    let scores = softmax(logits);
-    ranked(logits.iter().copied())
-        .into_iter()
-        .take(n.min(info.num_classes))
-        .map(|i| Prediction { index: i, label: info.label(i).map(str::to_string), score: scores[i], logit: logits[i] })
-        .collect()
+/// The image as the model sees it and as the answer draws on it.
+struct Decoded {
+    size: ImageSize,
+    orig: RgbImage,
+    /// The upload at the model's input size (what overlays at `size=model` are drawn on).
+    model_rgb: RgbImage,
+    input: Array3<f32>,
+    /// The part of the upload the model saw.
+    region: preprocess::Region,
+}
+
+/// Decodes and preprocesses off the async runtime.
+async fn decode(info: Arc<ModelInfo>, image: ImageInput, limits: DecodeLimits) -> Result<Decoded, ServiceError> {
+    tokio::task::spawn_blocking(move || -> Result<Decoded, ServiceError> {
+        let [c, h, w] = info.input_shape;
+        let (orig, model_rgb, input, region) = match image {
+            ImageInput::Encoded(bytes) => {
+                let orig = preprocess::decode(&bytes, limits)?;
+                let (resized, region) = preprocess::to_model_size(&orig, w as u32, h as u32, info.pixels);
+                let input = preprocess::normalize(&resized, info.mean, info.std, info.pixels);
+                (orig, resized, input, region)
+            }
+            ImageInput::Tensor(input) => {
+                let want = [c, h, w];
+                if input.shape() != want {
+                    return Err(ServiceError::BadRequest(format!(
+                        "the input tensor of one image has shape {:?}; model `{}` takes {want:?}",
+                        input.shape(),
+                        info.name
+                    )));
+                }
+                if input.iter().any(|v| !v.is_finite()) {
+                    return Err(ServiceError::BadRequest("the input tensor holds a NaN or an infinity".into()));
+                }
+                let rgb = preprocess::denormalize(input.view(), info.mean, info.std, info.pixels);
+                let whole = preprocess::Region { x: 0.0, y: 0.0, width: w as f64, height: h as f64 };
+                (rgb.clone(), rgb, input, whole)
+            }
+        };
+        Ok(Decoded { size: ImageSize { width: orig.width(), height: orig.height() }, orig, model_rgb, input, region })
+    })
+    .await
+    .map_err(|e| ServiceError::Internal(format!("preprocessing task failed: {e}")))?
+}
+
+/// An explain request after its pass: the maps, the metrics, the pictures.
+struct Explaining<'a> {
+    info: &'a Arc<ModelInfo>,
+    options: ExplainOptions,
+    output: BatchOutput,
+    /// Each row's softmax.
+    probabilities: Vec<Vec<f32>>,
+    passes: &'a Passes<'a>,
+    /// The preprocessed image, kept when a multi-pass method or a metric needs it.
+    input: Option<Array3<f32>>,
+}
+
+impl Explaining<'_> {
+    async fn run(self, orig: RgbImage, model_rgb: RgbImage, region: preprocess::Region, timings: &mut Timings) -> Result<Vec<Explanation>, ServiceError> {
+        let Explaining { info, options, output, probabilities, passes, input } = self;
+        // Every (row, method) map, through the one computation path.
+        let t0 = Instant::now();
+        let request = methods::Request {
+            info,
+            layer: &options.layer,
+            params: &options.params,
+            out: &output,
+            passes: input.as_ref().map(|i| (passes, i)),
+        };
+        let mut computed = Vec::with_capacity(output.len() * options.methods.len());
+        for row in 0..output.len() {
+            let class = methods::row_class(&output, row)?;
+            for &method in &options.methods {
+                computed.push(ComputedMap { row, class, method, computed: methods::compute(method, &request, row).await? });
+            }
+        }
+        let t_compute = t0.elapsed();
+        let options = Arc::new(options);
+        let (mut prepared, t_prepare, orig, model_rgb) = tokio::task::spawn_blocking({
+            let options = options.clone();
+            move || {
+                let (p, t) = prepare_all(&options, computed, &orig, &model_rgb, region);
+                (p, t, orig, model_rgb)
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("explanation task failed: {e}")))?;
+        // The metrics, on each map at the model's input size, through the batcher.
+        let t1 = Instant::now();
+        if let Some(input) = &input {
+            for p in prepared.iter_mut() {
+                for &metric in &options.metrics {
+                    let score = methods::metrics::evaluate(passes, metric, input, &p.model_map, p.class, probabilities[p.row][p.class] as f64).await?;
+                    p.scores.push(score);
+                }
+            }
+        }
+        let t_metrics = t1.elapsed();
+        let (explanations, t_render) = tokio::task::spawn_blocking({
+            let (info, options) = ((*info).clone(), options.clone());
+            move || render_all(prepared, &info, &options, &probabilities, &orig, &model_rgb)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("render task failed: {e}")))?;
+        timings.explain = ms(t_compute + t_prepare);
+        timings.metrics = ms(t_metrics);
+        timings.render = ms(t_render);
+        Ok(explanations)
+    }
 }

@@ -66,7 +66,7 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             seconds = started.elapsed().as_secs_f64(), "model loaded and warmed");
         let queue = batcher::spawn(runner, batching);
         let position = models.len();
-        models.insert(m.name.clone(), ModelHandle { info, queue, position, max_batch: batching.max_batch });
+        models.insert(m.name.clone(), ModelHandle::new(info, queue, position, batching.max_batch));
     }
     Ok(models)
 }

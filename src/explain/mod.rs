@@ -9,3 +9,12 @@
 pub mod cam;
 pub mod maps;
 pub mod rollout;
+
+/// Softmax of one row of logits, summed in float64; the scores every answer reports. The request pipeline computes
+/// it once per row of its explain pass; Score-CAM uses it for its channel weights.
+pub fn softmax(logits: ndarray::ArrayView1<f32>) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f64> = logits.iter().map(|&v| ((v - max) as f64).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|&e| (e / sum) as f32).collect()
+}

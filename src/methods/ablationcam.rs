@@ -11,9 +11,9 @@
 
 use ndarray::{Array2, ArrayView3, Axis};
 
-use super::{Compute, Ctx, Extra, Kind, MethodDef, Pending, Passes, RawMap};
+use super::{Compute, Kind, MethodDef, Passes, PassesCtx, Pending, RawMap};
 use crate::backend::engine::ModelInfo;
-use crate::core::pipeline::ServiceError;
+use crate::error::ServiceError;
 use crate::explain::cam;
 
 /// The value an ablated channel is set to.
@@ -41,7 +41,7 @@ pub async fn run(passes: &Passes<'_>, layer: &str, acts: ArrayView3<'_, f32>, cl
 /// bound).
 pub const DEF: MethodDef = MethodDef {
     available: head_runs_alone,
-    cost: |info, options| info.layer(&options.layer).map_or(0, |l| l.dims[1] as u64),
+    cost: |info, layer, _| info.layer(layer).map_or(0, |l| l.dims[1] as u64),
     ..MethodDef::new("ablationcam", Kind::Cam, Compute::Passes(start))
 };
 
@@ -50,9 +50,9 @@ fn head_runs_alone(info: &ModelInfo, layer: &str) -> Result<(), String> {
     info.head(layer)
 }
 
-fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move {
         let y = cx.out.logits[[cx.row, cx.class]];
-        Ok((RawMap::Cam(run(cx.passes, &cx.options.layer, cx.acts, cx.class, y, cx.label).await?), Extra::default()))
+        Ok(RawMap::Cam(run(cx.passes, cx.layer, cx.acts, cx.class, y, cx.label).await?).into())
     })
 }

@@ -6,7 +6,7 @@ use ndarray::{Array2, ArrayView3};
 
 use super::{Compute, Kind, MethodDef, RawMap, Row};
 use crate::backend::engine::ModelInfo;
-use crate::core::pipeline::ServiceError;
+use crate::error::ServiceError;
 use crate::explain::cam;
 
 /// A CAM computed from the layer's activations and gradients alone.

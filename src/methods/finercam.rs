@@ -6,7 +6,7 @@
 
 use ndarray::ArrayView1;
 
-use super::{Compute, Ctx, Extra, Kind, MethodDef, Pending, RawMap};
+use super::{Compute, Kind, MethodDef, PassesCtx, Pending, RawMap};
 use crate::backend::engine::ModelInfo;
 use crate::explain::cam;
 
@@ -54,7 +54,7 @@ pub fn seed(logits: ArrayView1<f32>, target: usize, alpha: f64, comparisons: usi
 /// The registry's entry: one seeded gradient pass after the request's, counted as a forward and a backward.
 pub const DEF: MethodDef = MethodDef {
     available: compares_classes,
-    cost: |_, _| 3,
+    cost: |_, _, _| 3,
     ..MethodDef::new("finercam", Kind::Cam, Compute::Passes(start))
 };
 
@@ -62,10 +62,10 @@ fn compares_classes(info: &ModelInfo, _: &str) -> Result<(), String> {
     if info.num_classes < 2 { Err("Finer-CAM compares the target with other classes".into()) } else { Ok(()) }
 }
 
-fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move {
         let seed = seed(cx.out.logits.row(cx.row), cx.class, ALPHA, COMPARISONS);
-        let grads = cx.passes.seeded_gradients(&cx.options.layer, cx.input, seed, cx.label).await?;
-        Ok((RawMap::Cam(cam::gradcam(cx.acts, grads.view())), Extra::default()))
+        let grads = cx.passes.seeded_gradients(cx.layer, cx.input, seed, cx.label).await?;
+        Ok(RawMap::Cam(cam::gradcam(cx.acts, grads.view())).into())
     })
 }

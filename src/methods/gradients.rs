@@ -5,7 +5,7 @@
 use ndarray::Axis;
 
 use super::{Compute, Kind, MethodDef, RawMap, Row};
-use crate::core::pipeline::ServiceError;
+use crate::error::ServiceError;
 use crate::explain::{cam, maps};
 use crate::onnx::rules::ReluRule;
 

@@ -5,8 +5,9 @@
 
 use ndarray::{Array3, Axis, Zip};
 
-use super::{black_input, Compute, Ctx, Extra, Heatmap, Kind, MethodDef, Pending, Passes, RawMap};
-use crate::core::pipeline::ServiceError;
+use super::params::{Param, ParamKind};
+use super::{black_input, Compute, Heatmap, Kind, MethodDef, Passes, PassesCtx, Pending, RawMap};
+use crate::error::ServiceError;
 use crate::onnx::rules::ReluRule;
 
 /// Gauss-Legendre nodes and weights on [0, 1] (as Captum: 0.5 * (1 + x_i) and 0.5 * w_i of the rule on [-1, 1]).
@@ -68,19 +69,23 @@ pub async fn run(
     Ok(Zip::from(&total).and(&diff).map_collect(|&t, &d| (t * d as f64) as f32))
 }
 
+/// Its steps along the straight path from the baseline.
+pub const STEPS: Param = Param { name: "steps", kind: ParamKind::Count { default: 50, max: 1000 }, help: "integrated gradients' steps" };
+
 /// The registry's entry: `steps` gradient passes through the plain chain (a forward and a backward each). The
 /// attribution `[C, H, W]` is the raw output; the heatmap is its channel-summed magnitude.
 pub const DEF: MethodDef = MethodDef {
     heatmap: Heatmap::SummedMagnitude,
     batch_rule: Some(ReluRule::Plain),
-    cost: |_, options| 3 * options.steps as u64,
+    cost: |_, _, params| 3 * params.count(&STEPS) as u64,
+    params: &[&STEPS],
     ..MethodDef::new("integrated_gradients", Kind::Gradient, Compute::Passes(start))
 };
 
-fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move {
         let baseline = black_input(cx.passes.info);
-        let a = run(cx.passes, &cx.options.layer, cx.input, &baseline, cx.class, cx.options.steps, cx.label).await?;
-        Ok((RawMap::Gradient(a), Extra::default()))
+        let a = run(cx.passes, cx.layer, cx.input, &baseline, cx.class, cx.params.count(&STEPS), cx.label).await?;
+        Ok(RawMap::Gradient(a).into())
     })
 }

@@ -14,8 +14,52 @@
 use ndarray::{Array2, Array3, ArrayView2, Axis};
 
 use super::Passes;
-use crate::core::options::Metric;
-use crate::core::pipeline::ServiceError;
+use crate::backend::engine::ModelInfo;
+use crate::error::ServiceError;
+
+/// A faithfulness metric: the registry of them is [`Metric::ALL`], the one source of their names (the request
+/// options, `GET /v1/models`' `metric_costs`, the documents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    Deletion,
+    Insertion,
+    ConfidenceChange,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 3] = [Metric::Deletion, Metric::Insertion, Metric::ConfidenceChange];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Deletion => "deletion",
+            Metric::Insertion => "insertion",
+            Metric::ConfidenceChange => "confidence_change",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// Whether it has a curve (`outputs=curves`).
+    pub fn has_curve(self) -> bool {
+        matches!(self, Metric::Deletion | Metric::Insertion)
+    }
+
+    /// Forward passes it costs on one map of `info`'s input size.
+    pub fn cost(self, info: &ModelInfo) -> u64 {
+        match self {
+            Metric::Deletion | Metric::Insertion => steps(info.input_shape[1], info.input_shape[2]).1 as u64 + 1,
+            Metric::ConfidenceChange => 1,
+        }
+    }
+}
+
+impl serde::Serialize for Metric {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
 
 /// `(step, n_steps)`: pixels per step and steps for an `h x w` input (RISE: 224 at 224x224).
 pub fn steps(h: usize, w: usize) -> (usize, usize) {
@@ -129,6 +173,7 @@ async fn causal_curve(
 }
 
 /// One metric's value, and its curve for deletion and insertion.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Score {
     pub metric: Metric,
     pub value: f64,

@@ -7,12 +7,14 @@
 //! [`Passes`] handle through which it submits extra batches to the model's batcher and awaits them: masked inputs
 //! (Score-CAM), ablated activations through the part of the model after the layer (Ablation-CAM), interpolated or
 //! noisy inputs through the plain input gradient (integrated gradients, SmoothGrad), or a second pass with its own
-//! seed (Finer-CAM). The metrics (metrics.rs) run the same way.
+//! seed (Finer-CAM). Both kinds go through [`compute`], the one computation path. The metrics (metrics.rs, their
+//! registry [`metrics::Metric::ALL`]) run the same way. A method's own options are [`params::Param`]s it declares.
 //!
 //! The registry is the single source of the method names: serde, `GET /v1/models` (which the page reads), the
 //! CLI's `--method` values, the OIP outputs; a test holds openapi.yaml's enum, README's table and
 //! docs/METHODS.md's table to it. A new method is its file here (a `pub const DEF: MethodDef`, from
-//! [`MethodDef::new`] and the fields where it differs), one line in [`Method::ALL`], and its test;
+//! [`MethodDef::new`] and the fields where it differs, its parameters in `params`), one line in [`Method::ALL`],
+//! and its test;
 //! docs/METHODS.md says what each answers and what it costs.
 
 pub mod ablationcam;
@@ -21,6 +23,7 @@ pub mod finercam;
 pub mod gradients;
 pub mod integrated_gradients;
 pub mod metrics;
+pub mod params;
 mod passes;
 pub mod rollouts;
 pub mod scorecam;
@@ -32,9 +35,10 @@ use std::pin::Pin;
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 
 use crate::backend::engine::{BatchOutput, ModelInfo};
-use crate::core::options::{ExplainOptions, Metric};
-use crate::core::pipeline::ServiceError;
+use crate::error::ServiceError;
 use crate::onnx::rules::ReluRule;
+use metrics::Metric;
+use params::{Param, Params};
 pub use passes::{Passes, Reply};
 
 // ------------------------------------------------------------------------------------------ what a method is
@@ -96,8 +100,11 @@ pub struct MethodDef {
     /// Why it cannot run at a layer (a tensor name) of a model, beyond its rules and attention (checked from the
     /// fields above); `Ok` where it can.
     pub available: fn(&ModelInfo, &str) -> Result<(), String>,
-    /// Forward-equivalents it costs per target beyond the request's explain pass.
-    pub cost: fn(&ModelInfo, &ExplainOptions) -> u64,
+    /// Forward-equivalents it costs per target beyond the request's explain pass, at a layer (a tensor name) with
+    /// the request's parameters.
+    pub cost: fn(&ModelInfo, &str, &Params) -> u64,
+    /// The request parameters it reads (params.rs): the options a request may give it.
+    pub params: &'static [&'static Param],
     pub compute: Compute,
 }
 
@@ -115,6 +122,7 @@ impl MethodDef {
             uses_layer: matches!(kind, Kind::Cam),
             available: anywhere,
             cost: no_cost,
+            params: &[],
             compute,
         }
     }
@@ -123,8 +131,17 @@ impl MethodDef {
 /// A future borrowing its method's context (the multi-pass methods are `async`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A multi-pass method's result for one target row: its raw map and what it returns besides.
-pub type Computed = (RawMap, Extra);
+/// A method's result for one target row: its raw map and what it returns besides.
+pub struct Computed {
+    pub map: RawMap,
+    pub returned: Returned,
+}
+
+impl From<RawMap> for Computed {
+    fn from(map: RawMap) -> Computed {
+        Computed { map, returned: Returned::default() }
+    }
+}
 
 /// A multi-pass method's computation under way.
 pub type Pending<'a> = BoxFuture<'a, Result<Computed, ServiceError>>;
@@ -136,7 +153,7 @@ pub enum Compute {
     /// From the row of the request's explain pass (input gradients, attention blocks, the model's head).
     Pass(fn(&Row<'_>) -> Result<RawMap, ServiceError>),
     /// With extra batches through the model's batcher.
-    Passes(for<'a> fn(&'a Ctx<'a>) -> Pending<'a>),
+    Passes(for<'a> fn(&'a PassesCtx<'a>) -> Pending<'a>),
 }
 
 /// One target row of the request's explain pass, as a one-pass method reads it.
@@ -165,9 +182,12 @@ impl<'a> Row<'a> {
 }
 
 /// What a multi-pass method gets: its target row of the request's explain pass and the [`Passes`] handle.
-pub struct Ctx<'a> {
+pub struct PassesCtx<'a> {
     pub passes: &'a Passes<'a>,
-    pub options: &'a ExplainOptions,
+    /// The layer (a tensor name).
+    pub layer: &'a str,
+    /// The request's parameter values.
+    pub params: &'a Params,
     pub out: &'a BatchOutput,
     pub row: usize,
     pub class: usize,
@@ -185,9 +205,9 @@ pub enum RawMap {
     Gradient(Array3<f32>),
 }
 
-/// What a multi-pass method returns besides its map.
-#[derive(Default)]
-pub struct Extra {
+/// What a method returns besides its map (multi-pass methods only, so far).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Returned {
     /// SmoothGrad's noise seed, returned so a result can be reproduced.
     pub seed: Option<u64>,
     /// Score-CAM's channels when capped.
@@ -200,7 +220,7 @@ fn anywhere(_: &ModelInfo, _: &str) -> Result<(), String> {
 }
 
 /// No forward passes beyond the request's explain pass.
-fn no_cost(_: &ModelInfo, _: &ExplainOptions) -> u64 {
+fn no_cost(_: &ModelInfo, _: &str, _: &Params) -> u64 {
     0
 }
 
@@ -335,45 +355,50 @@ impl serde::Serialize for Method {
 
 /// Forward passes one row of the request's explain pass costs: one forward and, per gradient chain, a backward
 /// counted as two forwards (the usual estimate of reverse-mode cost).
-pub fn explain_pass_cost(options: &ExplainOptions) -> u64 {
-    let rules = options.methods.iter().filter_map(|m| m.input_rule).collect::<std::collections::BTreeSet<_>>();
+pub fn explain_pass_cost(methods: &[Method]) -> u64 {
+    let rules = methods.iter().filter_map(|m| m.input_rule).collect::<std::collections::BTreeSet<_>>();
     let chains = rules.len().max(1) as u64;
     1 + 2 * chains
 }
 
-/// The cost of one target explained by `method` alone at the model's default layer and options; `None` when the
-/// method is not available there.
-pub fn default_cost(method: Method, info: &ModelInfo, limits: crate::core::options::OptionLimits) -> Option<u64> {
-    let raw = crate::core::options::RawOptions { methods: Some(vec![method.as_str().to_string()]), ..Default::default() };
-    let limits = crate::core::options::OptionLimits { max_methods: 1, ..limits };
-    raw.validate(info, limits).ok().map(|o| request_cost(info, &o))
+/// The cost of one target explained by `method` alone at the model's default layer with `params` (the defaults a
+/// request without options gets); `None` when the method is not available there.
+pub fn default_cost(method: Method, info: &ModelInfo, params: &Params) -> Option<u64> {
+    if method.unavailable(info, &info.default_layer).is_some() {
+        return None;
+    }
+    Some(request_cost(info, &Work { layer: &info.default_layer, methods: &[method], params, metrics: &[], targets: 1 }))
 }
 
-/// Forward passes of one metric on one map of a model with input `h x w`.
-pub fn metric_cost(metric: Metric, info: &ModelInfo) -> u64 {
-    match metric {
-        Metric::Deletion | Metric::Insertion => metrics::steps(info.input_shape[1], info.input_shape[2]).1 as u64 + 1,
-        Metric::ConfidenceChange => 1,
-    }
+/// What a request asks for, as the budget reads it.
+pub struct Work<'a> {
+    /// The layer (a tensor name).
+    pub layer: &'a str,
+    pub methods: &'a [Method],
+    pub params: &'a Params,
+    pub metrics: &'a [Metric],
+    /// The number of targets.
+    pub targets: usize,
 }
 
 /// The request's cost in forward-equivalents: its explain pass, each method's extra passes and each metric, for
 /// every target.
-pub fn request_cost(info: &ModelInfo, options: &ExplainOptions) -> u64 {
-    let per_target: u64 = explain_pass_cost(options)
-        + options.methods.iter().map(|m| (m.cost)(info, options)).sum::<u64>()
-        + options.methods.len() as u64 * options.metrics.iter().map(|&m| metric_cost(m, info)).sum::<u64>();
-    per_target * options.targets.len().max(1) as u64
+pub fn request_cost(info: &ModelInfo, work: &Work<'_>) -> u64 {
+    let per_target: u64 = explain_pass_cost(work.methods)
+        + work.methods.iter().map(|m| (m.cost)(info, work.layer, work.params)).sum::<u64>()
+        + work.methods.len() as u64 * work.metrics.iter().map(|&m| m.cost(info)).sum::<u64>();
+    per_target * work.targets.max(1) as u64
 }
 
 // ------------------------------------------------------------------------------------------ running them
 
-/// The class target row `row` of the explain pass explains.
-fn row_class(out: &BatchOutput, row: usize) -> Result<usize, ServiceError> {
+/// The class target row `row` of the explain pass explains: the one way to read it (no fallback: a missing target
+/// is a bug, reported as one).
+pub fn row_class(out: &BatchOutput, row: usize) -> Result<usize, ServiceError> {
     out.targets
         .as_ref()
         .and_then(|t| t.get(row).copied())
-        .ok_or_else(|| ServiceError::Internal("targets missing from the explain pass. This is a bug.".into()))
+        .ok_or_else(|| ServiceError::Internal(format!("the target of row {row} is missing from the explain pass. This is a bug.")))
 }
 
 fn layer_arrays(out: &BatchOutput, row: usize) -> Result<(ArrayView3<'_, f32>, ArrayView3<'_, f32>), ServiceError> {
@@ -383,31 +408,45 @@ fn layer_arrays(out: &BatchOutput, row: usize) -> Result<(ArrayView3<'_, f32>, A
     Ok((acts.index_axis(Axis(0), row), grads.index_axis(Axis(0), row)))
 }
 
-/// A one-pass method's raw map for target row `row` of the request's explain pass `out`.
-pub fn one_pass(method: Method, info: &ModelInfo, layer: &str, out: &BatchOutput, row: usize) -> Result<RawMap, ServiceError> {
-    let (acts, grads) = layer_arrays(out, row)?;
-    match method.compute {
-        Compute::Layer(f) => Ok(RawMap::Cam(f(acts, grads))),
-        Compute::Pass(f) => f(&Row { info, layer, row, class: row_class(out, row)?, out, acts, grads }),
-        Compute::Passes(_) => Err(ServiceError::Internal(format!("{method} needs its own passes. This is a bug."))),
-    }
+/// What every method computes from: the request's explain pass, the model, the layer, the parameters, and for the
+/// multi-pass methods the [`Passes`] handle and the preprocessed image.
+pub struct Request<'a> {
+    pub info: &'a ModelInfo,
+    pub layer: &'a str,
+    pub params: &'a Params,
+    pub out: &'a BatchOutput,
+    /// The multi-pass methods' handle and the preprocessed image `[C, H, W]` (`None` when no method needs them).
+    pub passes: Option<(&'a Passes<'a>, &'a Array3<f32>)>,
 }
 
-/// A multi-pass method's raw map (and what it returns besides) for target row `row` of the request's explain pass.
-pub async fn multi_pass(
-    method: Method,
-    passes: &Passes<'_>,
-    options: &ExplainOptions,
-    out: &BatchOutput,
-    row: usize,
-    input: &Array3<f32>,
-) -> Result<Computed, ServiceError> {
-    let Compute::Passes(start) = method.compute else {
-        return Err(ServiceError::Internal(format!("{method} is not a multi-pass method. This is a bug.")));
-    };
-    let (acts, _) = layer_arrays(out, row)?;
-    let cx = Ctx { passes, options, out, row, class: row_class(out, row)?, acts, input, label: method.as_str() };
-    start(&cx).await
+/// The one computation path: `method`'s raw map (and what it returns besides) for target row `row` of the
+/// request's explain pass, whether it computes from that row alone or runs its own batches.
+pub async fn compute(method: Method, req: &Request<'_>, row: usize) -> Result<Computed, ServiceError> {
+    let (acts, grads) = layer_arrays(req.out, row)?;
+    match method.compute {
+        Compute::Layer(f) => Ok(RawMap::Cam(f(acts, grads)).into()),
+        Compute::Pass(f) => {
+            let r = Row { info: req.info, layer: req.layer, row, class: row_class(req.out, row)?, out: req.out, acts, grads };
+            f(&r).map(Computed::from)
+        }
+        Compute::Passes(start) => {
+            let Some((passes, input)) = req.passes else {
+                return Err(ServiceError::Internal(format!("{method} needs its own passes, which the request did not set up. This is a bug.")));
+            };
+            let cx = PassesCtx {
+                passes,
+                layer: req.layer,
+                params: req.params,
+                out: req.out,
+                row,
+                class: row_class(req.out, row)?,
+                acts,
+                input,
+                label: method.as_str(),
+            };
+            start(&cx).await
+        }
+    }
 }
 
 /// The model-space input of an all-black image (integrated gradients' baseline): `(0 - mean) / std` per channel.

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::backend::batcher::{Images, Job, JobOutput, Queue, SubmitError, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
-use crate::core::pipeline::ServiceError;
+use crate::error::ServiceError;
 use crate::onnx::rewrite::ExplainPlan;
 use crate::onnx::rules::ReluRule;
 

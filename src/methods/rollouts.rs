@@ -5,7 +5,7 @@
 use ndarray::{Array2, ArrayView3, Axis};
 
 use super::{Compute, Kind, MethodDef, RawMap, Row};
-use crate::core::pipeline::ServiceError;
+use crate::error::ServiceError;
 use crate::explain::rollout::{self, TokenGrid};
 
 const fn attention(name: &'static str, f: fn(&Row<'_>) -> Result<RawMap, ServiceError>) -> MethodDef {

@@ -5,9 +5,10 @@
 
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 
-use super::{Compute, Ctx, Extra, Kind, MethodDef, Pending, Passes, RawMap};
+use super::params::{Param, ParamKind};
+use super::{Compute, Kind, MethodDef, Passes, PassesCtx, Pending, RawMap, Returned};
 use crate::backend::engine::ModelInfo;
-use crate::core::pipeline::ServiceError;
+use crate::error::ServiceError;
 use crate::explain::{cam, maps};
 
 /// The channels Score-CAM masks with: all of them, or when capped the `cap` channels of highest variance over the
@@ -58,7 +59,7 @@ pub async fn run(
             input * &m.insert_axis(Axis(0))
         })
         .await?;
-    let weights = crate::core::pipeline::softmax(logits.column(class));
+    let weights = crate::explain::softmax(logits.column(class));
     let mut full = vec![0f32; acts.len_of(Axis(0))];
     for (&k, &wk) in chosen.iter().zip(&weights) {
         full[k] = wk;
@@ -66,9 +67,19 @@ pub async fn run(
     Ok((cam::weighted(acts, &full), chosen.len()))
 }
 
+/// Its channel cap (the highest-variance channels first). The request's value, capped further by
+/// `server.scorecam_max_channels`, reaches the method only when it is below the layer's channel count
+/// (`core::options` resolves it).
+pub const CHANNELS: Param = Param { name: "channels", kind: ParamKind::Cap, help: "Score-CAM's channel cap (highest-variance channels first)" };
+
+fn cap(params: &super::params::Params) -> Option<usize> {
+    params.integer(&CHANNELS).map(|c| c as usize)
+}
+
 /// The registry's entry: masked forwards, one per channel used.
 pub const DEF: MethodDef = MethodDef {
-    cost: |info, options| used_channels(info, &options.layer, options.channels) as u64,
+    cost: |info, layer, params| used_channels(info, layer, cap(params)) as u64,
+    params: &[&CHANNELS],
     ..MethodDef::new("scorecam", Kind::Cam, Compute::Passes(start))
 };
 
@@ -78,9 +89,9 @@ pub fn used_channels(info: &ModelInfo, layer: &str, cap: Option<usize>) -> usize
     cap.map_or(k, |c| c.min(k))
 }
 
-fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move {
-        let (map, used) = run(cx.passes, cx.acts, cx.input, cx.class, cx.options.channels, cx.label).await?;
-        Ok((RawMap::Cam(map), Extra { channels: Some(used), ..Default::default() }))
+        let (map, used) = run(cx.passes, cx.acts, cx.input, cx.class, cap(cx.params), cx.label).await?;
+        Ok(super::Computed { map: RawMap::Cam(map), returned: Returned { channels: Some(used), ..Default::default() } })
     })
 }

@@ -9,8 +9,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::{Compute, Ctx, Extra, Kind, MethodDef, Pending, Passes, RawMap};
-use crate::core::pipeline::ServiceError;
+use super::params::{Param, ParamKind};
+use super::{Compute, Kind, MethodDef, Passes, PassesCtx, Pending, RawMap, Returned};
+use crate::error::ServiceError;
 use crate::onnx::rules::ReluRule;
 
 /// Sigma of the noise for `input`.
@@ -69,18 +70,26 @@ pub async fn run(
     mean_gradient(passes, layer, class, samples, label, |_| rng.copy(input)).await
 }
 
+/// Its noisy copies.
+pub const SAMPLES: Param = Param { name: "samples", kind: ParamKind::Count { default: 25, max: 1000 }, help: "SmoothGrad's noisy copies" };
+/// Its noise level: sigma = noise * (max - min) of the model-space input.
+pub const NOISE: Param = Param { name: "noise", kind: ParamKind::Number { default: 0.15, min: 0.0, max: 10.0 }, help: "SmoothGrad's noise level" };
+/// Its noise seed (random when not given; the explanation returns the one used).
+pub const SEED: Param = Param { name: "seed", kind: ParamKind::Seed, help: "SmoothGrad's seed (default: random; the answer gives the one used)" };
+
 /// The registry's entry: `samples` gradient passes through the plain chain (a forward and a backward each).
 pub const DEF: MethodDef = MethodDef {
     batch_rule: Some(ReluRule::Plain),
-    cost: |_, options| 3 * options.samples as u64,
+    cost: |_, _, params| 3 * params.count(&SAMPLES) as u64,
+    params: &[&SAMPLES, &NOISE, &SEED],
     ..MethodDef::new("smoothgrad", Kind::Gradient, Compute::Passes(start))
 };
 
 /// Runs with the request's seed, or a fresh one, which the explanation returns.
-fn start<'a>(cx: &'a Ctx<'a>) -> Pending<'a> {
+fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move {
-        let seed = cx.options.seed.unwrap_or_else(rand::random);
-        let g = run(cx.passes, &cx.options.layer, cx.input, cx.class, cx.options.samples, cx.options.noise, seed, cx.label).await?;
-        Ok((RawMap::Gradient(g), Extra { seed: Some(seed), ..Default::default() }))
+        let seed = cx.params.integer(&SEED).unwrap_or_else(rand::random);
+        let g = run(cx.passes, cx.layer, cx.input, cx.class, cx.params.count(&SAMPLES), cx.params.number(&NOISE), seed, cx.label).await?;
+        Ok(super::Computed { map: RawMap::Gradient(g), returned: Returned { seed: Some(seed), ..Default::default() } })
     })
 }

@@ -34,7 +34,7 @@ impl Inspection {
     }
 }
 
-pub fn inspect(mut model: ModelProto, opts: &PrepareOptions) -> Result<Inspection> {
+pub fn inspect(mut model: ModelProto, opts: &PrepareOptions, runner: &dyn super::probe::ProbeRunner) -> Result<Inspection> {
     io::drop_initializer_inputs(&mut model);
     let g = model.graph.as_ref();
     let inputs = g.map(|g| g.input.iter().map(describe).collect()).unwrap_or_default();
@@ -44,7 +44,7 @@ pub fn inspect(mut model: ModelProto, opts: &PrepareOptions) -> Result<Inspectio
     let analysis = if contract.is_some() {
         None
     } else {
-        let ex = Explainable::analyse(model, opts)?;
+        let ex = Explainable::analyse(model, opts, runner)?;
         Some(Analysis {
             upgraded_to: (ex.source_opset != ex.opset()).then(|| ex.opset()),
             logits: ex.logits.clone(),

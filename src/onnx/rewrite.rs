@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use super::builder::Emitter;
 use super::contract::{self, ACTIVATIONS, GRADIENTS, SEED};
 use super::graph::{node_label, GraphIndex};
-use super::probe::{probe, Probe};
+use super::probe::{probe, Probe, ProbeRunner};
 use super::proto::{tensor_shape_proto, type_proto, ModelProto, TensorShapeProto, TypeProto, ValueInfoProto};
 use super::rules::{self, ReluRule, RuleCtx};
 use super::{decompose, flow, functions, io, layers, tensor, upgrade, OnnxError, Result};
@@ -166,7 +166,7 @@ pub struct Explainable {
 }
 
 impl Explainable {
-    pub fn analyse(mut model: ModelProto, opts: &PrepareOptions) -> Result<Explainable> {
+    pub fn analyse(mut model: ModelProto, opts: &PrepareOptions, runner: &dyn ProbeRunner) -> Result<Explainable> {
         if contract::contract_info(&model).is_some() {
             return Err(OnnxError::Invalid("the model already is an explain model (camserve.contract=1)".into()));
         }
@@ -186,17 +186,17 @@ impl Explainable {
                 logits = p.input[0].clone();
                 stripped_output_op = Some(p.op_type().to_string());
             }
-        let mut probed = probe(&model, &input, &input_dims)?;
+        let mut probed = probe(&model, &input, &input_dims, runner)?;
         if decompose::needed(&model) {
             decompose::decompose(&mut model, &probed)?;
             // Also proves that ONNX Runtime runs the spelled-out graph.
-            probed = probe(&model, &input, &input_dims)?;
+            probed = probe(&model, &input, &input_dims, runner)?;
         }
         let rank = |n: &str| probed.dims(n).map(|d| d.len());
         let source_opset = upgrade::upgrade(&mut model, &rank)?;
         if source_opset < upgrade::TARGET_OPSET {
             // Also proves that ONNX Runtime accepts the upgraded model.
-            probed = probe(&model, &input, &input_dims)?;
+            probed = probe(&model, &input, &input_dims, runner)?;
         }
         let graph = model.graph.as_ref().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
         let index = GraphIndex::new(graph)?;

@@ -3,7 +3,7 @@
 //! masked fill is followed by a Softmax (SMOOTH).
 
 use super::*;
-use camserve::onnx::rewrite::{ExplainPlan, Explainable};
+use camserve::onnx::rewrite::ExplainPlan;
 use camserve::onnx::rules::ReluRule;
 use camserve::onnx::{tensor, TensorProto};
 
@@ -44,7 +44,7 @@ fn refusal(f: impl FnOnce(&mut G) -> String) -> String {
     let mut g = G::new(&dims_i64(&DIMS), 11);
     let y = f(&mut g);
     let model = g.finish(&y);
-    let err = match Explainable::analyse(model, &Default::default()) {
+    let err = match camserve::backend::probe::analyse(model, &Default::default()) {
         Err(e) => e,
         Ok(ex) => ex.build(&ExplainPlan::new("x_id", [ReluRule::Plain])).expect_err("the rewrite should refuse the graph"),
     };

@@ -2,7 +2,7 @@
 //! axes forms in pool.rs, the softmax axes in activation.rs).
 
 use super::*;
-use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
+use camserve::onnx::rewrite::{ExplainPlan, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
 
 /// A rank-0 int64 initializer (CumSum's axis).
@@ -17,7 +17,7 @@ fn refused(f: impl FnOnce(&mut G) -> String) -> String {
     let mut g = G::new(&dims_i64(&DIMS), 11);
     let y = f(&mut g);
     let model = g.finish(&y);
-    let ex = Explainable::analyse(model, &PrepareOptions::default()).expect("analyse");
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).expect("analyse");
     match ex.build(&ExplainPlan::new("x_id", [ReluRule::Plain])) {
         Ok(_) => panic!("the rewrite accepted the graph"),
         Err(e) => e.to_string(),

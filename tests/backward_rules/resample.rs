@@ -6,7 +6,7 @@
 
 use super::*;
 
-use camserve::onnx::rewrite::{ExplainPlan, Explainable};
+use camserve::onnx::rewrite::ExplainPlan;
 use camserve::onnx::rules::ReluRule;
 
 /// Builds the graph at `opset` and checks it on uniform inputs with the linear step and tolerance.
@@ -33,7 +33,7 @@ fn rewrite_error(dims: &[usize], opset: i64, f: impl FnOnce(&mut G) -> String) -
     g.opset = opset;
     let y = f(&mut g);
     let model = g.finish(&y);
-    let ex = Explainable::analyse(model, &Default::default()).expect("analyse");
+    let ex = camserve::backend::probe::analyse(model, &Default::default()).expect("analyse");
     match ex.build(&ExplainPlan::new("x_id", [ReluRule::Plain])) {
         Ok(_) => panic!("the rewrite accepted the graph"),
         Err(e) => e.to_string(),

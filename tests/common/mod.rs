@@ -6,7 +6,7 @@ use camserve::onnx::proto::{
     TypeProto, ValueInfoProto,
 };
 use camserve::onnx::proto::AttributeProto;
-use camserve::onnx::rewrite::{ExplainPlan, Explainable, PrepareOptions};
+use camserve::onnx::rewrite::{ExplainPlan, PrepareOptions};
 use camserve::onnx::rules::ReluRule;
 use camserve::onnx::{attr, contract, io, tensor};
 use ndarray::{ArrayD, IxDyn};
@@ -217,7 +217,7 @@ pub fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
 
 /// Builds the explain graph (plain rule) for `model`, targeting `x_id`.
 pub fn explain_model(model: &ModelProto, rules: &[ReluRule]) -> ModelProto {
-    let ex = Explainable::analyse(model.clone(), &PrepareOptions::default()).expect("analyse");
+    let ex = camserve::backend::probe::analyse(model.clone(), &PrepareOptions::default()).expect("analyse");
     ex.build(&ExplainPlan::new("x_id", rules.iter().copied())).expect("build")
 }
 

@@ -202,7 +202,7 @@ impl ModelRunner {
         let (source, info) = match contract::contract_info(&model) {
             Some(ci) => Self::describe_contract(model, ci, spec, device).map_err(bad)?,
             None => {
-                let ex = Explainable::analyse(model, &PrepareOptions { input_size: spec.input_size, layout: spec.layout })?;
+                let ex = crate::backend::probe::analyse(model, &PrepareOptions { input_size: spec.input_size, layout: spec.layout })?;
                 Self::describe_plain(ex, spec, device).map_err(bad)?
             }
         };

@@ -1,0 +1,162 @@
+//! API v1's JSON (docs/DESIGN.md §5, openapi.yaml): the encoder of the core's [`Answer`]. PNG files and raw arrays
+//! become base64 here, and nowhere else.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::Serialize;
+
+use crate::backend::engine::Device;
+use crate::core::answer::{Answer, ExplainedClass, Explanation, ImageSize, Prediction, RawArray, Timings, TaskResult};
+use crate::explain::maps;
+use crate::methods::Method;
+
+/// The answer to `/v1/models/{model}/predict` and `/explain` (and one KServe v1 instance).
+#[derive(Debug, Serialize)]
+pub struct Response<'a> {
+    pub model: &'a str,
+    pub device: Device,
+    pub image: Size,
+    pub predictions: Vec<PredictionJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanations: Option<Vec<ExplanationJson<'a>>>,
+    pub timings_ms: TimingsJson,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Size {
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PredictionJson<'a> {
+    pub index: usize,
+    pub label: Option<&'a str>,
+    pub score: f32,
+    pub logit: f32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TargetJson<'a> {
+    pub index: usize,
+    pub label: Option<&'a str>,
+    pub score: f32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExplanationJson<'a> {
+    pub method: Method,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<&'a str>,
+    pub target: TargetJson<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heatmap_png: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay_png: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_png: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw: Option<RawJson>,
+    pub peak: maps::Point,
+    pub bbox: Option<maps::BBox>,
+    /// The faithfulness metrics asked for (`metrics=`), by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<BTreeMap<&'static str, f64>>,
+    /// The deletion and insertion curves (`outputs=curves`): the target's softmax score at each step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curves: Option<BTreeMap<&'static str, &'a [f64]>>,
+    /// SmoothGrad's noise seed: send it back as `seed` to reproduce the map.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Score-CAM's channels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RawJson {
+    pub shape: Vec<usize>,
+    pub dtype: &'static str,
+    /// Little-endian float32 values, base64.
+    pub data: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TimingsJson {
+    pub queue: f64,
+    pub decode: f64,
+    pub inference: f64,
+    pub explain: f64,
+    /// The faithfulness metrics' forward passes.
+    pub metrics: f64,
+    pub render: f64,
+    pub total: f64,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn size(s: ImageSize) -> Size {
+    Size { width: s.width, height: s.height }
+}
+
+fn prediction(p: &Prediction) -> PredictionJson<'_> {
+    PredictionJson { index: p.index, label: p.label.as_deref(), score: p.score, logit: p.logit }
+}
+
+fn target(t: &ExplainedClass) -> TargetJson<'_> {
+    TargetJson { index: t.index, label: t.label.as_deref(), score: t.score }
+}
+
+fn raw(r: &RawArray) -> RawJson {
+    let mut bytes = Vec::with_capacity(r.values.len() * 4);
+    for v in &r.values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    RawJson { shape: r.shape.clone(), dtype: "float32", data: b64(&bytes) }
+}
+
+fn explanation(e: &Explanation) -> ExplanationJson<'_> {
+    let metrics = (!e.scores.is_empty()).then(|| e.scores.iter().map(|s| (s.metric.as_str(), s.value)).collect());
+    let curves = e
+        .scores
+        .iter()
+        .any(|s| s.curve.is_some())
+        .then(|| e.scores.iter().filter_map(|s| Some((s.metric.as_str(), s.curve.as_deref()?))).collect());
+    ExplanationJson {
+        method: e.method,
+        layer: e.layer.as_deref(),
+        target: target(&e.target),
+        heatmap_png: e.heatmap_png.as_deref().map(b64),
+        overlay_png: e.overlay_png.as_deref().map(b64),
+        mask_png: e.mask_png.as_deref().map(b64),
+        raw: e.raw.as_ref().map(raw),
+        peak: e.peak,
+        bbox: e.bbox,
+        metrics,
+        curves,
+        seed: e.returned.seed,
+        channels: e.returned.channels,
+    }
+}
+
+pub fn timings(t: &Timings) -> TimingsJson {
+    TimingsJson { queue: t.queue, decode: t.decode, inference: t.inference, explain: t.explain, metrics: t.metrics, render: t.render, total: t.total }
+}
+
+/// The v1 JSON of an answer.
+pub fn encode(a: &Answer) -> Response<'_> {
+    let predictions = match &a.result {
+        TaskResult::Classification(c) => c.top.iter().map(prediction).collect(),
+    };
+    Response {
+        model: &a.model,
+        device: a.device,
+        image: size(a.image),
+        predictions,
+        explanations: a.explanations.as_ref().map(|list| list.iter().map(explanation).collect()),
+        timings_ms: timings(&a.timings),
+    }
+}

@@ -1,0 +1,120 @@
+//! What the request pipeline returns: one typed, protocol-free [`Answer`]. The task's results are Rust values,
+//! each explanation's map is an array, pictures are PNG bytes, timings are numbers. No serde, no base64: every
+//! protocol (`api::v1`, `api::oip`, `api::kserve`, the CLI's `explain`) is an encoder of this value, and nothing is
+//! decoded that the core encoded.
+//!
+//! Adding an output kind: a field here, filled in `explanations.rs`, plus each encoder's lines.
+
+use crate::backend::engine::Device;
+use crate::explain::maps::{BBox, Point};
+use crate::methods::metrics::Score;
+use crate::methods::{Method, Returned};
+
+/// A request's answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub model: String,
+    pub device: Device,
+    /// The uploaded image's size.
+    pub image: ImageSize,
+    /// What the model says about the image, as its task decodes it.
+    pub result: TaskResult,
+    /// `None` for a predict request.
+    pub explanations: Option<Vec<Explanation>>,
+    pub timings: Timings,
+}
+
+impl Answer {
+    /// The classification result (every model's task, for now).
+    pub fn classification(&self) -> &Classification {
+        match &self.result {
+            TaskResult::Classification(c) => c,
+        }
+    }
+
+    /// The explanation of `method` (the first, when several targets were explained).
+    pub fn explanation(&self, method: Method) -> Option<&Explanation> {
+        self.explanations.as_ref()?.iter().find(|e| e.method == method)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A task's result (core/task.rs decodes it from the model's outputs).
+#[derive(Debug, Clone)]
+pub enum TaskResult {
+    Classification(Classification),
+}
+
+/// A classifier's result for one image.
+#[derive(Debug, Clone)]
+pub struct Classification {
+    /// Every class's logit (the pre-softmax scores when a final Softmax was removed).
+    pub logits: Vec<f32>,
+    /// Their softmax, computed once per request.
+    pub probabilities: Vec<f32>,
+    /// The best classes, best first: max(5, top_k) of them.
+    pub top: Vec<Prediction>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub index: usize,
+    pub label: Option<String>,
+    pub score: f32,
+    pub logit: f32,
+}
+
+/// What an explanation explains: a class, with its label and softmax score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExplainedClass {
+    pub index: usize,
+    pub label: Option<String>,
+    pub score: f32,
+}
+
+/// One (target, method) explanation.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub method: Method,
+    /// The layer it read (the CAM methods).
+    pub layer: Option<String>,
+    pub target: ExplainedClass,
+    /// The outputs asked for: the colour-mapped heatmap (or gradient image), the overlay, the grey mask, as PNG
+    /// files.
+    pub heatmap_png: Option<Vec<u8>>,
+    pub overlay_png: Option<Vec<u8>>,
+    pub mask_png: Option<Vec<u8>>,
+    /// The raw map (`outputs=raw`), docs/DESIGN.md §5.
+    pub raw: Option<RawArray>,
+    pub peak: Point,
+    pub bbox: Option<BBox>,
+    /// The faithfulness metrics asked for, in request order; curves only with `outputs=curves`.
+    pub scores: Vec<Score>,
+    /// What the method returned besides its map (SmoothGrad's seed, Score-CAM's channels).
+    pub returned: Returned,
+}
+
+/// A float32 array, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawArray {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// Where the request's time went, in milliseconds (rounded to 0.01).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Timings {
+    pub queue: f64,
+    pub decode: f64,
+    pub inference: f64,
+    pub explain: f64,
+    /// The faithfulness metrics' forward passes.
+    pub metrics: f64,
+    pub render: f64,
+    pub total: f64,
+}
