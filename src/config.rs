@@ -123,10 +123,12 @@ pub struct ModelConfig {
     /// A text file with one class label per line.
     #[serde(default)]
     pub labels: Option<PathBuf>,
-    #[serde(default = "imagenet_mean")]
-    pub mean: [f32; 3],
-    #[serde(default = "imagenet_std")]
-    pub std: [f32; 3],
+    /// Normalisation, per channel: `(pixel * scale - mean) / std`. Unset: the task's default (ImageNet's for a
+    /// classifier; 0 and 1 for an Ultralytics detector, which takes pixels / 255).
+    #[serde(default)]
+    pub mean: Option<[f32; 3]>,
+    #[serde(default)]
+    pub std: Option<[f32; 3]>,
     /// Target layer when a request names none (default: the last 4-D tensor with spatial size > 1).
     #[serde(default)]
     pub default_layer: Option<String>,
@@ -145,13 +147,35 @@ pub struct ModelConfig {
     /// channel order.
     #[serde(default = "one")]
     pub scale: f32,
-    /// How an upload is brought to the input size: `stretch` (both sides scaled), or
-    /// `shorter_side_then_center_crop` (torchvision's `Resize(s)` + `CenterCrop`, the usual ImageNet evaluation).
+    /// How an upload is brought to the input size: `stretch` (both sides scaled), `shorter_side_then_center_crop`
+    /// (torchvision's `Resize(s)` + `CenterCrop`, the usual ImageNet evaluation) or `letterbox` (Ultralytics'). Unset:
+    /// the task's default (`stretch` for a classifier, `letterbox` for an Ultralytics detector).
     #[serde(default)]
-    pub resize: ResizePolicy,
+    pub resize: Option<ResizePolicy>,
     /// The shorter side before the centre crop (default: the input's larger side x 256 / 224, e.g. 256 for 224).
     #[serde(default)]
     pub resize_shorter_side: Option<u32>,
+    /// What the model's outputs are: `classification` or `detection`. Unset: read from the file (Ultralytics'
+    /// `task` metadata), else classification.
+    #[serde(default)]
+    pub task: Option<TaskName>,
+    /// Detectors: the score a detection needs (default: the exporter's own, Ultralytics' 0.25).
+    #[serde(default)]
+    pub score_threshold: Option<f32>,
+    /// Detectors: the IoU above which NMS drops the weaker of two boxes of a class (default 0.7).
+    #[serde(default)]
+    pub iou_threshold: Option<f32>,
+    /// Detectors: the most detections per image (default 300).
+    #[serde(default)]
+    pub max_detections: Option<usize>,
+}
+
+/// The `task` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskName {
+    Classification,
+    Detection,
 }
 
 fn one() -> f32 {
@@ -166,24 +190,21 @@ impl ModelConfig {
             name: name.into(),
             path: path.into(),
             labels: None,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
+            mean: None,
+            std: None,
             default_layer: None,
             input_size: None,
             layout: None,
             channel_order: ChannelOrder::Rgb,
             scale: 1.0,
-            resize: ResizePolicy::Stretch,
+            resize: None,
             resize_shorter_side: None,
+            task: None,
+            score_threshold: None,
+            iou_threshold: None,
+            max_detections: None,
         }
     }
-}
-
-fn imagenet_mean() -> [f32; 3] {
-    IMAGENET_MEAN
-}
-fn imagenet_std() -> [f32; 3] {
-    IMAGENET_STD
 }
 
 impl Default for ServerConfig {
@@ -235,12 +256,17 @@ impl Default for Config {
             models: vec![
                 ModelConfig {
                     labels: Some("models/imagenet.labels.txt".into()),
-                    mean: [127.0 / 255.0; 3],
-                    std: [128.0 / 255.0; 3],
-                    resize: ResizePolicy::ShorterSideThenCenterCrop,
+                    mean: Some([127.0 / 255.0; 3]),
+                    std: Some([128.0 / 255.0; 3]),
+                    resize: Some(ResizePolicy::ShorterSideThenCenterCrop),
                     ..ModelConfig::new("imagenet", "models/imagenet.onnx")
                 },
-                ModelConfig { labels: Some("models/demo.labels.txt".into()), ..ModelConfig::new("demo", "models/demo.onnx") },
+                ModelConfig {
+                    labels: Some("models/demo.labels.txt".into()),
+                    mean: Some(IMAGENET_MEAN),
+                    std: Some(IMAGENET_STD),
+                    ..ModelConfig::new("demo", "models/demo.onnx")
+                },
             ],
         }
     }
@@ -310,8 +336,17 @@ impl Config {
             if !names.insert(&m.name) {
                 return Err(invalid(&key("name"), format!("`{}` is used twice", m.name)));
             }
-            if m.std.iter().any(|&s| !s.is_finite() || s <= 0.0) || m.mean.iter().any(|v| !v.is_finite()) {
+            if m.std.iter().flatten().any(|&s| !s.is_finite() || s <= 0.0) || m.mean.iter().flatten().any(|v| !v.is_finite()) {
                 return Err(invalid(&key("std"), "mean must be finite and std positive"));
+            }
+            if m.score_threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+                return Err(invalid(&key("score_threshold"), "must be between 0 and 1"));
+            }
+            if m.iou_threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+                return Err(invalid(&key("iou_threshold"), "must be between 0 and 1"));
+            }
+            if m.max_detections == Some(0) {
+                return Err(invalid(&key("max_detections"), "must be at least 1"));
             }
             if m.resize_shorter_side == Some(0) {
                 return Err(invalid(&key("resize_shorter_side"), "must be a positive number of pixels"));

@@ -10,9 +10,11 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod detection;
 pub mod error;
 pub mod core;
 pub mod explain;
+pub mod letterbox;
 pub mod methods;
 pub mod onnx;
 pub mod preprocess;

@@ -204,15 +204,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
             let answer = explain_offline(config, &name, bytes, raw)?;
             write_explanation(&answer, &out)?;
-            let top = &answer.classification().top[0];
-            eprintln!(
-                "{}: {} ({:.3}); wrote {} explanations to {}",
-                image.display(),
-                top.label.clone().unwrap_or_else(|| top.index.to_string()),
-                top.score,
-                answer.explanations.as_ref().map_or(0, Vec::len),
-                out.display()
-            );
+            let found = match &answer.result {
+                camserve::core::answer::TaskResult::Classification(c) => c.top.first().map(|t| format!("{} ({:.3})", t.label.clone().unwrap_or_else(|| t.index.to_string()), t.score)),
+                camserve::core::answer::TaskResult::Detection(d) => Some(format!("{} detections", d.len())),
+            };
+            eprintln!("{}: {}; wrote {} explanations to {}", image.display(), found.unwrap_or_default(), answer.explanations.as_ref().map_or(0, Vec::len), out.display());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -317,7 +313,11 @@ fn write_explanation(answer: &Answer, out: &std::path::Path) -> anyhow::Result<(
     let json = serde_json::to_value(camserve::api::v1::encode(answer))?;
     std::fs::write(out.join("explanation.json"), serde_json::to_string_pretty(&json)?)?;
     for e in answer.explanations.iter().flatten() {
-        let stem = format!("{}_{}", e.method.as_str().replace('+', "p"), e.target.index);
+        let target = match &e.target {
+            camserve::core::answer::ExplainedTarget::Class { index, .. } => index.to_string(),
+            camserve::core::answer::ExplainedTarget::Detection { index, .. } => format!("det{index}"),
+        };
+        let stem = format!("{}_{}", e.method.as_str().replace('+', "p"), target);
         for (kind, png) in [("heatmap", &e.heatmap_png), ("overlay", &e.overlay_png), ("mask", &e.mask_png)] {
             if let Some(png) = png {
                 std::fs::write(out.join(format!("{stem}_{kind}.png")), png)?;

@@ -130,6 +130,8 @@ pub enum ResizePolicy {
     /// torchvision's `Resize(s)` then `CenterCrop((h, w))`, the usual ImageNet evaluation: the shorter side
     /// scaled to `s` (the longer one in proportion, truncated), then the centre `h x w` cut out.
     ShorterSideThenCenterCrop,
+    /// Ultralytics' letterbox (crate::letterbox): the aspect ratio kept, OpenCV's bilinear resize, grey padding.
+    Letterbox,
 }
 
 /// How pixels become the model's input besides mean and std: size policy, channel order and pixel range.
@@ -185,6 +187,12 @@ pub fn to_model_size(img: &RgbImage, width: u32, height: u32, px: PixelFormat) -
     let whole = Region { x: 0.0, y: 0.0, width: w as f64, height: h as f64 };
     match px.resize {
         ResizePolicy::Stretch => (resize(img, width, height), whole),
+        ResizePolicy::Letterbox => {
+            // The input shows the upload and padding around it: the region runs past the upload's edges.
+            let (boxed, p) = crate::letterbox::letterbox(img, width, height);
+            let region = Region { x: -p.pad_x / p.gain, y: -p.pad_y / p.gain, width: width as f64 / p.gain, height: height as f64 / p.gain };
+            (boxed, region)
+        }
         ResizePolicy::ShorterSideThenCenterCrop => {
             let shorter = px.shorter_side(width, height);
             let (nw, nh) = shorter_side_size(w, h, shorter);

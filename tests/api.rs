@@ -72,6 +72,8 @@ fn info() -> ModelInfo {
         attention: None,
         linear_heads: [(LAYER.to_string(), Ok(Arc::new(LinearHead { weights, classes: 4, channels: 2 })))].into(),
         heads: [(LAYER.to_string(), Ok(()))].into(),
+        output_dims: vec![4],
+        metadata: Default::default(),
     }
 }
 

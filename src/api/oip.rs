@@ -33,7 +33,8 @@ use super::error::ApiError;
 use super::oip_tensors::{images_from_bytes, images_from_fp32, respond, split_body, Data, InferRequest, RequestedOutput, Tensor};
 use super::AppState;
 use crate::backend::engine::{ranked, ModelInfo};
-use crate::core::answer::{Answer, Explanation};
+use crate::core::answer::{Answer, Classification, Explanation};
+use crate::core::task::Task;
 use crate::core::options::RawOptions;
 use crate::core::pipeline::{Endpoint, ImageInput};
 use crate::error::ServiceError;
@@ -242,14 +243,11 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
     let n = answers.len();
     let k = info.num_classes;
     let tensor = |shape: Vec<usize>, data: Data| Tensor { name: name.to_string(), shape, data, binary: false };
+    // `infer` refuses detectors before any work: every answer here is a classifier's.
+    let classes: Vec<&Classification> =
+        answers.iter().map(|a| a.classification().ok_or_else(|| internal("a classifier's result is missing. This is a bug.".into()))).collect::<Result<_, _>>()?;
     let class_output = |probs: bool, count: Option<usize>| {
-        let rows: Vec<&[f32]> = answers
-            .iter()
-            .map(|a| {
-                let c = a.classification();
-                if probs { c.probabilities.as_slice() } else { c.logits.as_slice() }
-            })
-            .collect();
+        let rows: Vec<&[f32]> = classes.iter().map(|c| if probs { c.probabilities.as_slice() } else { c.logits.as_slice() }).collect();
         match count {
             Some(c) => {
                 let strings: Vec<String> = rows.iter().flat_map(|r| classification(info, r, c)).collect();
@@ -262,7 +260,7 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
         Output::Logits { classification } => class_output(false, *classification),
         Output::Probabilities { classification } => class_output(true, *classification),
         Output::TopK => {
-            let strings: Vec<String> = answers.iter().flat_map(|a| classification(info, &a.classification().probabilities, top_k)).collect();
+            let strings: Vec<String> = classes.iter().flat_map(|c| classification(info, &c.probabilities, top_k)).collect();
             tensor(vec![n, top_k.min(k)], Data::Strings(strings))
         }
         Output::Raw(m) => {
@@ -308,7 +306,14 @@ struct InferPlan {
 pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req: Request) -> Result<Response, OipError> {
     check_version(&p.model, p.version.as_deref())?;
     let model = p.model;
-    let info = state.service.model(&model)?.info.clone();
+    let handle = state.service.model(&model)?;
+    if let Task::Detection(_) = handle.task {
+        return Err(ServiceError::Unprocessable(format!(
+            "model `{model}` is a detector; v2 infer serves classifiers so far: ask /v1/models/{model}/explain or KServe's /v1/models/{model}:explain"
+        ))
+        .into());
+    }
+    let info = handle.info.clone();
     let headers = req.headers().clone();
     let body = read_body(req, state.body_limit, state.body_timeout).await?;
     let (head, mut binary) = split_body(&headers, &body)?;

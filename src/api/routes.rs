@@ -10,6 +10,7 @@ use super::error::ApiError;
 use super::{upload, v1, AppState};
 use crate::backend::engine::{Device, ModelInfo, ModelKind};
 use crate::core::pipeline::{Endpoint, ModelHandle};
+use crate::core::task::{DetectionFormat, Task};
 use crate::methods::metrics::Metric;
 use crate::methods::Method;
 
@@ -92,10 +93,22 @@ pub struct LayerView {
 }
 
 #[derive(Serialize)]
+pub struct DetectionView {
+    format: &'static str,
+    classes: usize,
+    score_threshold: f32,
+    iou_threshold: f32,
+    max_detections: usize,
+}
+
+#[derive(Serialize)]
 pub struct ModelView {
     name: String,
-    /// What the model's outputs are: `classification` (core/task.rs).
+    /// What the model's outputs are: `classification` or `detection` (core/task.rs).
     task: &'static str,
+    /// A detector's output format, class count and thresholds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detection: Option<DetectionView>,
     kind: ModelKind,
     device: Device,
     /// `[C, H, W]`
@@ -133,6 +146,18 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
         metric_costs: Metric::ALL.iter().map(|&m| (m.as_str(), m.cost(info))).collect(),
         name: info.name.clone(),
         task: handle.task.as_str(),
+        detection: match &handle.task {
+            Task::Classification => None,
+            Task::Detection(d) => Some(DetectionView {
+                format: d.format.as_str(),
+                classes: match d.format {
+                    DetectionFormat::UltralyticsRaw { classes, .. } => classes,
+                },
+                score_threshold: d.thresholds.score,
+                iou_threshold: d.thresholds.iou,
+                max_detections: d.thresholds.max_detections,
+            }),
+        },
         kind: info.kind,
         device: info.device,
         input_shape: info.input_shape,

@@ -7,7 +7,7 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use crate::backend::engine::Device;
-use crate::core::answer::{Answer, ExplainedClass, Explanation, ImageSize, Prediction, RawArray, Timings, TaskResult};
+use crate::core::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, Prediction, RawArray, TaskResult, Timings};
 use crate::explain::maps;
 use crate::methods::Method;
 
@@ -17,7 +17,12 @@ pub struct Response<'a> {
     pub model: &'a str,
     pub device: Device,
     pub image: Size,
-    pub predictions: Vec<PredictionJson<'a>>,
+    /// A classifier's best classes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predictions: Option<Vec<PredictionJson<'a>>>,
+    /// A detector's detections, best first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detections: Option<Vec<DetectionJson<'a>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explanations: Option<Vec<ExplanationJson<'a>>>,
     pub timings_ms: TimingsJson,
@@ -38,10 +43,29 @@ pub struct PredictionJson<'a> {
 }
 
 #[derive(Debug, Serialize)]
-pub struct TargetJson<'a> {
+pub struct DetectionJson<'a> {
     pub index: usize,
     pub label: Option<&'a str>,
+    pub class_index: usize,
     pub score: f32,
+    #[serde(rename = "box")]
+    pub bbox: BoxJson,
+}
+
+/// A box in upload pixels.
+#[derive(Debug, Serialize)]
+pub struct BoxJson {
+    pub x: f32,
+    pub y: f32,
+    pub width: f32,
+    pub height: f32,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum TargetJson<'a> {
+    Class { index: usize, label: Option<&'a str>, score: f32 },
+    Detection { detection: usize, label: Option<&'a str>, score: f32 },
 }
 
 #[derive(Debug, Serialize)]
@@ -106,8 +130,22 @@ fn prediction(p: &Prediction) -> PredictionJson<'_> {
     PredictionJson { index: p.index, label: p.label.as_deref(), score: p.score, logit: p.logit }
 }
 
-fn target(t: &ExplainedClass) -> TargetJson<'_> {
-    TargetJson { index: t.index, label: t.label.as_deref(), score: t.score }
+fn target(t: &ExplainedTarget) -> TargetJson<'_> {
+    match t {
+        ExplainedTarget::Class { index, label, score } => TargetJson::Class { index: *index, label: label.as_deref(), score: *score },
+        ExplainedTarget::Detection { index, label, score } => TargetJson::Detection { detection: *index, label: label.as_deref(), score: *score },
+    }
+}
+
+fn detection(d: &Detection) -> DetectionJson<'_> {
+    let [x0, y0, x1, y1] = d.xyxy;
+    DetectionJson {
+        index: d.index,
+        label: d.label.as_deref(),
+        class_index: d.class_index,
+        score: d.score,
+        bbox: BoxJson { x: x0, y: y0, width: x1 - x0, height: y1 - y0 },
+    }
 }
 
 fn raw(r: &RawArray) -> RawJson {
@@ -148,14 +186,16 @@ pub fn timings(t: &Timings) -> TimingsJson {
 
 /// The v1 JSON of an answer.
 pub fn encode(a: &Answer) -> Response<'_> {
-    let predictions = match &a.result {
-        TaskResult::Classification(c) => c.top.iter().map(prediction).collect(),
+    let (predictions, detections) = match &a.result {
+        TaskResult::Classification(c) => (Some(c.top.iter().map(prediction).collect()), None),
+        TaskResult::Detection(d) => (None, Some(d.iter().map(detection).collect())),
     };
     Response {
         model: &a.model,
         device: a.device,
         image: size(a.image),
         predictions,
+        detections,
         explanations: a.explanations.as_ref().map(|list| list.iter().map(explanation).collect()),
         timings_ms: timings(&a.timings),
     }

@@ -25,10 +25,11 @@ pub struct Answer {
 }
 
 impl Answer {
-    /// The classification result (every model's task, for now).
-    pub fn classification(&self) -> &Classification {
+    /// The classification result, for a classifier.
+    pub fn classification(&self) -> Option<&Classification> {
         match &self.result {
-            TaskResult::Classification(c) => c,
+            TaskResult::Classification(c) => Some(c),
+            TaskResult::Detection(_) => None,
         }
     }
 
@@ -48,6 +49,20 @@ pub struct ImageSize {
 #[derive(Debug, Clone)]
 pub enum TaskResult {
     Classification(Classification),
+    /// A detector's detections, best first.
+    Detection(Vec<Detection>),
+}
+
+/// One detection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    /// Its rank among the image's detections (0 is the best): what `target` names.
+    pub index: usize,
+    pub class_index: usize,
+    pub label: Option<String>,
+    pub score: f32,
+    /// `x0, y0, x1, y1` in the upload's pixels.
+    pub xyxy: [f32; 4],
 }
 
 /// A classifier's result for one image.
@@ -69,12 +84,13 @@ pub struct Prediction {
     pub logit: f32,
 }
 
-/// What an explanation explains: a class, with its label and softmax score.
+/// What an explanation explains.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ExplainedClass {
-    pub index: usize,
-    pub label: Option<String>,
-    pub score: f32,
+pub enum ExplainedTarget {
+    /// A class, with its label and softmax score.
+    Class { index: usize, label: Option<String>, score: f32 },
+    /// A detection (its index in the answer's `detections`), with its label and score.
+    Detection { index: usize, label: Option<String>, score: f32 },
 }
 
 /// One (target, method) explanation.
@@ -83,7 +99,7 @@ pub struct Explanation {
     pub method: Method,
     /// The layer it read (the CAM methods).
     pub layer: Option<String>,
-    pub target: ExplainedClass,
+    pub target: ExplainedTarget,
     /// The outputs asked for: the colour-mapped heatmap (or gradient image), the overlay, the grey mask, as PNG
     /// files.
     pub heatmap_png: Option<Vec<u8>>,

@@ -9,9 +9,8 @@ use image::RgbImage;
 use ndarray::{Array2, Array3, Axis};
 use rayon::prelude::*;
 
-use super::answer::{ExplainedClass, Explanation, RawArray};
+use super::answer::{ExplainedTarget, Explanation, RawArray};
 use super::options::{ExplainOptions, OutputSize};
-use crate::backend::engine::ModelInfo;
 use crate::explain::maps;
 use crate::methods::metrics::Score;
 use crate::methods::{self, Heatmap, Method, Returned};
@@ -93,8 +92,8 @@ fn prepare(c: ComputedMap, sizes: Sizes) -> Prepared {
     Prepared { method, row, class, raw, shown, model_map, returned: computed.returned, scores: vec![] }
 }
 
-fn render_one(p: Prepared, info: &ModelInfo, options: &ExplainOptions, probabilities: &[Vec<f32>], base: &RgbImage) -> Explanation {
-    let target = ExplainedClass { index: p.class, label: info.label(p.class).map(str::to_string), score: probabilities[p.row][p.class] };
+fn render_one(p: Prepared, options: &ExplainOptions, targets: &[ExplainedTarget], base: &RgbImage) -> Explanation {
+    let target = targets[p.row].clone();
     let o = options.outputs;
     let (map, heat) = match &p.shown {
         Shown::Map(m) => (m, o.heatmap.then(|| render::colorize(m, options.colormap))),
@@ -151,15 +150,15 @@ pub fn prepare_all(options: &ExplainOptions, computed: Vec<ComputedMap>, orig: &
     (prepared, t0.elapsed())
 }
 
-/// Renders every prepared explanation in parallel; returns them with the time taken. `probabilities` holds each
-/// row's softmax (computed once by the pipeline).
-pub fn render_all(prepared: Vec<Prepared>, info: &ModelInfo, options: &ExplainOptions, probabilities: &[Vec<f32>], orig: &RgbImage, model_rgb: &RgbImage) -> (Vec<Explanation>, Duration) {
+/// Renders every prepared explanation in parallel; returns them with the time taken. `targets` says what each row
+/// of the explain pass explains (the task's description of it).
+pub fn render_all(prepared: Vec<Prepared>, options: &ExplainOptions, targets: &[ExplainedTarget], orig: &RgbImage, model_rgb: &RgbImage) -> (Vec<Explanation>, Duration) {
     let base = match options.size {
         OutputSize::Model => model_rgb,
         OutputSize::Original => orig,
     };
     let t0 = Instant::now();
-    let explanations: Vec<Explanation> = prepared.into_par_iter().map(|p| render_one(p, info, options, probabilities, base)).collect();
+    let explanations: Vec<Explanation> = prepared.into_par_iter().map(|p| render_one(p, options, targets, base)).collect();
     (explanations, t0.elapsed())
 }
 

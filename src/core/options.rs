@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 
 use std::collections::BTreeMap;
 
+use super::task::Task;
 use crate::backend::batcher::Target;
 use crate::backend::engine::ModelInfo;
 use crate::error::ServiceError;
@@ -30,6 +31,11 @@ pub struct RawOptions {
     pub alpha: Option<f64>,
     pub size: Option<String>,
     pub metrics: Option<Vec<String>>,
+    /// Detectors: `{x, y, width, height}` in upload pixels, "explain the detection that best overlaps this".
+    pub region: Option<[f64; 4]>,
+    /// Detectors: this request's score and IoU thresholds (default: the model's).
+    pub score_threshold: Option<f64>,
+    pub iou_threshold: Option<f64>,
     /// The methods' declared parameters, by name, as received (checked against their declarations in `validate`).
     pub params: BTreeMap<&'static str, ParamValue>,
 }
@@ -49,7 +55,8 @@ fn malformed(s: impl Into<String>) -> ServiceError {
 }
 
 /// The options every request may give; the methods' parameters come after them.
-const KEYS: [&str; 9] = ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size", "metrics"];
+const KEYS: [&str; 12] =
+    ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size", "metrics", "box", "score_threshold", "iou_threshold"];
 
 /// The known option names, for the error that names an unknown one.
 fn known_keys() -> String {
@@ -150,6 +157,42 @@ fn param_json(p: &Param, v: &Value) -> Result<ParamValue, ServiceError> {
     }
 }
 
+fn number_text(key: &str, v: &str) -> Result<f64, ServiceError> {
+    v.trim().parse().map_err(|_| invalid(format!("{key} must be a number, not `{v}`")))
+}
+
+fn number_json(key: &str, v: &Value) -> Result<f64, ServiceError> {
+    match v {
+        Value::Number(n) => n.as_f64().ok_or_else(|| invalid(format!("{key} must be a number"))),
+        Value::String(s) => number_text(key, s),
+        _ => Err(invalid(format!("{key} must be a number"))),
+    }
+}
+
+const BOX_FORM: &str = "box must be {\"x\", \"y\", \"width\", \"height\"} in upload pixels, or \"x,y,width,height\"";
+
+/// `box` as text: `x,y,width,height`.
+fn box_text(v: &str) -> Result<[f64; 4], ServiceError> {
+    let parts: Vec<f64> = v.split(',').map(|s| s.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|_| invalid(BOX_FORM))?;
+    <[f64; 4]>::try_from(parts).map_err(|_| invalid(BOX_FORM))
+}
+
+/// `box` as JSON: `{"x", "y", "width", "height"}`, a list of four numbers, or the text form.
+fn box_json(v: &Value) -> Result<[f64; 4], ServiceError> {
+    match v {
+        Value::Object(o) => {
+            let get = |k: &str| o.get(k).and_then(Value::as_f64).ok_or_else(|| invalid(BOX_FORM));
+            Ok([get("x")?, get("y")?, get("width")?, get("height")?])
+        }
+        Value::Array(a) if a.len() == 4 => {
+            let n: Vec<f64> = a.iter().map(|x| x.as_f64().ok_or_else(|| invalid(BOX_FORM))).collect::<Result<_, _>>()?;
+            Ok([n[0], n[1], n[2], n[3]])
+        }
+        Value::String(s) => box_text(s),
+        _ => Err(invalid(BOX_FORM)),
+    }
+}
+
 fn target_from_str(s: &str) -> TargetSpec {
     match s.parse::<i64>() {
         Ok(i) => TargetSpec::Index(i),
@@ -172,6 +215,9 @@ impl RawOptions {
             }
             "size" => self.size = Some(value.trim().to_string()),
             "metrics" | "metric" => self.metrics.get_or_insert_with(Vec::new).extend(list(value)),
+            "box" => self.region = Some(box_text(value)?),
+            "score_threshold" => self.score_threshold = Some(number_text(key, value)?),
+            "iou_threshold" => self.iou_threshold = Some(number_text(key, value)?),
             other => match params::find(other) {
                 Some(p) => {
                     self.params.insert(p.name, param_text(p, value)?);
@@ -228,6 +274,9 @@ impl RawOptions {
             }
             "size" => self.size = Some(value.as_str().ok_or_else(|| invalid("size must be a string"))?.to_string()),
             "metrics" | "metric" => self.metrics = Some(strings(value, "metrics")?),
+            "box" => self.region = Some(box_json(value)?),
+            "score_threshold" => self.score_threshold = Some(number_json(key, value)?),
+            "iou_threshold" => self.iou_threshold = Some(number_json(key, value)?),
             other => match params::find(other) {
                 Some(p) => {
                     self.params.insert(p.name, param_json(p, value)?);
@@ -260,7 +309,7 @@ impl RawOptions {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
-        take!(methods, target, top_k, layer, outputs, colormap, alpha, size, metrics);
+        take!(methods, target, top_k, layer, outputs, colormap, alpha, size, metrics, region, score_threshold, iou_threshold);
         self.params.extend(other.params);
     }
 }
@@ -298,6 +347,23 @@ pub struct ExplainOptions {
     pub metrics: Vec<Metric>,
     /// The methods' parameters, checked against their declarations (`methods::params`).
     pub params: Params,
+    /// Detectors: which detections to explain, in order; `targets` then holds one placeholder row per pick (what the
+    /// budget counts), and the pipeline turns the picks into seed rows once the detections are known.
+    pub picks: Vec<DetectionPick>,
+    /// Detectors: this request's thresholds over the model's.
+    pub score_threshold: Option<f32>,
+    pub iou_threshold: Option<f32>,
+}
+
+/// A detection a request asks to explain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DetectionPick {
+    /// By its index in the answer's `detections` (0 is the best).
+    Index(usize),
+    /// The best detection of a class label.
+    Label(String),
+    /// The detection whose box best overlaps `x, y, width, height` in upload pixels.
+    Overlap([f64; 4]),
 }
 
 impl ExplainOptions {
@@ -317,7 +383,12 @@ pub struct OptionLimits {
 }
 
 impl RawOptions {
+    /// Validates for a classifier (the API's tests and tools that have no task at hand).
     pub fn validate(&self, model: &ModelInfo, limits: OptionLimits) -> Result<ExplainOptions, ServiceError> {
+        self.validate_for(model, &Task::Classification, limits)
+    }
+
+    pub fn validate_for(&self, model: &ModelInfo, task: &Task, limits: OptionLimits) -> Result<ExplainOptions, ServiceError> {
         let mut methods = Vec::new();
         match &self.methods {
             None => methods.extend(Method::DEFAULT),
@@ -341,8 +412,13 @@ impl RawOptions {
         }
         for m in &methods {
             m.requirements(model).map_err(invalid)?;
+            if let Some(why) = task.refuses(*m) {
+                return Err(invalid(why));
+            }
         }
+        let (picks, score_threshold, iou_threshold) = self.detection_targets(task, limits)?;
         let top_k = match self.top_k {
+            _ if !picks.is_empty() => 1,
             None => 1,
             Some(k) if k < 1 || k as usize > limits.max_top_k.min(model.num_classes) => {
                 return Err(invalid(format!("top_k must be between 1 and {}, not {k}", limits.max_top_k.min(model.num_classes))));
@@ -350,6 +426,7 @@ impl RawOptions {
             Some(k) => k as usize,
         };
         let targets = match &self.target {
+            _ if !picks.is_empty() => (0..picks.len()).map(Target::Rank).collect(),
             None => (0..top_k).map(Target::Rank).collect(),
             Some(specs) => {
                 if self.top_k.is_some_and(|k| k > 1) {
@@ -441,7 +518,63 @@ impl RawOptions {
             params.set(p, p.check(value).map_err(invalid)?);
         }
         resolve_caps(&mut params, model, &layer, limits);
-        Ok(ExplainOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params })
+        if !picks.is_empty() && !metrics.is_empty() {
+            return Err(invalid("the faithfulness metrics follow a classifier's softmax score; a detector's explanations have none"));
+        }
+        Ok(ExplainOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, picks, score_threshold, iou_threshold })
+    }
+
+    /// A detector's picks (`target`: indices or labels; `box`; `top_k`: the k best; default the best one) and
+    /// thresholds; nothing for a classifier, which refuses the detector-only options.
+    #[allow(clippy::type_complexity)]
+    fn detection_targets(&self, task: &Task, limits: OptionLimits) -> Result<(Vec<DetectionPick>, Option<f32>, Option<f32>), ServiceError> {
+        let Task::Detection(_) = task else {
+            for (key, given) in [("box", self.region.is_some()), ("score_threshold", self.score_threshold.is_some()), ("iou_threshold", self.iou_threshold.is_some())] {
+                if given {
+                    return Err(invalid(format!("`{key}` applies to detectors; this model is a classifier")));
+                }
+            }
+            return Ok((vec![], None, None));
+        };
+        let threshold = |key: &str, v: Option<f64>| match v {
+            None => Ok(None),
+            Some(t) if t.is_finite() && (0.0..=1.0).contains(&t) => Ok(Some(t as f32)),
+            Some(t) => Err(invalid(format!("{key} must be between 0 and 1, not {t}"))),
+        };
+        let (score, iou) = (threshold("score_threshold", self.score_threshold)?, threshold("iou_threshold", self.iou_threshold)?);
+        let given = [self.target.is_some(), self.region.is_some(), self.top_k.is_some_and(|k| k > 1)].iter().filter(|g| **g).count();
+        if given > 1 {
+            return Err(invalid("give one of target, box or top_k"));
+        }
+        let picks = match (&self.target, self.region, self.top_k) {
+            (Some(specs), _, _) => {
+                if specs.is_empty() {
+                    return Err(invalid("target is empty"));
+                }
+                if specs.len() > limits.max_targets {
+                    return Err(invalid(format!("{} targets requested, at most {} allowed", specs.len(), limits.max_targets)));
+                }
+                specs
+                    .iter()
+                    .map(|s| match s {
+                        TargetSpec::Index(i) if *i >= 0 => Ok(DetectionPick::Index(*i as usize)),
+                        TargetSpec::Index(i) => Err(invalid(format!("detection index {i} is negative"))),
+                        TargetSpec::Label(l) => Ok(DetectionPick::Label(l.clone())),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            (None, Some(b), _) => {
+                if !b.iter().all(|v| v.is_finite()) || b[2] <= 0.0 || b[3] <= 0.0 {
+                    return Err(invalid("box must have finite x and y and a positive width and height"));
+                }
+                vec![DetectionPick::Overlap(b)]
+            }
+            (None, None, Some(k)) if k < 1 || k as usize > limits.max_top_k => {
+                return Err(invalid(format!("top_k must be between 1 and {}, not {k}", limits.max_top_k)));
+            }
+            (None, None, k) => (0..k.unwrap_or(1) as usize).map(DetectionPick::Index).collect(),
+        };
+        Ok((picks, score, iou))
     }
 }
 

@@ -12,16 +12,18 @@ use bytes::Bytes;
 use image::RgbImage;
 use ndarray::Array3;
 
-use super::answer::{Answer, Explanation, ImageSize, Timings};
+use super::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, TaskResult, Timings};
 use super::explanations::{prepare_all, render_all, ComputedMap};
-use super::options::{ExplainOptions, OptionLimits, RawOptions};
-use super::task::Task;
+use super::options::{DetectionPick, ExplainOptions, OptionLimits, RawOptions};
+use super::task::{Detector, Task};
 use crate::backend::batcher::{Images, Queue, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
+use crate::detection::Thresholds;
+use crate::letterbox;
 use crate::error::ServiceError;
 use crate::methods::{self, Kind, Passes};
 use crate::onnx::rewrite::ExplainPlan;
-use crate::preprocess::{self, DecodeLimits};
+use crate::preprocess::{self, DecodeLimits, ResizePolicy};
 
 pub struct ModelHandle {
     pub info: Arc<ModelInfo>,
@@ -35,9 +37,14 @@ pub struct ModelHandle {
 }
 
 impl ModelHandle {
-    /// A loaded model behind its batcher's queue, its task recognised from its outputs.
+    /// A loaded classifier behind its batcher's queue.
     pub fn new(info: Arc<ModelInfo>, queue: Queue, position: usize, max_batch: usize) -> ModelHandle {
-        ModelHandle { task: Task::of(&info), info, queue, position, max_batch }
+        ModelHandle { task: Task::Classification, info, queue, position, max_batch }
+    }
+
+    /// The same with the task the registry recognised.
+    pub fn with_task(self, task: Task) -> ModelHandle {
+        ModelHandle { task, ..self }
     }
 }
 
@@ -114,46 +121,32 @@ impl Service {
         self.handle_input(model, endpoint, ImageInput::Encoded(image), raw).await
     }
 
-    /// One request, start to end: admit it, decode its image, run its pass, explain and render.
+    /// One request, start to end: admit it, decode its image, run its pass (or passes), explain and render.
     pub async fn handle_input(&self, model: &str, endpoint: Endpoint, image: ImageInput, raw: RawOptions) -> Result<Answer, ServiceError> {
         let started = Instant::now();
         let handle = self.model(model)?;
         let info = handle.info.clone();
         let options = self.admit(handle, endpoint, &raw)?;
         let decoded = decode(info.clone(), image, self.limits.decode).await?;
-        let decode_time = started.elapsed();
-
+        let mut timings = Timings { decode: ms(started.elapsed()), ..Default::default() };
         let deadline = started + self.limits.request_timeout;
         // The request's own pass and every multi-pass method's and metric's batches go through one handle.
         let passes = Passes { queue: &handle.queue, info: &info, max_batch: handle.max_batch, deadline, timeout: self.limits.request_timeout };
-        let (plan, targets, label) = match endpoint {
-            Endpoint::Predict => (PlanKey::Predict, vec![Target::Rank(0)], "predict"),
-            Endpoint::Explain => (explain_plan(&info, &options), options.targets.clone(), "explain"),
-        };
-        let needs_image = endpoint == Endpoint::Explain && (options.methods.iter().any(|m| m.is_multipass()) || !options.metrics.is_empty());
-        let kept_input = needs_image.then(|| decoded.input.clone());
-        let out = passes.wait(passes.submit(&plan, Images::One(decoded.input), targets, label)?).await?;
-
-        // Softmax once per row of the pass: the predictions, the targets' scores and the metrics read it.
-        let probabilities: Vec<Vec<f32>> = out.output.logits.outer_iter().map(crate::explain::softmax).collect();
-        let result = handle.task.decode(&info, out.output.logits.row(0).to_vec(), probabilities[0].clone(), options.top_k.max(5));
-        let mut timings = Timings { queue: ms(out.queue), decode: ms(decode_time), inference: ms(out.inference), ..Default::default() };
-        let explanations = match endpoint {
-            Endpoint::Predict => None,
-            Endpoint::Explain => {
-                let work = Explaining { info: &info, options, output: out.output, probabilities, passes: &passes, input: kept_input };
-                Some(work.run(decoded.orig, decoded.model_rgb, decoded.region, &mut timings).await?)
-            }
+        let request = Request { info: &info, endpoint, options, passes: &passes };
+        let (result, explanations) = match &handle.task {
+            Task::Classification => request.classify(decoded, &mut timings).await?,
+            Task::Detection(detector) => request.detect(detector, decoded, &mut timings).await?,
         };
         timings.total = ms(started.elapsed());
-        Ok(Answer { model: info.name.clone(), device: info.device, image: decoded.size, result, explanations, timings })
+        let ((result, image), explanations) = (result, explanations);
+        Ok(Answer { model: info.name.clone(), device: info.device, image, result, explanations, timings })
     }
 
     /// Validates the options and, for an explain request, its cost; refuses before any work when the model's
     /// queue is full.
     fn admit(&self, handle: &ModelHandle, endpoint: Endpoint, raw: &RawOptions) -> Result<ExplainOptions, ServiceError> {
         let info = &handle.info;
-        let options = raw.validate(info, self.limits.options)?;
+        let options = raw.validate_for(info, &handle.task, self.limits.options)?;
         if endpoint == Endpoint::Explain {
             let cost = methods::request_cost(info, &options.work());
             if cost > self.limits.max_forward_passes {
@@ -171,6 +164,114 @@ impl Service {
         }
         Ok(options)
     }
+}
+
+/// One admitted request on its model.
+struct Request<'a> {
+    info: &'a Arc<ModelInfo>,
+    endpoint: Endpoint,
+    options: ExplainOptions,
+    passes: &'a Passes<'a>,
+}
+
+/// A task's result and the explanations, if asked for.
+type Answered = ((TaskResult, ImageSize), Option<Vec<Explanation>>);
+
+impl Request<'_> {
+    /// A classifier: one pass, whose targets (ranks or classes) are chosen in the graph.
+    async fn classify(self, decoded: Decoded, timings: &mut Timings) -> Result<Answered, ServiceError> {
+        let Request { info, endpoint, options, passes } = self;
+        let (plan, targets, label) = match endpoint {
+            Endpoint::Predict => (PlanKey::Predict, vec![Target::Rank(0)], "predict"),
+            Endpoint::Explain => (explain_plan(info, &options), options.targets.clone(), "explain"),
+        };
+        let needs_image = endpoint == Endpoint::Explain && (options.methods.iter().any(|m| m.is_multipass()) || !options.metrics.is_empty());
+        let kept_input = needs_image.then(|| decoded.input.clone());
+        let out = passes.wait(passes.submit(&plan, Images::One(decoded.input), targets, label)?).await?;
+        (timings.queue, timings.inference) = (ms(out.queue), ms(out.inference));
+        // Softmax once per row of the pass: the predictions, the targets' scores and the metrics read it.
+        let probabilities: Vec<Vec<f32>> = out.output.logits.outer_iter().map(crate::explain::softmax).collect();
+        let result = Task::classify(info, out.output.logits.row(0).to_vec(), probabilities[0].clone(), options.top_k.max(5));
+        let explanations = match endpoint {
+            Endpoint::Predict => None,
+            Endpoint::Explain => {
+                let output = out.output;
+                let targets: Vec<ExplainedTarget> = (0..output.len())
+                    .map(|row| {
+                        let class = methods::row_class(&output, row)?;
+                        Ok(ExplainedTarget::Class { index: class, label: info.label(class).map(str::to_string), score: probabilities[row][class] })
+                    })
+                    .collect::<Result<_, ServiceError>>()?;
+                let work = Explaining { info, options, output, probabilities, targets, passes, input: kept_input };
+                Some(work.run(decoded.orig, decoded.model_rgb, decoded.region, timings).await?)
+            }
+        };
+        Ok(((result, decoded.size), explanations))
+    }
+
+    /// A detector: a forward pass finds the detections; an explain request then runs the explain pass with one
+    /// seed row per picked detection (its class score at its own output row).
+    async fn detect(self, detector: &Detector, decoded: Decoded, timings: &mut Timings) -> Result<Answered, ServiceError> {
+        let Request { info, endpoint, options, passes } = self;
+        let out = passes.wait(passes.submit(&PlanKey::Predict, Images::One(decoded.input.clone()), vec![Target::Rank(0)], "detect")?).await?;
+        (timings.queue, timings.inference) = (ms(out.queue), ms(out.inference));
+        let d = detector.thresholds;
+        let thresholds = Thresholds { score: options.score_threshold.unwrap_or(d.score), iou: options.iou_threshold.unwrap_or(d.iou), ..d };
+        let row = out.output.logits.row(0);
+        let found = detector.detect(&row.iter().copied().collect::<Vec<_>>(), thresholds);
+        let (w, h) = (decoded.size.width, decoded.size.height);
+        let [_, ih, iw] = info.input_shape;
+        let detections = if info.pixels.resize == ResizePolicy::Letterbox {
+            let p = letterbox::placement(w, h, iw as u32, ih as u32);
+            detector.describe(&found, |b| p.to_upload(b, w, h))
+        } else {
+            let r = decoded.region;
+            let (sx, sy) = ((r.width / iw as f64) as f32, (r.height / ih as f64) as f32);
+            let (x0, y0) = (r.x as f32, r.y as f32);
+            detector.describe(&found, |b| {
+                [(x0 + b[0] * sx).clamp(0.0, w as f32), (y0 + b[1] * sy).clamp(0.0, h as f32), (x0 + b[2] * sx).clamp(0.0, w as f32), (y0 + b[3] * sy).clamp(0.0, h as f32)]
+            })
+        };
+        if endpoint == Endpoint::Predict || detections.is_empty() {
+            let explanations = (endpoint == Endpoint::Explain).then(Vec::new);
+            return Ok(((TaskResult::Detection(detections), decoded.size), explanations));
+        }
+        let picked = pick(&options.picks, &detections)?;
+        let seeds: Vec<Target> = picked.iter().map(|&i| Target::Class(detector.score_index(&found[i]))).collect();
+        let targets: Vec<ExplainedTarget> =
+            picked.iter().map(|&i| ExplainedTarget::Detection { index: i, label: detections[i].label.clone(), score: detections[i].score }).collect();
+        let needs_image = options.methods.iter().any(|m| m.is_multipass());
+        let kept_input = needs_image.then(|| decoded.input.clone());
+        let out = passes.wait(passes.submit(&explain_plan(info, &options), Images::One(decoded.input), seeds, "explain")?).await?;
+        timings.queue += ms(out.queue);
+        timings.inference += ms(out.inference);
+        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input };
+        let explanations = work.run(decoded.orig, decoded.model_rgb, decoded.region, timings).await?;
+        Ok(((TaskResult::Detection(detections), decoded.size), Some(explanations)))
+    }
+}
+
+/// The detections a request's picks name, as indices into `detections` (best first): 422 for an index beyond
+/// them or a label with none.
+fn pick(picks: &[DetectionPick], detections: &[Detection]) -> Result<Vec<usize>, ServiceError> {
+    let n = detections.len();
+    picks
+        .iter()
+        .map(|p| match p {
+            DetectionPick::Index(i) if *i < n => Ok(*i),
+            // `top_k` beyond the detections: explain those there are (the picks were 0..k).
+            DetectionPick::Index(i) => Err(ServiceError::Unprocessable(format!("detection {i} does not exist: the image has {n} detections (0..{})", n.saturating_sub(1)))),
+            DetectionPick::Label(l) => detections
+                .iter()
+                .position(|d| d.label.as_deref() == Some(l.as_str()) || d.class_index.to_string() == *l)
+                .ok_or_else(|| ServiceError::Unprocessable(format!("no detection of `{l}`: the image has {n} detections"))),
+            DetectionPick::Overlap([x, y, bw, bh]) => {
+                let b = [*x as f32, *y as f32, (*x + *bw) as f32, (*y + *bh) as f32];
+                let (best, overlap) = detections.iter().map(|d| crate::detection::iou(d.xyxy, b)).enumerate().fold((0, 0.0f32), |a, (i, v)| if v > a.1 { (i, v) } else { a });
+                if overlap > 0.0 { Ok(best) } else { Err(ServiceError::Unprocessable(format!("no detection overlaps the box: the image has {n} detections"))) }
+            }
+        })
+        .collect()
 }
 
 /// The explain plan a request needs: its layer, the input-gradient chains its methods read, attention if any
@@ -234,8 +335,10 @@ struct Explaining<'a> {
     info: &'a Arc<ModelInfo>,
     options: ExplainOptions,
     output: BatchOutput,
-    /// Each row's softmax.
+    /// Each row's softmax (a classifier's; what the metrics read).
     probabilities: Vec<Vec<f32>>,
+    /// What each row explains.
+    targets: Vec<ExplainedTarget>,
     passes: &'a Passes<'a>,
     /// The preprocessed image, kept when a multi-pass method or a metric needs it.
     input: Option<Array3<f32>>,
@@ -243,7 +346,7 @@ struct Explaining<'a> {
 
 impl Explaining<'_> {
     async fn run(self, orig: RgbImage, model_rgb: RgbImage, region: preprocess::Region, timings: &mut Timings) -> Result<Vec<Explanation>, ServiceError> {
-        let Explaining { info, options, output, probabilities, passes, input } = self;
+        let Explaining { info, options, output, probabilities, targets, passes, input } = self;
         // Every (row, method) map, through the one computation path.
         let t0 = Instant::now();
         let request = methods::Request {
@@ -283,8 +386,8 @@ impl Explaining<'_> {
         }
         let t_metrics = t1.elapsed();
         let (explanations, t_render) = tokio::task::spawn_blocking({
-            let (info, options) = ((*info).clone(), options.clone());
-            move || render_all(prepared, &info, &options, &probabilities, &orig, &model_rgb)
+            let options = options.clone();
+            move || render_all(prepared, &options, &targets, &orig, &model_rgb)
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("render task failed: {e}")))?;

@@ -9,6 +9,8 @@ use crate::backend::engine::{EngineOptions, ModelRunner, ModelSpec, PlanKey};
 use crate::config::{self, Config};
 use crate::core::options::OptionLimits;
 use crate::core::pipeline::{ModelHandle, ServiceLimits};
+use crate::core::task::{Task, TaskConfig};
+use crate::preprocess::ResizePolicy;
 use crate::onnx::rewrite::ExplainPlan;
 use crate::onnx::rules::ReluRule;
 use crate::preprocess::DecodeLimits;
@@ -37,23 +39,40 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             }
             None => None,
         };
+        let task_config = TaskConfig {
+            task: m.task,
+            labels: labels.clone(),
+            score_threshold: m.score_threshold,
+            iou_threshold: m.iou_threshold,
+            max_detections: m.max_detections,
+        };
+        let pixels = |resize: ResizePolicy| crate::preprocess::PixelFormat {
+            channel_order: m.channel_order,
+            scale: m.scale,
+            resize,
+            resize_shorter_side: m.resize_shorter_side,
+        };
         let spec = ModelSpec {
             name: m.name.clone(),
             path: config::resolve(&m.path),
             labels,
-            mean: m.mean,
-            std: m.std,
+            mean: m.mean.unwrap_or(config::IMAGENET_MEAN),
+            std: m.std.unwrap_or(config::IMAGENET_STD),
             default_layer: m.default_layer.clone(),
             input_size: m.input_size.map(|[h, w]| (h, w)),
             layout: m.layout,
-            pixels: crate::preprocess::PixelFormat {
-                channel_order: m.channel_order,
-                scale: m.scale,
-                resize: m.resize,
-                resize_shorter_side: m.resize_shorter_side,
-            },
+            pixels: pixels(m.resize.unwrap_or_default()),
         };
         let mut runner = ModelRunner::load(&spec, &options).map_err(|e| anyhow::anyhow!("model `{}` ({}): {e}", m.name, spec.path.display()))?;
+        let task = Task::recognise(runner.describe(), &task_config).map_err(|e| {
+            anyhow::anyhow!("model `{}` ({}): {e} (config keys: task, labels, score_threshold, iou_threshold, max_detections)", m.name, spec.path.display())
+        })?;
+        // An Ultralytics detector takes pixels / 255, letterboxed, unless the configuration says otherwise.
+        if let Task::Detection(_) = task {
+            let mean = m.mean.unwrap_or([0.0; 3]);
+            let std = m.std.unwrap_or([1.0; 3]);
+            runner.set_preprocessing(mean, std, pixels(m.resize.unwrap_or(ResizePolicy::Letterbox)));
+        }
         let info = runner.info();
         // Warm the graphs the default request uses: predict, and Grad-CAM + guided Grad-CAM.
         let mut keys = vec![PlanKey::Predict];
@@ -62,11 +81,11 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             keys.push(PlanKey::explain(&info, plan));
         }
         runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
-        tracing::info!(model = %m.name, device = %info.device, classes = info.num_classes, layer = %info.default_layer,
+        tracing::info!(model = %m.name, task = task.as_str(), device = %info.device, classes = info.num_classes, layer = %info.default_layer,
             seconds = started.elapsed().as_secs_f64(), "model loaded and warmed");
         let queue = batcher::spawn(runner, batching);
         let position = models.len();
-        models.insert(m.name.clone(), ModelHandle::new(info, queue, position, batching.max_batch));
+        models.insert(m.name.clone(), ModelHandle::new(info, queue, position, batching.max_batch).with_task(task));
     }
     Ok(models)
 }

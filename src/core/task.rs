@@ -1,41 +1,214 @@
-//! A model's task: how its outputs are decoded, what a target is, and which answer fields exist. The registry sets
-//! it at load, the pipeline decodes through it, the encoders write its result ([`TaskResult`]). A new task (the
-//! detection and dense-prediction issues) is a variant here and its result type in answer.rs, not `if` branches
-//! across files.
+//! A model's task: how its outputs are decoded, what a target is, and which answer fields exist. The registry
+//! recognises it at load (from the file, or the `task` config key), the pipeline decodes through it, the encoders
+//! write its result ([`TaskResult`]). A new task is a variant here and its result type in answer.rs, not `if`
+//! branches across files.
 
-use super::answer::{Classification, Prediction, TaskResult};
+use super::answer::{Classification, Detection, Prediction, TaskResult};
 use crate::backend::engine::{ranked, ModelInfo};
+use crate::config::TaskName;
+use crate::detection::{self, Found, Thresholds};
+use crate::methods::Method;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Task {
     /// Class logits `[N, K]`: targets are classes; the answer has `predictions`.
     Classification,
+    /// An object detector: targets are detections; the answer has `detections`.
+    Detection(Detector),
+}
+
+/// A detector: its output format, class names and thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detector {
+    pub format: DetectionFormat,
+    /// Class names, from the labels file or the file's metadata (Ultralytics' `names`).
+    pub labels: Option<Vec<String>>,
+    pub thresholds: Thresholds,
+}
+
+/// The output layouts camserve decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectionFormat {
+    /// Ultralytics YOLO's raw head (YOLOv5u, v8, v9, 11, 12): `[N, 4 + nc, A]`, boxes `cx, cy, w, h` in input
+    /// pixels, then the class scores after their sigmoid.
+    UltralyticsRaw { classes: usize, anchors: usize },
+}
+
+impl DetectionFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectionFormat::UltralyticsRaw { .. } => "ultralytics",
+        }
+    }
+}
+
+/// What the configuration says about a model's task (the `task`, `score_threshold`, `iou_threshold`,
+/// `max_detections` keys) and its labels file.
+#[derive(Debug, Clone, Default)]
+pub struct TaskConfig {
+    pub task: Option<TaskName>,
+    pub labels: Option<Vec<String>>,
+    pub score_threshold: Option<f32>,
+    pub iou_threshold: Option<f32>,
+    pub max_detections: Option<usize>,
 }
 
 impl Task {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Task::Classification => "classification",
+            Task::Detection(_) => "detection",
         }
     }
 
-    /// The task of a loaded model. Every model camserve loads today is a classifier.
-    pub fn of(_info: &ModelInfo) -> Task {
-        Task::Classification
+    /// The task of a loaded model: the `task` key where given, else Ultralytics' `task` metadata (`detect`), else
+    /// classification. A detector must have an output layout camserve decodes; the error names the outputs'
+    /// shapes and the keys that describe them. The labels file must have one line per class.
+    pub fn recognise(info: &ModelInfo, cfg: &TaskConfig) -> Result<Task, String> {
+        let detect = match cfg.task {
+            Some(TaskName::Detection) => true,
+            Some(TaskName::Classification) => false,
+            None => info.metadata.get("task").is_some_and(|t| t == "detect"),
+        };
+        if !detect {
+            if let Some(l) = &cfg.labels
+                && l.len() != info.num_classes
+            {
+                return Err(format!("{} labels for {} classes", l.len(), info.num_classes));
+            }
+            return Ok(Task::Classification);
+        }
+        let dims = &info.output_dims;
+        let format = match dims.as_slice() {
+            [rows, anchors] if *rows > 4 && *anchors >= 1 => DetectionFormat::UltralyticsRaw { classes: (*rows - 4) as usize, anchors: *anchors as usize },
+            _ => {
+                return Err(format!(
+                    "a detector's output must be Ultralytics' raw head [N, 4 + classes, anchors]; this model's first output is {:?} per image. \
+                     Set `task = \"classification\"` if it is a classifier",
+                    dims
+                ));
+            }
+        };
+        let DetectionFormat::UltralyticsRaw { classes, .. } = format;
+        let labels = match (&cfg.labels, info.metadata.get("names")) {
+            (Some(l), _) => Some(l.clone()),
+            (None, Some(names)) => Some(parse_names(names).map_err(|e| format!("the file's `names` metadata: {e}"))?),
+            (None, None) => None,
+        };
+        if let Some(l) = &labels
+            && l.len() != classes
+        {
+            return Err(format!("{} labels for {classes} classes (the output has 4 + {classes} rows)", l.len()));
+        }
+        let d = Thresholds::default();
+        let thresholds = Thresholds {
+            score: cfg.score_threshold.unwrap_or(d.score),
+            iou: cfg.iou_threshold.unwrap_or(d.iou),
+            max_detections: cfg.max_detections.unwrap_or(d.max_detections),
+        };
+        Ok(Task::Detection(Detector { format, labels, thresholds }))
     }
 
-    /// The image's result from the first row of the request's pass: `logits` and their softmax `probabilities`
-    /// (computed once by the pipeline), the best `n` classes.
-    pub fn decode(self, info: &ModelInfo, logits: Vec<f32>, probabilities: Vec<f32>, n: usize) -> TaskResult {
+    /// Why the task does not offer `method`, if it does not.
+    pub fn refuses(&self, method: Method) -> Option<String> {
         match self {
-            Task::Classification => {
-                let top = ranked(logits.iter().copied())
-                    .into_iter()
-                    .take(n.min(info.num_classes))
-                    .map(|i| Prediction { index: i, label: info.label(i).map(str::to_string), score: probabilities[i], logit: logits[i] })
-                    .collect();
-                TaskResult::Classification(Classification { logits, probabilities, top })
+            Task::Classification => None,
+            // These compare classes or reuse a classifier's head: no meaning for one detection's score.
+            Task::Detection(_) if ["cam", "ablationcam", "finercam"].contains(&method.as_str()) => {
+                Some(format!("method `{method}` explains a classifier's class (its linear head, or other classes); detectors get the gradient and gradient-free maps"))
+            }
+            Task::Detection(_) => None,
+        }
+    }
+
+    /// A classifier's result from the first row of the request's pass: `logits` and their softmax
+    /// `probabilities` (computed once by the pipeline), the best `n` classes.
+    pub fn classify(info: &ModelInfo, logits: Vec<f32>, probabilities: Vec<f32>, n: usize) -> TaskResult {
+        let top = ranked(logits.iter().copied())
+            .into_iter()
+            .take(n.min(info.num_classes))
+            .map(|i| Prediction { index: i, label: info.label(i).map(str::to_string), score: probabilities[i], logit: logits[i] })
+            .collect();
+        TaskResult::Classification(Classification { logits, probabilities, top })
+    }
+}
+
+impl Detector {
+    pub fn label(&self, class: usize) -> Option<&str> {
+        self.labels.as_ref().and_then(|l| l.get(class)).map(String::as_str)
+    }
+
+    /// The detections in one image's output row (the first output, flattened), best first, with `thresholds`.
+    pub fn detect(&self, out: &[f32], thresholds: Thresholds) -> Vec<Found> {
+        match self.format {
+            DetectionFormat::UltralyticsRaw { classes, anchors } => detection::yolo_raw(out, classes, anchors, thresholds),
+        }
+    }
+
+    /// The flat index, in one image's output, of the score a detection's explanation differentiates: its class
+    /// score at its own output row.
+    pub fn score_index(&self, f: &Found) -> usize {
+        match self.format {
+            DetectionFormat::UltralyticsRaw { anchors, .. } => (4 + f.class) * anchors + f.anchor,
+        }
+    }
+
+    /// The answer's detections, boxes in upload pixels through `to_upload`.
+    pub fn describe(&self, found: &[Found], to_upload: impl Fn([f32; 4]) -> [f32; 4]) -> Vec<Detection> {
+        found
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Detection { index: i, class_index: f.class, label: self.label(f.class).map(str::to_string), score: f.score, xyxy: to_upload(f.xyxy) })
+            .collect()
+    }
+}
+
+/// Ultralytics' `names` metadata, a Python dict literal `{0: 'person', 1: 'bicycle', ...}`, as a list by index.
+pub fn parse_names(text: &str) -> Result<Vec<String>, String> {
+    let inner = text.trim().strip_prefix('{').and_then(|t| t.strip_suffix('}')).ok_or("not a {index: 'name'} dict")?;
+    let mut out: Vec<(usize, String)> = Vec::new();
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            break;
+        }
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| c.is_ascii_digit())).collect();
+        let index: usize = key.parse().map_err(|_| format!("expected a class index, found `{}`", chars.clone().take(12).collect::<String>()))?;
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ':') {
+            chars.next();
+        }
+        let quote = chars.next().filter(|c| *c == '\'' || *c == '"').ok_or("expected a quoted name")?;
+        let mut name = String::new();
+        loop {
+            match chars.next() {
+                None => return Err("a name is not closed".into()),
+                Some('\\') => name.push(chars.next().ok_or("a name ends in a backslash")?),
+                Some(c) if c == quote => break,
+                Some(c) => name.push(c),
             }
         }
+        out.push((index, name));
+    }
+    out.sort_by_key(|(i, _)| *i);
+    if out.iter().enumerate().any(|(k, (i, _))| k != *i) {
+        return Err("the class indices are not 0, 1, 2, ...".into());
+    }
+    Ok(out.into_iter().map(|(_, n)| n).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ultralytics_names() {
+        assert_eq!(parse_names("{0: 'person', 1: \"bi'cycle\", 2: 'a, b'}").unwrap(), ["person", "bi'cycle", "a, b"]);
+        assert_eq!(parse_names("{1: 'b', 0: 'a'}").unwrap(), ["a", "b"]);
+        assert!(parse_names("{0: 'a', 2: 'c'}").is_err());
+        assert!(parse_names("[0, 1]").is_err());
+        assert_eq!(parse_names("{}").unwrap(), Vec::<String>::new());
     }
 }

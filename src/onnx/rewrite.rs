@@ -166,6 +166,16 @@ pub struct Explainable {
 }
 
 impl Explainable {
+    /// The dims of the logits (the first output) for one image, the batch axis left out.
+    pub fn output_dims(&self) -> Vec<i64> {
+        self.probe.dims(&self.logits).and_then(|d| d.get(1..)).map(<[i64]>::to_vec).unwrap_or_default()
+    }
+
+    /// The file's `metadata_props`, as key and value.
+    pub fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        self.model.metadata_props.iter().map(|p| (p.key().to_string(), p.value().to_string())).collect()
+    }
+
     pub fn analyse(mut model: ModelProto, opts: &PrepareOptions, runner: &dyn ProbeRunner) -> Result<Explainable> {
         if contract::contract_info(&model).is_some() {
             return Err(OnnxError::Invalid("the model already is an explain model (camserve.contract=1)".into()));

@@ -83,6 +83,11 @@ pub struct ModelInfo {
     /// Per convolutional layer: whether the part of the model after it runs on its activations alone
     /// (Ablation-CAM's [`PlanKey::Head`]), or why not.
     pub heads: std::collections::BTreeMap<String, Result<(), String>>,
+    /// The dims of the first output for one image (the batch axis left out): `[K]` for a classifier, `[4 + nc, A]`
+    /// for a raw YOLO head. `core::task` reads the task from them and the metadata.
+    pub output_dims: Vec<i64>,
+    /// The file's `metadata_props` (Ultralytics writes `task`, `names`, `imgsz`, `stride` there).
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl ModelInfo {
@@ -209,11 +214,7 @@ impl ModelRunner {
         if info.input_shape[0] != 3 {
             return Err(bad(format!("the image input must have 3 channels, it has {}", info.input_shape[0])));
         }
-        if let Some(l) = &spec.labels
-            && l.len() != info.num_classes
-        {
-            return Err(bad(format!("{} labels for {} classes", l.len(), info.num_classes)));
-        }
+        // The labels' count is checked against the classes of the model's task (`core::task`).
         Ok(ModelRunner { info: Arc::new(info), source, sessions: HashMap::new(), options: options.clone() })
     }
 
@@ -237,6 +238,8 @@ impl ModelRunner {
             attention: None,
             linear_heads: Default::default(),
             heads: Default::default(),
+            output_dims: vec![],
+            metadata: Default::default(),
         }
     }
 
@@ -265,6 +268,8 @@ impl ModelRunner {
             attention: ex.attention.clone(),
             linear_heads,
             heads,
+            output_dims: ex.output_dims(),
+            metadata: ex.metadata(),
             ..Self::base_info(spec, ModelKind::Plain, device)
         };
         Ok((Source::Plain(Box::new(ex)), info))
@@ -291,9 +296,22 @@ impl ModelRunner {
             layers: vec![LayerInfo::nchw(ci.layer.clone(), vec![1, acts[1], acts[2], acts[3]])],
             default_layer: ci.layer.clone(),
             rules: ci.rules.clone(),
+            output_dims: vec![logits[1]],
             ..Self::base_info(spec, ModelKind::Contract, device)
         };
         Ok((Source::Contract { bytes, info: ci }, info))
+    }
+
+    /// Sets how uploads become the model's input (the registry does, once the model's task is known, before the
+    /// model serves or shares its description).
+    pub fn set_preprocessing(&mut self, mean: [f32; 3], std: [f32; 3], pixels: crate::preprocess::PixelFormat) {
+        let info = Arc::make_mut(&mut self.info);
+        (info.mean, info.std, info.pixels) = (mean, std, pixels);
+    }
+
+    /// The model's description, borrowed.
+    pub fn describe(&self) -> &ModelInfo {
+        &self.info
     }
 
     pub fn info(&self) -> Arc<ModelInfo> {

@@ -1,0 +1,142 @@
+//! Object detections from a detector's outputs, as the exporter's own predictor finds them: for Ultralytics YOLO
+//! exports, the raw head `[4 + nc, A]` (boxes `cx, cy, w, h` in input pixels, then the class scores after their
+//! sigmoid) decoded, kept above the confidence threshold, then class-wise NMS and `max_detections`, as
+//! Ultralytics' `non_max_suppression` does it (its float32 arithmetic included: boxes offset by class x 7680,
+//! IoU on those offsets). Pure functions of arrays; `core::task` applies them to a request's pass.
+
+/// The thresholds of a detector (Ultralytics' `predict` defaults: conf 0.25, iou 0.7, 300 detections).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub score: f32,
+    pub iou: f32,
+    pub max_detections: usize,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds { score: 0.25, iou: 0.7, max_detections: 300 }
+    }
+}
+
+/// One detection in the model's input pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// `x0, y0, x1, y1` in input pixels.
+    pub xyxy: [f32; 4],
+    pub class: usize,
+    pub score: f32,
+    /// The output row (anchor) it came from: its score is what an explanation differentiates.
+    pub anchor: usize,
+}
+
+/// Ultralytics' `max_wh`: the class offset that keeps NMS class-wise.
+const MAX_WH: f32 = 7680.0;
+/// Ultralytics' `max_nms`: the most boxes NMS considers.
+const MAX_NMS: usize = 30000;
+
+/// The detections of a raw YOLO head `out` (`[4 + nc, A]`, row-major), best first.
+pub fn yolo_raw(out: &[f32], nc: usize, anchors: usize, t: Thresholds) -> Vec<Found> {
+    let at = |row: usize, a: usize| out[row * anchors + a];
+    // Candidates: the best class above the threshold (`multi_label=False`), first index on ties as torch's max.
+    let mut cands: Vec<Found> = Vec::new();
+    for a in 0..anchors {
+        let (mut best, mut class) = (f32::NEG_INFINITY, 0);
+        for c in 0..nc {
+            let v = at(4 + c, a);
+            if v > best {
+                best = v;
+                class = c;
+            }
+        }
+        if best > t.score {
+            let (cx, cy, w, h) = (at(0, a), at(1, a), at(2, a), at(3, a));
+            let xyxy = [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0];
+            cands.push(Found { xyxy, class, score: best, anchor: a });
+        }
+    }
+    // By score, descending (stable: equal scores keep anchor order).
+    cands.sort_by(|a, b| b.score.total_cmp(&a.score));
+    cands.truncate(MAX_NMS);
+    let shifted: Vec<[f32; 4]> = cands
+        .iter()
+        .map(|f| {
+            let off = f.class as f32 * MAX_WH;
+            [f.xyxy[0] + off, f.xyxy[1] + off, f.xyxy[2] + off, f.xyxy[3] + off]
+        })
+        .collect();
+    let keep = nms(&shifted, t.iou);
+    keep.into_iter().take(t.max_detections).map(|i| cands[i].clone()).collect()
+}
+
+/// torchvision's `nms` on boxes already sorted by score: the indices kept, in order. A box is dropped when its IoU
+/// with a kept one is above `iou` (float32, areas without +1).
+pub fn nms(boxes: &[[f32; 4]], iou: f32) -> Vec<usize> {
+    let area = |b: &[f32; 4]| (b[2] - b[0]) * (b[3] - b[1]);
+    let areas: Vec<f32> = boxes.iter().map(area).collect();
+    let mut suppressed = vec![false; boxes.len()];
+    let mut keep = Vec::new();
+    for i in 0..boxes.len() {
+        if suppressed[i] {
+            continue;
+        }
+        keep.push(i);
+        let bi = boxes[i];
+        for j in i + 1..boxes.len() {
+            if suppressed[j] {
+                continue;
+            }
+            let bj = boxes[j];
+            let w = (bi[2].min(bj[2]) - bi[0].max(bj[0])).max(0.0);
+            let h = (bi[3].min(bj[3]) - bi[1].max(bj[1])).max(0.0);
+            let inter = w * h;
+            let ovr = inter / (areas[i] + areas[j] - inter);
+            if ovr > iou {
+                suppressed[j] = true;
+            }
+        }
+    }
+    keep
+}
+
+/// Intersection over union of two `x0, y0, x1, y1` boxes (0 when both are empty).
+pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = w * h;
+    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_wise_nms_keeps_overlapping_boxes_of_other_classes() {
+        // Three anchors, two classes: anchors 0 and 1 overlap (IoU 0.81) in class 0, anchor 2 overlaps them in class 1.
+        let (nc, a) = (2, 3);
+        let mut out = vec![0f32; (4 + nc) * a];
+        let set = |out: &mut Vec<f32>, anchor: usize, b: [f32; 4], s: [f32; 2]| {
+            for (r, v) in b.iter().chain(s.iter()).enumerate() {
+                out[r * a + anchor] = *v;
+            }
+        };
+        set(&mut out, 0, [50.0, 50.0, 20.0, 20.0], [0.9, 0.1]);
+        set(&mut out, 1, [51.0, 51.0, 20.0, 20.0], [0.8, 0.1]);
+        set(&mut out, 2, [50.0, 50.0, 20.0, 20.0], [0.1, 0.7]);
+        let found = yolo_raw(&out, nc, a, Thresholds::default());
+        assert_eq!(found.iter().map(|f| (f.anchor, f.class)).collect::<Vec<_>>(), [(0, 0), (2, 1)]);
+        assert_eq!(found[0].xyxy, [40.0, 40.0, 60.0, 60.0]);
+        let low = yolo_raw(&out, nc, a, Thresholds { iou: 0.9, ..Thresholds::default() });
+        assert_eq!(low.len(), 3, "IoU 0.81 is under 0.9: all three stay");
+        let one = yolo_raw(&out, nc, a, Thresholds { max_detections: 1, ..Thresholds::default() });
+        assert_eq!(one.len(), 1);
+        assert!(yolo_raw(&out, nc, a, Thresholds { score: 0.95, ..Thresholds::default() }).is_empty());
+    }
+
+    #[test]
+    fn iou_of_boxes() {
+        assert_eq!(iou([0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 3.0, 3.0]), 1.0 / 7.0);
+        assert_eq!(iou([0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]), 0.0);
+    }
+}
