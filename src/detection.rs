@@ -98,8 +98,12 @@ pub fn nms(boxes: &[[f32; 4]], iou: f32) -> Vec<usize> {
     keep
 }
 
-/// Intersection over union of two `x0, y0, x1, y1` boxes (0 when both are empty).
+/// Intersection over union of two `x0, y0, x1, y1` boxes; 1 for two equal boxes even when they are empty (a box
+/// clipped to the image's edge can have no area), 0 for distinct empty ones.
 pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    if a == b {
+        return 1.0;
+    }
     let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
     let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let inter = w * h;

@@ -190,7 +190,7 @@ pub fn to_model_size(img: &RgbImage, width: u32, height: u32, px: PixelFormat) -
         ResizePolicy::Letterbox => {
             // The input shows the upload and padding around it: the region runs past the upload's edges.
             let (boxed, p) = crate::letterbox::letterbox(img, width, height);
-            let region = Region { x: -p.pad_x / p.gain, y: -p.pad_y / p.gain, width: width as f64 / p.gain, height: height as f64 / p.gain };
+            let region = Region { x: -p.pad_x / p.gain_x, y: -p.pad_y / p.gain_y, width: width as f64 / p.gain_x, height: height as f64 / p.gain_y };
             (boxed, region)
         }
         ResizePolicy::ShorterSideThenCenterCrop => {

@@ -74,6 +74,7 @@ fn info() -> ModelInfo {
         heads: [(LAYER.to_string(), Ok(()))].into(),
         output_dims: vec![4],
         metadata: Default::default(),
+        batch_fixed: false,
     }
 }
 

@@ -10,6 +10,8 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ("backend", &["crate::api", "crate::core", "crate::methods", "crate::server", "axum::"], "HTTP, request options"),
     ("methods", &["crate::api", "crate::core", "crate::server", "crate::config", "axum::", "ort::"], "HTTP, ORT sessions, the pipeline"),
     ("explain", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP"),
+    ("detection.rs", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP, the serving half"),
+    ("letterbox.rs", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP, the serving half"),
     ("render", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP"),
     ("core", &["crate::api", "crate::server", "axum::", "base64::"], "HTTP, the protocols' wire forms"),
     ("error.rs", &["crate::api", "crate::core", "crate::server", "axum::"], "HTTP"),

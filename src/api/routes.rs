@@ -138,10 +138,10 @@ pub struct ModelView {
 
 fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) -> ModelView {
     let info = &*handle.info;
-    let methods = methods_for(info);
+    let methods: Vec<Method> = methods_for(info).into_iter().filter(|&m| handle.task.refuses(m).is_none()).collect();
     let defaults = crate::core::options::default_params(info, &info.default_layer, limits);
     ModelView {
-        unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), m.unavailable(info, &info.default_layer)?))).collect(),
+        unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), handle.task.refuses(m).or_else(|| m.unavailable(info, &info.default_layer))?))).collect(),
         costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, &defaults)?))).collect(),
         metric_costs: Metric::ALL.iter().map(|&m| (m.as_str(), m.cost(info))).collect(),
         name: info.name.clone(),
@@ -161,7 +161,12 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
         kind: info.kind,
         device: info.device,
         input_shape: info.input_shape,
-        classes: info.num_classes,
+        classes: match &handle.task {
+            Task::Classification => info.num_classes,
+            Task::Detection(d) => match d.format {
+                DetectionFormat::UltralyticsRaw { classes, .. } => classes,
+            },
+        },
         labels: info.labels.is_some(),
         default_layer: info.default_layer.clone(),
         layers: info

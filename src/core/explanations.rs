@@ -130,6 +130,21 @@ pub fn prepare_all(options: &ExplainOptions, computed: Vec<ComputedMap>, orig: &
     // At `size=original` the maps cover the part of the upload the model saw (all of it unless cropped), in the
     // upload's pixels; outside a crop they are zero (gradient images neutral grey).
     let model_size = (model_rgb.height() as usize, model_rgb.width() as usize);
+    let t0 = Instant::now();
+    // A letterboxed input shows the upload inside padding: at `size=original` each map is cut to the upload's part
+    // of the input, then resized to the upload.
+    let padded = region.x < -0.5 || region.y < -0.5;
+    if options.size == OutputSize::Original && padded {
+        let (ow, oh) = (orig.width() as f64, orig.height() as f64);
+        let (sx, sy) = (model_size.1 as f64 / region.width, model_size.0 as f64 / region.height);
+        let clampi = |v: f64, hi: usize| (v.round().max(0.0) as usize).min(hi);
+        let (x0, y0) = (clampi(-region.x * sx, model_size.1 - 1), clampi(-region.y * sy, model_size.0 - 1));
+        let (x1, y1) = (clampi((ow - region.x) * sx, model_size.1).max(x0 + 1), clampi((oh - region.y) * sy, model_size.0).max(y0 + 1));
+        let upload = (orig.height() as usize, orig.width() as usize);
+        let prepared =
+            computed.into_par_iter().map(|c| unpad(prepare(c, Sizes { display: model_size, model: model_size }), (y0, x0, y1, x1), upload)).collect();
+        return (prepared, t0.elapsed());
+    }
     let (size, placed) = match options.size {
         OutputSize::Model => (model_size, None),
         OutputSize::Original => {
@@ -139,7 +154,6 @@ pub fn prepare_all(options: &ExplainOptions, computed: Vec<ComputedMap>, orig: &
             ((orig.height() as usize, orig.width() as usize), at)
         }
     };
-    let t0 = Instant::now();
     let prepared: Vec<Prepared> = computed
         .into_par_iter()
         .map(|c| match placed {
@@ -179,6 +193,20 @@ fn place(p: Prepared, at: (usize, usize), size: (usize, usize)) -> Prepared {
             let mut mag = Array2::zeros(size);
             mag.slice_mut(ndarray::s![y0..y0 + h, x0..x0 + w]).assign(&magnitude);
             Shown::Gradient { rgb: rgb_canvas, magnitude: mag }
+        }
+    };
+    Prepared { shown, ..p }
+}
+
+/// A prepared display at the model's input size, cut to `(y0, x0, y1, x1)` (the upload's part of a letterboxed
+/// input) and resized to the upload's `size`.
+fn unpad(p: Prepared, (y0, x0, y1, x1): (usize, usize, usize, usize), size: (usize, usize)) -> Prepared {
+    let shown = match p.shown {
+        Shown::Map(m) => Shown::Map(maps::resize_bilinear(m.slice(ndarray::s![y0..y1, x0..x1]), size.0, size.1)),
+        Shown::Gradient { rgb, magnitude } => {
+            let chw = rgb.slice(ndarray::s![y0..y1, x0..x1, ..]).permuted_axes([2, 0, 1]);
+            let rgb = maps::resize_channels(chw, size.0, size.1).permuted_axes([1, 2, 0]).as_standard_layout().to_owned();
+            Shown::Gradient { rgb, magnitude: maps::resize_bilinear(magnitude.slice(ndarray::s![y0..y1, x0..x1]), size.0, size.1) }
         }
     };
     Prepared { shown, ..p }

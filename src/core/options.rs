@@ -391,7 +391,7 @@ impl RawOptions {
     pub fn validate_for(&self, model: &ModelInfo, task: &Task, limits: OptionLimits) -> Result<ExplainOptions, ServiceError> {
         let mut methods = Vec::new();
         match &self.methods {
-            None => methods.extend(Method::DEFAULT),
+            None => methods.extend(task.default_methods()),
             Some(list) => {
                 for m in list {
                     let method = Method::parse(m).ok_or_else(|| {

@@ -72,6 +72,11 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             let mean = m.mean.unwrap_or([0.0; 3]);
             let std = m.std.unwrap_or([1.0; 3]);
             runner.set_preprocessing(mean, std, pixels(m.resize.unwrap_or(ResizePolicy::Letterbox)));
+            if m.default_layer.is_none()
+                && let Some(layer) = crate::core::task::detector_default_layer(runner.describe())
+            {
+                runner.set_default_layer(layer);
+            }
         }
         let info = runner.info();
         // Warm the graphs the default request uses: predict, and Grad-CAM + guided Grad-CAM.

@@ -109,6 +109,16 @@ impl Task {
         Ok(Task::Detection(Detector { format, labels, thresholds }))
     }
 
+    /// What a request without `methods` gets: Grad-CAM and guided Grad-CAM for a classifier; HiResCAM for a
+    /// detector, whose maps keep the gradient's position, so two boxes of one class at one stride get their own maps
+    /// (Grad-CAM averages the gradient over the whole grid; docs/METHODS.md, "Detectors").
+    pub fn default_methods(&self) -> Vec<Method> {
+        match self {
+            Task::Classification => Method::DEFAULT.to_vec(),
+            Task::Detection(_) => Method::ALL.into_iter().filter(|m| m.as_str() == "hirescam").collect(),
+        }
+    }
+
     /// Why the task does not offer `method`, if it does not.
     pub fn refuses(&self, method: Method) -> Option<String> {
         match self {
@@ -161,6 +171,23 @@ impl Detector {
             .map(|(i, f)| Detection { index: i, class_index: f.class, label: self.label(f.class).map(str::to_string), score: f.score, xyxy: to_upload(f.xyxy) })
             .collect()
     }
+}
+
+/// A YOLO detector's default layer: the head's input at stride 8 (P3), the last feature map on the 1/8 grid made
+/// outside the head module (the `model.N` with the largest N). The file's own default (the last grid before any
+/// flatten) lies inside the head, where the anchors' reshapes only look like grids. `None` when the module paths
+/// are not recorded or no such map exists.
+pub fn detector_default_layer(info: &ModelInfo) -> Option<String> {
+    let index = |m: &str| m.strip_prefix("model.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
+    let head = info.layers.iter().filter_map(|l| index(l.module.as_deref()?)).max()?;
+    let [_, h, w] = info.input_shape;
+    info.layers
+        .iter()
+        .filter(|l| l.layout == crate::onnx::rewrite::LayerLayout::Nchw)
+        .filter(|l| l.module.as_deref().and_then(index).is_some_and(|i| i < head))
+        .filter(|l| l.dims.len() == 4 && l.dims[2] as usize * 8 == h && l.dims[3] as usize * 8 == w)
+        .last()
+        .map(|l| l.name.clone())
 }
 
 /// Ultralytics' `names` metadata, a Python dict literal `{0: 'person', 1: 'bicycle', ...}`, as a list by index.

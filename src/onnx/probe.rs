@@ -26,6 +26,9 @@ pub struct ProbedTensor {
 #[derive(Debug, Clone, Default)]
 pub struct Probe {
     pub tensors: HashMap<String, ProbedTensor>,
+    /// The model failed at batch size 2: its batch is fixed at 1 inside (a static export), so it runs one image
+    /// at a time.
+    pub batch_fixed: bool,
 }
 
 impl Probe {
@@ -92,6 +95,7 @@ pub fn probe(model: &ModelProto, input_name: &str, input_dims: &[i64], runner: &
     let (Some(at2), Some(at1)) = (runs.next(), runs.next()) else {
         return Err(OnnxError::Probe("the probe's runner returned fewer runs than asked for. This is a bug.".into()));
     };
+    let batch_fixed = at2.is_err();
     let dims2: HashMap<String, Vec<i64>> = at2.map(|outs| outs.into_iter().map(|o| (o.name, o.dims)).collect()).unwrap_or_default();
     let mut tensors = HashMap::new();
     for o in at1.map_err(OnnxError::Probe)? {
@@ -102,6 +106,6 @@ pub fn probe(model: &ModelProto, input_name: &str, input_dims: &[i64], runner: &
         tensors.insert(o.name, ProbedTensor { dims: o.dims, elem: o.elem, ints: o.ints, batch_axes });
     }
     tensors.insert(input_name.to_string(), ProbedTensor { dims: input_dims.to_vec(), elem: tensor::FLOAT, ints: None, batch_axes: vec![0] });
-    Ok(Probe { tensors })
+    Ok(Probe { tensors, batch_fixed })
 }
 

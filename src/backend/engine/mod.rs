@@ -88,6 +88,8 @@ pub struct ModelInfo {
     pub output_dims: Vec<i64>,
     /// The file's `metadata_props` (Ultralytics writes `task`, `names`, `imgsz`, `stride` there).
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// The model's batch is fixed at 1 inside (a static export): its batches run one row at a time.
+    pub batch_fixed: bool,
 }
 
 impl ModelInfo {
@@ -240,6 +242,7 @@ impl ModelRunner {
             heads: Default::default(),
             output_dims: vec![],
             metadata: Default::default(),
+            batch_fixed: false,
         }
     }
 
@@ -270,6 +273,7 @@ impl ModelRunner {
             heads,
             output_dims: ex.output_dims(),
             metadata: ex.metadata(),
+            batch_fixed: ex.probe.batch_fixed,
             ..Self::base_info(spec, ModelKind::Plain, device)
         };
         Ok((Source::Plain(Box::new(ex)), info))
@@ -307,6 +311,12 @@ impl ModelRunner {
     pub fn set_preprocessing(&mut self, mean: [f32; 3], std: [f32; 3], pixels: crate::preprocess::PixelFormat) {
         let info = Arc::make_mut(&mut self.info);
         (info.mean, info.std, info.pixels) = (mean, std, pixels);
+    }
+
+    /// Sets the layer a request without `layer` explains (the registry does, for a task whose default differs
+    /// from the file's, before the model serves).
+    pub fn set_default_layer(&mut self, layer: String) {
+        Arc::make_mut(&mut self.info).default_layer = layer;
     }
 
     /// The model's description, borrowed.
@@ -351,8 +361,26 @@ impl ModelRunner {
         Ok(self.sessions.get_mut(key).expect("inserted above. This is a bug."))
     }
 
-    /// Runs one batch through the plan's graph.
+    /// Runs one batch through the plan's graph (row by row for a model whose batch is fixed at 1).
     pub fn run(&mut self, key: &PlanKey, batch: &Batch) -> Result<BatchOutput, EngineError> {
+        let n = batch.images.len_of(Axis(0));
+        if self.info.batch_fixed && n > 1 {
+            let parts = (0..n)
+                .map(|i| {
+                    let one = Batch {
+                        images: batch.images.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned(),
+                        seeds: batch.seeds.slice(ndarray::s![i..i + 1, ..]).to_owned(),
+                        ranks: batch.ranks.slice(ndarray::s![i..i + 1]).to_owned(),
+                    };
+                    self.run_batch(key, &one)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return BatchOutput::concat(parts);
+        }
+        self.run_batch(key, batch)
+    }
+
+    fn run_batch(&mut self, key: &PlanKey, batch: &Batch) -> Result<BatchOutput, EngineError> {
         if let Source::Contract { info, .. } = &self.source {
             return self.run_contract(key, batch, info.clone());
         }
@@ -376,7 +404,12 @@ impl ModelRunner {
             Ok(outputs[name].try_extract_array::<f32>().map_err(ort_err)?.to_owned())
         };
         let logits_name = outputs.keys().next().map(str::to_string).unwrap_or_default();
-        let logits = f32_out(&logits_name)?.into_dimensionality::<Ix2>().map_err(ort_err)?;
+        // A first output of any rank (a detector's [N, 4 + nc, A]) is read as [N, K], K its size per image, as the
+        // explain graph's seed is laid out.
+        let first = f32_out(&logits_name)?;
+        let n = first.shape().first().copied().unwrap_or(0);
+        let k = if n == 0 { 0 } else { first.len() / n };
+        let logits = first.into_shape_with_order((n, k)).map_err(ort_err)?;
         let mut out = BatchOutput { logits, targets: None, activations: None, gradients: None, input_grads: vec![], attention: vec![] };
         if let PlanKey::Explain(plan) = key {
             out.activations = Some(f32_out(contract::ACTIVATIONS)?.into_dimensionality::<Ix4>().map_err(ort_err)?);
@@ -493,6 +526,35 @@ impl BatchOutput {
             input_grads: self.input_grads.iter().map(|(k, a)| (*k, a.slice(r4()).to_owned())).collect(),
             attention: self.attention.iter().map(|(a, g)| (a.slice(r4()).to_owned(), g.slice(r4()).to_owned())).collect(),
         }
+    }
+
+    /// The rows of several outputs of one plan, in order (a fixed-batch model's rows run one at a time).
+    pub fn concat(parts: Vec<BatchOutput>) -> Result<BatchOutput, EngineError> {
+        use ndarray::concatenate;
+        let Some(first) = parts.first() else { return Err(EngineError::Ort("no rows to join. This is a bug.".into())) };
+        let cat2 = |f: &dyn Fn(&BatchOutput) -> ndarray::ArrayView2<f32>| concatenate(Axis(0), &parts.iter().map(f).collect::<Vec<_>>()).map_err(ort_err);
+        let cat4 = |f: &dyn Fn(&BatchOutput) -> Option<ndarray::ArrayView4<f32>>| -> Result<Option<Array4<f32>>, EngineError> {
+            let views: Option<Vec<_>> = parts.iter().map(f).collect();
+            views.map(|v| concatenate(Axis(0), &v).map_err(ort_err)).transpose()
+        };
+        let input_grads = (0..first.input_grads.len())
+            .map(|k| Ok((first.input_grads[k].0, cat4(&|p| p.input_grads.get(k).map(|g| g.1.view()))?.unwrap_or_default())))
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let attention = (0..first.attention.len())
+            .map(|k| {
+                let a = cat4(&|p| p.attention.get(k).map(|g| g.0.view()))?.unwrap_or_default();
+                let g = cat4(&|p| p.attention.get(k).map(|g| g.1.view()))?.unwrap_or_default();
+                Ok((a, g))
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Ok(BatchOutput {
+            logits: cat2(&|p| p.logits.view())?,
+            targets: parts.iter().map(|p| p.targets.clone()).collect::<Option<Vec<_>>>().map(|t| t.concat()),
+            activations: cat4(&|p| p.activations.as_ref().map(|a| a.view()))?,
+            gradients: cat4(&|p| p.gradients.as_ref().map(|a| a.view()))?,
+            input_grads,
+            attention,
+        })
     }
 
     pub fn len(&self) -> usize {
