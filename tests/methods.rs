@@ -164,7 +164,7 @@ async fn scorecam_matches_pytorch_grad_cam() {
 #[tokio::test]
 async fn ablationcam_matches_pytorch_grad_cam_running_only_the_head() {
     let s = Setup::new();
-    assert!(s.info.head(&s.info.default_layer).is_ok());
+    assert_eq!(s.info.why_no_head(&s.info.default_layer), None);
     let want = f32s("ablationcam");
     for i in 0..2 {
         let out = s.explain(i).await;

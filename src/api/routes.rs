@@ -141,7 +141,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
     let methods: Vec<Method> = methods_for(info).into_iter().filter(|&m| handle.task.refuses(m).is_none()).collect();
     let defaults = crate::core::options::default_params(info, &info.default_layer, limits);
     ModelView {
-        unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), handle.task.refuses(m).or_else(|| m.unavailable(info, &info.default_layer))?))).collect(),
+        unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), handle.task.refuses(m).or_else(|| m.refusal(info, Some(&info.default_layer)).map(|r| r.reason().to_string()))?))).collect(),
         costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, &defaults)?))).collect(),
         metric_costs: Metric::ALL.iter().map(|&m| (m.as_str(), m.cost(info))).collect(),
         name: info.name.clone(),
@@ -195,7 +195,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
 /// The methods a model offers at its default layer: those whose registry entry finds its input-gradient rules,
 /// attention blocks and own condition there (`Method::unavailable`).
 pub fn methods_for(info: &ModelInfo) -> Vec<Method> {
-    Method::ALL.into_iter().filter(|m| m.unavailable(info, &info.default_layer).is_none()).collect()
+    Method::ALL.into_iter().filter(|m| m.refusal(info, Some(&info.default_layer)).is_none()).collect()
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

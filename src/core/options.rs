@@ -411,7 +411,9 @@ impl RawOptions {
             return Err(invalid(format!("{} methods requested, at most {} allowed", methods.len(), limits.max_methods)));
         }
         for m in &methods {
-            m.requirements(model).map_err(invalid)?;
+            if let Some(r) = m.refusal(model, None) {
+                return Err(invalid(r.reason()));
+            }
             if let Some(why) = task.refuses(*m) {
                 return Err(invalid(why));
             }
@@ -462,7 +464,9 @@ impl RawOptions {
         };
         for m in &methods {
             let refuse = |why: String| invalid(format!("method `{m}` is not available for layer `{layer}` of model `{}`: {why}", model.name));
-            (m.available)(model, &layer).map_err(refuse)?;
+            if let Some(why) = (m.refuses_at)(model, &layer) {
+                return Err(refuse(why));
+            }
         }
         let mut outputs = Outputs::default();
         let requested = self.outputs.clone().unwrap_or_else(|| vec!["heatmap".into(), "overlay".into()]);

@@ -40,14 +40,15 @@ pub async fn run(passes: &Passes<'_>, layer: &str, acts: ArrayView3<'_, f32>, cl
 /// The registry's entry: one pass of the part after the layer per channel, counted as a whole forward (an upper
 /// bound).
 pub const DEF: MethodDef = MethodDef {
-    available: head_runs_alone,
+    refuses_at: head_needs_more,
     cost: |info, layer, _| info.layer(layer).map_or(0, |l| l.dims[1] as u64),
     ..MethodDef::new("ablationcam", Kind::Cam, Compute::Passes(start))
 };
 
 /// Offered where the part of the model after the layer runs on the layer's activations alone.
-fn head_runs_alone(info: &ModelInfo, layer: &str) -> Result<(), String> {
-    info.head(layer)
+/// Why the part of the model after the layer does not run on the layer's activations alone, if it does not.
+fn head_needs_more(info: &ModelInfo, layer: &str) -> Option<String> {
+    info.why_no_head(layer)
 }
 
 fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {

@@ -27,11 +27,12 @@ fn eigencam(a: ArrayView3<f32>, _: ArrayView3<f32>) -> Array2<f32> {
 }
 
 /// Plain CAM (Zhou et al. 2016): relu(sum_k w_ck A_k) with the linear head's weights of the target class.
-pub const CAM: MethodDef = MethodDef { available: has_linear_head, ..MethodDef::new("cam", Kind::Cam, Compute::Pass(plain_cam)) };
+pub const CAM: MethodDef = MethodDef { refuses_at: no_linear_head, ..MethodDef::new("cam", Kind::Cam, Compute::Pass(plain_cam)) };
 
 /// Offered only where a global-average-pool + linear head follows the layer (found when the model is loaded).
-fn has_linear_head(info: &ModelInfo, layer: &str) -> Result<(), String> {
-    info.linear_head(layer).map(|_| ())
+/// Why the layer has no global-average-pool + linear head after it, if it has none.
+fn no_linear_head(info: &ModelInfo, layer: &str) -> Option<String> {
+    info.linear_head(layer).err()
 }
 
 fn plain_cam(r: &Row<'_>) -> Result<RawMap, ServiceError> {

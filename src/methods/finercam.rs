@@ -53,13 +53,14 @@ pub fn seed(logits: ArrayView1<f32>, target: usize, alpha: f64, comparisons: usi
 
 /// The registry's entry: one seeded gradient pass after the request's, counted as a forward and a backward.
 pub const DEF: MethodDef = MethodDef {
-    available: compares_classes,
+    refuses_at: one_class,
     cost: |_, _, _| 3,
     ..MethodDef::new("finercam", Kind::Cam, Compute::Passes(start))
 };
 
-fn compares_classes(info: &ModelInfo, _: &str) -> Result<(), String> {
-    if info.num_classes < 2 { Err("Finer-CAM compares the target with other classes".into()) } else { Ok(()) }
+/// A model of one class has no other class to compare with.
+fn one_class(info: &ModelInfo, _: &str) -> Option<String> {
+    (info.num_classes < 2).then(|| "Finer-CAM compares the target with other classes".into())
 }
 
 fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {

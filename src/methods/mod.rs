@@ -98,8 +98,8 @@ pub struct MethodDef {
     /// Whether its explanation names the layer it read.
     pub uses_layer: bool,
     /// Why it cannot run at a layer (a tensor name) of a model, beyond its rules and attention (checked from the
-    /// fields above); `Ok` where it can.
-    pub available: fn(&ModelInfo, &str) -> Result<(), String>,
+    /// fields above); `None` where it can.
+    pub refuses_at: fn(&ModelInfo, &str) -> Option<String>,
     /// Forward-equivalents it costs per target beyond the request's explain pass, at a layer (a tensor name) with
     /// the request's parameters.
     pub cost: fn(&ModelInfo, &str, &Params) -> u64,
@@ -120,7 +120,7 @@ impl MethodDef {
             input_rule: None,
             batch_rule: None,
             uses_layer: matches!(kind, Kind::Cam),
-            available: anywhere,
+            refuses_at: anywhere,
             cost: no_cost,
             params: &[],
             compute,
@@ -214,9 +214,26 @@ pub struct Returned {
     pub channels: Option<usize>,
 }
 
+/// Why a method does not run on a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// It needs what the model lacks, at any layer.
+    Model(String),
+    /// Its own condition fails at the layer asked for.
+    Layer(String),
+}
+
+impl Refusal {
+    pub fn reason(&self) -> &str {
+        match self {
+            Refusal::Model(r) | Refusal::Layer(r) => r,
+        }
+    }
+}
+
 /// Available wherever its rules and attention are.
-fn anywhere(_: &ModelInfo, _: &str) -> Result<(), String> {
-    Ok(())
+fn anywhere(_: &ModelInfo, _: &str) -> Option<String> {
+    None
 }
 
 /// No forward passes beyond the request's explain pass.
@@ -276,27 +293,22 @@ impl Method {
         matches!(self.0.compute, Compute::Passes(_))
     }
 
-    /// Why the method cannot run on `model` at all, if it cannot: an input-gradient rule the model lacks, or
-    /// attention it does not have.
-    pub fn requirements(self, model: &ModelInfo) -> Result<(), String> {
+    /// The one question of whether the method runs on `model`: why not, if it does not. First what it needs of
+    /// the model whatever the layer (an input-gradient rule, attention blocks), then, given a `layer` (a tensor
+    /// name), its own condition there.
+    pub fn refusal(self, model: &ModelInfo, layer: Option<&str>) -> Option<Refusal> {
         for rule in [self.input_rule, self.batch_rule].into_iter().flatten() {
             if !model.rules.contains(&rule) {
-                return Err(format!("method `{self}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name));
+                return Some(Refusal::Model(format!("method `{self}` needs the `{rule}` input gradient, which model `{}` does not provide", model.name)));
             }
         }
         if self.kind == Kind::Attention && model.attention.is_none() {
-            return Err(format!(
+            return Some(Refusal::Model(format!(
                 "method `{self}` needs attention: model `{}` has no attention blocks (Softmax [N, heads, T, T] over its token layers)",
                 model.name
-            ));
+            )));
         }
-        Ok(())
-    }
-
-    /// Why the method does not run at `layer` (a tensor name) of `model`, if it does not: its requirements, then
-    /// its own condition.
-    pub fn unavailable(self, model: &ModelInfo, layer: &str) -> Option<String> {
-        self.requirements(model).and_then(|()| (self.available)(model, layer)).err()
+        layer.and_then(|l| (self.refuses_at)(model, l)).map(Refusal::Layer)
     }
 }
 
@@ -364,7 +376,7 @@ pub fn explain_pass_cost(methods: &[Method]) -> u64 {
 /// The cost of one target explained by `method` alone at the model's default layer with `params` (the defaults a
 /// request without options gets); `None` when the method is not available there.
 pub fn default_cost(method: Method, info: &ModelInfo, params: &Params) -> Option<u64> {
-    if method.unavailable(info, &info.default_layer).is_some() {
+    if method.refusal(info, Some(&info.default_layer)).is_some() {
         return None;
     }
     Some(request_cost(info, &Work { layer: &info.default_layer, methods: &[method], params, metrics: &[], targets: 1 }))

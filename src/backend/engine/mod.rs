@@ -115,12 +115,13 @@ impl ModelInfo {
         }
     }
 
-    /// Ok when the part of the model after `layer` can run on the layer's activations alone.
-    pub fn head(&self, layer: &str) -> Result<(), String> {
+    /// Why the part of the model after `layer` cannot run on the layer's activations alone (Ablation-CAM's head
+    /// plan), if it cannot.
+    pub fn why_no_head(&self, layer: &str) -> Option<String> {
         match self.heads.get(layer) {
-            Some(r) => r.clone(),
-            None if self.kind == ModelKind::Contract => Err("a contract model carries one graph and no separate head".into()),
-            None => Err(format!("layer `{layer}` is not a convolutional [N, C, h, w] layer")),
+            Some(r) => r.clone().err(),
+            None if self.kind == ModelKind::Contract => Some("a contract model carries one graph and no separate head".into()),
+            None => Some(format!("layer `{layer}` is not a convolutional [N, C, h, w] layer")),
         }
     }
 }
