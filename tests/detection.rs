@@ -259,3 +259,62 @@ async fn per_box_maps_equal_pytorch_grad_cam_in_float64() {
     assert!(rows.len() >= 10, "only {} comparisons", rows.len());
     s.stop().await.unwrap();
 }
+
+/// The Open Inference Protocol on a detector: `num_detections`, `boxes`, `scores`, `classes` (padded to the most
+/// any image has) equal the v1 answer's detections, the per-image map has the layer's grid, and an image without
+/// detections gets zeros; a classifier's outputs are refused for a detector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_inference_protocol_carries_the_detections() {
+    use base64::Engine as _;
+    let mut s = Server::start(yolo_config("yolov8n_320_dynbatch.onnx")).await;
+    let meta: Value = s.client.get(s.url("/v2/models/yolo")).send().await.unwrap().json().await.unwrap();
+    check_response("/v2/models/{model}", "get", 200, "application/json", &meta);
+    let names: Vec<&str> = meta["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(&names[..4], ["num_detections", "boxes", "scores", "classes"], "{meta}");
+    let files = ["photos/chelsea.png", "photos/rocket_portrait.png"];
+    let b64: Vec<String> = files.iter().map(|f| base64::engine::general_purpose::STANDARD.encode(std::fs::read(dir().join(f)).unwrap())).collect();
+    let req = serde_json::json!({
+        "inputs": [{ "name": "image", "datatype": "BYTES", "shape": [2], "data": b64 }],
+        "parameters": { "methods": ["hirescam"] },
+    });
+    let res: Value = s.client.post(s.url("/v2/models/yolo/infer")).json(&req).send().await.unwrap().json().await.unwrap();
+    check_response("/v2/models/{model}/infer", "post", 200, "application/json", &res);
+    let out = |name: &str| res["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap_or_else(|| panic!("no {name} in {res}")).clone();
+    let counts: Vec<i64> = out("num_detections")["data"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let most = *counts.iter().max().unwrap() as usize;
+    assert_eq!(out("boxes")["shape"], serde_json::json!([2, most, 4]));
+    assert_eq!(out("hirescam")["shape"], serde_json::json!([2, 40, 40]));
+    for (i, f) in files.iter().enumerate() {
+        let body: Value = s.client.post(s.url("/v1/models/yolo/predict")).header("content-type", "image/png").body(std::fs::read(dir().join(f)).unwrap()).send().await.unwrap().json().await.unwrap();
+        let dets = body["detections"].as_array().unwrap();
+        assert_eq!(counts[i] as usize, dets.len(), "{f}");
+        for (k, d) in dets.iter().enumerate() {
+            let b = &d["box"];
+            let (x, y) = (b["x"].as_f64().unwrap(), b["y"].as_f64().unwrap());
+            let want = [x, y, x + b["width"].as_f64().unwrap(), y + b["height"].as_f64().unwrap()];
+            let got: Vec<f64> = (0..4).map(|c| out("boxes")["data"][(i * most + k) * 4 + c].as_f64().unwrap()).collect();
+            for c in 0..4 {
+                assert!((got[c] - want[c]).abs() < 1e-3, "{f} detection {k}: {got:?} vs {want:?}");
+            }
+            assert_eq!(out("classes")["data"][i * most + k], d["class_index"]);
+            assert_eq!(out("scores")["data"][i * most + k].as_f64().map(|v| v as f32), d["score"].as_f64().map(|v| v as f32));
+        }
+        for k in dets.len()..most {
+            assert_eq!(out("classes")["data"][i * most + k], -1, "padding");
+        }
+    }
+    // No detections above 0.99: zero counts, a zero map.
+    let req = serde_json::json!({
+        "inputs": [{ "name": "image", "datatype": "BYTES", "shape": [1], "data": [b64[0]] }],
+        "parameters": { "methods": ["hirescam"], "score_threshold": 0.99 },
+    });
+    let res: Value = s.client.post(s.url("/v2/models/yolo/infer")).json(&req).send().await.unwrap().json().await.unwrap();
+    let out = |name: &str| res["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap().clone();
+    assert_eq!(out("num_detections")["data"], serde_json::json!([0]), "{res}");
+    assert!(out("hirescam")["data"].as_array().unwrap().iter().all(|v| v.as_f64() == Some(0.0)));
+    // A classifier's output on a detector: 400.
+    let req = serde_json::json!({ "inputs": [{ "name": "image", "datatype": "BYTES", "shape": [1], "data": [b64[0]] }], "outputs": [{ "name": "logits" }] });
+    let r = s.client.post(s.url("/v2/models/yolo/infer")).json(&req).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    s.stop().await.unwrap();
+}

@@ -33,7 +33,7 @@ use super::error::ApiError;
 use super::oip_tensors::{images_from_bytes, images_from_fp32, respond, split_body, Data, InferRequest, RequestedOutput, Tensor};
 use super::AppState;
 use crate::backend::engine::{ranked, ModelInfo};
-use crate::core::answer::{Answer, Classification, Explanation};
+use crate::core::answer::{Answer, Classification, Detection, Explanation, RawArray, TaskResult};
 use crate::core::task::Task;
 use crate::core::options::RawOptions;
 use crate::core::pipeline::{Endpoint, ImageInput};
@@ -139,15 +139,23 @@ fn tensor_meta(name: &str, datatype: &str, shape: &[i64]) -> Value {
 }
 
 /// The model's inputs and outputs. Map sizes that depend on the request (the layer) are -1.
-pub fn model_metadata_value(info: &ModelInfo) -> Value {
+pub fn model_metadata_value(info: &ModelInfo, task: &Task) -> Value {
     let [c, h, w] = info.input_shape.map(|d| d as i64);
     let k = info.num_classes as i64;
-    let methods = super::routes::methods_for(info);
-    let mut outputs = vec![
-        tensor_meta("logits", "FP32", &[-1, k]),
-        tensor_meta("probabilities", "FP32", &[-1, k]),
-        tensor_meta("top_k", "BYTES", &[-1, -1]),
-    ];
+    let methods: Vec<Method> = super::routes::methods_for(info).into_iter().filter(|&m| task.refuses(m).is_none()).collect();
+    let mut outputs = match task {
+        Task::Classification => vec![
+            tensor_meta("logits", "FP32", &[-1, k]),
+            tensor_meta("probabilities", "FP32", &[-1, k]),
+            tensor_meta("top_k", "BYTES", &[-1, -1]),
+        ],
+        Task::Detection(_) => vec![
+            tensor_meta("num_detections", "INT64", &[-1]),
+            tensor_meta("boxes", "FP32", &[-1, -1, 4]),
+            tensor_meta("scores", "FP32", &[-1, -1]),
+            tensor_meta("classes", "INT64", &[-1, -1]),
+        ],
+    };
     for m in &methods {
         let shape: &[i64] = if m.kind == Kind::Gradient { &[-1, c, h, w] } else { &[-1, -1, -1] };
         outputs.push(tensor_meta(m.as_str(), "FP32", shape));
@@ -170,7 +178,8 @@ pub fn model_metadata_value(info: &ModelInfo) -> Value {
 
 pub async fn model_metadata(State(state): State<AppState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, OipError> {
     check_version(&p.model, p.version.as_deref())?;
-    Ok(Json(model_metadata_value(&state.service.model(&p.model)?.info)))
+    let handle = state.service.model(&p.model)?;
+    Ok(Json(model_metadata_value(&handle.info, &handle.task)))
 }
 
 
@@ -179,6 +188,13 @@ enum Output {
     Logits { classification: Option<usize> },
     Probabilities { classification: Option<usize> },
     TopK,
+    /// A detector's: `[N]` how many detections each image has; `[N, D, 4]` their boxes (`x0, y0, x1, y1` in the
+    /// upload's pixels), `[N, D]` scores and class indices, best first, D the most any image has (the rest of a
+    /// row is zeros, class -1).
+    NumDetections,
+    Boxes,
+    Scores,
+    Classes,
     Raw(Method),
     HeatmapPng(Method),
     OverlayPng(Method),
@@ -194,6 +210,10 @@ fn parse_output(o: &RequestedOutput) -> Result<Output, OipError> {
         "logits" => Output::Logits { classification },
         "probabilities" => Output::Probabilities { classification },
         "top_k" => Output::TopK,
+        "num_detections" => Output::NumDetections,
+        "boxes" => Output::Boxes,
+        "scores" => Output::Scores,
+        "classes" => Output::Classes,
         name => match (name.strip_suffix("_heatmap_png"), name.strip_suffix("_overlay_png")) {
             (Some(m), _) => Output::HeatmapPng(method(m)?),
             (_, Some(m)) => Output::OverlayPng(method(m)?),
@@ -243,9 +263,25 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
     let n = answers.len();
     let k = info.num_classes;
     let tensor = |shape: Vec<usize>, data: Data| Tensor { name: name.to_string(), shape, data, binary: false };
-    // `infer` refuses detectors before any work: every answer here is a classifier's.
-    let classes: Vec<&Classification> =
-        answers.iter().map(|a| a.classification().ok_or_else(|| internal("a classifier's result is missing. This is a bug.".into()))).collect::<Result<_, _>>()?;
+    // `plan` refuses a classifier's outputs for a detector and a detector's for a classifier.
+    let classes: Vec<&Classification> = answers.iter().filter_map(|a| a.classification()).collect();
+    if classes.len() != n && matches!(out, Output::Logits { .. } | Output::Probabilities { .. } | Output::TopK) {
+        return Err(internal("a classifier's result is missing. This is a bug.".into()));
+    }
+    let detections: Vec<&[Detection]> = answers
+        .iter()
+        .filter_map(|a| match &a.result {
+            TaskResult::Detection(d) => Some(d.as_slice()),
+            TaskResult::Classification(_) => None,
+        })
+        .collect();
+    if detections.len() != n && matches!(out, Output::NumDetections | Output::Boxes | Output::Scores | Output::Classes) {
+        return Err(internal("a detector's result is missing. This is a bug.".into()));
+    }
+    let most = detections.iter().map(|d| d.len()).max().unwrap_or(0);
+    let padded = |width: usize, fill: &dyn Fn(&Detection) -> Vec<f32>, pad: f32| -> Vec<f32> {
+        detections.iter().flat_map(|d| (0..most).flat_map(move |i| d.get(i).map_or(vec![pad; width], fill))).collect()
+    };
     let class_output = |probs: bool, count: Option<usize>| {
         let rows: Vec<&[f32]> = classes.iter().map(|c| if probs { c.probabilities.as_slice() } else { c.logits.as_slice() }).collect();
         match count {
@@ -263,18 +299,30 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
             let strings: Vec<String> = classes.iter().flat_map(|c| classification(info, &c.probabilities, top_k)).collect();
             tensor(vec![n, top_k.min(k)], Data::Strings(strings))
         }
+        Output::NumDetections => tensor(vec![n], Data::Int64(detections.iter().map(|d| d.len() as i64).collect())),
+        Output::Boxes => tensor(vec![n, most, 4], Data::Fp32(padded(4, &|d| d.xyxy.to_vec(), 0.0))),
+        Output::Scores => tensor(vec![n, most], Data::Fp32(padded(1, &|d| vec![d.score], 0.0))),
+        Output::Classes => tensor(vec![n, most], Data::Int64(padded(1, &|d| vec![d.class_index as f32], -1.0).into_iter().map(|c| c as i64).collect())),
         Output::Raw(m) => {
-            let mut shape = None;
-            let mut values = Vec::new();
-            for a in answers {
-                let raw = explanation(a, *m)?.raw.as_ref().ok_or_else(|| internal(format!("the {m} raw map is missing. This is a bug.")))?;
-                if shape.get_or_insert_with(|| raw.shape.clone()) != &raw.shape {
+            // A detector's image without detections has no explanation: its map is zeros of the others' shape.
+            let maps: Vec<Option<&RawArray>> = answers
+                .iter()
+                .map(|a| match (a.explanation(*m), &a.result) {
+                    (Some(e), _) => e.raw.as_ref().map(Some).ok_or_else(|| internal(format!("the {m} raw map is missing. This is a bug."))),
+                    (None, TaskResult::Detection(d)) if d.is_empty() => Ok(None),
+                    (None, _) => Err(internal(format!("the {m} explanation is missing. This is a bug."))),
+                })
+                .collect::<Result<_, _>>()?;
+            let mut shape: Option<&Vec<usize>> = None;
+            for r in maps.iter().flatten() {
+                if *shape.get_or_insert(&r.shape) != &r.shape {
                     return Err(bad(format!("output `{name}`: the images' maps differ in shape; ask for them one image at a time")));
                 }
-                values.extend_from_slice(&raw.values);
             }
+            let size: usize = shape.map_or(0, |s| s.iter().product());
+            let values: Vec<f32> = maps.iter().flat_map(|r| r.map_or_else(|| vec![0.0; size], |r| r.values.clone())).collect();
             let mut full = vec![n];
-            full.extend(shape.unwrap_or_default());
+            full.extend(shape.cloned().unwrap_or_else(|| vec![0]));
             tensor(full, Data::Fp32(values))
         }
         Output::HeatmapPng(m) | Output::OverlayPng(m) => {
@@ -282,6 +330,12 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
             let pngs = answers
                 .iter()
                 .map(|a| {
+                    // A detector's image without detections gets an empty picture.
+                    if let TaskResult::Detection(d) = &a.result
+                        && d.is_empty()
+                    {
+                        return Ok(vec![]);
+                    }
                     let e = explanation(a, *m)?;
                     let png = if heat { e.heatmap_png.as_ref() } else { e.overlay_png.as_ref() };
                     png.cloned().ok_or_else(|| internal(format!("the {m} picture is missing. This is a bug.")))
@@ -307,19 +361,14 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
     check_version(&p.model, p.version.as_deref())?;
     let model = p.model;
     let handle = state.service.model(&model)?;
-    if let Task::Detection(_) = handle.task {
-        return Err(ServiceError::Unprocessable(format!(
-            "model `{model}` is a detector; v2 infer serves classifiers so far: ask /v1/models/{model}/explain or KServe's /v1/models/{model}:explain"
-        ))
-        .into());
-    }
+    let detector = matches!(handle.task, Task::Detection(_));
     let info = handle.info.clone();
     let headers = req.headers().clone();
     let body = read_body(req, state.body_limit, state.body_timeout).await?;
     let (head, mut binary) = split_body(&headers, &body)?;
     let request: InferRequest = serde_json::from_slice(head).map_err(|e| bad(format!("the inference request is not valid: {e}")))?;
     let images = read_images(&request, &info, &mut binary)?;
-    let plan = plan(&request, &info, state.service.limits.options.max_top_k)?;
+    let plan = plan(&request, &info, detector, state.service.limits.options.max_top_k)?;
     let jobs = per_image(&request, images, &plan.options)?;
     let answers = answer_all(&state, &model, plan.endpoint, jobs).await?;
 
@@ -361,7 +410,7 @@ fn read_images(request: &InferRequest, info: &ModelInfo, binary: &mut &[u8]) -> 
 
 /// The options from the request parameters, and the outputs: with `outputs`, the methods are those the outputs
 /// name (nothing else is computed); without, `methods`, and the three class outputs plus each method's raw map.
-fn plan(request: &InferRequest, info: &ModelInfo, max_top_k: usize) -> Result<InferPlan, OipError> {
+fn plan(request: &InferRequest, info: &ModelInfo, detector: bool, max_top_k: usize) -> Result<InferPlan, OipError> {
     let binary_all = truthy(request.parameters.get("binary_data_output"), "binary_data_output")?;
     let mut raw = RawOptions::default();
     for (key, value) in &request.parameters {
@@ -379,15 +428,24 @@ fn plan(request: &InferRequest, info: &ModelInfo, max_top_k: usize) -> Result<In
         Some(list) => list.iter().map(|o| parse_output(o).map(|p| (p, o))).collect::<Result<_, _>>()?,
         None => vec![],
     };
+    for (o, r) in &requested {
+        let for_detectors = matches!(o, Output::Boxes | Output::Scores | Output::Classes | Output::NumDetections);
+        let for_classifiers = matches!(o, Output::Logits { .. } | Output::Probabilities { .. } | Output::TopK);
+        if (detector && for_classifiers) || (!detector && for_detectors) {
+            let kind = if detector { "a detector" } else { "a classifier" };
+            return Err(bad(format!("output `{}` does not exist for {kind}: GET /v2/models/{}, `outputs`, lists them", r.name, info.name)));
+        }
+    }
     let methods = output_methods(request, &raw, &requested)?;
     let mut outputs: Vec<(Output, String, bool)> = if request.outputs.is_some() {
         requested.iter().map(|(o, r)| Ok((o.clone(), r.name.clone(), truthy(r.parameters.get("binary_data"), "binary_data")? || binary_all))).collect::<Result<_, OipError>>()?
     } else {
-        let mut v = vec![
-            (Output::Logits { classification: None }, "logits".to_string(), binary_all),
-            (Output::Probabilities { classification: None }, "probabilities".to_string(), binary_all),
-            (Output::TopK, "top_k".to_string(), binary_all),
-        ];
+        let defaults = if detector {
+            vec![(Output::NumDetections, "num_detections"), (Output::Boxes, "boxes"), (Output::Scores, "scores"), (Output::Classes, "classes")]
+        } else {
+            vec![(Output::Logits { classification: None }, "logits"), (Output::Probabilities { classification: None }, "probabilities"), (Output::TopK, "top_k")]
+        };
+        let mut v: Vec<(Output, String, bool)> = defaults.into_iter().map(|(o, n)| (o, n.to_string(), binary_all)).collect();
         for m in methods.iter().filter_map(|m| Method::parse(m)) {
             v.push((Output::Raw(m), m.as_str().to_string(), binary_all));
         }

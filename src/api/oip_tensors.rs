@@ -167,6 +167,7 @@ pub fn images_from_fp32(t: &InputTensor, info: &ModelInfo, binary: &mut &[u8]) -
 /// One output tensor's data, before it is written as JSON or binary.
 pub enum Data {
     Fp32(Vec<f32>),
+    Int64(Vec<i64>),
     Bytes(Vec<Vec<u8>>),
     Strings(Vec<String>),
 }
@@ -182,11 +183,12 @@ impl Tensor {
     pub fn datatype(&self) -> &'static str {
         match self.data {
             Data::Fp32(_) => "FP32",
+            Data::Int64(_) => "INT64",
             Data::Bytes(_) | Data::Strings(_) => "BYTES",
         }
     }
 
-    /// Its binary form: FP32 little-endian; BYTES as 4-byte little-endian lengths and contents.
+    /// Its binary form: FP32 and INT64 little-endian; BYTES as 4-byte little-endian lengths and contents.
     pub fn to_binary(&self) -> Vec<u8> {
         let bytes_form = |items: &mut dyn Iterator<Item = &[u8]>| {
             let mut out = Vec::new();
@@ -198,6 +200,7 @@ impl Tensor {
         };
         match &self.data {
             Data::Fp32(v) => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
+            Data::Int64(v) => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
             Data::Bytes(v) => bytes_form(&mut v.iter().map(Vec::as_slice)),
             Data::Strings(v) => bytes_form(&mut v.iter().map(String::as_bytes)),
         }
@@ -207,6 +210,7 @@ impl Tensor {
     pub fn to_json(&self) -> Value {
         match &self.data {
             Data::Fp32(v) => json!(v),
+            Data::Int64(v) => json!(v),
             Data::Bytes(v) => json!(v.iter().map(|b| base64::engine::general_purpose::STANDARD.encode(b)).collect::<Vec<_>>()),
             Data::Strings(v) => json!(v),
         }
