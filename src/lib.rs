@@ -2,7 +2,7 @@
 //!
 //! Data path: [`api`] (routes, request forms, problem+json, one encoder per protocol) -> [`core`] (the model
 //! registry, the request pipeline, options, tasks, and the typed answer every protocol encodes) -> [`backend`]
-//! (per-model queue and batching worker, ONNX Runtime sessions) -> [`methods`] (each method's entry and its extra passes) -> [`explain`] (the maths on arrays) -> [`render`]
+//! (per-model queue and batching worker, ONNX Runtime sessions) -> [`methods`] (each method's entry and its extra passes) -> [`maths`] (the maths on arrays) -> [`render`]
 //! (pictures). [`server`] is the listener, signals and drain around the router. The graph rewrite that makes
 //! gradients available from ONNX Runtime lives in [`onnx`] and has no server code in it. docs/DESIGN.md has the
 //! table of what each owns.
@@ -13,7 +13,7 @@ pub mod config;
 pub mod detection;
 pub mod error;
 pub mod core;
-pub mod explain;
+pub mod maths;
 pub mod letterbox;
 pub mod methods;
 pub mod onnx;

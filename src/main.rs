@@ -294,11 +294,11 @@ fn explain_config(model: PathBuf, labels: Option<PathBuf>, input_size: &Option<S
 fn explain_offline(config: Config, name: &str, image: Vec<u8>, raw: RawOptions) -> anyhow::Result<Answer> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let service = Service::new(camserve::core::registry::service_limits(&config));
+        let service = Service::new(camserve::core::loading::service_limits(&config));
         let handle = tokio::runtime::Handle::current();
         let models = tokio::task::spawn_blocking(move || {
             let _g = handle.enter();
-            camserve::core::registry::load_models(&config)
+            camserve::core::loading::load_models(&config)
         })
         .await??;
         service.install(models);

@@ -9,7 +9,7 @@ use axum::Router;
 use crate::api::{app, metrics_handle, AppState};
 use crate::config::Config;
 use crate::core::pipeline::Service;
-use crate::core::registry::{load_models, service_limits};
+use crate::core::loading::{load_models, service_limits};
 
 /// Binds, loads the models in the background (readyz 503 until they are warm), serves until SIGTERM or
 /// Ctrl-C, then drains: readyz 503 at once, in-flight requests get `shutdown_grace_ms`.

@@ -2,7 +2,7 @@
 //! OpenCV's bilinear resizing, OpenCV's colormaps and pytorch-grad-cam's deprocess_image
 //! (tests/fixtures/make_explain_fixtures.py wrote the values).
 
-use camserve::explain::{cam, maps};
+use camserve::maths::{cam, maps};
 use camserve::methods::{Compute, Method};
 use camserve::render::{self, Colormap};
 use ndarray::{Array2, Array3, Array4, ArrayD, Axis, Ix2, Ix3, Ix4};

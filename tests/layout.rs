@@ -9,7 +9,7 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ("onnx", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::config", "axum::", "ort::"], "HTTP, ORT sessions (the shape probe runs through backend's `ProbeRunner`)"),
     ("backend", &["crate::api", "crate::core", "crate::methods", "crate::server", "axum::"], "HTTP, request options"),
     ("methods", &["crate::api", "crate::core", "crate::server", "crate::config", "axum::", "ort::"], "HTTP, ORT sessions, the pipeline"),
-    ("explain", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP"),
+    ("maths", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP"),
     ("detection.rs", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP, the serving half"),
     ("letterbox.rs", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP, the serving half"),
     ("render", &["crate::api", "crate::core", "crate::backend", "crate::methods", "crate::server", "crate::onnx", "axum::", "ort::"], "ORT, HTTP"),

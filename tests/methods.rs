@@ -25,7 +25,7 @@ use camserve::backend::batcher::{self, BatcherConfig, Images, Job, Target};
 use camserve::backend::engine::{BatchOutput, DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec, PlanKey};
 use camserve::config::{IMAGENET_MEAN, IMAGENET_STD};
 use camserve::methods::metrics::Metric;
-use camserve::explain::cam;
+use camserve::maths::cam;
 use camserve::methods::{self, ablationcam, finercam, integrated_gradients, metrics, scorecam, smoothgrad, Passes};
 use camserve::onnx::rewrite::ExplainPlan;
 use camserve::onnx::rules::ReluRule;

@@ -8,7 +8,7 @@
 //!
 //! Here camserve analyses `vit.onnx`, builds the attention plan (`ExplainPlan::with_attention`), runs it with ONNX
 //! Runtime (all graph optimisations, then none) and computes the rollouts from the graph's outputs with
-//! `camserve::explain::rollout`, one run for the batch, each row with its own target. The comparison is float32
+//! `camserve::maths::rollout`, one run for the batch, each row with its own target. The comparison is float32
 //! camserve against float64 PyTorch: every array (attention, attention gradients, both maps) must match at
 //! max|a-b|/max|b| <= 1e-4. The same holds for the three ways the exact chain can start (at the default layer
 //! `blocks.1.norm1`, which lies after the first block's attention: the chain starts there; at an earlier layer that
@@ -22,7 +22,7 @@ mod server;
 use std::path::PathBuf;
 
 use camserve::backend::engine::{Batch, DeviceChoice, EngineOptions, ModelRunner, ModelSpec, PlanKey};
-use camserve::explain::rollout::{self, TokenGrid};
+use camserve::maths::rollout::{self, TokenGrid};
 use camserve::onnx::contract;
 use camserve::onnx::io;
 use camserve::onnx::rewrite::{ExplainPlan, Explainable, LayerLayout, PrepareOptions};

@@ -4,7 +4,7 @@
 //!
 //! `app()` builds the router from an [`AppState`]; tests drive it with `oneshot` against a stand-in backend
 //! (tests/api.rs) or bind 127.0.0.1:0 with real models. The listener, signals and drain are `crate::server`,
-//! model loading `crate::core::registry`.
+//! model loading `crate::core::loading`.
 
 pub mod error;
 pub mod kserve;

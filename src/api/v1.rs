@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::backend::engine::Device;
 use crate::core::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, Prediction, RawArray, TaskResult, Timings};
-use crate::explain::maps;
+use crate::maths::maps;
 use crate::methods::Method;
 
 /// The answer to `/v1/models/{model}/predict` and `/explain` (and one KServe v1 instance).

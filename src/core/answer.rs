@@ -6,7 +6,7 @@
 //! Adding an output kind: a field here, filled in `explanations.rs`, plus each encoder's lines.
 
 use crate::backend::engine::Device;
-use crate::explain::maps::{BBox, Point};
+use crate::maths::maps::{BBox, Point};
 use crate::methods::metrics::Score;
 use crate::methods::{Method, Returned};
 

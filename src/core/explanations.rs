@@ -10,8 +10,8 @@ use ndarray::{Array2, Array3, Axis};
 use rayon::prelude::*;
 
 use super::answer::{ExplainedTarget, Explanation, RawArray};
-use super::options::{ExplainOptions, OutputSize};
-use crate::explain::maps;
+use super::options::{RequestOptions, OutputSize};
+use crate::maths::maps;
 use crate::methods::metrics::Score;
 use crate::methods::{self, Heatmap, Method, Returned};
 use crate::preprocess;
@@ -92,7 +92,7 @@ fn prepare(c: ComputedMap, sizes: Sizes) -> Prepared {
     Prepared { method, row, class, raw, shown, model_map, returned: computed.returned, scores: vec![] }
 }
 
-fn render_one(p: Prepared, options: &ExplainOptions, targets: &[ExplainedTarget], base: &RgbImage) -> Explanation {
+fn render_one(p: Prepared, options: &RequestOptions, targets: &[ExplainedTarget], base: &RgbImage) -> Explanation {
     let target = targets[p.row].clone();
     let o = options.outputs;
     let (map, heat) = match &p.shown {
@@ -126,7 +126,7 @@ fn render_one(p: Prepared, options: &ExplainOptions, targets: &[ExplainedTarget]
 }
 
 /// Every pair's display, prepared in parallel; returns them with the time taken.
-pub fn prepare_all(options: &ExplainOptions, computed: Vec<ComputedMap>, orig: &RgbImage, model_rgb: &RgbImage, region: preprocess::Region) -> (Vec<Prepared>, Duration) {
+pub fn prepare_all(options: &RequestOptions, computed: Vec<ComputedMap>, orig: &RgbImage, model_rgb: &RgbImage, region: preprocess::Region) -> (Vec<Prepared>, Duration) {
     // At `size=original` the maps cover the part of the upload the model saw (all of it unless cropped), in the
     // upload's pixels; outside a crop they are zero (gradient images neutral grey).
     let model_size = (model_rgb.height() as usize, model_rgb.width() as usize);
@@ -166,7 +166,7 @@ pub fn prepare_all(options: &ExplainOptions, computed: Vec<ComputedMap>, orig: &
 
 /// Renders every prepared explanation in parallel; returns them with the time taken. `targets` says what each row
 /// of the explain pass explains (the task's description of it).
-pub fn render_all(prepared: Vec<Prepared>, options: &ExplainOptions, targets: &[ExplainedTarget], orig: &RgbImage, model_rgb: &RgbImage) -> (Vec<Explanation>, Duration) {
+pub fn render_all(prepared: Vec<Prepared>, options: &RequestOptions, targets: &[ExplainedTarget], orig: &RgbImage, model_rgb: &RgbImage) -> (Vec<Explanation>, Duration) {
     let base = match options.size {
         OutputSize::Model => model_rgb,
         OutputSize::Original => orig,

@@ -6,5 +6,5 @@ pub mod answer;
 pub mod explanations;
 pub mod options;
 pub mod pipeline;
-pub mod registry;
+pub mod loading;
 pub mod task;

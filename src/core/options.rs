@@ -1,5 +1,5 @@
 //! Request options (docs/DESIGN.md §5 table): parsed from a query string, multipart text parts or a JSON body, then
-//! validated against the model into an [`ExplainOptions`]. The methods' own parameters (`steps`, `samples`, ...)
+//! validated against the model into a [`RequestOptions`]. The methods' own parameters (`steps`, `samples`, ...)
 //! are not listed here: each method declares them (`methods::params`), and they are parsed and checked from those
 //! declarations. Errors are [`ServiceError`]s: `BadRequest` (400) for a malformed request, `Unprocessable` (422)
 //! for a well-formed but unacceptable option.
@@ -334,7 +334,7 @@ pub struct Outputs {
 
 /// Validated options of one request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ExplainOptions {
+pub struct RequestOptions {
     pub methods: Vec<Method>,
     pub targets: Vec<Target>,
     /// How many predictions the response lists.
@@ -366,7 +366,7 @@ pub enum DetectionPick {
     Overlap([f64; 4]),
 }
 
-impl ExplainOptions {
+impl RequestOptions {
     /// What the budget reads (`methods::request_cost`).
     pub fn work(&self) -> crate::methods::Work<'_> {
         crate::methods::Work { layer: &self.layer, methods: &self.methods, params: &self.params, metrics: &self.metrics, targets: self.targets.len() }
@@ -384,11 +384,11 @@ pub struct OptionLimits {
 
 impl RawOptions {
     /// Validates for a classifier (the API's tests and tools that have no task at hand).
-    pub fn validate(&self, model: &ModelInfo, limits: OptionLimits) -> Result<ExplainOptions, ServiceError> {
+    pub fn validate(&self, model: &ModelInfo, limits: OptionLimits) -> Result<RequestOptions, ServiceError> {
         self.validate_for(model, &Task::Classification, limits)
     }
 
-    pub fn validate_for(&self, model: &ModelInfo, task: &Task, limits: OptionLimits) -> Result<ExplainOptions, ServiceError> {
+    pub fn validate_for(&self, model: &ModelInfo, task: &Task, limits: OptionLimits) -> Result<RequestOptions, ServiceError> {
         let mut methods = Vec::new();
         match &self.methods {
             None => methods.extend(task.default_methods()),
@@ -525,7 +525,7 @@ impl RawOptions {
         if !picks.is_empty() && !metrics.is_empty() {
             return Err(invalid("the faithfulness metrics follow a classifier's softmax score; a detector's explanations have none"));
         }
-        Ok(ExplainOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, picks, score_threshold, iou_threshold })
+        Ok(RequestOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, picks, score_threshold, iou_threshold })
     }
 
     /// A detector's picks (`target`: indices or labels; `box`; `top_k`: the k best; default the best one) and

@@ -14,7 +14,7 @@ use ndarray::Array3;
 
 use super::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, TaskResult, Timings};
 use super::explanations::{prepare_all, render_all, ComputedMap};
-use super::options::{DetectionPick, ExplainOptions, OptionLimits, RawOptions};
+use super::options::{DetectionPick, RequestOptions, OptionLimits, RawOptions};
 use super::task::{Detector, Task};
 use crate::backend::batcher::{Images, Queue, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
@@ -144,7 +144,7 @@ impl Service {
 
     /// Validates the options and, for an explain request, its cost; refuses before any work when the model's
     /// queue is full.
-    fn admit(&self, handle: &ModelHandle, endpoint: Endpoint, raw: &RawOptions) -> Result<ExplainOptions, ServiceError> {
+    fn admit(&self, handle: &ModelHandle, endpoint: Endpoint, raw: &RawOptions) -> Result<RequestOptions, ServiceError> {
         let info = &handle.info;
         let options = raw.validate_for(info, &handle.task, self.limits.options)?;
         if endpoint == Endpoint::Explain {
@@ -170,7 +170,7 @@ impl Service {
 struct Request<'a> {
     info: &'a Arc<ModelInfo>,
     endpoint: Endpoint,
-    options: ExplainOptions,
+    options: RequestOptions,
     passes: &'a Passes<'a>,
 }
 
@@ -190,7 +190,7 @@ impl Request<'_> {
         let out = passes.wait(passes.submit(&plan, Images::One(decoded.input), targets, label)?).await?;
         (timings.queue, timings.inference) = (ms(out.queue), ms(out.inference));
         // Softmax once per row of the pass: the predictions, the targets' scores and the metrics read it.
-        let probabilities: Vec<Vec<f32>> = out.output.logits.outer_iter().map(crate::explain::softmax).collect();
+        let probabilities: Vec<Vec<f32>> = out.output.logits.outer_iter().map(crate::maths::softmax).collect();
         let result = Task::classify(info, out.output.logits.row(0).to_vec(), probabilities[0].clone(), options.top_k.max(5));
         let explanations = match endpoint {
             Endpoint::Predict => None,
@@ -276,7 +276,7 @@ fn pick(picks: &[DetectionPick], detections: &[Detection]) -> Result<Vec<usize>,
 
 /// The explain plan a request needs: its layer, the input-gradient chains its methods read, attention if any
 /// method reads it.
-fn explain_plan(info: &ModelInfo, options: &ExplainOptions) -> PlanKey {
+fn explain_plan(info: &ModelInfo, options: &RequestOptions) -> PlanKey {
     let rules = options.methods.iter().filter_map(|m| m.input_rule);
     let mut plan = ExplainPlan::new(options.layer.clone(), rules);
     if options.methods.iter().any(|m| m.kind == Kind::Attention) {
@@ -333,7 +333,7 @@ async fn decode(info: Arc<ModelInfo>, image: ImageInput, limits: DecodeLimits) -
 /// An explain request after its pass: the maps, the metrics, the pictures.
 struct Explaining<'a> {
     info: &'a Arc<ModelInfo>,
-    options: ExplainOptions,
+    options: RequestOptions,
     output: BatchOutput,
     /// Each row's softmax (a classifier's; what the metrics read).
     probabilities: Vec<Vec<f32>>,

@@ -14,7 +14,7 @@ use ndarray::{Array2, ArrayView3, Axis};
 use super::{Compute, Kind, MethodDef, Passes, PassesCtx, Pending, RawMap};
 use crate::backend::engine::ModelInfo;
 use crate::error::ServiceError;
-use crate::explain::cam;
+use crate::maths::cam;
 
 /// The value an ablated channel is set to.
 pub fn ablation_value(acts: ArrayView3<f32>) -> f32 {

@@ -1,5 +1,5 @@
 //! The one-pass CAMs: the Grad-CAM family, from the layer's activations and gradients of the request's explain
-//! pass (formulas in `crate::explain::cam`, as pytorch-grad-cam 1.5.7), and Zhou et al.'s plain CAM, from the
+//! pass (formulas in `crate::maths::cam`, as pytorch-grad-cam 1.5.7), and Zhou et al.'s plain CAM, from the
 //! weights of the global-average-pool + linear head after the layer.
 
 use ndarray::{Array2, ArrayView3};
@@ -7,7 +7,7 @@ use ndarray::{Array2, ArrayView3};
 use super::{Compute, Kind, MethodDef, RawMap, Row};
 use crate::backend::engine::ModelInfo;
 use crate::error::ServiceError;
-use crate::explain::cam;
+use crate::maths::cam;
 
 /// A CAM computed from the layer's activations and gradients alone.
 const fn layer_cam(name: &'static str, f: fn(ArrayView3<f32>, ArrayView3<f32>) -> Array2<f32>) -> MethodDef {

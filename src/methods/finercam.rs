@@ -8,7 +8,7 @@ use ndarray::ArrayView1;
 
 use super::{Compute, Kind, MethodDef, PassesCtx, Pending, RawMap};
 use crate::backend::engine::ModelInfo;
-use crate::explain::cam;
+use crate::maths::cam;
 
 pub const ALPHA: f64 = 1.0;
 /// How many similar classes the target is compared with (pytorch-grad-cam's comparison_categories 1, 2, 3).

@@ -6,7 +6,7 @@ use ndarray::Axis;
 
 use super::{Compute, Kind, MethodDef, RawMap, Row};
 use crate::error::ServiceError;
-use crate::explain::{cam, maps};
+use crate::maths::{cam, maps};
 use crate::onnx::rules::ReluRule;
 
 /// A method whose map comes from the input gradient of the chain `rule`.

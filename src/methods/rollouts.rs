@@ -1,4 +1,4 @@
-//! The attention rollouts of vision transformers (`crate::explain::rollout`): maps on the token grid from the
+//! The attention rollouts of vision transformers (`crate::maths::rollout`): maps on the token grid from the
 //! attention probabilities of every block (Abnar & Zuidema), and their gradients (Chefer et al.'s gradient
 //! rollout), all from the request's explain pass.
 
@@ -6,7 +6,7 @@ use ndarray::{Array2, ArrayView3, Axis};
 
 use super::{Compute, Kind, MethodDef, RawMap, Row};
 use crate::error::ServiceError;
-use crate::explain::rollout::{self, TokenGrid};
+use crate::maths::rollout::{self, TokenGrid};
 
 const fn attention(name: &'static str, f: fn(&Row<'_>) -> Result<RawMap, ServiceError>) -> MethodDef {
     MethodDef::new(name, Kind::Attention, Compute::Pass(f))

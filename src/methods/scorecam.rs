@@ -9,7 +9,7 @@ use super::params::{Param, ParamKind};
 use super::{Compute, Kind, MethodDef, Passes, PassesCtx, Pending, RawMap, Returned};
 use crate::backend::engine::ModelInfo;
 use crate::error::ServiceError;
-use crate::explain::{cam, maps};
+use crate::maths::{cam, maps};
 
 /// The channels Score-CAM masks with: all of them, or when capped the `cap` channels of highest variance over the
 /// grid (a flat channel makes a blank mask and says nothing), in channel order.
@@ -59,7 +59,7 @@ pub async fn run(
             input * &m.insert_axis(Axis(0))
         })
         .await?;
-    let weights = crate::explain::softmax(logits.column(class));
+    let weights = crate::maths::softmax(logits.column(class));
     let mut full = vec![0f32; acts.len_of(Axis(0))];
     for (&k, &wk) in chosen.iter().zip(&weights) {
         full[k] = wk;
