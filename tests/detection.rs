@@ -318,3 +318,52 @@ async fn open_inference_protocol_carries_the_detections() {
     assert_eq!(r.status(), 400);
     s.stop().await.unwrap();
 }
+
+/// A model said to be a detector whose output camserve cannot decode is refused at load, the error naming the
+/// output's shape and the keys that describe it; a labels file of the wrong length too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_detector_layouts_are_refused_at_load() {
+    let mut c = demo_config();
+    c.models[0].task = Some(camserve::config::TaskName::Detection);
+    let err = tokio::task::spawn_blocking(move || camserve::core::loading::load_models(&c).err().map(|e| format!("{e:#}"))).await.unwrap().expect("refused");
+    assert!(err.contains("[6]") && err.contains("task") && err.contains("score_threshold"), "{err}");
+    let mut c = yolo_config("yolov8n_320_dynbatch.onnx");
+    c.models[0].labels = Some(root().join("models/demo.labels.txt"));
+    let err = tokio::task::spawn_blocking(move || camserve::core::loading::load_models(&c).err().map(|e| format!("{e:#}"))).await.unwrap().expect("refused");
+    assert!(err.contains("6 labels for 80 classes"), "{err}");
+}
+
+/// Picking detections: by label (its best detection), by box (the best overlap), and the 422s that say how many
+/// detections there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detections_are_picked_by_index_label_and_box() {
+    let mut s = Server::start(yolo_config("yolov8n_320_dynbatch.onnx")).await;
+    let png = std::fs::read(dir().join("photos/rocket.png")).unwrap();
+    let post = |query: &str| {
+        s.client.post(s.url(&format!("/v1/models/yolo/explain?outputs=mask&{query}"))).header("content-type", "image/png").body(png.clone()).send()
+    };
+    let all: Value = post("top_k=3").await.unwrap().json().await.unwrap();
+    let dets = all["detections"].as_array().unwrap().clone();
+    assert_eq!(all["explanations"].as_array().unwrap().iter().map(|e| e["target"]["detection"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2]);
+    // The best detection of the third one's class is the first with that label.
+    let label = dets[2]["label"].as_str().unwrap();
+    let first = dets.iter().position(|d| d["label"] == label).unwrap();
+    let by_label: Value = post(&format!("target={label}")).await.unwrap().json().await.unwrap();
+    assert_eq!(by_label["explanations"][0]["target"]["detection"], first, "{by_label}");
+    // A box drawn on detection 4 picks it.
+    let b = &dets[4]["box"];
+    let query = format!("box={},{},{},{}", b["x"], b["y"], b["width"], b["height"]);
+    let by_box: Value = post(&query).await.unwrap().json().await.unwrap();
+    assert_eq!(by_box["explanations"][0]["target"]["detection"], 4, "{by_box}");
+    for (query, needle) in [("target=999", "23 detections"), ("target=no-such-label", "no detection of `no-such-label`"), ("box=5000,5000,5,5", "no detection overlaps")] {
+        let r = post(query).await.unwrap();
+        assert_eq!(r.status(), 422, "{query}");
+        let p: Value = r.json().await.unwrap();
+        assert!(p["detail"].as_str().unwrap().contains(needle), "{query}: {p}");
+    }
+    // Options that only make sense for a classifier's class targets or softmax are refused.
+    for query in ["methods=finercam", "metrics=deletion"] {
+        assert_eq!(post(query).await.unwrap().status(), 422, "{query}");
+    }
+    s.stop().await.unwrap();
+}
