@@ -180,6 +180,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let model = io::load_model(&input)?;
             let report = camserve::backend::probe::inspect(model, &PrepareOptions { input_size: parse_size(&input_size)?, layout: None })?;
             print!("{report}");
+            if let Some(a) = &report.analysis {
+                println!("{}", describe_task(a));
+            }
             Ok(if report.has_unsupported() { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }
         Command::Explain {
@@ -211,6 +214,27 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             eprintln!("{}: {}; wrote {} explanations to {}", image.display(), found.unwrap_or_default(), answer.explanations.as_ref().map_or(0, Vec::len), out.display());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `inspect`'s line on the task it recognised from the file (what `serve` would do without configuration).
+fn describe_task(a: &camserve::onnx::inspect::Analysis) -> String {
+    use camserve::core::task::{self, DetectionFormat, Task};
+    match Task::recognise_from(&a.metadata, &a.output_dims, a.num_classes, &Default::default()) {
+        Ok(Task::Classification) => format!("task: classification ({} classes)", a.num_classes),
+        Ok(Task::Detection(d)) => {
+            let DetectionFormat::UltralyticsRaw { classes, anchors } = d.format;
+            let layer = task::detector_layer_of(&a.layers, a.input_shape).unwrap_or_else(|| a.default_layer.clone().unwrap_or_default());
+            format!(
+                "task: detection (format {}: {classes} classes{}, {anchors} anchors; score_threshold {}, iou_threshold {}, max_detections {}; default method hirescam at {layer})",
+                d.format.as_str(),
+                if d.labels.is_some() { " named in the file" } else { "" },
+                d.thresholds.score,
+                d.thresholds.iou,
+                d.thresholds.max_detections
+            )
+        }
+        Err(e) => format!("task: refused: {e}"),
     }
 }
 

@@ -367,3 +367,14 @@ async fn detections_are_picked_by_index_label_and_box() {
     }
     s.stop().await.unwrap();
 }
+
+/// `camserve inspect` says what task it recognised, from the file alone.
+#[test]
+fn inspect_prints_the_task() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_camserve")).arg("inspect").arg(dir().join("yolov8n_320.onnx")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("task: detection (format ultralytics: 80 classes named in the file, 2100 anchors"), "{text}");
+    assert!(text.contains("default method hirescam at /model.15/cv2/act/Mul_output_0"), "{text}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_camserve")).arg("inspect").arg(root().join("models/demo.onnx")).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("task: classification (6 classes)"));
+}

@@ -65,21 +65,26 @@ impl Task {
     /// classification. A detector must have an output layout camserve decodes; the error names the outputs'
     /// shapes and the keys that describe them. The labels file must have one line per class.
     pub fn recognise(info: &ModelInfo, cfg: &TaskConfig) -> Result<Task, String> {
+        Task::recognise_from(&info.metadata, &info.output_dims, info.num_classes, cfg)
+    }
+
+    /// [`Task::recognise`] from the file's metadata, its first output's dims for one image and their size (what
+    /// `camserve inspect` has at hand).
+    pub fn recognise_from(metadata: &std::collections::BTreeMap<String, String>, dims: &[i64], num_classes: usize, cfg: &TaskConfig) -> Result<Task, String> {
         let detect = match cfg.task {
             Some(TaskName::Detection) => true,
             Some(TaskName::Classification) => false,
-            None => info.metadata.get("task").is_some_and(|t| t == "detect"),
+            None => metadata.get("task").is_some_and(|t| t == "detect"),
         };
         if !detect {
             if let Some(l) = &cfg.labels
-                && l.len() != info.num_classes
+                && l.len() != num_classes
             {
-                return Err(format!("{} labels for {} classes", l.len(), info.num_classes));
+                return Err(format!("{} labels for {num_classes} classes", l.len()));
             }
             return Ok(Task::Classification);
         }
-        let dims = &info.output_dims;
-        let format = match dims.as_slice() {
+        let format = match dims {
             [rows, anchors] if *rows > 4 && *anchors >= 1 => DetectionFormat::UltralyticsRaw { classes: (*rows - 4) as usize, anchors: *anchors as usize },
             _ => {
                 return Err(format!(
@@ -90,7 +95,7 @@ impl Task {
             }
         };
         let DetectionFormat::UltralyticsRaw { classes, .. } = format;
-        let labels = match (&cfg.labels, info.metadata.get("names")) {
+        let labels = match (&cfg.labels, metadata.get("names")) {
             (Some(l), _) => Some(l.clone()),
             (None, Some(names)) => Some(parse_names(names).map_err(|e| format!("the file's `names` metadata: {e}"))?),
             (None, None) => None,
@@ -178,10 +183,15 @@ impl Detector {
 /// flatten) lies inside the head, where the anchors' reshapes only look like grids. `None` when the module paths
 /// are not recorded or no such map exists.
 pub fn detector_default_layer(info: &ModelInfo) -> Option<String> {
+    detector_layer_of(&info.layers, info.input_shape)
+}
+
+/// [`detector_default_layer`] from the candidate layers and the input shape `[C, H, W]`.
+pub fn detector_layer_of(layers: &[crate::onnx::rewrite::LayerInfo], input_shape: [usize; 3]) -> Option<String> {
     let index = |m: &str| m.strip_prefix("model.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
-    let head = info.layers.iter().filter_map(|l| index(l.module.as_deref()?)).max()?;
-    let [_, h, w] = info.input_shape;
-    info.layers
+    let head = layers.iter().filter_map(|l| index(l.module.as_deref()?)).max()?;
+    let [_, h, w] = input_shape;
+    layers
         .iter()
         .filter(|l| l.layout == crate::onnx::rewrite::LayerLayout::Nchw)
         .filter(|l| l.module.as_deref().and_then(index).is_some_and(|i| i < head))

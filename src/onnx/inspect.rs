@@ -26,6 +26,11 @@ pub struct Analysis {
     pub unsupported: Vec<UnsupportedOp>,
     pub input_layout: super::rewrite::InputLayout,
     pub stripped_output_op: Option<String>,
+    /// The first output's dims for one image, and the file's metadata: what a model's task is read from.
+    pub output_dims: Vec<i64>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// `[C, H, W]`.
+    pub input_shape: [usize; 3],
 }
 
 impl Inspection {
@@ -54,6 +59,9 @@ pub fn inspect(mut model: ModelProto, opts: &PrepareOptions, runner: &dyn super:
             unsupported: ex.refusals(),
             input_layout: ex.input_layout,
             stripped_output_op: ex.stripped_output_op.clone(),
+            output_dims: ex.output_dims(),
+            metadata: ex.metadata(),
+            input_shape: [ex.input_dims[1] as usize, ex.input_dims[2] as usize, ex.input_dims[3] as usize],
         })
     };
     Ok(Inspection { inputs, outputs, opset, contract, analysis })
