@@ -196,7 +196,7 @@ pub fn detector_layer_of(layers: &[crate::onnx::rewrite::LayerInfo], input_shape
         .filter(|l| l.layout == crate::onnx::rewrite::LayerLayout::Nchw)
         .filter(|l| l.module.as_deref().and_then(index).is_some_and(|i| i < head))
         .filter(|l| l.dims.len() == 4 && l.dims[2] as usize * 8 == h && l.dims[3] as usize * 8 == w)
-        .last()
+        .next_back()
         .map(|l| l.name.clone())
 }
 

@@ -409,7 +409,7 @@ impl ModelRunner {
         // explain graph's seed is laid out.
         let first = f32_out(&logits_name)?;
         let n = first.shape().first().copied().unwrap_or(0);
-        let k = if n == 0 { 0 } else { first.len() / n };
+        let k = first.len().checked_div(n).unwrap_or(0);
         let logits = first.into_shape_with_order((n, k)).map_err(ort_err)?;
         let mut out = BatchOutput { logits, targets: None, activations: None, gradients: None, input_grads: vec![], attention: vec![] };
         if let PlanKey::Explain(plan) = key {
