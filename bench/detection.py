@@ -15,11 +15,9 @@ alone is timed too. Prints a Markdown table of medians and ratios.
 """
 
 import argparse
-import json
 import urllib.parse
 import os
 import pathlib
-import statistics
 import subprocess
 import tempfile
 import time
@@ -28,29 +26,14 @@ import urllib.request
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="ultralytics-cfg-"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from pytorch_grad_cam import GradCAM  # noqa: E402
+
+from multipass import median_s, post  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests/fixtures/detection"
 LAYER = "/model.15/cv2/act/Mul_output_0"
-
-
-def median_s(fn, n):
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def post(url, body):
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"}, method="POST")
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
 
 
 def camserve_times(png, threads, n):

@@ -141,7 +141,7 @@ fn param_text(p: &Param, v: &str) -> Result<ParamValue, ServiceError> {
     if p.is_integer() {
         return int_text(p.name, v).map(ParamValue::Int);
     }
-    v.trim().parse().map(ParamValue::Number).map_err(|_| invalid(format!("{} must be a number, not `{v}`", p.name)))
+    number_text(p.name, v).map(ParamValue::Number)
 }
 
 /// A declared parameter's value from a JSON value (a number, or a string holding one).
@@ -149,12 +149,7 @@ fn param_json(p: &Param, v: &Value) -> Result<ParamValue, ServiceError> {
     if p.is_integer() {
         return int_json(p.name, v).map(ParamValue::Int);
     }
-    let name = p.name;
-    match v {
-        Value::Number(n) => n.as_f64().map(ParamValue::Number).ok_or_else(|| invalid(format!("{name} must be a number"))),
-        Value::String(s) => s.trim().parse().map(ParamValue::Number).map_err(|_| invalid(format!("{name} must be a number, not `{s}`"))),
-        _ => Err(invalid(format!("{name} must be a number"))),
-    }
+    number_json(p.name, v).map(ParamValue::Number)
 }
 
 fn number_text(key: &str, v: &str) -> Result<f64, ServiceError> {
@@ -210,9 +205,7 @@ impl RawOptions {
             "layer" => self.layer = Some(value.to_string()),
             "outputs" | "output" => self.outputs.get_or_insert_with(Vec::new).extend(list(value)),
             "colormap" => self.colormap = Some(value.trim().to_string()),
-            "alpha" => {
-                self.alpha = Some(value.trim().parse().map_err(|_| invalid(format!("alpha must be a number, not `{value}`")))?)
-            }
+            "alpha" => self.alpha = Some(number_text(key, value)?),
             "size" => self.size = Some(value.trim().to_string()),
             "metrics" | "metric" => self.metrics.get_or_insert_with(Vec::new).extend(list(value)),
             "box" => self.region = Some(box_text(value)?),
@@ -265,13 +258,7 @@ impl RawOptions {
             "layer" => self.layer = Some(value.as_str().ok_or_else(|| invalid("layer must be a string"))?.to_string()),
             "outputs" | "output" => self.outputs = Some(strings(value, "outputs")?),
             "colormap" => self.colormap = Some(value.as_str().ok_or_else(|| invalid("colormap must be a string"))?.to_string()),
-            "alpha" => {
-                self.alpha = Some(match value {
-                    Value::Number(n) => n.as_f64().ok_or_else(|| invalid("alpha must be a number"))?,
-                    Value::String(s) => s.trim().parse().map_err(|_| invalid(format!("alpha must be a number, not `{s}`")))?,
-                    _ => return Err(invalid("alpha must be a number")),
-                })
-            }
+            "alpha" => self.alpha = Some(number_json(key, value)?),
             "size" => self.size = Some(value.as_str().ok_or_else(|| invalid("size must be a string"))?.to_string()),
             "metrics" | "metric" => self.metrics = Some(strings(value, "metrics")?),
             "box" => self.region = Some(box_json(value)?),

@@ -218,7 +218,10 @@ impl Request<'_> {
         let d = detector.thresholds;
         let thresholds = Thresholds { score: options.score_threshold.unwrap_or(d.score), iou: options.iou_threshold.unwrap_or(d.iou), ..d };
         let row = out.output.logits.row(0);
-        let found = detector.detect(&row.iter().copied().collect::<Vec<_>>(), thresholds);
+        let found = match row.as_slice() {
+            Some(values) => detector.detect(values, thresholds),
+            None => detector.detect(&row.to_vec(), thresholds),
+        };
         let (w, h) = (decoded.size.width, decoded.size.height);
         let [_, ih, iw] = info.input_shape;
         let detections = if info.pixels.resize == ResizePolicy::Letterbox {
