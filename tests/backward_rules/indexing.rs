@@ -1,4 +1,5 @@
-//! Indexing and selection: Gather, GatherElements, GatherND, ScatterElements, ScatterND, Where, Tile, Compress.
+//! Indexing and selection: Gather, GatherElements, GatherND, ScatterElements, ScatterND, Where, Tile, Compress,
+//! TopK.
 //! All are linear in the float inputs (Where given its condition), so every check uses LINEAR; the Swin-style
 //! masked fill is followed by a Softmax (SMOOTH).
 
@@ -175,6 +176,65 @@ fn gather_elements_last_axis_negative_and_repeated() {
         let i = per_item(g, &c, &[2, 7, 3]);
         g.op("GatherElements", &[&x, &i], vec![a_i("axis", -1)])
     });
+}
+
+// ---------------------------------------------------------------- TopK
+
+/// `dims` filled with distinct values 2 apart in a scrambled order: a step of 0.5 never reorders two of them, so
+/// no TopK or ReduceMax selection changes within a central difference (the rule is then exactly linear).
+fn spread(dims: &[usize]) -> ArrayD<f32> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|j| ((j * 37) % n) as f32 * 2.0 - n as f32).collect();
+    ArrayD::from_shape_vec(dims.to_vec(), v).unwrap()
+}
+
+#[test]
+fn top_k_last_axis_values() {
+    // The 3 largest of each row of 7, sorted: [N, 2, 7, 3].
+    check(&DIMS, spread(&DIMS), 0.5, LINEAR, |g| {
+        let x = g.x();
+        let k = int_init(g, &[1], &[3]);
+        g.op_n("TopK", &[&x, &k], vec![], 2).swap_remove(0)
+    });
+}
+
+#[test]
+fn top_k_smallest_along_axis_1() {
+    // The 2 smallest of each column (axis 2), unsorted: [N, 2, 2, 7].
+    check(&DIMS, spread(&DIMS), 0.5, LINEAR, |g| {
+        let x = g.x();
+        let k = int_init(g, &[1], &[2]);
+        g.op_n("TopK", &[&x, &k], vec![a_i("axis", 2), a_i("largest", 0), a_i("sorted", 0)], 2).swap_remove(0)
+    });
+}
+
+#[test]
+fn top_k_end_to_end_detector_selection() {
+    // An end-to-end YOLO's in-graph selection: per anchor the best class score (ReduceMax over channels), the 5
+    // best anchors (TopK), their class scores gathered (GatherElements at TopK's indices), and the kept scores
+    // themselves: both paths carry the gradient.
+    check(&DIMS, spread(&DIMS), 0.5, LINEAR, |g| {
+        let x = g.x();
+        let shape = int_init(g, &[3], &[0, 2, 49]);
+        let flat = g.op("Reshape", &[&x, &shape], vec![]);
+        let best = g.op("ReduceMax", &[&flat], vec![a_is("axes", &[1]), a_i("keepdims", 1)]);
+        let k = int_init(g, &[1], &[5]);
+        let top = g.op_n("TopK", &[&best, &k], vec![a_i("axis", 2)], 2);
+        let two = int_init(g, &[3], &[1, 2, 1]);
+        let idx = g.op("Tile", &[&top[1], &two], vec![]);
+        let gathered = g.op("GatherElements", &[&flat, &idx], vec![a_i("axis", 2)]);
+        g.op("Concat", &[&gathered, &top[0]], vec![a_i("axis", 1)])
+    });
+}
+
+#[test]
+fn top_k_along_the_batch_axis_is_refused() {
+    let msg = refusal(|g| {
+        let x = g.x();
+        let k = int_init(g, &[1], &[1]);
+        g.op_n("TopK", &[&x, &k], vec![a_i("axis", 0)], 2).swap_remove(0)
+    });
+    assert!(msg.contains("batch axis"), "{msg}");
 }
 
 #[test]

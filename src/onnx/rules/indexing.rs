@@ -1,5 +1,5 @@
 //! Indexing and selection: Gather, GatherElements, GatherND, ScatterElements, ScatterND (reduction "none"),
-//! Where, Tile, Compress.
+//! Where, Tile, Compress, TopK (its values; the indices carry no gradient).
 //!
 //! The gathers' gradients scatter-add the output gradient into zeros (ScatterElements / ScatterND with
 //! reduction "add", opset 16+), which accumulates repeated indices and takes indices computed at run time. Only
@@ -26,6 +26,7 @@ pub(super) fn register(m: &mut HashMap<&'static str, BackwardRule>) {
     m.insert("Where", where_);
     m.insert("Tile", tile);
     m.insert("Compress", compress);
+    m.insert("TopK", top_k);
 }
 
 type Grads = Result<Vec<Option<String>>>;
@@ -177,6 +178,33 @@ fn gather_elements(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _
     let zeros = ctx.zeros_like(data);
     let mut out = vec![None; node.input.len()];
     out[0] = Some(scatter_add(ctx, &zeros, &n, dy, axis, "gather_elements_grad"));
+    Ok(out)
+}
+
+fn top_k(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
+    // values = data gathered at the node's own `indices` output along `axis` (an end-to-end detector's
+    // in-graph selection of its best boxes): dx = ScatterElements "add" of d(values) at those indices into
+    // zeros. The indices are distinct and in range, so "add" only writes each kept element once; the ones not
+    // kept get no gradient, as in PyTorch's topk.
+    let dy = dy0(node, dy)?;
+    let data = &node.input[0];
+    let idx = match node.output.get(1) {
+        Some(i) if !i.is_empty() => i.clone(),
+        _ => return Err(OnnxError::node(node, "no indices output")),
+    };
+    let rank = ctx.dims(data)?.len();
+    // TopK's axis defaults to -1 (the gathers' to 0).
+    let axis = attr::int_or(node, "axis", -1);
+    let a = norm_axis(axis, rank);
+    if a < 0 || a as usize >= rank {
+        return Err(OnnxError::node(node, format!("axis {axis} is out of range for rank {rank}")));
+    }
+    if ctx.is_batch_axis(data, a as usize) {
+        return Err(OnnxError::node(node, format!("selecting along axis {axis}, the batch axis, is not supported")));
+    }
+    let zeros = ctx.zeros_like(data);
+    let mut out = vec![None; node.input.len()];
+    out[0] = Some(scatter_add(ctx, &zeros, &idx, dy, a as usize, "top_k_grad"));
     Ok(out)
 }
 
