@@ -2,7 +2,8 @@
 //! exports, the raw head `[4 + nc, A]` (boxes `cx, cy, w, h` in input pixels, then the class scores after their
 //! sigmoid) decoded, kept above the confidence threshold, then class-wise NMS and `max_detections`, as
 //! Ultralytics' `non_max_suppression` does it (its float32 arithmetic included: boxes offset by class x 7680,
-//! IoU on those offsets). Pure functions of arrays; `core::task` applies them to a request's pass.
+//! IoU on those offsets); and the end-to-end head `[Q, 6]` (YOLOv10, YOLO26), whose rows are already selected in
+//! the graph, only thresholded. Pure functions of arrays; `core::task` applies them to a request's pass.
 
 /// The thresholds of a detector (Ultralytics' `predict` defaults: conf 0.25, iou 0.7, 300 detections).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,6 +67,24 @@ pub fn yolo_raw(out: &[f32], nc: usize, anchors: usize, t: Thresholds) -> Vec<Fo
         .collect();
     let keep = nms(&shifted, t.iou);
     keep.into_iter().take(t.max_detections).map(|i| cands[i].clone()).collect()
+}
+
+/// The detections of an end-to-end YOLO head `out` (`[Q, 6]`, row-major: `x0, y0, x1, y1, score, class` in input
+/// pixels, rows already ranked by the graph's own TopK), as Ultralytics' predict keeps them: the rows whose score
+/// is above the threshold, in order, at most `max_detections`; no NMS (the head is trained without duplicates),
+/// so `t.iou` has no effect. A class outside `0..nc` (or not finite) drops the row.
+pub fn yolo_end2end(out: &[f32], nc: usize, rows: usize, t: Thresholds) -> Vec<Found> {
+    (0..rows)
+        .filter_map(|r| {
+            let row = out.get(r * 6..r * 6 + 6)?;
+            let (score, class) = (row[4], row[5]);
+            if !(score > t.score) || !class.is_finite() || class < 0.0 || class.round() as usize >= nc {
+                return None;
+            }
+            Some(Found { xyxy: [row[0], row[1], row[2], row[3]], class: class.round() as usize, score, anchor: r })
+        })
+        .take(t.max_detections)
+        .collect()
 }
 
 /// torchvision's `nms` on boxes already sorted by score: the indices kept, in order. A box is dropped when its IoU
@@ -136,6 +155,22 @@ mod tests {
         let one = yolo_raw(&out, nc, a, Thresholds { max_detections: 1, ..Thresholds::default() });
         assert_eq!(one.len(), 1);
         assert!(yolo_raw(&out, nc, a, Thresholds { score: 0.95, ..Thresholds::default() }).is_empty());
+    }
+
+    #[test]
+    fn end_to_end_rows_kept_in_order_above_the_threshold() {
+        let out = [
+            10.0, 10.0, 20.0, 20.0, 0.9, 1.0, // kept
+            10.0, 10.0, 20.0, 20.0, 0.8, 1.0, // kept: no NMS, even for an identical box
+            0.0, 0.0, 5.0, 5.0, 0.7, 7.0, // class 7 of 2: dropped
+            0.0, 0.0, 5.0, 5.0, 0.25, 0.0, // not above 0.25
+            0.0, 0.0, 5.0, 5.0, 0.6, 0.0, // kept (rows need not be sorted)
+        ];
+        let found = yolo_end2end(&out, 2, 5, Thresholds::default());
+        assert_eq!(found.iter().map(|f| (f.anchor, f.class)).collect::<Vec<_>>(), [(0, 1), (1, 1), (4, 0)]);
+        assert_eq!(found[0].xyxy, [10.0, 10.0, 20.0, 20.0]);
+        assert_eq!(yolo_end2end(&out, 2, 5, Thresholds { max_detections: 2, ..Thresholds::default() }).len(), 2);
+        assert_eq!(yolo_end2end(&out, 8, 5, Thresholds::default()).len(), 4);
     }
 
     #[test]

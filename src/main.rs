@@ -223,10 +223,13 @@ fn describe_task(a: &camserve::onnx::inspect::Analysis) -> String {
     match Task::recognise_from(&a.metadata, &a.output_dims, a.num_classes, &Default::default()) {
         Ok(Task::Classification) => format!("task: classification ({} classes)", a.num_classes),
         Ok(Task::Detection(d)) => {
-            let DetectionFormat::UltralyticsRaw { classes, anchors } = d.format;
+            let (classes, rows) = match d.format {
+                DetectionFormat::UltralyticsRaw { classes, anchors } => (classes, format!("{anchors} anchors")),
+                DetectionFormat::UltralyticsEndToEnd { classes, rows } => (classes, format!("{rows} rows selected in the graph, no NMS")),
+            };
             let layer = task::detector_layer_of(&a.layers, a.input_shape).unwrap_or_else(|| a.default_layer.clone().unwrap_or_default());
             format!(
-                "task: detection (format {}: {classes} classes{}, {anchors} anchors; score_threshold {}, iou_threshold {}, max_detections {}; default method hirescam at {layer})",
+                "task: detection (format {}: {classes} classes{}, {rows}; score_threshold {}, iou_threshold {}, max_detections {}; default method hirescam at {layer})",
                 d.format.as_str(),
                 if d.labels.is_some() { " named in the file" } else { "" },
                 d.thresholds.score,

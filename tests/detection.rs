@@ -1,6 +1,7 @@
 //! Detectors against their exporter's own predictor, on committed fixtures (tests/fixtures/detection, made by
-//! make_detection_fixtures.py with Ultralytics' own code on a YOLOv8n built from its YAML, BatchNorm calibrated on
-//! real photos, exported with `model.export(format="onnx", imgsz=320)`).
+//! make_detection_fixtures.py with Ultralytics' own code on YOLOv8n, YOLO11n and YOLO26n built from their YAMLs,
+//! BatchNorm calibrated on real photos, exported with `model.export(format="onnx", imgsz=320)`; YOLO26n with
+//! `nms=False`, its end-to-end head).
 //!
 //! Criteria, fixed before the first measurement:
 //! - OpenCV's `INTER_LINEAR` resize and Ultralytics' `LetterBox`: bit for bit on synthetic images;
@@ -30,7 +31,11 @@ fn npz(name: &str) -> NpzReader<std::fs::File> {
 }
 
 fn reference() -> Vec<Value> {
-    serde_json::from_slice::<Vec<Value>>(&std::fs::read(dir().join("detections.json")).unwrap()).unwrap()
+    reference_of("detections.json")
+}
+
+fn reference_of(file: &str) -> Vec<Value> {
+    serde_json::from_slice::<Vec<Value>>(&std::fs::read(dir().join(file)).unwrap()).unwrap()
 }
 
 fn rgb(a: &Array3<u8>) -> RgbImage {
@@ -130,17 +135,19 @@ fn yolo_config(file: &str) -> camserve::config::Config {
     c
 }
 
-/// The image files through the API: the detections Ultralytics' predict found on the same ONNX file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn detections_through_the_api_equal_ultralytics_predict() {
-    let mut s = Server::start(yolo_config("yolov8n_320.onnx")).await;
+/// The image files through the API: the detections Ultralytics' predict found on the same ONNX file (`file`, its
+/// predictions `detections`), then an explain request with no options: the best detection, HiResCAM at the head's
+/// stride-8 input (`layer`).
+async fn detections_equal_predict(file: &str, detections: &str, format: &str, layer: &str) {
+    let mut s = Server::start(yolo_config(file)).await;
     let m: Value = s.client.get(s.url("/v1/models/yolo")).send().await.unwrap().json().await.unwrap();
     check_response("/v1/models/{model}", "get", 200, "application/json", &m);
     assert_eq!(m["task"], "detection", "{m}");
-    assert_eq!(m["detection"]["format"], "ultralytics");
+    assert_eq!(m["detection"]["format"], format);
     assert_eq!(m["detection"]["classes"], 80);
     assert_eq!((m["detection"]["score_threshold"].as_f64(), m["detection"]["iou_threshold"].as_f64()), (Some(0.25), Some(0.7)));
-    for r in reference() {
+    let mut count = 0;
+    for r in reference_of(detections) {
         let name = r["image"].as_str().unwrap();
         let bytes = std::fs::read(root().join(name)).unwrap();
         let ctype = if name.ends_with(".png") { "image/png" } else { "image/jpeg" };
@@ -161,17 +168,56 @@ async fn detections_through_the_api_equal_ultralytics_predict() {
             })
             .collect();
         let want: Vec<_> = r["detections"].as_array().unwrap().iter().map(|d| (d["class"].as_u64().unwrap() as usize, xyxy(&d["xyxy"]), d["score"].as_f64().unwrap() as f32)).collect();
-        same_detections(name, &got, &want);
+        same_detections(&format!("{file} {name}"), &got, &want);
+        count += want.len();
     }
-    // An explain request with no options: the best detection, HiResCAM at the head's stride-8 input.
+    assert!(count >= 20, "{file}: only {count} detections compared");
     let bytes = std::fs::read(dir().join("photos/rocket.png")).unwrap();
     let body: Value = s.client.post(s.url("/v1/models/yolo/explain")).header("content-type", "image/png").body(bytes).send().await.unwrap().json().await.unwrap();
     check_response("/v1/models/{model}/explain", "post", 200, "application/json", &body);
     let e = body["explanations"].as_array().unwrap();
     assert_eq!(e.len(), 1, "{body}");
-    assert_eq!((e[0]["method"].as_str(), e[0]["layer"].as_str()), (Some("hirescam"), Some("/model.15/cv2/act/Mul_output_0")));
+    assert_eq!((e[0]["method"].as_str(), e[0]["layer"].as_str()), (Some("hirescam"), Some(layer)));
     assert_eq!(e[0]["target"]["detection"], 0);
     s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detections_through_the_api_equal_ultralytics_predict() {
+    detections_equal_predict("yolov8n_320.onnx", "detections.json", "ultralytics", "/model.15/cv2/act/Mul_output_0").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yolo11n_detections_equal_ultralytics_predict() {
+    detections_equal_predict("yolo11n_320.onnx", "detections_yolo11n.json", "ultralytics", "/model.16/cv2/act/Mul_output_0").await;
+}
+
+/// YOLO26n's end-to-end export (`nms=False`): [1, 300, 6] rows chosen by the graph's own TopK, only thresholded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yolo26n_end_to_end_detections_equal_ultralytics_predict() {
+    detections_equal_predict("yolo26n_320.onnx", "detections_yolo26n.json", "ultralytics_end2end", "/model.16/cv2/act/Mul_output_0").await;
+}
+
+/// The end-to-end decoding alone, on the [1, 300, 6] output Ultralytics' predictor got from ONNX Runtime.
+#[test]
+fn end_to_end_rows_of_ultralytics_output_are_its_detections() {
+    let mut z = npz("raw_output_yolo26n.npz");
+    let refs = reference_of("detections_yolo26n.json");
+    let mut checked = 0;
+    for r in &refs {
+        let i = r["index"].as_u64().unwrap();
+        let Ok(raw) = z.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(&format!("output_{i}.npy")) else { continue };
+        assert_eq!(&raw.shape()[1..], &[300, 6]);
+        let flat: Vec<f32> = raw.iter().copied().collect();
+        let found = detection::yolo_end2end(&flat, 80, 300, Thresholds::default());
+        let want: Vec<_> = r["detections"].as_array().unwrap().iter().map(|d| (d["class"].as_u64().unwrap() as usize, xyxy(&d["xyxy_input"]), d["score"].as_f64().unwrap() as f32)).collect();
+        let got: Vec<_> = found.iter().map(|f| (f.class, f.xyxy, f.score)).collect();
+        same_detections(r["image"].as_str().unwrap(), &got, &want);
+        let rows_want: Vec<u64> = r["detections"].as_array().unwrap().iter().map(|d| d["row"].as_u64().unwrap()).collect();
+        assert_eq!(found.iter().map(|f| f.anchor as u64).collect::<Vec<_>>(), rows_want, "{}: rows", r["image"]);
+        checked += 1;
+    }
+    assert!(checked >= 2, "only {checked} raw outputs");
 }
 
 fn raw_f32(e: &Value) -> (Vec<usize>, Vec<f32>) {
@@ -191,18 +237,22 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 /// class score at its own output row (gradcam.json): Grad-CAM and HiResCAM at the P3 head input and in the class
 /// branch, Eigen-CAM (up to its sign, which pytorch-grad-cam leaves to the SVD), and the saliency map (the input
 /// gradient, torch.autograd). Criterion, fixed before measuring: max |camserve - reference| / max |reference| <= 1e-4.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_box_maps_equal_pytorch_grad_cam_in_float64() {
+/// `file` is the served model, `spec` and `arrays` the references, `detections` predict's list, `tensor` the key in
+/// `spec` that names each map's layer in `file`.
+async fn per_box_maps_equal(file: &str, spec: &str, arrays: &str, detections: &str, tensor: &str) {
     use base64::Engine as _;
-    let spec: Value = serde_json::from_slice(&std::fs::read(dir().join("gradcam.json")).unwrap()).unwrap();
-    let mut z = npz("gradcam.npz");
-    let refs = reference();
-    let mut s = Server::start(yolo_config("yolov8n_320_dynbatch.onnx")).await;
+    let spec: Value = serde_json::from_slice(&std::fs::read(dir().join(spec)).unwrap()).unwrap();
+    let mut z = npz(arrays);
+    let refs = reference_of(detections);
+    let mut s = Server::start(yolo_config(file)).await;
     let mut rows = Vec::new();
     for d in spec["detections"].as_array().unwrap() {
         let image = d["image"].as_str().unwrap();
         let entry = refs.iter().find(|r| r["image"] == image).unwrap_or_else(|| panic!("{image} is not in detections.json"));
         let index = entry["detections"].as_array().unwrap().iter().position(|x| x["anchor"] == d["anchor"] && x["class"] == d["class"]).expect("the detection");
+        if let Some(row) = d.get("row") {
+            assert_eq!(&entry["detections"][index]["row"], row, "{image}: the detection's output row");
+        }
         let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(root().join(image)).unwrap());
         for m in d["maps"].as_array().unwrap() {
             let method = match m["method"].as_str().unwrap() {
@@ -211,7 +261,7 @@ async fn per_box_maps_equal_pytorch_grad_cam_in_float64() {
                 "EigenCAM" => "eigencam",
                 other => panic!("unknown method {other}"),
             };
-            let layer = m["onnx_tensor_dynbatch"].as_str().unwrap();
+            let layer = m[tensor].as_str().unwrap();
             let body = serde_json::json!({ "image": b64, "methods": [method], "target": index, "layer": layer, "outputs": ["raw"] });
             let res = s.client.post(s.url("/v1/models/yolo/explain")).json(&body).send().await.unwrap();
             let status = res.status().as_u16();
@@ -255,9 +305,25 @@ async fn per_box_maps_equal_pytorch_grad_cam_in_float64() {
             assert!(err <= 1e-4, "{key}: input gradient vs torch.autograd (float64) {err:.3e}");
         }
     }
-    println!("{}", rows.join("\n"));
+    println!("{file}:\n{}", rows.join("\n"));
     assert!(rows.len() >= 10, "only {} comparisons", rows.len());
     s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_box_maps_equal_pytorch_grad_cam_in_float64() {
+    per_box_maps_equal("yolov8n_320_dynbatch.onnx", "gradcam.json", "gradcam.npz", "detections.json", "onnx_tensor_dynbatch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yolo11n_per_box_maps_equal_pytorch_grad_cam_in_float64() {
+    per_box_maps_equal("yolo11n_320.onnx", "gradcam_yolo11n.json", "gradcam_yolo11n.npz", "detections_yolo11n.json", "onnx_tensor").await;
+}
+
+/// YOLO26n end-to-end: the row's score, which the graph's TopK gathered, differentiated back through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yolo26n_end_to_end_per_box_maps_equal_pytorch_grad_cam_in_float64() {
+    per_box_maps_equal("yolo26n_320.onnx", "gradcam_yolo26n.json", "gradcam_yolo26n.npz", "detections_yolo26n.json", "onnx_tensor").await;
 }
 
 /// The Open Inference Protocol on a detector: `num_detections`, `boxes`, `scores`, `classes` (padded to the most
@@ -375,6 +441,9 @@ fn inspect_prints_the_task() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("task: detection (format ultralytics: 80 classes named in the file, 2100 anchors"), "{text}");
     assert!(text.contains("default method hirescam at /model.15/cv2/act/Mul_output_0"), "{text}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_camserve")).arg("inspect").arg(dir().join("yolo26n_320.onnx")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("task: detection (format ultralytics_end2end: 80 classes named in the file, 300 rows selected in the graph, no NMS"), "{text}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_camserve")).arg("inspect").arg(root().join("models/demo.onnx")).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("task: classification (6 classes)"));
 }

@@ -10,7 +10,7 @@ use super::error::ApiError;
 use super::{upload, v1, AppState};
 use crate::backend::engine::{Device, ModelInfo, ModelKind};
 use crate::core::pipeline::{Endpoint, ModelHandle};
-use crate::core::task::{DetectionFormat, Task};
+use crate::core::task::Task;
 use crate::methods::metrics::Metric;
 use crate::methods::Method;
 
@@ -150,9 +150,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
             Task::Classification => None,
             Task::Detection(d) => Some(DetectionView {
                 format: d.format.as_str(),
-                classes: match d.format {
-                    DetectionFormat::UltralyticsRaw { classes, .. } => classes,
-                },
+                classes: d.format.classes(),
                 score_threshold: d.thresholds.score,
                 iou_threshold: d.thresholds.iou,
                 max_detections: d.thresholds.max_detections,
@@ -163,9 +161,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
         input_shape: info.input_shape,
         classes: match &handle.task {
             Task::Classification => info.num_classes,
-            Task::Detection(d) => match d.format {
-                DetectionFormat::UltralyticsRaw { classes, .. } => classes,
-            },
+            Task::Detection(d) => d.format.classes(),
         },
         labels: info.labels.is_some(),
         default_layer: info.default_layer.clone(),

@@ -32,12 +32,32 @@ pub enum DetectionFormat {
     /// Ultralytics YOLO's raw head (YOLOv5u, v8, v9, 11, 12): `[N, 4 + nc, A]`, boxes `cx, cy, w, h` in input
     /// pixels, then the class scores after their sigmoid.
     UltralyticsRaw { classes: usize, anchors: usize },
+    /// Ultralytics' end-to-end head (YOLOv10, YOLO26; metadata `end2end` True): `[N, Q, 6]`, rows
+    /// `x0, y0, x1, y1, score, class` in input pixels, already selected in the graph (TopK); the class count comes
+    /// from the labels (the file's `names`).
+    UltralyticsEndToEnd { classes: usize, rows: usize },
 }
 
 impl DetectionFormat {
     pub fn as_str(self) -> &'static str {
         match self {
             DetectionFormat::UltralyticsRaw { .. } => "ultralytics",
+            DetectionFormat::UltralyticsEndToEnd { .. } => "ultralytics_end2end",
+        }
+    }
+
+    /// How many classes the detector tells apart.
+    pub fn classes(self) -> usize {
+        match self {
+            DetectionFormat::UltralyticsRaw { classes, .. } | DetectionFormat::UltralyticsEndToEnd { classes, .. } => classes,
+        }
+    }
+
+    /// The output's rows per image: anchors of a raw head, selected rows of an end-to-end one.
+    pub fn rows(self) -> usize {
+        match self {
+            DetectionFormat::UltralyticsRaw { anchors, .. } => anchors,
+            DetectionFormat::UltralyticsEndToEnd { rows, .. } => rows,
         }
     }
 }
@@ -84,22 +104,44 @@ impl Task {
             }
             return Ok(Task::Classification);
         }
-        let format = match dims {
-            [rows, anchors] if *rows > 4 && *anchors >= 1 => DetectionFormat::UltralyticsRaw { classes: (*rows - 4) as usize, anchors: *anchors as usize },
-            _ => {
-                return Err(format!(
-                    "a detector's output must be Ultralytics' raw head [N, 4 + classes, anchors]; this model's first output is {:?} per image. \
-                     Set `task = \"classification\"` if it is a classifier",
-                    dims
-                ));
-            }
-        };
-        let DetectionFormat::UltralyticsRaw { classes, .. } = format;
         let labels = match (&cfg.labels, metadata.get("names")) {
             (Some(l), _) => Some(l.clone()),
             (None, Some(names)) => Some(parse_names(names).map_err(|e| format!("the file's `names` metadata: {e}"))?),
             (None, None) => None,
         };
+        // Ultralytics writes `end2end` (True or False) and the head's class; an RT-DETR export is [N, Q, 6] too, but
+        // with normalised centre boxes, so it must not be read as an end-to-end YOLO.
+        if let Some(head) = metadata.get("head")
+            && head.contains("RTDETR")
+        {
+            return Err(format!("Ultralytics RT-DETR exports (head `{head}`) are not decoded yet: only YOLO heads (raw [N, 4 + classes, anchors] or end-to-end [N, rows, 6])"));
+        }
+        let end2end = metadata.get("end2end").map(|v| v == "True");
+        let format = match dims {
+            // A raw head has at least 21 anchors (a 32 x 32 input), so [Q, 6] with Q != 6 is not one.
+            [rows, 6] if *rows >= 1 && end2end != Some(false) && (end2end == Some(true) || *rows != 6) => {
+                let classes = labels.as_ref().map(Vec::len).ok_or_else(|| {
+                    format!("an end-to-end detector's output [{rows}, 6] does not say how many classes there are: the file has no `names` metadata; give a labels file (`labels`)")
+                })?;
+                DetectionFormat::UltralyticsEndToEnd { classes, rows: *rows as usize }
+            }
+            [rows, anchors] if *rows > 4 && *anchors >= 1 && end2end != Some(true) => {
+                DetectionFormat::UltralyticsRaw { classes: (*rows - 4) as usize, anchors: *anchors as usize }
+            }
+            _ => {
+                return Err(format!(
+                    "a detector's output must be Ultralytics' raw head [N, 4 + classes, anchors] or its end-to-end head [N, rows, 6]{}; this model's first output is {:?} per image. \
+                     Set `task = \"classification\"` if it is a classifier",
+                    match end2end {
+                        Some(true) => " (the file's metadata says end2end True)",
+                        Some(false) => " (the file's metadata says end2end False)",
+                        None => "",
+                    },
+                    dims
+                ));
+            }
+        };
+        let classes = format.classes();
         if let Some(l) = &labels
             && l.len() != classes
         {
@@ -157,6 +199,7 @@ impl Detector {
     pub fn detect(&self, out: &[f32], thresholds: Thresholds) -> Vec<Found> {
         match self.format {
             DetectionFormat::UltralyticsRaw { classes, anchors } => detection::yolo_raw(out, classes, anchors, thresholds),
+            DetectionFormat::UltralyticsEndToEnd { classes, rows } => detection::yolo_end2end(out, classes, rows, thresholds),
         }
     }
 
@@ -165,6 +208,9 @@ impl Detector {
     pub fn score_index(&self, f: &Found) -> usize {
         match self.format {
             DetectionFormat::UltralyticsRaw { anchors, .. } => (4 + f.class) * anchors + f.anchor,
+            // The row's score, which the graph's TopK gathered from the class scores: the gradient flows back
+            // through it.
+            DetectionFormat::UltralyticsEndToEnd { .. } => f.anchor * 6 + 4,
         }
     }
 
@@ -247,5 +293,37 @@ mod tests {
         assert!(parse_names("{0: 'a', 2: 'c'}").is_err());
         assert!(parse_names("[0, 1]").is_err());
         assert_eq!(parse_names("{}").unwrap(), Vec::<String>::new());
+    }
+
+    fn meta(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn format_of(pairs: &[(&str, &str)], dims: &[i64]) -> Result<DetectionFormat, String> {
+        match Task::recognise_from(&meta(pairs), dims, dims.iter().product::<i64>() as usize, &TaskConfig::default())? {
+            Task::Detection(d) => Ok(d.format),
+            Task::Classification => Err("classification".into()),
+        }
+    }
+
+    #[test]
+    fn ultralytics_layouts_from_the_metadata_and_the_shape() {
+        let names = "{0: 'a', 1: 'b'}";
+        let raw = [("task", "detect"), ("names", names), ("end2end", "False")];
+        assert_eq!(format_of(&raw, &[6, 2100]), Ok(DetectionFormat::UltralyticsRaw { classes: 2, anchors: 2100 }));
+        let e2e = [("task", "detect"), ("names", names), ("end2end", "True"), ("head", "Detect")];
+        assert_eq!(format_of(&e2e, &[300, 6]), Ok(DetectionFormat::UltralyticsEndToEnd { classes: 2, rows: 300 }));
+        // Without `end2end`, the shape decides: [Q, 6] is end-to-end, [6, A] a raw head of two classes.
+        let bare = [("task", "detect"), ("names", names)];
+        assert_eq!(format_of(&bare, &[300, 6]), Ok(DetectionFormat::UltralyticsEndToEnd { classes: 2, rows: 300 }));
+        assert_eq!(format_of(&bare, &[6, 2100]), Ok(DetectionFormat::UltralyticsRaw { classes: 2, anchors: 2100 }));
+        // The metadata and the shape disagree: refused, saying what the file claims.
+        assert!(format_of(&e2e, &[6, 2100]).unwrap_err().contains("end2end True"));
+        assert!(format_of(&raw, &[300, 6]).is_err(), "a raw head of 296 classes and 6 anchors, named for 2");
+        // An end-to-end head without names does not say its classes.
+        assert!(format_of(&[("task", "detect")], &[300, 6]).unwrap_err().contains("labels file"));
+        // RT-DETR's [N, Q, 6] has normalised centre boxes: not an end-to-end YOLO.
+        let rtdetr = [("task", "detect"), ("names", names), ("head", "RTDETRDecoder")];
+        assert!(format_of(&rtdetr, &[300, 6]).unwrap_err().contains("RT-DETR"));
     }
 }
