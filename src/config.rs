@@ -247,7 +247,8 @@ impl Default for BatchingConfig {
 }
 
 impl Default for Config {
-    /// Serves the bundled models: `imagenet` (EfficientNet-Lite0, ImageNet-1k) and `demo` (six shapes).
+    /// Serves the bundled models: `imagenet` (EfficientNet-Lite0, ImageNet-1k), `demo` (six shapes) and `shapes`
+    /// (a detector of the same shapes; its task, labels and preprocessing come from the file).
     fn default() -> Self {
         Config {
             server: ServerConfig::default(),
@@ -267,6 +268,7 @@ impl Default for Config {
                     std: Some(IMAGENET_STD),
                     ..ModelConfig::new("demo", "models/demo.onnx")
                 },
+                ModelConfig::new("shapes", "models/shapes_detector.onnx"),
             ],
         }
     }

@@ -399,8 +399,8 @@ async fn unknown_detector_layouts_are_refused_at_load() {
     assert!(err.contains("6 labels for 80 classes"), "{err}");
 }
 
-/// Picking detections: by label (its best detection), by box (the best overlap), and the 422s that say how many
-/// detections there are.
+/// Picking detections: by label (its best detection), by box (the best overlap), `top_k` beyond the detections,
+/// and the 422s that say how many detections there are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detections_are_picked_by_index_label_and_box() {
     let mut s = Server::start(yolo_config("yolov8n_320_dynbatch.onnx")).await;
@@ -421,6 +421,11 @@ async fn detections_are_picked_by_index_label_and_box() {
     let query = format!("box={},{},{},{}", b["x"], b["y"], b["width"], b["height"]);
     let by_box: Value = post(&query).await.unwrap().json().await.unwrap();
     assert_eq!(by_box["explanations"][0]["target"]["detection"], 4, "{by_box}");
+    // `top_k` beyond the detections explains those there are (a score threshold of 0.45 leaves 3 of 23).
+    let few: Value = post("top_k=10&score_threshold=0.45").await.unwrap().json().await.unwrap();
+    let n = few["detections"].as_array().unwrap().len();
+    assert!((1..10).contains(&n), "{few}");
+    assert_eq!(few["explanations"].as_array().unwrap().len(), n, "{few}");
     for (query, needle) in [("target=999", "23 detections"), ("target=no-such-label", "no detection of `no-such-label`"), ("box=5000,5000,5,5", "no detection overlaps")] {
         let r = post(query).await.unwrap();
         assert_eq!(r.status(), 422, "{query}");

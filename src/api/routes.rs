@@ -118,6 +118,9 @@ pub struct ModelView {
     default_layer: String,
     layers: Vec<LayerView>,
     methods: Vec<Method>,
+    /// What a request without `methods` gets for this model's task (Grad-CAM and guided Grad-CAM for a
+    /// classifier, HiResCAM for a detector).
+    default_methods: Vec<Method>,
     /// Why each method the model does not offer is not available at the default layer.
     unavailable: std::collections::BTreeMap<&'static str, String>,
     /// Each offered method's cost in forward-equivalents for one target at the default layer and options
@@ -142,6 +145,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
     let defaults = crate::core::options::default_params(info, &info.default_layer, limits);
     ModelView {
         unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), handle.task.refuses(m).or_else(|| m.refusal(info, Some(&info.default_layer)).map(|r| r.reason().to_string()))?))).collect(),
+        default_methods: handle.task.default_methods(),
         costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, &defaults)?))).collect(),
         metric_costs: Metric::ALL.iter().map(|&m| (m.as_str(), m.cost(info))).collect(),
         name: info.name.clone(),

@@ -345,8 +345,10 @@ pub struct RequestOptions {
 /// A detection a request asks to explain.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DetectionPick {
-    /// By its index in the answer's `detections` (0 is the best).
+    /// By its index in the answer's `detections` (0 is the best): 422 when there is no such detection.
     Index(usize),
+    /// The `top_k` best: the i-th best, left out when the image has fewer detections.
+    Rank(usize),
     /// The best detection of a class label.
     Label(String),
     /// The detection whose box best overlaps `x, y, width, height` in upload pixels.
@@ -563,7 +565,7 @@ impl RawOptions {
             (None, None, Some(k)) if k < 1 || k as usize > limits.max_top_k => {
                 return Err(invalid(format!("top_k must be between 1 and {}, not {k}", limits.max_top_k)));
             }
-            (None, None, k) => (0..k.unwrap_or(1) as usize).map(DetectionPick::Index).collect(),
+            (None, None, k) => (0..k.unwrap_or(1) as usize).map(DetectionPick::Rank).collect(),
         };
         Ok((picks, score, iou))
     }

@@ -255,15 +255,15 @@ impl Request<'_> {
 }
 
 /// The detections a request's picks name, as indices into `detections` (best first): 422 for an index beyond
-/// them or a label with none.
+/// them or a label with none; `top_k` beyond the detections explains those there are.
 fn pick(picks: &[DetectionPick], detections: &[Detection]) -> Result<Vec<usize>, ServiceError> {
     let n = detections.len();
     picks
         .iter()
+        .filter(|p| !matches!(p, DetectionPick::Rank(i) if *i >= n))
         .map(|p| match p {
-            DetectionPick::Index(i) if *i < n => Ok(*i),
-            // `top_k` beyond the detections: explain those there are (the picks were 0..k).
-            DetectionPick::Index(i) => Err(ServiceError::Unprocessable(format!("detection {i} does not exist: the image has {n} detections (0..{})", n.saturating_sub(1)))),
+            DetectionPick::Index(i) | DetectionPick::Rank(i) if *i < n => Ok(*i),
+            DetectionPick::Index(i) | DetectionPick::Rank(i) => Err(ServiceError::Unprocessable(format!("detection {i} does not exist: the image has {n} detections (0..{})", n.saturating_sub(1)))),
             DetectionPick::Label(l) => detections
                 .iter()
                 .position(|d| d.label.as_deref() == Some(l.as_str()) || d.class_index.to_string() == *l)

@@ -2,11 +2,13 @@
 // JPEG) and then one of the demo model's own pictures, wait for the heatmaps, check they rendered (canvas
 // pixels not blank), click another class, check the explanations follow it, try the keyboard path, and save
 // screenshots (desktop and phone-sized) in the given folder. Run by scripts/browser-test.sh:
-//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO]
+// Then the bundled detector on one of its held-out scenes: boxes drawn on the picture, clicking a box explains that
+// box, the boxes and the map overlay toggle.
+//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO [SCENE]]
 import { chromium } from "playwright-core";
 import { strict as assert } from "node:assert";
 
-const [url, photo, outDir, realPhoto] = process.argv.slice(2);
+const [url, photo, outDir, realPhoto, scene] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -56,6 +58,7 @@ box.forEach((v, i) => assert.ok(Math.abs(v - want[i]) < 1e-9, `crop box ${box} v
 await page.selectOption("#model", "demo");
 const cards = await uploadAndCheck(photo);
 const first = await page.$eval(".card h3 small", (s) => s.textContent);
+assert.equal(await page.$eval("#dettoggles", (e) => getComputedStyle(e).display), "none", "a classifier's page has no box toggles");
 await page.screenshot({ path: `${outDir}/page.png`, fullPage: true });
 
 // Click the second class of the bar chart: every explanation now targets it.
@@ -102,6 +105,55 @@ await page.waitForFunction(() => document.getElementById("status").className ===
 const msg = await page.$eval("#status", (s) => s.textContent);
 assert.match(msg, /Unprocessable Entity: unknown layer `no\/such\/layer`/);
 
+// The detector: its default method (HiResCAM) is ticked, the scene's detections are boxes on the picture, and the
+// first explanation is of the best one (#0).
+let detected = "";
+if (scene) {
+  await page.selectOption("#model", "shapes");
+  const ticked = await page.$$eval("#methods input:checked", (cs) => cs.map((c) => c.value));
+  assert.deepEqual(ticked, ["hirescam"], "a detector's default method");
+  await page.evaluate(() => { document.getElementById("status").textContent = ""; });
+  await page.setInputFiles("#file", scene);
+  await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("Explained"), null, { timeout: 60000 });
+  const boxes = await page.$$eval("#detboxes button", (bs) => bs.map((b) => ({ index: Number(b.dataset.detection), label: b.textContent, pressed: b.getAttribute("aria-pressed"), w: b.getBoundingClientRect().width, h: b.getBoundingClientRect().height })).sort((a, b) => a.index - b.index));
+  assert.ok(boxes.length >= 2, `at least two boxes drawn (${JSON.stringify(boxes)})`);
+  assert.deepEqual(boxes.map((b) => b.pressed === "true"), boxes.map((b) => b.index === 0), "the best detection is the one explained");
+  assert.ok(boxes.every((b) => b.w > 4 && b.h > 4), `boxes have a size on screen: ${JSON.stringify(boxes)}`);
+  assert.match(await page.$eval(".card h3 small", (s) => s.textContent), / #0 · /, "the card explains detection 0");
+  await page.screenshot({ path: `${outDir}/page-detector.png`, fullPage: true });
+  // Click another box, one whose centre is not under another box (a mouse cannot reach a box hidden under a
+  // smaller one there; the list below the picture reaches every detection): the explanation follows it, and that
+  // box is now the pressed one.
+  const target = await page.$$eval("#detboxes button", (bs) => {
+    const free = bs.filter((b) => {
+      const r = b.getBoundingClientRect();
+      const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+      return b.dataset.detection !== "0" && (hit === b || b.contains(hit));
+    });
+    return free.length ? Number(free[0].dataset.detection) : -1;
+  });
+  assert.ok(target > 0, "another box can be clicked");
+  await page.click(`#detboxes button[data-detection="${target}"]`);
+  await page.waitForFunction((t) => [...document.querySelectorAll(".card h3 small")].every((s) => s.textContent.includes(` #${t} · `)), target, { timeout: 60000 });
+  assert.equal(await page.$eval(`#detboxes button[data-detection="${target}"]`, (b) => b.getAttribute("aria-pressed")), "true");
+  const map = await page.$eval("#detmap", (m) => m.src.length);
+  assert.ok(map > 1000, "the map overlay holds the explanation");
+  // The toggles: the map starts hidden and the boxes shown; boxes off, map on. What is checked is what is on screen.
+  const shown = (sel) => page.$eval(sel, (e) => e.getBoundingClientRect().width > 0 && getComputedStyle(e).display !== "none");
+  assert.deepEqual([await shown("#detmap"), await shown("#detboxes"), await shown("#detimg")], [false, true, true], "picture and boxes, no map");
+  await page.uncheck("#showboxes");
+  assert.equal(await shown("#detboxes"), false, "boxes hidden");
+  await page.check("#showmap");
+  assert.equal(await shown("#detmap"), true, "map overlay shown");
+  await page.check("#showboxes");
+  assert.equal(await shown("#detboxes"), true, "boxes back");
+  await page.selectOption("#model", "demo");
+  assert.deepEqual([await shown("#dets"), await shown("#dettoggles")], [false, false], "a classifier has no boxes nor their toggles");
+  await page.selectOption("#model", "shapes");
+  await page.screenshot({ path: `${outDir}/page-detector-second.png`, fullPage: true });
+  detected = `; detector: ${boxes.length} boxes, clicked ${boxes.find((b) => b.index === target).label}`;
+}
+
 assert.deepEqual(errors, [], "no JavaScript errors");
 await browser.close();
-console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}; screenshots in ${outDir}`);
+console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}${detected}; screenshots in ${outDir}`);
