@@ -69,7 +69,7 @@ enum Command {
     /// Explain one image offline: writes the HTTP API's JSON and the PNG files.
     Explain {
         /// An ONNX file (ImageNet mean/std, stretched to the input size), or a bundled model's name (`imagenet`,
-        /// `demo`) with its own labels, normalisation and resize policy.
+        /// `demo`, the detector `shapes`) with its own labels, normalisation and resize policy.
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
