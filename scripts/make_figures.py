@@ -8,6 +8,8 @@ docs/images/methods-grid.png: six methods on three held-out pictures (the demo m
 docs/images/methods-photos.png: the same six methods on bundled real photos with the bundled ImageNet model
 (EfficientNet-Lite0, `--model imagenet`).
 docs/images/side-by-side.png: a cat and a coffee side by side, Grad-CAM and guided backprop for each class.
+docs/images/detector.png: the bundled detector (`shapes`) on a held-out scene: its boxes, then each box's HiResCAM
+(the detector default) and Grad-CAM at the default layer.
 
 With a classifier of your own, the grid on any photos:
     python3 scripts/make_figures.py --model resnet50.onnx --labels imagenet.txt \
@@ -133,6 +135,34 @@ def side_by_side(path=ROOT / "docs/images/side-by-side.png"):
     grid([t.resize((size, size), Image.BILINEAR) for t in tiles], labels, size, path)
 
 
+def detector_figure(scene="009.jpg", path=ROOT / "docs/images/detector.png"):
+    """Per-box explanations: the three best detections of a held-out scene, each with its box drawn, HiResCAM
+    (which keeps the gradient's position) and Grad-CAM (which averages it over the map) at the default layer."""
+    image = ROOT / "tests/data/scenes" / scene
+    r = explain("shapes", image, ["hirescam", "gradcam"], ["--top-k", "3", "--size", "original"])
+    dets = r["detections"]
+    size = 256
+    boxed = Image.open(image).convert("RGB")
+    d = ImageDraw.Draw(boxed)
+    for det in dets:
+        b = det["box"]
+        d.rectangle([b["x"], b["y"], b["x"] + b["width"], b["y"] + b["height"]], outline=(255, 212, 0), width=2)
+        d.text((b["x"] + 3, b["y"] + 2), f"#{det['index']} {det['label']}", fill=(255, 212, 0))
+    tiles, labels = [boxed], [f"input: {len(dets)} detections"]
+    for method, name in [("hirescam", "HiResCAM"), ("gradcam", "Grad-CAM")]:
+        for e in [e for e in r["explanations"] if e["method"] == method]:
+            det = dets[e["target"]["detection"]]
+            t = png(e["overlay_png"])
+            b = det["box"]
+            dd = ImageDraw.Draw(t)
+            dd.rectangle([b["x"], b["y"], b["x"] + b["width"], b["y"] + b["height"]], outline=(255, 212, 0), width=2)
+            p = e["peak"]
+            dd.ellipse([p["x"] - 5, p["y"] - 5, p["x"] + 5, p["y"] + 5], outline=(255, 255, 255), width=2)
+            tiles.append(t)
+            labels.append(f"{name}: #{det['index']} {det['label']} {det['score']:.2f}")
+    grid(tiles, labels, size, path)
+
+
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser()
@@ -152,3 +182,4 @@ if __name__ == "__main__":
         # At the upload's size: the maps cover the centre crop the model saw; the margins it did not see stay cold.
         methods_grid("imagenet", None, photos, ROOT / "docs/images/methods-photos.png", ["--size", "original"])
         side_by_side()
+        detector_figure()
