@@ -78,7 +78,8 @@ pub fn yolo_end2end(out: &[f32], nc: usize, rows: usize, t: Thresholds) -> Vec<F
         .filter_map(|r| {
             let row = out.get(r * 6..r * 6 + 6)?;
             let (score, class) = (row[4], row[5]);
-            if !(score > t.score) || !class.is_finite() || class < 0.0 || class.round() as usize >= nc {
+            let keep = score > t.score && class.is_finite() && class >= 0.0 && (class.round() as usize) < nc;
+            if !keep {
                 return None;
             }
             Some(Found { xyxy: [row[0], row[1], row[2], row[3]], class: class.round() as usize, score, anchor: r })

@@ -62,11 +62,13 @@ async fn service_routes() {
     assert_eq!(m["classes"], 6);
     assert_eq!(m["labels"], true);
     assert_eq!(m["device"], "cpu");
-    // Every method but the two attention rollouts: the demo CNN ends in global average pooling and a linear layer.
+    // Every method but the two attention rollouts and D-RISE (a detector's): the demo CNN ends in global average
+    // pooling and a linear layer.
     assert_eq!(m["methods"].as_array().unwrap().len(), 16);
-    // The two it does not offer, each with the reason the page shows.
+    // The three it does not offer, each with the reason the page shows.
     let why = m["unavailable"].as_object().unwrap();
-    assert_eq!(why.keys().collect::<Vec<_>>(), ["attention_rollout", "gradient_rollout"]);
+    assert_eq!(why.keys().collect::<Vec<_>>(), ["attention_rollout", "drise", "gradient_rollout"]);
+    assert!(why["drise"].as_str().unwrap().contains("detection"), "{why:?}");
     assert!(why["attention_rollout"].as_str().unwrap().contains("has no attention blocks"), "{why:?}");
     assert!(m["layers"].as_array().unwrap().iter().any(|l| l["name"] == m["default_layer"]));
     let (st, one) = json_of(s.client.get(s.url("/v1/models/demo")).send().await.unwrap(), "/v1/models/{model}", "get").await;
@@ -608,8 +610,9 @@ async fn vision_transformer_without_reshape_transform() {
     let all: Vec<&str> = m["methods"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(all.contains(&"attention_rollout") && all.contains(&"gradient_rollout"), "{all:?}");
     assert_eq!(camserve::config::Config::default().server.max_methods, camserve::methods::Method::ALL.len(), "the default limit is every method once");
-    // Not plain CAM nor Ablation-CAM: a token layer has no pooling + linear head of its own.
-    assert_eq!(all.len(), camserve::methods::Method::ALL.len() - 2, "{all:?}");
+    // Not plain CAM nor Ablation-CAM: a token layer has no pooling + linear head of its own; not D-RISE, a
+    // detector's.
+    assert_eq!(all.len(), camserve::methods::Method::ALL.len() - 3, "{all:?}");
     let url = s.url(&format!("/v1/models/vit/explain?methods={}&outputs=raw", all.join(",")));
     let r = s.client.post(url).header("content-type", "image/jpeg").body(img).send().await.unwrap();
     let (st, b) = json_of(r, EXPLAIN, "post").await;
@@ -657,7 +660,7 @@ fn openapi_method_enum_is_the_registry() {
         kinds,
         [
             "cam", "cam", "cam", "cam", "cam", "cam", "gradient", "gradient", "gradient", "gradient", "attention", "attention", "cam", "cam",
-            "cam", "cam", "gradient", "gradient"
+            "cam", "cam", "gradient", "gradient", "cam"
         ]
     );
     for m in Method::ALL {
@@ -684,7 +687,7 @@ fn openapi_and_methods_md_follow_the_declared_parameters() {
     let query = doc["paths"]["/v1/models/{model}/explain"]["post"]["parameters"].as_array().expect("explain's parameters");
     let methods_md = std::fs::read_to_string(root().join("docs/METHODS.md")).unwrap();
     let declared = params::all();
-    assert_eq!(declared.iter().map(|p| p.name).collect::<Vec<_>>(), ["channels", "steps", "samples", "noise", "seed"]);
+    assert_eq!(declared.iter().map(|p| p.name).collect::<Vec<_>>(), ["channels", "steps", "samples", "noise", "seed", "masks", "mask_grid"]);
     for p in declared {
         let q = query.iter().find(|q| q["name"] == p.name).unwrap_or_else(|| panic!("openapi.yaml has no query parameter `{}`", p.name));
         let schema = &q["schema"];

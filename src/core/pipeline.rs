@@ -15,7 +15,7 @@ use ndarray::Array3;
 use super::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, TaskResult, Timings};
 use super::explanations::{prepare_all, render_all, ComputedMap};
 use super::options::{DetectionPick, RequestOptions, OptionLimits, RawOptions};
-use super::task::{Detector, Task};
+use super::task::{Detector, DetectorProposals, Task};
 use crate::backend::batcher::{Images, Queue, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
 use crate::detection::Thresholds;
@@ -202,7 +202,7 @@ impl Request<'_> {
                         Ok(ExplainedTarget::Class { index: class, label: info.label(class).map(str::to_string), score: probabilities[row][class] })
                     })
                     .collect::<Result<_, ServiceError>>()?;
-                let work = Explaining { info, options, output, probabilities, targets, passes, input: kept_input };
+                let work = Explaining { info, options, output, probabilities, targets, passes, input: kept_input, proposals: None };
                 Some(work.run(decoded.orig, decoded.model_rgb, decoded.region, timings).await?)
             }
         };
@@ -217,11 +217,8 @@ impl Request<'_> {
         (timings.queue, timings.inference) = (ms(out.queue), ms(out.inference));
         let d = detector.thresholds;
         let thresholds = Thresholds { score: options.score_threshold.unwrap_or(d.score), iou: options.iou_threshold.unwrap_or(d.iou), ..d };
-        let row = out.output.logits.row(0);
-        let found = match row.as_slice() {
-            Some(values) => detector.detect(values, thresholds),
-            None => detector.detect(&row.to_vec(), thresholds),
-        };
+        let values: Vec<f32> = out.output.logits.row(0).iter().copied().collect();
+        let found = detector.detect(&values, thresholds);
         let (w, h) = (decoded.size.width, decoded.size.height);
         let [_, ih, iw] = info.input_shape;
         let detections = if info.pixels.resize == ResizePolicy::Letterbox {
@@ -248,7 +245,13 @@ impl Request<'_> {
         let out = passes.wait(passes.submit(&explain_plan(info, &options), Images::One(decoded.input), seeds, "explain")?).await?;
         timings.queue += ms(out.queue);
         timings.inference += ms(out.inference);
-        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input };
+        // D-RISE compares each masked image's detections with the picked ones.
+        let proposals = options.methods.iter().any(|m| m.as_str() == "drise").then(|| DetectorProposals {
+            detector,
+            thresholds,
+            targets: picked.iter().map(|&i| detector.proposal(&values, &found[i])).collect(),
+        });
+        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals };
         let explanations = work.run(decoded.orig, decoded.model_rgb, decoded.region, timings).await?;
         Ok(((TaskResult::Detection(detections), decoded.size), Some(explanations)))
     }
@@ -345,11 +348,13 @@ struct Explaining<'a> {
     passes: &'a Passes<'a>,
     /// The preprocessed image, kept when a multi-pass method or a metric needs it.
     input: Option<Array3<f32>>,
+    /// A detector's detections, when D-RISE runs.
+    proposals: Option<DetectorProposals<'a>>,
 }
 
 impl Explaining<'_> {
     async fn run(self, orig: RgbImage, model_rgb: RgbImage, region: preprocess::Region, timings: &mut Timings) -> Result<Vec<Explanation>, ServiceError> {
-        let Explaining { info, options, output, probabilities, targets, passes, input } = self;
+        let Explaining { info, options, output, probabilities, targets, passes, input, proposals } = self;
         // Every (row, method) map, through the one computation path.
         let t0 = Instant::now();
         let request = methods::Request {
@@ -358,6 +363,7 @@ impl Explaining<'_> {
             params: &options.params,
             out: &output,
             passes: input.as_ref().map(|i| (passes, i)),
+            proposals: proposals.as_ref().map(|p| p as &dyn methods::drise::Proposals),
         };
         let mut computed = Vec::with_capacity(output.len() * options.methods.len());
         for row in 0..output.len() {

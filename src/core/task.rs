@@ -169,6 +169,9 @@ impl Task {
     /// Why the task does not offer `method`, if it does not.
     pub fn refuses(&self, method: Method) -> Option<String> {
         match self {
+            Task::Classification if method.as_str() == "drise" => {
+                Some("method `drise` (D-RISE) explains a detection of an object detector; a classifier has none".to_string())
+            }
             Task::Classification => None,
             // These compare classes or reuse a classifier's head: no meaning for one detection's score.
             Task::Detection(_) if ["cam", "ablationcam", "finercam"].contains(&method.as_str()) => {
@@ -212,6 +215,16 @@ impl Detector {
             // through it.
             DetectionFormat::UltralyticsEndToEnd { .. } => f.anchor * 6 + 4,
         }
+    }
+
+    /// A detection as D-RISE compares them: its box in input pixels and its class vector (a raw head's class scores
+    /// at its anchor; an end-to-end row has only its class's score, so its vector is that score at its class).
+    pub fn proposal(&self, out: &[f32], f: &Found) -> crate::methods::drise::Proposal {
+        let classes = match self.format {
+            DetectionFormat::UltralyticsRaw { classes, anchors } => (0..classes).map(|c| out[(4 + c) * anchors + f.anchor]).collect(),
+            DetectionFormat::UltralyticsEndToEnd { classes, .. } => (0..classes).map(|c| if c == f.class { f.score } else { 0.0 }).collect(),
+        };
+        crate::methods::drise::Proposal { xyxy: f.xyxy, classes }
     }
 
     /// The answer's detections, boxes in upload pixels through `to_upload`.
@@ -280,6 +293,24 @@ pub fn parse_names(text: &str) -> Result<Vec<String>, String> {
         return Err("the class indices are not 0, 1, 2, ...".into());
     }
     Ok(out.into_iter().map(|(_, n)| n).collect())
+}
+
+/// A detector's detections for D-RISE: those of each masked output, with the request's thresholds, and the
+/// detection each explain row explains.
+pub struct DetectorProposals<'a> {
+    pub detector: &'a Detector,
+    pub thresholds: Thresholds,
+    pub targets: Vec<crate::methods::drise::Proposal>,
+}
+
+impl crate::methods::drise::Proposals for DetectorProposals<'_> {
+    fn proposals(&self, out: &[f32]) -> Vec<crate::methods::drise::Proposal> {
+        self.detector.detect(out, self.thresholds).iter().map(|f| self.detector.proposal(out, f)).collect()
+    }
+
+    fn target(&self, row: usize) -> Option<&crate::methods::drise::Proposal> {
+        self.targets.get(row)
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod params;
 mod passes;
 pub mod rollouts;
+pub mod drise;
 pub mod scorecam;
 pub mod smoothgrad;
 
@@ -197,6 +198,8 @@ pub struct PassesCtx<'a> {
     pub input: &'a Array3<f32>,
     /// The method's name, the label its rows are counted under.
     pub label: &'static str,
+    /// A detector's detections (D-RISE's).
+    pub proposals: Option<&'a dyn drise::Proposals>,
 }
 
 /// A method's raw map for one target row: `[h, w]` on a grid, `[C, H, W]` for the gradient methods.
@@ -249,7 +252,7 @@ pub struct Method(&'static MethodDef);
 
 impl Method {
     /// Every method of the API, in the order `GET /v1/models`, the CLI, openapi.yaml and the docs list them.
-    pub const ALL: [Method; 18] = [
+    pub const ALL: [Method; 19] = [
         Method(&cams::GRADCAM),
         Method(&cams::GRADCAM_PLUS_PLUS),
         Method(&cams::XGRADCAM),
@@ -268,6 +271,7 @@ impl Method {
         Method(&finercam::DEF),
         Method(&integrated_gradients::DEF),
         Method(&smoothgrad::DEF),
+        Method(&drise::DEF),
     ];
 
     /// What a request gets without `methods`.
@@ -429,6 +433,8 @@ pub struct Request<'a> {
     pub out: &'a BatchOutput,
     /// The multi-pass methods' handle and the preprocessed image `[C, H, W]` (`None` when no method needs them).
     pub passes: Option<(&'a Passes<'a>, &'a Array3<f32>)>,
+    /// A detector's detections, for D-RISE (`None` for a classifier).
+    pub proposals: Option<&'a dyn drise::Proposals>,
 }
 
 /// The one computation path: `method`'s raw map (and what it returns besides) for target row `row` of the
@@ -455,6 +461,7 @@ pub async fn compute(method: Method, req: &Request<'_>, row: usize) -> Result<Co
                 acts,
                 input,
                 label: method.as_str(),
+                proposals: req.proposals,
             };
             start(&cx).await
         }

@@ -50,26 +50,41 @@ impl Passes<'_> {
     /// Runs `n` rows through `plan`, `row(i)` making row i's array and target when its chunk is submitted (so a
     /// 2048-row Score-CAM never holds more than two chunks of masked images). Chunks of `max_batch` rows, two in
     /// flight, so the worker never waits for the next chunk to be built. Returns the chunks' outputs in order.
-    pub async fn run<F>(&self, plan: &PlanKey, n: usize, label: &str, mut row: F) -> Result<Vec<BatchOutput>, ServiceError>
+    pub async fn run<F>(&self, plan: &PlanKey, n: usize, label: &str, row: F) -> Result<Vec<BatchOutput>, ServiceError>
     where
         F: FnMut(usize) -> (Array3<f32>, Target),
     {
+        let mut outs = Vec::with_capacity(n.div_ceil(self.max_batch.max(1)));
+        self.run_each(plan, n, label, row, |_, out| {
+            outs.push(out);
+            Ok(())
+        })
+        .await?;
+        Ok(outs)
+    }
+
+    /// [`Passes::run`], handing each chunk's output to `each(first row, output)` as it arrives instead of keeping
+    /// them (D-RISE's thousand masked detector outputs would not fit).
+    pub async fn run_each<F, G>(&self, plan: &PlanKey, n: usize, label: &str, mut row: F, mut each: G) -> Result<(), ServiceError>
+    where
+        F: FnMut(usize) -> (Array3<f32>, Target),
+        G: FnMut(usize, BatchOutput) -> Result<(), ServiceError>,
+    {
         let chunk = self.max_batch.max(1);
-        let mut inflight: VecDeque<Reply> = VecDeque::new();
-        let mut outs = Vec::with_capacity(n.div_ceil(chunk));
+        let mut inflight: VecDeque<(usize, Reply)> = VecDeque::new();
         let mut start = 0;
         while start < n || !inflight.is_empty() {
             if start < n && inflight.len() < 2 {
                 let end = (start + chunk).min(n);
                 let (images, targets): (Vec<_>, Vec<_>) = (start..end).map(&mut row).unzip();
-                inflight.push_back(self.submit(plan, Images::PerRow(images), targets, label)?);
+                inflight.push_back((start, self.submit(plan, Images::PerRow(images), targets, label)?));
                 start = end;
                 continue;
             }
-            let rx = inflight.pop_front().expect("checked non-empty above. This is a bug.");
-            outs.push(self.wait(rx).await?.output);
+            let (first, rx) = inflight.pop_front().expect("checked non-empty above. This is a bug.");
+            each(first, self.wait(rx).await?.output)?;
         }
-        Ok(outs)
+        Ok(())
     }
 
     /// The logits of `n` images (`row(i)`), `[n, K]`.
