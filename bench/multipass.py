@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pytorch_gradcam import seeded_resnet50
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -109,6 +108,8 @@ def main():
     ap.add_argument("--max-batch", type=int, default=8, help="camserve's batching.max_batch (its default: 8)")
     ap.add_argument("--only", choices=["camserve", "references"], help="time one side only")
     a = ap.parse_args()
+    from pytorch_gradcam import seeded_resnet50  # here, so bench/drise.py can import the helpers without grad-cam
+
     model = seeded_resnet50(a.threads)
     layer = model.layer4[-1]
     pil = Image.open(ROOT / "assets/photos/chelsea.jpg").convert("RGB").resize((224, 224), Image.BILINEAR)
