@@ -111,7 +111,7 @@ pub struct Explanation {
     pub bbox: Option<BBox>,
     /// The faithfulness metrics asked for, in request order; curves only with `outputs=curves`.
     pub scores: Vec<Score>,
-    /// What the method returned besides its map (SmoothGrad's seed, Score-CAM's channels).
+    /// What the method returned besides its map (SmoothGrad's and D-RISE's seed, Score-CAM's channels).
     pub returned: Returned,
 }
 

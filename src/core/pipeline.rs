@@ -213,11 +213,17 @@ impl Request<'_> {
     /// seed row per picked detection (its class score at its own output row).
     async fn detect(self, detector: &Detector, decoded: Decoded, timings: &mut Timings) -> Result<Answered, ServiceError> {
         let Request { info, endpoint, options, passes } = self;
-        let out = passes.wait(passes.submit(&PlanKey::Predict, Images::One(decoded.input.clone()), vec![Target::Rank(0)], "detect")?).await?;
-        (timings.queue, timings.inference) = (ms(out.queue), ms(out.inference));
+        let first = passes.wait(passes.submit(&PlanKey::Predict, Images::One(decoded.input.clone()), vec![Target::Rank(0)], "detect")?).await?;
+        (timings.queue, timings.inference) = (ms(first.queue), ms(first.inference));
         let d = detector.thresholds;
         let thresholds = Thresholds { score: options.score_threshold.unwrap_or(d.score), iou: options.iou_threshold.unwrap_or(d.iou), ..d };
-        let values: Vec<f32> = out.output.logits.row(0).iter().copied().collect();
+        // The output row in place (a copy only if it is not contiguous); D-RISE reads the picked detections' class
+        // vectors from it.
+        let row = first.output.logits.row(0);
+        let values: std::borrow::Cow<[f32]> = match row.as_slice() {
+            Some(v) => std::borrow::Cow::Borrowed(v),
+            None => std::borrow::Cow::Owned(row.to_vec()),
+        };
         let found = detector.detect(&values, thresholds);
         let (w, h) = (decoded.size.width, decoded.size.height);
         let [_, ih, iw] = info.input_shape;

@@ -74,8 +74,8 @@ pub async fn run(
 pub const SAMPLES: Param = Param { name: "samples", kind: ParamKind::Count { default: 25, max: 1000 }, help: "SmoothGrad's noisy copies" };
 /// Its noise level: sigma = noise * (max - min) of the model-space input.
 pub const NOISE: Param = Param { name: "noise", kind: ParamKind::Number { default: 0.15, min: 0.0, max: 10.0 }, help: "SmoothGrad's noise level" };
-/// Its noise seed (random when not given; the explanation returns the one used).
-pub const SEED: Param = Param { name: "seed", kind: ParamKind::Seed, help: "SmoothGrad's seed (default: random; the answer gives the one used)" };
+/// Its noise seed (random when not given; the explanation returns the one used). D-RISE's masks share it.
+pub const SEED: Param = Param { name: "seed", kind: ParamKind::Seed, help: "the seed of SmoothGrad's noise and D-RISE's masks (default: random; the answer gives the one used)" };
 
 /// The registry's entry: `samples` gradient passes through the plain chain (a forward and a backward each).
 pub const DEF: MethodDef = MethodDef {
