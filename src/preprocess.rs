@@ -41,7 +41,8 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
         return Err(ImageError::Empty);
     }
     let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Undecodable(e.to_string()))?;
-    match reader.format() {
+    let reader_format = reader.format();
+    match reader_format {
         Some(ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
             return Err(ImageError::Undecodable("the JPEG data is truncated (no end-of-image marker after the last scan)".into()));
         }
@@ -71,9 +72,43 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
         return Err(ImageError::Undecodable("zero width or height".into()));
     }
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| too_large_or(e, limits))?;
+    let libjpeg = if reader_format == Some(ImageFormat::Jpeg) { decode_jpeg_as_libjpeg_turbo(bytes)? } else { None };
+    let mut img = match libjpeg {
+        Some(rgb) => DynamicImage::ImageRgb8(rgb),
+        None => DynamicImage::from_decoder(decoder).map_err(|e| too_large_or(e, limits))?,
+    };
     img.apply_orientation(orientation);
     Ok(img.to_rgb8())
+}
+
+/// A baseline or progressive JPEG in YCbCr or greyscale, decoded by libjpeg-turbo's decoder (the MozJPEG fork,
+/// built from source by the `mozjpeg` crate: its accurate integer IDCT and "fancy" triangle-filter chroma
+/// upsampling), so that the pixels are the ones OpenCV's `imread` and PIL's `Image.open` produce: the exporters'
+/// own predictors (Ultralytics, transformers, torchvision) read photos with those. The `image` crate's decoder
+/// differs from them by up to 3/255 per channel, enough to move a detector's score across its threshold
+/// (tests/detection.rs). `None` for other colour spaces (CMYK, YCCK), which the `image` crate decodes. libjpeg reports
+/// errors by unwinding (the crate's error manager), caught here.
+fn decode_jpeg_as_libjpeg_turbo(bytes: &[u8]) -> Result<Option<RgbImage>, ImageError> {
+    let run = || -> std::io::Result<Option<RgbImage>> {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        if !matches!(d.color_space(), mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB) {
+            return Ok(None);
+        }
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let data = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok(RgbImage::from_raw(w, h, data))
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(Some(img))) => Ok(Some(img)),
+        Ok(Ok(None)) => Ok(None),
+        Ok(Err(e)) => Err(ImageError::Undecodable(format!("JPEG: {e}"))),
+        Err(panic) => {
+            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(ImageError::Undecodable(format!("JPEG: {}", msg.unwrap_or_else(|| "libjpeg stopped".into()))))
+        }
+    }
 }
 
 /// The JPEG decoder fills missing data with grey instead of failing, so a truncated upload would be explained

@@ -97,6 +97,29 @@ fn letterboxed_inputs_equal_ultralytics_preprocessing() {
     }
 }
 
+/// JPEG is decoded as libjpeg-turbo decodes it (OpenCV's `imread`, PIL's `Image.open`): each JPEG photo's pixels
+/// equal, bit for bit, the PNG copy of what OpenCV decoded from it (photos/, written by `cv2.imwrite`).
+#[test]
+fn jpeg_photos_decode_as_opencv_decodes_them() {
+    let limits = camserve::preprocess::DecodeLimits { max_pixels: 1 << 26, max_dimension: 1 << 14 };
+    let pairs = [
+        ("assets/photos/astronaut.jpg", "astronaut.png"),
+        ("assets/photos/chelsea.jpg", "chelsea.png"),
+        ("assets/photos/coffee.jpg", "coffee.png"),
+        ("assets/photos/rocket.jpg", "rocket.png"),
+        ("tests/data/shapes/001.jpg", "001.png"),
+        ("tests/data/shapes/002.jpg", "002.png"),
+    ];
+    for (jpg, png) in pairs {
+        let got = camserve::preprocess::decode(&std::fs::read(root().join(jpg)).unwrap(), limits).unwrap();
+        let want = camserve::preprocess::decode(&std::fs::read(dir().join("photos").join(png)).unwrap(), limits).unwrap();
+        assert_eq!(got.dimensions(), want.dimensions(), "{jpg}");
+        let differ = got.as_raw().iter().zip(want.as_raw()).filter(|(a, b)| a != b).count();
+        let max = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+        assert_eq!(differ, 0, "{jpg}: {differ} of {} bytes differ from OpenCV's decoding (max {max})", want.as_raw().len());
+    }
+}
+
 fn same_detections(what: &str, got: &[(usize, [f32; 4], f32)], want: &[(usize, [f32; 4], f32)]) {
     assert_eq!(got.len(), want.len(), "{what}: {} detections, Ultralytics {}", got.len(), want.len());
     for (k, (g, w)) in got.iter().zip(want).enumerate() {
@@ -190,6 +213,13 @@ async fn detections_through_the_api_equal_ultralytics_predict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn yolo11n_detections_equal_ultralytics_predict() {
     detections_equal_predict("yolo11n_320.onnx", "detections_yolo11n.json", "ultralytics", "/model.16/cv2/act/Mul_output_0").await;
+}
+
+/// The original JPEG files (not their PNG copies) through the API: the detections Ultralytics' predict found on
+/// them (`detections_jpeg.json`), which needs JPEG decoded as OpenCV decodes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jpeg_photos_detections_equal_ultralytics_predict() {
+    detections_equal_predict("yolov8n_320.onnx", "detections_jpeg.json", "ultralytics", "/model.15/cv2/act/Mul_output_0").await;
 }
 
 /// YOLO26n's end-to-end export (`nms=False`): [1, 300, 6] rows chosen by the graph's own TopK, only thresholded.
