@@ -349,6 +349,37 @@ mod tests {
         assert!((x[[1, 2, 0]] - 2.0 / 255.0).abs() < 1e-6);
     }
 
+    /// libjpeg reports a broken stream by unwinding: every corruption of a JPEG's header and first scan bytes is
+    /// answered with `Ok` or `Undecodable`, never a panic; a greyscale JPEG decodes to RGB.
+    #[test]
+    fn corrupt_jpeg_streams_are_errors_not_panics() {
+        let img = RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 77]));
+        let mut jpeg = Cursor::new(Vec::new());
+        img.write_to(&mut jpeg, ImageFormat::Jpeg).unwrap();
+        let jpeg = jpeg.into_inner();
+        let decoded = decode(&jpeg, LIMITS).unwrap();
+        assert_eq!(decoded.dimensions(), (24, 16));
+        let (mut errors, mut decoded_ok) = (0, 0);
+        for i in 2..jpeg.len().min(700) {
+            for v in [0x00, 0xFF, jpeg[i] ^ 0x5A] {
+                let mut bad = jpeg.clone();
+                bad[i] = v;
+                match std::panic::catch_unwind(|| decode(&bad, LIMITS)) {
+                    Ok(Ok(_)) => decoded_ok += 1,
+                    Ok(Err(ImageError::Undecodable(_) | ImageError::UnknownFormat | ImageError::TooLarge { .. } | ImageError::OverDecoderLimit(_))) => errors += 1,
+                    Ok(Err(e)) => panic!("byte {i} = {v:#x}: unexpected {e}"),
+                    Err(_) => panic!("byte {i} = {v:#x}: the decoder panicked"),
+                }
+            }
+        }
+        assert!(errors > 50 && decoded_ok > 50, "{errors} errors, {decoded_ok} decoded: the corruptions reached both outcomes");
+        let grey = image::GrayImage::from_fn(8, 8, |x, _| image::Luma([x as u8 * 30]));
+        let mut g = Cursor::new(Vec::new());
+        grey.write_to(&mut g, ImageFormat::Jpeg).unwrap();
+        let rgb = decode(&g.into_inner(), LIMITS).unwrap();
+        assert!(rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2]), "grey to RGB");
+    }
+
     #[test]
     fn refuses_garbage_empty_and_truncated() {
         assert!(matches!(decode(b"", LIMITS), Err(ImageError::Empty)));
