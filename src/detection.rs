@@ -69,6 +69,44 @@ pub fn yolo_raw(out: &[f32], nc: usize, anchors: usize, t: Thresholds) -> Vec<Fo
     keep.into_iter().take(t.max_detections).map(|i| cands[i].clone()).collect()
 }
 
+/// The softmax of a DETR query's class logits (`K` values, the last "no object"), in float64 and rounded once, as
+/// the probabilities transformers' post-processing computes from the same logits (to about 1e-7).
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = logits.iter().map(|&v| (v as f64 - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|v| (v / sum) as f32).collect()
+}
+
+/// The detections of a DETR-family head `out` (`[Q, K + 4]`, row-major: each query's `K` class logits, the last
+/// "no object", then its box `cx, cy, w, h` normalised to the input), as transformers'
+/// `post_process_object_detection` finds them: the softmax over the `K` logits, the best real class (first index
+/// on ties, as torch's max), kept when its probability is above the threshold (strictly), the box corners scaled
+/// to the input's `width x height` pixels and not clipped. Best first (equal scores keep query order), at most
+/// `max_detections`; no NMS (DETR is trained without duplicates), so `t.iou` has no effect.
+pub fn detr(out: &[f32], k: usize, queries: usize, width: f32, height: f32, t: Thresholds) -> Vec<Found> {
+    let stride = k + 4;
+    let mut found: Vec<Found> = (0..queries)
+        .filter_map(|q| {
+            let row = out.get(q * stride..(q + 1) * stride)?;
+            let p = softmax(&row[..k]);
+            let (mut score, mut class) = (f32::NEG_INFINITY, 0);
+            for (c, &v) in p[..k - 1].iter().enumerate() {
+                if v > score {
+                    score = v;
+                    class = c;
+                }
+            }
+            let [cx, cy, w, h] = [row[k], row[k + 1], row[k + 2], row[k + 3]];
+            let xyxy = [(cx - 0.5 * w) * width, (cy - 0.5 * h) * height, (cx + 0.5 * w) * width, (cy + 0.5 * h) * height];
+            (score > t.score && xyxy.iter().all(|v| v.is_finite())).then_some(Found { xyxy, class, score, anchor: q })
+        })
+        .collect();
+    found.sort_by(|a, b| b.score.total_cmp(&a.score));
+    found.truncate(t.max_detections);
+    found
+}
+
 /// The detections of an end-to-end YOLO head `out` (`[Q, 6]`, row-major: `x0, y0, x1, y1, score, class` in input
 /// pixels, rows already ranked by the graph's own TopK), as Ultralytics' predict keeps them: the rows whose score
 /// is above the threshold, in order, at most `max_detections`; no NMS (the head is trained without duplicates),

@@ -220,14 +220,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// `inspect`'s line on the task it recognised from the file (what `serve` would do without configuration).
 fn describe_task(a: &camserve::onnx::inspect::Analysis) -> String {
     use camserve::core::task::{self, DetectionFormat, Task};
-    match Task::recognise_from(&a.metadata, &a.output_dims, a.num_classes, &Default::default()) {
+    match Task::recognise_from(&a.metadata, &a.output_dims, a.num_classes, a.input_shape, &Default::default()) {
         Ok(Task::Classification) => format!("task: classification ({} classes)", a.num_classes),
         Ok(Task::Detection(d)) => {
             let (classes, rows) = match d.format {
                 DetectionFormat::UltralyticsRaw { classes, anchors } => (classes, format!("{anchors} anchors")),
                 DetectionFormat::UltralyticsEndToEnd { classes, rows } => (classes, format!("{rows} rows selected in the graph, no NMS")),
+                DetectionFormat::Detr { classes, queries } => (classes, format!("{queries} queries, softmax with \"no object\" last, no NMS; outputs `logits` and `pred_boxes` joined")),
             };
-            let layer = task::detector_layer_of(&a.layers, a.input_shape).unwrap_or_else(|| a.default_layer.clone().unwrap_or_default());
+            let layer = task::detector_layer_of(d.format, &a.layers, a.input_shape).unwrap_or_else(|| a.default_layer.clone().unwrap_or_default());
             format!(
                 "task: detection (format {}: {classes} classes{}, {rows}; score_threshold {}, iou_threshold {}, max_detections {}; default method hirescam at {layer})",
                 d.format.as_str(),

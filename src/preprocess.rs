@@ -4,8 +4,6 @@
 
 use std::io::Cursor;
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use ndarray::Array3;
 
@@ -132,17 +130,102 @@ fn too_large_or(e: image::ImageError, limits: DecodeLimits) -> ImageError {
     }
 }
 
-/// Resizes with fast_image_resize's bilinear convolution (like PIL's and torchvision's antialiased bilinear).
+/// Resizes with PyTorch's antialiased bilinear filter on 8-bit images, bit for bit: what
+/// `torch.nn.functional.interpolate(..., mode="bilinear", antialias=True)` computes on a uint8 tensor, and with it
+/// `torchvision.transforms.v2.functional.resize` (antialias is its default) and transformers' image processors,
+/// which resize with torchvision (tests/detr.rs checks DETR's processor on seven photos). The filter is a
+/// triangle stretched over the source pixels a destination pixel covers (so it averages when shrinking), each
+/// axis a separate pass, horizontal first, through 8-bit intermediate pixels; weights in float64, normalised, then
+/// fixed point with as many fraction bits as keep the largest weight in 15 bits (Pillow-SIMD's scheme, which
+/// PyTorch's kernel follows), rounded half up.
 pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     if img.dimensions() == (width, height) {
         return img.clone();
     }
-    let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3).expect("an RgbImage is a valid U8x3 buffer. This is a bug.");
-    let mut dst = Image::new(width, height, PixelType::U8x3);
-    Resizer::new()
-        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
-        .expect("same pixel types. This is a bug.");
-    RgbImage::from_raw(width, height, dst.into_vec()).expect("w*h*3 bytes. This is a bug.")
+    let (w0, h0) = img.dimensions();
+    let src = img.as_raw();
+    // Horizontal pass: h0 rows of `width` pixels (skipped when the width is unchanged).
+    let horizontal = if w0 == width {
+        src.clone()
+    } else {
+        let taps = TorchTaps::new(w0, width);
+        let mut out = vec![0u8; h0 as usize * width as usize * 3];
+        for y in 0..h0 as usize {
+            let row = &src[y * w0 as usize * 3..(y + 1) * w0 as usize * 3];
+            for x in 0..width as usize {
+                let (first, weights) = taps.of(x);
+                for c in 0..3 {
+                    let acc = weights.iter().enumerate().fold(taps.half(), |a, (j, w)| a + i64::from(row[(first + j) * 3 + c]) * i64::from(*w));
+                    out[(y * width as usize + x) * 3 + c] = taps.finish(acc);
+                }
+            }
+        }
+        out
+    };
+    if h0 == height {
+        return RgbImage::from_raw(width, height, horizontal).expect("w*h*3 bytes. This is a bug.");
+    }
+    let taps = TorchTaps::new(h0, height);
+    let stride = width as usize * 3;
+    let mut out = vec![0u8; height as usize * stride];
+    for y in 0..height as usize {
+        let (first, weights) = taps.of(y);
+        for i in 0..stride {
+            let acc = weights.iter().enumerate().fold(taps.half(), |a, (j, w)| a + i64::from(horizontal[(first + j) * stride + i]) * i64::from(*w));
+            out[y * stride + i] = taps.finish(acc);
+        }
+    }
+    RgbImage::from_raw(width, height, out).expect("w*h*3 bytes. This is a bug.")
+}
+
+/// One axis of PyTorch's antialiased bilinear resize of 8-bit images (ATen's `_compute_index_ranges_int16_weights`
+/// and `_compute_indices_min_size_weights_aa`): per destination index, the first source index and the
+/// fixed-point weights, and the number of fraction bits.
+struct TorchTaps {
+    ranges: Vec<(usize, std::ops::Range<usize>)>,
+    weights: Vec<i32>,
+    precision: u32,
+}
+
+impl TorchTaps {
+    fn new(src: u32, dst: u32) -> TorchTaps {
+        let scale = src as f64 / dst as f64;
+        let (support, invscale) = if scale >= 1.0 { (scale, 1.0 / scale) } else { (1.0, 1.0) };
+        let mut ranges = Vec::with_capacity(dst as usize);
+        let mut float = Vec::new();
+        for i in 0..dst {
+            let center = scale * (i as f64 + 0.5);
+            // C's casts: toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xsize = ((center + support + 0.5) as i64).min(src as i64) - xmin;
+            let start = float.len();
+            let w: Vec<f64> = (0..xsize.max(0)).map(|j| (1.0 - (((j + xmin) as f64 - center + 0.5) * invscale).abs()).max(0.0)).collect();
+            let total: f64 = w.iter().sum();
+            float.extend(w.iter().map(|v| if total != 0.0 { v / total } else { *v }));
+            ranges.push((xmin as usize, start..float.len()));
+        }
+        let wmax = float.iter().copied().fold(0.0f64, f64::max);
+        let mut precision = 0;
+        while precision < 22 && ((0.5 + wmax * (1u64 << (precision + 1)) as f64) as i64) < (1 << 15) {
+            precision += 1;
+        }
+        let one = (1u64 << precision) as f64;
+        let weights = float.iter().map(|&v| if v < 0.0 { (-0.5 + v * one) as i32 } else { (0.5 + v * one) as i32 }).collect();
+        TorchTaps { ranges, weights, precision }
+    }
+
+    fn of(&self, i: usize) -> (usize, &[i32]) {
+        let (first, r) = &self.ranges[i];
+        (*first, &self.weights[r.clone()])
+    }
+
+    fn half(&self) -> i64 {
+        if self.precision == 0 { 0 } else { 1 << (self.precision - 1) }
+    }
+
+    fn finish(&self, acc: i64) -> u8 {
+        (acc >> self.precision).clamp(0, 255) as u8
+    }
 }
 
 /// The order of the colour channels a model was trained on.

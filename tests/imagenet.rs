@@ -140,9 +140,11 @@ fn diff(ours: &RgbImage, theirs: &Array3<u8>) -> (u8, f64) {
 
 /// Both resize policies against torchvision 0.29 on the same pixels (tests/fixtures/preprocess.npz, made by
 /// make_preprocess_fixtures.py from chelsea.jpg at 150x100 and its transpose; model size 64, shorter side 73).
-/// Tolerance: one 8-bit level anywhere: fast_image_resize's and PIL's fixed-point bilinear filters round
-/// differently, and up to a fifth of the values differ by that one level (measured mean 0.002-0.21), so the mean
-/// is bound at 0.25 levels; the crop's offset and size exactly.
+/// Tolerance: one 8-bit level anywhere: camserve's filter is PyTorch's uint8 antialiased bilinear (bit for bit,
+/// tests/detr.rs), torchvision's `T.Resize` on a PIL image is PIL's, and the two fixed-point filters round
+/// differently, so up to a fifth of the values differ by that one level (measured mean 0.002-0.21 with
+/// fast_image_resize's filter before; 0.002 and 0.171 with PyTorch's at the commit that adopted it), so the mean is
+/// bound at 0.25 levels; the crop's offset and size exactly.
 #[test]
 fn resizing_matches_torchvision() {
     let mut npz = NpzReader::new(std::fs::File::open(root().join("tests/fixtures/preprocess.npz")).unwrap()).unwrap();

@@ -67,13 +67,13 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
         let task = Task::recognise(runner.describe(), &task_config).map_err(|e| {
             anyhow::anyhow!("model `{}` ({}): {e} (config keys: task, labels, score_threshold, iou_threshold, max_detections)", m.name, spec.path.display())
         })?;
-        // An Ultralytics detector takes pixels / 255, letterboxed, unless the configuration says otherwise.
-        if let Task::Detection(_) = task {
-            let mean = m.mean.unwrap_or([0.0; 3]);
-            let std = m.std.unwrap_or([1.0; 3]);
-            runner.set_preprocessing(mean, std, pixels(m.resize.unwrap_or(ResizePolicy::Letterbox)));
+        // A detector takes its exporter's preprocessing (Ultralytics: pixels / 255, letterboxed; DETR: resized,
+        // ImageNet's mean and std), unless the configuration says otherwise.
+        if let Task::Detection(d) = &task {
+            let (mean, std, resize) = d.format.default_preprocessing();
+            runner.set_preprocessing(m.mean.unwrap_or(mean), m.std.unwrap_or(std), pixels(m.resize.unwrap_or(resize)));
             if m.default_layer.is_none()
-                && let Some(layer) = crate::core::task::detector_default_layer(runner.describe())
+                && let Some(layer) = crate::core::task::detector_default_layer(d.format, runner.describe())
             {
                 runner.set_default_layer(layer);
             }

@@ -234,16 +234,15 @@ impl Request<'_> {
             let r = decoded.region;
             let (sx, sy) = ((r.width / iw as f64) as f32, (r.height / ih as f64) as f32);
             let (x0, y0) = (r.x as f32, r.y as f32);
-            detector.describe(&found, |b| {
-                [(x0 + b[0] * sx).clamp(0.0, w as f32), (y0 + b[1] * sy).clamp(0.0, h as f32), (x0 + b[2] * sx).clamp(0.0, w as f32), (y0 + b[3] * sy).clamp(0.0, h as f32)]
-            })
+            let clip = |v: f32, max: u32| if detector.format.clips_boxes() { v.clamp(0.0, max as f32) } else { v };
+            detector.describe(&found, |b| [clip(x0 + b[0] * sx, w), clip(y0 + b[1] * sy, h), clip(x0 + b[2] * sx, w), clip(y0 + b[3] * sy, h)])
         };
         if endpoint == Endpoint::Predict || detections.is_empty() {
             let explanations = (endpoint == Endpoint::Explain).then(Vec::new);
             return Ok(((TaskResult::Detection(detections), decoded.size), explanations));
         }
         let picked = pick(&options.picks, &detections)?;
-        let seeds: Vec<Target> = picked.iter().map(|&i| Target::Class(detector.score_index(&found[i]))).collect();
+        let seeds: Vec<Target> = picked.iter().map(|&i| detector.seed(&values, &found[i])).collect();
         let targets: Vec<ExplainedTarget> =
             picked.iter().map(|&i| ExplainedTarget::Detection { index: i, label: detections[i].label.clone(), score: detections[i].score }).collect();
         let needs_image = options.methods.iter().any(|m| m.is_multipass());

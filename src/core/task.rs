@@ -5,7 +5,10 @@
 
 use super::answer::{Classification, Detection, Prediction, TaskResult};
 use crate::backend::engine::{ranked, ModelInfo};
+use crate::backend::batcher::Target;
 use crate::config::TaskName;
+use crate::onnx::rewrite::JOINED_OUTPUTS_KEY;
+use crate::preprocess::ResizePolicy;
 use crate::detection::{self, Found, Thresholds};
 use crate::methods::Method;
 
@@ -24,6 +27,8 @@ pub struct Detector {
     /// Class names, from the labels file or the file's metadata (Ultralytics' `names`).
     pub labels: Option<Vec<String>>,
     pub thresholds: Thresholds,
+    /// The model's input `[C, H, W]` (a DETR's boxes are normalised to it).
+    pub input_shape: [usize; 3],
 }
 
 /// The output layouts camserve decodes.
@@ -36,6 +41,10 @@ pub enum DetectionFormat {
     /// `x0, y0, x1, y1, score, class` in input pixels, already selected in the graph (TopK); the class count comes
     /// from the labels (the file's `names`).
     UltralyticsEndToEnd { classes: usize, rows: usize },
+    /// A DETR-family head (transformers' DETR, YOLOS: outputs `logits` [N, Q, classes + 1] and `pred_boxes`
+    /// [N, Q, 4], which the rewrite joins into one [N, Q, classes + 5]): softmax class probabilities, the last
+    /// "no object", and boxes `cx, cy, w, h` normalised to the input.
+    Detr { classes: usize, queries: usize },
 }
 
 impl DetectionFormat {
@@ -43,13 +52,16 @@ impl DetectionFormat {
         match self {
             DetectionFormat::UltralyticsRaw { .. } => "ultralytics",
             DetectionFormat::UltralyticsEndToEnd { .. } => "ultralytics_end2end",
+            DetectionFormat::Detr { .. } => "detr",
         }
     }
 
     /// How many classes the detector tells apart.
     pub fn classes(self) -> usize {
         match self {
-            DetectionFormat::UltralyticsRaw { classes, .. } | DetectionFormat::UltralyticsEndToEnd { classes, .. } => classes,
+            DetectionFormat::UltralyticsRaw { classes, .. }
+            | DetectionFormat::UltralyticsEndToEnd { classes, .. }
+            | DetectionFormat::Detr { classes, .. } => classes,
         }
     }
 
@@ -58,7 +70,33 @@ impl DetectionFormat {
         match self {
             DetectionFormat::UltralyticsRaw { anchors, .. } => anchors,
             DetectionFormat::UltralyticsEndToEnd { rows, .. } => rows,
+            DetectionFormat::Detr { queries, .. } => queries,
         }
+    }
+
+    /// The exporter's own predictor's thresholds: Ultralytics' `conf = 0.25, iou = 0.7`, 300 detections;
+    /// transformers' `threshold = 0.5` (no NMS, no cap beyond the queries).
+    pub fn default_thresholds(self) -> Thresholds {
+        match self {
+            DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } => Thresholds::default(),
+            DetectionFormat::Detr { queries, .. } => Thresholds { score: 0.5, iou: 0.7, max_detections: queries },
+        }
+    }
+
+    /// The preprocessing of the exporter's own predictor, where the configuration does not say it: Ultralytics'
+    /// letterbox and pixels / 255; transformers' `DetrImageProcessor` at a fixed size: the image resized to the
+    /// input (bilinear) and normalised with ImageNet's mean and std.
+    pub fn default_preprocessing(self) -> ([f32; 3], [f32; 3], ResizePolicy) {
+        match self {
+            DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::Letterbox),
+            DetectionFormat::Detr { .. } => (crate::config::IMAGENET_MEAN, crate::config::IMAGENET_STD, ResizePolicy::Stretch),
+        }
+    }
+
+    /// Whether the predictor clips boxes to the image (Ultralytics' `scale_boxes` does; transformers' DETR
+    /// post-processing does not).
+    pub fn clips_boxes(self) -> bool {
+        !matches!(self, DetectionFormat::Detr { .. })
     }
 }
 
@@ -85,16 +123,16 @@ impl Task {
     /// classification. A detector must have an output layout camserve decodes; the error names the outputs'
     /// shapes and the keys that describe them. The labels file must have one line per class.
     pub fn recognise(info: &ModelInfo, cfg: &TaskConfig) -> Result<Task, String> {
-        Task::recognise_from(&info.metadata, &info.output_dims, info.num_classes, cfg)
+        Task::recognise_from(&info.metadata, &info.output_dims, info.num_classes, info.input_shape, cfg)
     }
 
     /// [`Task::recognise`] from the file's metadata, its first output's dims for one image and their size (what
     /// `camserve inspect` has at hand).
-    pub fn recognise_from(metadata: &std::collections::BTreeMap<String, String>, dims: &[i64], num_classes: usize, cfg: &TaskConfig) -> Result<Task, String> {
+    pub fn recognise_from(metadata: &std::collections::BTreeMap<String, String>, dims: &[i64], num_classes: usize, input_shape: [usize; 3], cfg: &TaskConfig) -> Result<Task, String> {
         let detect = match cfg.task {
             Some(TaskName::Detection) => true,
             Some(TaskName::Classification) => false,
-            None => metadata.get("task").is_some_and(|t| t == "detect"),
+            None => metadata.get("task").is_some_and(|t| t == "detect") || metadata.contains_key(JOINED_OUTPUTS_KEY),
         };
         if !detect {
             if let Some(l) = &cfg.labels
@@ -117,7 +155,14 @@ impl Task {
             return Err(format!("Ultralytics RT-DETR exports (head `{head}`) are not decoded yet: only YOLO heads (raw [N, 4 + classes, anchors] or end-to-end [N, rows, 6])"));
         }
         let end2end = metadata.get("end2end").map(|v| v == "True");
+        let detr = metadata.get(JOINED_OUTPUTS_KEY).is_some_and(|v| v == "logits,pred_boxes");
         let format = match dims {
+            [queries, width] if detr && *queries >= 1 && *width >= 6 => DetectionFormat::Detr { classes: (*width - 5) as usize, queries: *queries as usize },
+            _ if detr => {
+                return Err(format!(
+                    "a DETR-family detector's outputs `logits` [N, queries, classes + 1] and `pred_boxes` [N, queries, 4] join into [N, queries, classes + 5]; this model's join is {dims:?} per image"
+                ));
+            }
             // A raw head has at least 21 anchors (a 32 x 32 input), so [Q, 6] with Q != 6 is not one.
             [rows, 6] if *rows >= 1 && end2end != Some(false) && (end2end == Some(true) || *rows != 6) => {
                 let classes = labels.as_ref().map(Vec::len).ok_or_else(|| {
@@ -145,15 +190,18 @@ impl Task {
         if let Some(l) = &labels
             && l.len() != classes
         {
-            return Err(format!("{} labels for {classes} classes (the output has 4 + {classes} rows)", l.len()));
+            return Err(format!("{} labels for {classes} classes (the output has {})", l.len(), match format {
+                DetectionFormat::Detr { .. } => format!("{} class logits, the last \"no object\"", classes + 1),
+                _ => format!("4 + {classes} rows"),
+            }));
         }
-        let d = Thresholds::default();
+        let d = format.default_thresholds();
         let thresholds = Thresholds {
             score: cfg.score_threshold.unwrap_or(d.score),
             iou: cfg.iou_threshold.unwrap_or(d.iou),
             max_detections: cfg.max_detections.unwrap_or(d.max_detections),
         };
-        Ok(Task::Detection(Detector { format, labels, thresholds }))
+        Ok(Task::Detection(Detector { format, labels, thresholds, input_shape }))
     }
 
     /// What a request without `methods` gets: Grad-CAM and guided Grad-CAM for a classifier; HiResCAM for a
@@ -177,6 +225,9 @@ impl Task {
             Task::Detection(_) if ["cam", "ablationcam", "finercam"].contains(&method.as_str()) => {
                 Some(format!("method `{method}` explains a classifier's class (its linear head, or other classes); detectors get the gradient and gradient-free maps"))
             }
+            Task::Detection(_) if method.kind == crate::methods::Kind::Attention => Some(format!(
+                "method `{method}` follows a classifier's class token through its attention; a detector has none (a DETR's decoder attends from its queries, not from image tokens)"
+            )),
             Task::Detection(_) => None,
         }
     }
@@ -203,6 +254,28 @@ impl Detector {
         match self.format {
             DetectionFormat::UltralyticsRaw { classes, anchors } => detection::yolo_raw(out, classes, anchors, thresholds),
             DetectionFormat::UltralyticsEndToEnd { classes, rows } => detection::yolo_end2end(out, classes, rows, thresholds),
+            DetectionFormat::Detr { classes, queries } => {
+                let [_, h, w] = self.input_shape;
+                detection::detr(out, classes + 1, queries, w as f32, h as f32, thresholds)
+            }
+        }
+    }
+
+    /// The gradient seed over one image's output that explains a detection: the one-hot at its score for YOLO
+    /// (after the sigmoid, in the graph); for DETR, whose softmax is not in the graph, the gradient of its class's
+    /// probability with respect to its query's logits, `p_c (1[k = c] - p_k)`, and zero elsewhere (boxes included).
+    pub fn seed(&self, out: &[f32], f: &Found) -> Target {
+        match self.format {
+            DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } => Target::Class(self.score_index(f)),
+            DetectionFormat::Detr { classes, queries } => {
+                let (k, stride) = (classes + 1, classes + 5);
+                let mut seed = vec![0.0f32; queries * stride];
+                let p = detection::softmax(&out[f.anchor * stride..f.anchor * stride + k]);
+                for (j, s) in seed[f.anchor * stride..f.anchor * stride + k].iter_mut().enumerate() {
+                    *s = p[f.class] * (if j == f.class { 1.0 } else { 0.0 } - p[j]);
+                }
+                Target::Seed(seed.into())
+            }
         }
     }
 
@@ -214,6 +287,8 @@ impl Detector {
             // The row's score, which the graph's TopK gathered from the class scores: the gradient flows back
             // through it.
             DetectionFormat::UltralyticsEndToEnd { .. } => f.anchor * 6 + 4,
+            // The logit of its class; its explained score is the probability (`seed`).
+            DetectionFormat::Detr { classes, .. } => f.anchor * (classes + 5) + f.class,
         }
     }
 
@@ -223,6 +298,8 @@ impl Detector {
         let classes = match self.format {
             DetectionFormat::UltralyticsRaw { classes, anchors } => (0..classes).map(|c| out[(4 + c) * anchors + f.anchor]).collect(),
             DetectionFormat::UltralyticsEndToEnd { classes, .. } => (0..classes).map(|c| if c == f.class { f.score } else { 0.0 }).collect(),
+            // The probabilities of every class and of "no object", as D-RISE's paper compares Faster R-CNN's.
+            DetectionFormat::Detr { classes, .. } => detection::softmax(&out[f.anchor * (classes + 5)..f.anchor * (classes + 5) + classes + 1]),
         };
         crate::methods::drise::Proposal { xyxy: f.xyxy, classes }
     }
@@ -237,16 +314,31 @@ impl Detector {
     }
 }
 
-/// A YOLO detector's default layer: the head's input at stride 8 (P3), the last feature map on the 1/8 grid made
-/// outside the head module (the `model.N` with the largest N). The file's own default (the last grid before any
-/// flatten) lies inside the head, where the anchors' reshapes only look like grids. `None` when the module paths
-/// are not recorded or no such map exists.
-pub fn detector_default_layer(info: &ModelInfo) -> Option<String> {
-    detector_layer_of(&info.layers, info.input_shape)
+/// A detector's default layer, by format:
+/// - YOLO: the head's input at stride 8 (P3), the last feature map on the 1/8 grid made outside the head module (the
+///   `model.N` with the largest N). The file's own default (the last grid before any flatten) lies inside the head,
+///   where the anchors' reshapes only look like grids.
+/// - DETR: the last convolutional map `[N, C, h, w]` before the transformer flattens it into tokens: the input
+///   projection to the transformer's width. The file's own default would be a token layer, and a DETR's decoder tokens are
+///   its queries (20 queries read as 4 + a 4 x 4 grid), not places in the image.
+///
+/// `None` when no such map exists (a YOLO whose module paths are not recorded).
+pub fn detector_default_layer(format: DetectionFormat, info: &ModelInfo) -> Option<String> {
+    detector_layer_of(format, &info.layers, info.input_shape)
 }
 
 /// [`detector_default_layer`] from the candidate layers and the input shape `[C, H, W]`.
-pub fn detector_layer_of(layers: &[crate::onnx::rewrite::LayerInfo], input_shape: [usize; 3]) -> Option<String> {
+pub fn detector_layer_of(format: DetectionFormat, layers: &[crate::onnx::rewrite::LayerInfo], input_shape: [usize; 3]) -> Option<String> {
+    if let DetectionFormat::Detr { .. } = format {
+        // Layers are in topological order: the last map before the first token layer (the flatten into the encoder).
+        // Later 4-D tensors inside the attention blocks ([N, T, heads, d]) only look like grids.
+        return layers
+            .iter()
+            .take_while(|l| l.layout == crate::onnx::rewrite::LayerLayout::Nchw)
+            .filter(|l| l.native_dims.len() == 4)
+            .last()
+            .map(|l| l.name.clone());
+    }
     let index = |m: &str| m.strip_prefix("model.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
     let head = layers.iter().filter_map(|l| index(l.module.as_deref()?)).max()?;
     let [_, h, w] = input_shape;
@@ -331,7 +423,7 @@ mod tests {
     }
 
     fn format_of(pairs: &[(&str, &str)], dims: &[i64]) -> Result<DetectionFormat, String> {
-        match Task::recognise_from(&meta(pairs), dims, dims.iter().product::<i64>() as usize, &TaskConfig::default())? {
+        match Task::recognise_from(&meta(pairs), dims, dims.iter().product::<i64>() as usize, [3, 320, 320], &TaskConfig::default())? {
             Task::Detection(d) => Ok(d.format),
             Task::Classification => Err("classification".into()),
         }
@@ -356,5 +448,41 @@ mod tests {
         // RT-DETR's [N, Q, 6] has normalised centre boxes: not an end-to-end YOLO.
         let rtdetr = [("task", "detect"), ("names", names), ("head", "RTDETRDecoder")];
         assert!(format_of(&rtdetr, &[300, 6]).unwrap_err().contains("RT-DETR"));
+    }
+
+    #[test]
+    fn detr_from_its_joined_outputs() {
+        let joined = [(JOINED_OUTPUTS_KEY, "logits,pred_boxes")];
+        // 91 + 1 class logits and 4 box values per query (transformers' facebook/detr-resnet-50).
+        assert_eq!(format_of(&joined, &[100, 96]), Ok(DetectionFormat::Detr { classes: 91, queries: 100 }));
+        assert!(format_of(&joined, &[100, 5]).unwrap_err().contains("pred_boxes"), "one logit: no real class");
+        assert!(format_of(&joined, &[100]).is_err());
+        let Ok(Task::Detection(d)) = Task::recognise_from(&meta(&joined), &[20, 10], 200, [3, 320, 320], &TaskConfig::default()) else { panic!() };
+        assert_eq!((d.thresholds.score, d.thresholds.max_detections), (0.5, 20), "transformers' threshold, every query");
+        assert!(!d.format.clips_boxes());
+        let wrong = TaskConfig { labels: Some(vec!["a".into(); 6]), ..Default::default() };
+        assert!(Task::recognise_from(&meta(&joined), &[20, 10], 200, [3, 320, 320], &wrong).unwrap_err().contains("6 labels for 5 classes"));
+    }
+
+    /// DETR's seed is the gradient of the softmax probability of the detection's class with respect to its query's
+    /// logits: checked against central differences of the decoded score.
+    #[test]
+    fn detr_seed_is_the_probability_gradient() {
+        let d = Detector { format: DetectionFormat::Detr { classes: 3, queries: 2 }, labels: None, thresholds: DetectionFormat::Detr { classes: 3, queries: 2 }.default_thresholds(), input_shape: [3, 10, 20] };
+        let out = vec![0.1, 2.5, -0.3, 0.2, 0.5, 0.5, 0.2, 0.4, /* query 1 */ 3.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, 1.0];
+        let found = d.detect(&out, Thresholds { score: 0.3, ..d.thresholds });
+        assert_eq!(found.iter().map(|f| (f.anchor, f.class)).collect::<Vec<_>>(), [(1, 0), (0, 1)]);
+        assert_eq!(found[1].xyxy, [(0.5 - 0.1) * 20.0, (0.5 - 0.2) * 10.0, (0.5 + 0.1) * 20.0, (0.5 + 0.2) * 10.0]);
+        for f in &found {
+            let Target::Seed(seed) = d.seed(&out, f) else { panic!() };
+            let score = |o: &[f32]| detection::softmax(&o[f.anchor * 8..f.anchor * 8 + 4])[f.class] as f64;
+            for (j, g) in seed.iter().enumerate() {
+                let (mut up, mut down) = (out.clone(), out.clone());
+                up[j] += 1e-3;
+                down[j] -= 1e-3;
+                let fd = (score(&up) - score(&down)) / 2e-3;
+                assert!((fd - *g as f64).abs() < 1e-4, "entry {j}: seed {g}, finite difference {fd}");
+            }
+        }
     }
 }

@@ -188,6 +188,10 @@ impl Explainable {
         if input_layout == InputLayout::Nhwc {
             feed_nchw(graph, &input, &input_dims);
         }
+        if join_detr_outputs(graph) {
+            super::contract::set_meta(&mut model, JOINED_OUTPUTS_KEY, "logits,pred_boxes");
+        }
+        let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
         let output = graph.output.first().ok_or_else(|| OnnxError::Invalid("the model has no outputs".into()))?;
         let mut logits = output.name().to_string();
         let mut stripped_output_op = None;
@@ -707,6 +711,34 @@ fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Resul
 
 /// Makes an NHWC model take NCHW images: the input keeps its name and becomes `[N, C, H, W]`, and a Transpose
 /// feeds the NHWC tensor the model's nodes read (renamed `<input>/nhwc`).
+/// The metadata key that says the model's outputs were joined into one (its value: the joined outputs' names, in
+/// order), so that what decodes the output knows its layout.
+pub const JOINED_OUTPUTS_KEY: &str = "camserve.joined_outputs";
+
+/// The output a DETR-family export's two heads are joined into.
+pub const JOINED_OUTPUT: &str = "camserve/logits_and_boxes";
+
+/// A DETR-family export (transformers' `DetrForObjectDetection` and relatives, as transformers and Optimum name
+/// their outputs) has class logits `logits` [N, Q, K] and boxes `pred_boxes` [N, Q, 4]. camserve explains and
+/// decodes one output, so the two become one, `Concat(logits, pred_boxes, axis = -1)` [N, Q, K + 4], and the
+/// model's only output (the others, such as `last_hidden_state`, are dropped). The boxes' columns get a zero seed:
+/// a detection's score depends on the boxes' branch only through the shared layers, which the seed reaches through
+/// the logits. Returns whether it joined them.
+fn join_detr_outputs(graph: &mut super::proto::GraphProto) -> bool {
+    let (Some(logits), Some(boxes)) =
+        (graph.output.iter().find(|o| o.name() == "logits").cloned(), graph.output.iter().find(|o| o.name() == "pred_boxes").cloned())
+    else {
+        return false;
+    };
+    if graph.node.iter().any(|n| n.output.iter().any(|o| o == JOINED_OUTPUT)) {
+        return false;
+    }
+    graph.node.push(super::builder::node("Concat", &[logits.name(), boxes.name()], JOINED_OUTPUT, vec![super::attr::make_int("axis", -1)]));
+    let dims = [Dim::Param("N".into()), Dim::Param("queries".into()), Dim::Param("classes_and_box".into())];
+    graph.output = vec![value_info(JOINED_OUTPUT, tensor::FLOAT, &dims)];
+    true
+}
+
 fn feed_nchw(graph: &mut super::proto::GraphProto, input: &str, dims: &[i64]) {
     let nhwc = format!("{input}/nhwc");
     for n in graph.node.iter_mut() {
