@@ -8,6 +8,7 @@ use super::*;
 
 use camserve::onnx::rewrite::ExplainPlan;
 use camserve::onnx::rules::ReluRule;
+use rand::Rng;
 
 /// Builds the graph at `opset` and checks it on uniform inputs with the linear step and tolerance.
 fn linear_at(dims: &[usize], opset: i64, f: impl FnOnce(&mut G) -> String) -> f64 {
@@ -328,4 +329,77 @@ fn group_norm_opset18_per_group_scale() {
 fn group_norm_opset21_per_channel_scale() {
     group_norm(21, 3, 6);
     group_norm(21, 1, 6);
+}
+
+// ---------------------------------------------------------------- GridSample
+
+/// GridSample of x at a grid that itself depends on x (as deformable attention's sampling offsets do): a constant
+/// grid at half-integer pixel positions, some past the border (their outer corners read the zero padding, one
+/// location wholly outside), plus 0.05 tanh(1x1 conv of x), which moves a sample by at most 0.175 pixel, so no
+/// sample crosses a pixel boundary within the step and the map is smooth in x: SMOOTH, step 1e-2. Checks dX and
+/// dgrid together (x reaches the output through both).
+fn grid_sample_of_x(align_corners: i64) -> f64 {
+    let dims = [2usize, 2, 7, 7];
+    let mut g = G::new(&dims_i64(&dims), 11);
+    let x = g.x();
+    // Pixel positions -1.5 (wholly outside), -0.5 .. 6.5 (the outer two half outside), in normalised coordinates.
+    let mut r = rng(21);
+    let to_norm = |p: f32| if align_corners == 1 { 2.0 * p / 6.0 - 1.0 } else { (2.0 * p + 1.0) / 7.0 - 1.0 };
+    let base: Vec<f32> = (0..7 * 7 * 2).map(|_| to_norm(r.random_range(-1i32..=7) as f32 - 0.5)).collect();
+    let c0 = g.init(&[1, 7, 7, 2], base);
+    let w = g.rand(&[2, 2, 1, 1], 1.0);
+    let conv = g.op("Conv", &[&x, &w], vec![]);
+    let t = g.op("Tanh", &[&conv], vec![]);
+    let s = g.scalar(0.05);
+    let t = g.op("Mul", &[&t, &s], vec![]);
+    let t = g.op("Transpose", &[&t], vec![a_is("perm", &[0, 2, 3, 1])]);
+    let grid = g.op("Add", &[&c0, &t], vec![]);
+    let y = g.op("GridSample", &[&x, &grid], vec![a_s("mode", "bilinear"), a_s("padding_mode", "zeros"), a_i("align_corners", align_corners)]);
+    let model = g.finish(&y);
+    check_gradients(&model, &uniform(&mut rng(4), &dims, -1.0, 1.0), 1e-2, SMOOTH)
+}
+
+#[test]
+fn grid_sample_bilinear_zeros_through_map_and_grid() {
+    grid_sample_of_x(0);
+}
+
+#[test]
+fn grid_sample_align_corners_through_map_and_grid() {
+    grid_sample_of_x(1);
+}
+
+/// The map alone, at a constant grid of arbitrary positions (integers included): linear in x, LINEAR.
+#[test]
+fn grid_sample_of_a_constant_grid_is_linear() {
+    let dims = [2usize, 3, 5, 6];
+    let mut g = G::new(&dims_i64(&dims), 11);
+    let x = g.x();
+    let mut r = rng(22);
+    let pos: Vec<f32> = (0..4 * 9 * 2).map(|i| if i % 7 == 0 { 0.0 } else { r.random_range(-1.3f32..1.3) }).collect();
+    let c = g.init(&[1, 4, 9, 2], pos);
+    // One grid per batch item: the constant expanded over the run-time batch.
+    let shape = g.op("Shape", &[&x], vec![]);
+    let (st, en) = (g.ints(&[0]), g.ints(&[1]));
+    let n = g.op("Slice", &[&shape, &st, &en], vec![]);
+    let rest = g.ints(&[4, 9, 2]);
+    let full = g.op("Concat", &[&n, &rest], vec![a_i("axis", 0)]);
+    let grid = g.op("Expand", &[&c, &full], vec![]);
+    let y = g.op("GridSample", &[&x, &grid], vec![]);
+    let model = g.finish(&y);
+    check_gradients(&model, &uniform(&mut rng(1), &dims, -1.0, 1.0), 0.5, LINEAR);
+}
+
+#[test]
+fn grid_sample_other_modes_are_refused() {
+    for (attr, value) in [("padding_mode", "border"), ("mode", "nearest")] {
+        let err = rewrite_error(&[1, 2, 4, 4], 17, |g| {
+            let x = g.x();
+            let w = g.rand(&[2, 2, 1, 1], 1.0);
+            let conv = g.op("Conv", &[&x, &w], vec![]);
+            let grid = g.op("Transpose", &[&conv], vec![a_is("perm", &[0, 2, 3, 1])]);
+            g.op("GridSample", &[&x, &grid], vec![a_s(attr, value)])
+        });
+        assert!(err.contains(value), "{err}");
+    }
 }

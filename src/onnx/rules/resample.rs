@@ -1,4 +1,4 @@
-//! Resize (nearest, linear, cubic) over the last two axes.
+//! Resize (nearest, linear, cubic) over the last two axes, and GridSample (bilinear, zero padding).
 //!
 //! Along each resized axis the forward is a constant interpolation matrix A [out, in] (each output reads fixed
 //! inputs with fixed weights that depend only on the static sizes and the attributes), so Y = A_h · X · A_w^T
@@ -14,6 +14,7 @@ use crate::onnx::{attr, OnnxError, Result};
 
 pub(super) fn register(m: &mut HashMap<&'static str, BackwardRule>) {
     m.insert("Resize", resize);
+    m.insert("GridSample", grid_sample);
 }
 
 type Grads = Result<Vec<Option<String>>>;
@@ -315,4 +316,140 @@ fn resize(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[b
         g = ctx.e.op("MatMul", &[&m, &g], vec![], "resize_grad_h");
     }
     Ok(vec![Some(g)])
+}
+
+
+/// GridSample (opset 16; `linear` in opset 20), `bilinear` with `padding_mode` `zeros`, either `align_corners`:
+/// y[n, c, i, j] = sum over the four corners k around (x, y) of w_k X[n, c, y_k, x_k], where
+/// x = gx * sx + (W - 1) / 2 with sx = W / 2 (align_corners 0) or (W - 1) / 2 (align_corners 1), likewise y, and a
+/// corner outside the map reads 0 (Deformable DETR's and RT-DETR's multi-scale deformable attention).
+/// - dX: each dy[n, c, i, j] w_k added into its corner: ScatterElements "add" over the flattened map, per corner.
+/// - dgrid: the weights are linear in x between corners, so dy/dx = (1 - fy)(v10 - v00) + fy (v11 - v01) and
+///   dy/dy = (1 - fx)(v01 - v00) + fx (v11 - v10) with the corners' values v (GatherElements), summed over the
+///   channels against dy, times sx (sy). At an integer coordinate the map has a kink and this is the right-hand
+///   derivative, as PyTorch's.
+fn grid_sample(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Grads {
+    let dy = dy0(node, dy)?;
+    let mode = attr::string(node, "mode").unwrap_or_else(|| "bilinear".into());
+    if mode != "bilinear" && mode != "linear" {
+        return Err(OnnxError::node(node, format!("mode `{mode}` (bilinear is supported)")));
+    }
+    let padding = attr::string(node, "padding_mode").unwrap_or_else(|| "zeros".into());
+    if padding != "zeros" {
+        return Err(OnnxError::node(node, format!("padding_mode `{padding}` (zeros is supported)")));
+    }
+    let align = attr::int_or(node, "align_corners", 0) != 0;
+    let (x, grid) = (&node.input[0], &node.input[1]);
+    let xd = ctx.dims(x)?;
+    let [_, c, h, w] = xd[..] else {
+        return Err(OnnxError::node(node, format!("a {}-D input (4-D is supported)", xd.len())));
+    };
+    if (1..4).any(|a| ctx.is_batch_axis(x, a)) {
+        return Err(OnnxError::node(node, "the batch folded into the channel or spatial axes"));
+    }
+    let e = &mut *ctx.e;
+    let f = |e: &mut crate::onnx::builder::Emitter, v: f32| e.scalar(v);
+    // Per sampled location, flattened to [N, 1, L] so that it broadcasts against [N, C, L].
+    let flat = e.ints(&[0, 1, -1]);
+    let split = e.ints(&[1, 1]);
+    let parts = e.op_n("Split", &[grid, &split], vec![attr::make_int("axis", 3)], "grid_sample_xy", 2);
+    let gx = e.op("Reshape", &[&parts[0], &flat], vec![], "grid_sample_gx");
+    let gy = e.op("Reshape", &[&parts[1], &flat], vec![], "grid_sample_gy");
+    let scale = |n: i64| if align { (n - 1) as f32 / 2.0 } else { n as f32 / 2.0 };
+    let (sx, sy) = (scale(w), scale(h));
+    let coord = |e: &mut crate::onnx::builder::Emitter, g: &str, s: f32, n: i64, label: &str| {
+        let (sc, off) = (f(e, s), f(e, (n - 1) as f32 / 2.0));
+        let t = e.op("Mul", &[g, &sc], vec![], label);
+        e.op("Add", &[&t, &off], vec![], label)
+    };
+    let px = coord(e, &gx, sx, w, "grid_sample_x");
+    let py = coord(e, &gy, sy, h, "grid_sample_y");
+    let x0 = e.op("Floor", &[&px], vec![], "grid_sample_x0");
+    let y0 = e.op("Floor", &[&py], vec![], "grid_sample_y0");
+    let fx = e.op("Sub", &[&px, &x0], vec![], "grid_sample_fx");
+    let fy = e.op("Sub", &[&py, &y0], vec![], "grid_sample_fy");
+    let one = f(e, 1.0);
+    let gx_ = e.op("Sub", &[&one, &fx], vec![], "grid_sample_1_fx");
+    let gy_ = e.op("Sub", &[&one, &fy], vec![], "grid_sample_1_fy");
+    let x1 = e.op("Add", &[&x0, &one], vec![], "grid_sample_x1");
+    let y1 = e.op("Add", &[&y0, &one], vec![], "grid_sample_y1");
+    // The map and dy as [N, C, H * W] and [N, C, L].
+    let mshape = e.ints(&[0, c, h * w]);
+    let xf = e.op("Reshape", &[x, &mshape], vec![], "grid_sample_map");
+    let lshape = e.ints(&[0, c, -1]);
+    let dyf = e.op("Reshape", &[dy, &lshape], vec![], "grid_sample_dy");
+    let expand = e.op("Shape", &[&dyf], vec![], "grid_sample_dy_shape");
+    // Each corner: its flat index [N, C, L] (clamped into the map), and its in-map mask [N, 1, L] as 0/1.
+    let zero = f(e, 0.0);
+    let (wmax, hmax) = (f(e, (w - 1) as f32), f(e, (h - 1) as f32));
+    let wf = f(e, w as f32);
+    let mut corners = Vec::new();
+    for (cx, cy) in [(&x0, &y0), (&x1, &y0), (&x0, &y1), (&x1, &y1)] {
+        let inside = |e: &mut crate::onnx::builder::Emitter, v: &str, max: &str| {
+            let lo = e.op("GreaterOrEqual", &[v, &zero], vec![], "grid_sample_lo");
+            let hi = e.op("LessOrEqual", &[v, max], vec![], "grid_sample_hi");
+            e.op("And", &[&lo, &hi], vec![], "grid_sample_in")
+        };
+        let ix = inside(e, cx, &wmax);
+        let iy = inside(e, cy, &hmax);
+        let both = e.op("And", &[&ix, &iy], vec![], "grid_sample_inside");
+        let mask = e.op("Cast", &[&both], vec![attr::make_int("to", 1)], "grid_sample_mask");
+        let cxc = e.op("Clip", &[cx, &zero, &wmax], vec![], "grid_sample_cx");
+        let cyc = e.op("Clip", &[cy, &zero, &hmax], vec![], "grid_sample_cy");
+        let row = e.op("Mul", &[&cyc, &wf], vec![], "grid_sample_row");
+        let flat_idx = e.op("Add", &[&row, &cxc], vec![], "grid_sample_flat");
+        let idx = e.op("Cast", &[&flat_idx], vec![attr::make_int("to", 7)], "grid_sample_index");
+        let idx = e.op("Expand", &[&idx, &expand], vec![], "grid_sample_index_c");
+        corners.push((idx, mask));
+    }
+    let weights = [(&gx_, &gy_), (&fx, &gy_), (&gx_, &fy), (&fx, &fy)];
+    let mut out = vec![None; node.input.len()];
+    if needs.first().copied().unwrap_or(false) {
+        let mut acc = ctx.zeros_like(&xf);
+        let e = &mut *ctx.e;
+        for ((idx, mask), (wa, wb)) in corners.iter().zip(weights) {
+            let wk = e.op("Mul", &[wa, wb], vec![], "grid_sample_w");
+            let wk = e.op("Mul", &[&wk, mask], vec![], "grid_sample_w_in");
+            let upd = e.op("Mul", &[&dyf, &wk], vec![], "grid_sample_upd");
+            let attrs = vec![attr::make_int("axis", 2), attr::make_string("reduction", "add")];
+            acc = e.op("ScatterElements", &[&acc, idx, &upd], attrs, "grid_sample_dx");
+        }
+        out[0] = Some(ctx.reshape_like(&acc, x));
+    }
+    if needs.get(1).copied().unwrap_or(false) {
+        let e = &mut *ctx.e;
+        let v: Vec<String> = corners
+            .iter()
+            .map(|(idx, mask)| {
+                let g = e.op("GatherElements", &[&xf, idx], vec![attr::make_int("axis", 2)], "grid_sample_v");
+                e.op("Mul", &[&g, mask], vec![], "grid_sample_v_in")
+            })
+            .collect();
+        // dy/dx and dy/dy per channel, [N, C, L].
+        let d10 = e.op("Sub", &[&v[1], &v[0]], vec![], "grid_sample_d");
+        let d32 = e.op("Sub", &[&v[3], &v[2]], vec![], "grid_sample_d");
+        let d20 = e.op("Sub", &[&v[2], &v[0]], vec![], "grid_sample_d");
+        let d31 = e.op("Sub", &[&v[3], &v[1]], vec![], "grid_sample_d");
+        let lerp = |e: &mut crate::onnx::builder::Emitter, a: &str, b: &str, ta: &str, tb: &str| {
+            let pa = e.op("Mul", &[a, ta], vec![], "grid_sample_l");
+            let pb = e.op("Mul", &[b, tb], vec![], "grid_sample_l");
+            e.op("Add", &[&pa, &pb], vec![], "grid_sample_l")
+        };
+        let dydx = lerp(e, &d10, &d32, &gy_, &fy);
+        let dydy = lerp(e, &d20, &d31, &gx_, &fx);
+        let axis1 = e.ints(&[1]);
+        let reduce = |e: &mut crate::onnx::builder::Emitter, d: &str, s: f32, label: &str| {
+            let p = e.op("Mul", &[&dyf, d], vec![], label);
+            let r = e.op("ReduceSum", &[&p, &axis1], vec![attr::make_int("keepdims", 1)], label);
+            let sc = e.scalar(s);
+            e.op("Mul", &[&r, &sc], vec![], label)
+        };
+        let dgx = reduce(e, &dydx, sx, "grid_sample_dgx");
+        let dgy = reduce(e, &dydy, sy, "grid_sample_dgy");
+        // [N, 1, L] each -> [N, Ho, Wo, 1] -> [N, Ho, Wo, 2].
+        let dgx = ctx.reshape_like(&dgx, &parts[0]);
+        let dgy = ctx.reshape_like(&dgy, &parts[1]);
+        out[1] = Some(ctx.e.op("Concat", &[&dgx, &dgy], vec![attr::make_int("axis", 3)], "grid_sample_dgrid"));
+    }
+    Ok(out)
 }
