@@ -371,6 +371,28 @@ fn trailing_softmax_is_stripped_and_reported() {
     assert!(text.contains("the scores before the final Softmax"), "{text}");
 }
 
+/// A Softmax followed by Identity nodes (Paddle's inference models end `softmax -> scale`, which paddle2onnx writes
+/// as an Identity) is stripped too: the explanations use the scores before it (issue 28).
+#[test]
+fn softmax_behind_identities_is_stripped() {
+    let mut g = G::new(&[2, 3, 8, 8], 11);
+    let x = g.x();
+    let p = g.op("GlobalAveragePool", &[&x], vec![]);
+    let f = g.op("Flatten", &[&p], vec![]);
+    let w = g.rand(&[3, 4], 0.5);
+    let l = g.op("MatMul", &[&f, &w], vec![]);
+    let s = g.op("Softmax", &[&l], vec![a_i("axis", -1)]);
+    let i = g.op("Identity", &[&s], vec![]);
+    let i = g.op("Identity", &[&i], vec![]);
+    let mut model = g.finish(&i);
+    let graph = model.graph.as_mut().unwrap();
+    graph.node.pop();
+    graph.node.last_mut().unwrap().output[0] = "logits".into();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap();
+    assert_eq!(ex.stripped_output_op.as_deref(), Some("Softmax"));
+    assert_eq!(ex.logits, l, "the scores before the Softmax");
+}
+
 /// Models below opset 11 upsample with Upsample (7-9) or Resize-10; the upgrade to 17 maps them to Resize with
 /// asymmetric coordinates (and floor for nearest). `check_gradients` compares the explain graph's logits with
 /// ONNX Runtime running the original opset-9/10 model, so a wrong mapping fails here, then the gradient.

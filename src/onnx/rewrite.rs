@@ -195,7 +195,13 @@ impl Explainable {
         let output = graph.output.first().ok_or_else(|| OnnxError::Invalid("the model has no outputs".into()))?;
         let mut logits = output.name().to_string();
         let mut stripped_output_op = None;
-        if let Some(p) = graph.node.iter().find(|n| n.output.first() == Some(&logits))
+        // Through trailing Identity nodes (Paddle's `scale` op exports as one after its Softmax) to the Softmax.
+        let producer = |t: &str| graph.node.iter().find(|n| n.output.first().map(String::as_str) == Some(t));
+        let mut last = producer(&logits);
+        while let Some(p) = last.filter(|p| p.op_type() == "Identity" && !p.input.is_empty()) {
+            last = producer(&p.input[0]);
+        }
+        if let Some(p) = last
             && matches!(p.op_type(), "Softmax" | "LogSoftmax") {
                 logits = p.input[0].clone();
                 stripped_output_op = Some(p.op_type().to_string());
