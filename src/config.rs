@@ -148,8 +148,9 @@ pub struct ModelConfig {
     #[serde(default = "one")]
     pub scale: f32,
     /// How an upload is brought to the input size: `stretch` (both sides scaled), `shorter_side_then_center_crop`
-    /// (torchvision's `Resize(s)` + `CenterCrop`, the usual ImageNet evaluation) or `letterbox` (Ultralytics'). Unset:
-    /// the task's default (`stretch` for a classifier, `letterbox` for an Ultralytics detector).
+    /// (torchvision's `Resize(s)` + `CenterCrop`, the usual ImageNet evaluation), `letterbox` (Ultralytics') or
+    /// `scale_fill` (Ultralytics' stretch, OpenCV's bilinear). Unset: the task's default (`stretch` for a classifier
+    /// and a DETR, `letterbox` for an Ultralytics YOLO, `scale_fill` for an Ultralytics RT-DETR).
     #[serde(default)]
     pub resize: Option<ResizePolicy>,
     /// The shorter side before the centre crop (default: the input's larger side x 256 / 224, e.g. 256 for 224).

@@ -107,6 +107,25 @@ pub fn detr(out: &[f32], k: usize, queries: usize, width: f32, height: f32, t: T
     found
 }
 
+/// The detections of Ultralytics' RT-DETR head `out` (`[Q, 6]`, row-major: `cx, cy, w, h` normalised to the input,
+/// score, class; rows already selected and ranked in the graph), as its `RTDETRPredictor.postprocess` keeps them:
+/// the rows whose score is above the threshold, in order, at most `max_detections`, boxes scaled to the input's
+/// `width x height` pixels and not clipped; no NMS, so `t.iou` has no effect. A class outside `0..nc` (or not
+/// finite) drops the row.
+pub fn rtdetr(out: &[f32], nc: usize, rows: usize, width: f32, height: f32, t: Thresholds) -> Vec<Found> {
+    (0..rows)
+        .filter_map(|r| {
+            let row = out.get(r * 6..r * 6 + 6)?;
+            let (score, class) = (row[4], row[5]);
+            let [cx, cy, w, h] = [row[0], row[1], row[2], row[3]];
+            let xyxy = [(cx - w / 2.0) * width, (cy - h / 2.0) * height, (cx + w / 2.0) * width, (cy + h / 2.0) * height];
+            let ok = score > t.score && class.is_finite() && class >= 0.0 && (class as usize) < nc && xyxy.iter().all(|v| v.is_finite());
+            ok.then_some(Found { xyxy, class: class as usize, score, anchor: r })
+        })
+        .take(t.max_detections)
+        .collect()
+}
+
 /// The detections of an end-to-end YOLO head `out` (`[Q, 6]`, row-major: `x0, y0, x1, y1, score, class` in input
 /// pixels, rows already ranked by the graph's own TopK), as Ultralytics' predict keeps them: the rows whose score
 /// is above the threshold, in order, at most `max_detections`; no NMS (the head is trained without duplicates),

@@ -226,6 +226,7 @@ fn describe_task(a: &camserve::onnx::inspect::Analysis) -> String {
             let (classes, rows) = match d.format {
                 DetectionFormat::UltralyticsRaw { classes, anchors } => (classes, format!("{anchors} anchors")),
                 DetectionFormat::UltralyticsEndToEnd { classes, rows } => (classes, format!("{rows} rows selected in the graph, no NMS")),
+                DetectionFormat::UltralyticsRtDetr { classes, rows } => (classes, format!("{rows} rows selected in the graph, no NMS")),
                 DetectionFormat::Detr { classes, queries } => (classes, format!("{queries} queries, softmax with \"no object\" last, no NMS; outputs `logits` and `pred_boxes` joined")),
             };
             let layer = task::detector_layer_of(d.format, &a.layers, a.input_shape).unwrap_or_else(|| a.default_layer.clone().unwrap_or_default());

@@ -150,13 +150,17 @@ pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     } else {
         let taps = TorchTaps::new(w0, width);
         let mut out = vec![0u8; h0 as usize * width as usize * 3];
-        for y in 0..h0 as usize {
-            let row = &src[y * w0 as usize * 3..(y + 1) * w0 as usize * 3];
-            for x in 0..width as usize {
+        for (row, dst) in src.chunks_exact(w0 as usize * 3).zip(out.chunks_exact_mut(width as usize * 3)) {
+            for (x, px) in dst.chunks_exact_mut(3).enumerate() {
                 let (first, weights) = taps.of(x);
+                let mut acc = [taps.half(); 3];
+                for (p, &w) in row[first * 3..(first + weights.len()) * 3].chunks_exact(3).zip(weights) {
+                    acc[0] += i32::from(p[0]) * w;
+                    acc[1] += i32::from(p[1]) * w;
+                    acc[2] += i32::from(p[2]) * w;
+                }
                 for c in 0..3 {
-                    let acc = weights.iter().enumerate().fold(taps.half(), |a, (j, w)| a + i64::from(row[(first + j) * 3 + c]) * i64::from(*w));
-                    out[(y * width as usize + x) * 3 + c] = taps.finish(acc);
+                    px[c] = taps.finish(acc[c]);
                 }
             }
         }
@@ -165,14 +169,22 @@ pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     if h0 == height {
         return RgbImage::from_raw(width, height, horizontal).expect("w*h*3 bytes. This is a bug.");
     }
+    // Vertical pass: each output row a weighted sum of whole source rows.
     let taps = TorchTaps::new(h0, height);
     let stride = width as usize * 3;
     let mut out = vec![0u8; height as usize * stride];
-    for y in 0..height as usize {
+    let mut acc = vec![0i32; stride];
+    for (y, dst) in out.chunks_exact_mut(stride).enumerate() {
         let (first, weights) = taps.of(y);
-        for i in 0..stride {
-            let acc = weights.iter().enumerate().fold(taps.half(), |a, (j, w)| a + i64::from(horizontal[(first + j) * stride + i]) * i64::from(*w));
-            out[y * stride + i] = taps.finish(acc);
+        acc.fill(taps.half());
+        for (j, &w) in weights.iter().enumerate() {
+            let row = &horizontal[(first + j) * stride..(first + j + 1) * stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += i32::from(p) * w;
+            }
+        }
+        for (d, &a) in dst.iter_mut().zip(&acc) {
+            *d = taps.finish(a);
         }
     }
     RgbImage::from_raw(width, height, out).expect("w*h*3 bytes. This is a bug.")
@@ -219,11 +231,13 @@ impl TorchTaps {
         (*first, &self.weights[r.clone()])
     }
 
-    fn half(&self) -> i64 {
+    fn half(&self) -> i32 {
         if self.precision == 0 { 0 } else { 1 << (self.precision - 1) }
     }
 
-    fn finish(&self, acc: i64) -> u8 {
+    /// The weights sum to 2^precision <= 2^22 and pixels are at most 255, so an i32 accumulator (as PyTorch's)
+    /// cannot overflow.
+    fn finish(&self, acc: i32) -> u8 {
         (acc >> self.precision).clamp(0, 255) as u8
     }
 }
@@ -250,6 +264,9 @@ pub enum ResizePolicy {
     ShorterSideThenCenterCrop,
     /// Ultralytics' letterbox (crate::letterbox): the aspect ratio kept, OpenCV's bilinear resize, grey padding.
     Letterbox,
+    /// Ultralytics' `LetterBox(scale_fill=True)`, what its RT-DETR predictor uses: both sides scaled to the input
+    /// with OpenCV's bilinear resize (no antialiasing), no padding.
+    ScaleFill,
 }
 
 /// How pixels become the model's input besides mean and std: size policy, channel order and pixel range.
@@ -305,6 +322,8 @@ pub fn to_model_size(img: &RgbImage, width: u32, height: u32, px: PixelFormat) -
     let whole = Region { x: 0.0, y: 0.0, width: w as f64, height: h as f64 };
     match px.resize {
         ResizePolicy::Stretch => (resize(img, width, height), whole),
+        ResizePolicy::ScaleFill if img.dimensions() == (width, height) => (img.clone(), whole),
+        ResizePolicy::ScaleFill => (crate::letterbox::resize_linear(img, width, height), whole),
         ResizePolicy::Letterbox => {
             // The input shows the upload and padding around it: the region runs past the upload's edges.
             let (boxed, p) = crate::letterbox::letterbox(img, width, height);

@@ -45,6 +45,10 @@ pub enum DetectionFormat {
     /// [N, Q, 4], which the rewrite joins into one [N, Q, classes + 5]): softmax class probabilities, the last
     /// "no object", and boxes `cx, cy, w, h` normalised to the input.
     Detr { classes: usize, queries: usize },
+    /// Ultralytics' RT-DETR (metadata `head` RTDETRDecoder): `[N, Q, 6]`, rows `cx, cy, w, h` normalised to the
+    /// input, then score and class, already selected in the graph (TopK over queries x classes of the sigmoid
+    /// scores); the class count comes from the labels (the file's `names`).
+    UltralyticsRtDetr { classes: usize, rows: usize },
 }
 
 impl DetectionFormat {
@@ -53,6 +57,7 @@ impl DetectionFormat {
             DetectionFormat::UltralyticsRaw { .. } => "ultralytics",
             DetectionFormat::UltralyticsEndToEnd { .. } => "ultralytics_end2end",
             DetectionFormat::Detr { .. } => "detr",
+            DetectionFormat::UltralyticsRtDetr { .. } => "ultralytics_rtdetr",
         }
     }
 
@@ -61,7 +66,8 @@ impl DetectionFormat {
         match self {
             DetectionFormat::UltralyticsRaw { classes, .. }
             | DetectionFormat::UltralyticsEndToEnd { classes, .. }
-            | DetectionFormat::Detr { classes, .. } => classes,
+            | DetectionFormat::Detr { classes, .. }
+            | DetectionFormat::UltralyticsRtDetr { classes, .. } => classes,
         }
     }
 
@@ -69,7 +75,7 @@ impl DetectionFormat {
     pub fn rows(self) -> usize {
         match self {
             DetectionFormat::UltralyticsRaw { anchors, .. } => anchors,
-            DetectionFormat::UltralyticsEndToEnd { rows, .. } => rows,
+            DetectionFormat::UltralyticsEndToEnd { rows, .. } | DetectionFormat::UltralyticsRtDetr { rows, .. } => rows,
             DetectionFormat::Detr { queries, .. } => queries,
         }
     }
@@ -78,7 +84,9 @@ impl DetectionFormat {
     /// transformers' `threshold = 0.5` (no NMS, no cap beyond the queries).
     pub fn default_thresholds(self) -> Thresholds {
         match self {
-            DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } => Thresholds::default(),
+            DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } | DetectionFormat::UltralyticsRtDetr { .. } => {
+                Thresholds::default()
+            }
             DetectionFormat::Detr { queries, .. } => Thresholds { score: 0.5, iou: 0.7, max_detections: queries },
         }
     }
@@ -90,13 +98,14 @@ impl DetectionFormat {
         match self {
             DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::Letterbox),
             DetectionFormat::Detr { .. } => (crate::config::IMAGENET_MEAN, crate::config::IMAGENET_STD, ResizePolicy::Stretch),
+            DetectionFormat::UltralyticsRtDetr { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::ScaleFill),
         }
     }
 
-    /// Whether the predictor clips boxes to the image (Ultralytics' `scale_boxes` does; transformers' DETR
-    /// post-processing does not).
+    /// Whether the predictor clips boxes to the image (Ultralytics' `scale_boxes` does for YOLO; transformers' DETR
+    /// post-processing and Ultralytics' RT-DETR predictor, which scale normalised boxes, do not).
     pub fn clips_boxes(self) -> bool {
-        !matches!(self, DetectionFormat::Detr { .. })
+        !matches!(self, DetectionFormat::Detr { .. } | DetectionFormat::UltralyticsRtDetr { .. })
     }
 }
 
@@ -149,15 +158,20 @@ impl Task {
         };
         // Ultralytics writes `end2end` (True or False) and the head's class; an RT-DETR export is [N, Q, 6] too, but
         // with normalised centre boxes, so it must not be read as an end-to-end YOLO.
-        if let Some(head) = metadata.get("head")
-            && head.contains("RTDETR")
-        {
-            return Err(format!("Ultralytics RT-DETR exports (head `{head}`) are not decoded yet: only YOLO heads (raw [N, 4 + classes, anchors] or end-to-end [N, rows, 6])"));
-        }
+        let rtdetr = metadata.get("head").is_some_and(|h| h.contains("RTDETR"));
         let end2end = metadata.get("end2end").map(|v| v == "True");
         let detr = metadata.get(JOINED_OUTPUTS_KEY).is_some_and(|v| v == "logits,pred_boxes");
         let format = match dims {
             [queries, width] if detr && *queries >= 1 && *width >= 6 => DetectionFormat::Detr { classes: (*width - 5) as usize, queries: *queries as usize },
+            [rows, 6] if rtdetr && *rows >= 1 => {
+                let classes = labels.as_ref().map(Vec::len).ok_or_else(|| {
+                    format!("an RT-DETR output [{rows}, 6] does not say how many classes there are: the file has no `names` metadata; give a labels file (`labels`)")
+                })?;
+                DetectionFormat::UltralyticsRtDetr { classes, rows: *rows as usize }
+            }
+            _ if rtdetr => {
+                return Err(format!("an Ultralytics RT-DETR export's output is [N, rows, 6] (cx, cy, w, h normalised, score, class); this model's is {dims:?} per image"));
+            }
             _ if detr => {
                 return Err(format!(
                     "a DETR-family detector's outputs `logits` [N, queries, classes + 1] and `pred_boxes` [N, queries, 4] join into [N, queries, classes + 5]; this model's join is {dims:?} per image"
@@ -258,6 +272,10 @@ impl Detector {
                 let [_, h, w] = self.input_shape;
                 detection::detr(out, classes + 1, queries, w as f32, h as f32, thresholds)
             }
+            DetectionFormat::UltralyticsRtDetr { classes, rows } => {
+                let [_, h, w] = self.input_shape;
+                detection::rtdetr(out, classes, rows, w as f32, h as f32, thresholds)
+            }
         }
     }
 
@@ -266,7 +284,9 @@ impl Detector {
     /// probability with respect to its query's logits, `p_c (1[k = c] - p_k)`, and zero elsewhere (boxes included).
     pub fn seed(&self, out: &[f32], f: &Found) -> Target {
         match self.format {
-            DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } => Target::Class(self.score_index(f)),
+            DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } | DetectionFormat::UltralyticsRtDetr { .. } => {
+                Target::Class(self.score_index(f))
+            }
             DetectionFormat::Detr { classes, queries } => {
                 let (k, stride) = (classes + 1, classes + 5);
                 let mut seed = vec![0.0f32; queries * stride];
@@ -286,7 +306,7 @@ impl Detector {
             DetectionFormat::UltralyticsRaw { anchors, .. } => (4 + f.class) * anchors + f.anchor,
             // The row's score, which the graph's TopK gathered from the class scores: the gradient flows back
             // through it.
-            DetectionFormat::UltralyticsEndToEnd { .. } => f.anchor * 6 + 4,
+            DetectionFormat::UltralyticsEndToEnd { .. } | DetectionFormat::UltralyticsRtDetr { .. } => f.anchor * 6 + 4,
             // The logit of its class; its explained score is the probability (`seed`).
             DetectionFormat::Detr { classes, .. } => f.anchor * (classes + 5) + f.class,
         }
@@ -297,7 +317,9 @@ impl Detector {
     pub fn proposal(&self, out: &[f32], f: &Found) -> crate::methods::drise::Proposal {
         let classes = match self.format {
             DetectionFormat::UltralyticsRaw { classes, anchors } => (0..classes).map(|c| out[(4 + c) * anchors + f.anchor]).collect(),
-            DetectionFormat::UltralyticsEndToEnd { classes, .. } => (0..classes).map(|c| if c == f.class { f.score } else { 0.0 }).collect(),
+            DetectionFormat::UltralyticsEndToEnd { classes, .. } | DetectionFormat::UltralyticsRtDetr { classes, .. } => {
+                (0..classes).map(|c| if c == f.class { f.score } else { 0.0 }).collect()
+            }
             // The probabilities of every class and of "no object", as D-RISE's paper compares Faster R-CNN's.
             DetectionFormat::Detr { classes, .. } => detection::softmax(&out[f.anchor * (classes + 5)..f.anchor * (classes + 5) + classes + 1]),
         };
@@ -447,7 +469,9 @@ mod tests {
         assert!(format_of(&[("task", "detect")], &[300, 6]).unwrap_err().contains("labels file"));
         // RT-DETR's [N, Q, 6] has normalised centre boxes: not an end-to-end YOLO.
         let rtdetr = [("task", "detect"), ("names", names), ("head", "RTDETRDecoder")];
-        assert!(format_of(&rtdetr, &[300, 6]).unwrap_err().contains("RT-DETR"));
+        assert_eq!(format_of(&rtdetr, &[300, 6]), Ok(DetectionFormat::UltralyticsRtDetr { classes: 2, rows: 300 }));
+        assert!(format_of(&rtdetr, &[300, 84]).unwrap_err().contains("RT-DETR"));
+        assert!(format_of(&[("task", "detect"), ("head", "RTDETRDecoder")], &[300, 6]).unwrap_err().contains("labels file"));
     }
 
     #[test]

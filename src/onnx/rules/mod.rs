@@ -119,8 +119,14 @@ impl RuleCtx<'_> {
     }
 
     /// Whether `axis` of tensor `name` is (or folds in) the batch axis: its size follows the batch size. Rules
-    /// that bake sizes read at batch size 1 into constants must not do that along such an axis.
+    /// that bake sizes read at batch size 1 into constants must not do that along such an axis. A model whose batch
+    /// is fixed at 1 has none: its explain graphs run one row at a time (the engine splits batches), so sizes read
+    /// at batch 1 are the sizes at every run, and an axis 0 of size 1 (timm's packed q, k, v; a detector's decoder
+    /// concatenating along axis 0) need not be the batch.
     pub fn is_batch_axis(&self, name: &str, axis: usize) -> bool {
+        if self.probe.batch_fixed {
+            return false;
+        }
         if self.index.initializers.contains_key(name) || self.index.const_f32(self.graph, name).is_some() {
             return false;
         }
