@@ -137,6 +137,9 @@ pub struct ModelView {
     resize: crate::preprocess::ResizePolicy,
     #[serde(skip_serializing_if = "Option::is_none")]
     resize_shorter_side: Option<u32>,
+    /// The most rows one run of the model takes: 1 for a file whose batch is fixed at 1 (each batch then runs
+    /// one row at a time), else the batcher's `max_batch`.
+    max_batch: usize,
 }
 
 fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) -> ModelView {
@@ -188,6 +191,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
         resize_shorter_side: (info.pixels.resize == crate::preprocess::ResizePolicy::ShorterSideThenCenterCrop)
             .then(|| info.pixels.shorter_side(info.input_shape[2] as u32, info.input_shape[1] as u32)),
         scores: if info.stripped_output_op.is_some() { "pre-softmax" } else { "logits" },
+        max_batch: if info.batch_fixed { 1 } else { handle.max_batch },
         methods,
     }
 }

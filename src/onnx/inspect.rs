@@ -31,6 +31,8 @@ pub struct Analysis {
     pub metadata: std::collections::BTreeMap<String, String>,
     /// `[C, H, W]`.
     pub input_shape: [usize; 3],
+    /// The file fixes the batch at 1 (the probe at batch 2 failed): served one row per run.
+    pub batch_fixed: bool,
 }
 
 impl Inspection {
@@ -62,6 +64,7 @@ pub fn inspect(mut model: ModelProto, opts: &PrepareOptions, runner: &dyn super:
             output_dims: ex.output_dims(),
             metadata: ex.metadata(),
             input_shape: [ex.input_dims[1] as usize, ex.input_dims[2] as usize, ex.input_dims[3] as usize],
+            batch_fixed: ex.probe.batch_fixed,
         })
     };
     Ok(Inspection { inputs, outputs, opset, contract, analysis })
@@ -107,6 +110,11 @@ impl fmt::Display for Inspection {
         if let Some(a) = &self.analysis {
             if let Some(t) = a.upgraded_to {
                 writeln!(f, "the rewrite upgrades the model to opset {t}")?;
+            }
+            if a.batch_fixed {
+                writeln!(f, "batch: fixed at 1 in the file: served one row per run (max_batch 1); the rewrite treats no axis as the batch")?;
+            } else {
+                writeln!(f, "batch: dynamic")?;
             }
             if a.input_layout == super::rewrite::InputLayout::Nhwc {
                 writeln!(f, "input layout: NHWC (camserve feeds NCHW through a Transpose)")?;
