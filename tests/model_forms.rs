@@ -372,7 +372,30 @@ fn trailing_softmax_is_stripped_and_reported() {
 }
 
 /// A Softmax followed by Identity nodes (Paddle's inference models end `softmax -> scale`, which paddle2onnx writes
-/// as an Identity) is stripped too: the explanations use the scores before it (issue 28).
+/// as an Identity), or by a Reshape, Flatten, Cast (Keras and TorchScript endings), is stripped too: the
+/// explanations use the scores before it (issue 28).
+#[test]
+fn softmax_behind_value_preserving_ops_is_stripped() {
+    let mut g = G::new(&[2, 3, 8, 8], 11);
+    let x = g.x();
+    let p = g.op("GlobalAveragePool", &[&x], vec![]);
+    let f = g.op("Flatten", &[&p], vec![]);
+    let w = g.rand(&[3, 4], 0.5);
+    let l = g.op("MatMul", &[&f, &w], vec![]);
+    let s = g.op("Softmax", &[&l], vec![a_i("axis", -1)]);
+    let shape = g.ints(&[-1, 4, 1]);
+    let r = g.op("Reshape", &[&s, &shape], vec![]);
+    let c = g.op("Cast", &[&r], vec![a_i("to", 1)]);
+    let fl = g.op("Flatten", &[&c], vec![a_i("axis", 1)]);
+    let mut model = g.finish(&fl);
+    let graph = model.graph.as_mut().unwrap();
+    graph.node.pop();
+    graph.node.last_mut().unwrap().output[0] = "logits".into();
+    let ex = camserve::backend::probe::analyse(model, &PrepareOptions::default()).unwrap();
+    assert_eq!(ex.stripped_output_op.as_deref(), Some("Softmax"));
+    assert_eq!(ex.logits, l, "the scores before the Softmax");
+}
+
 #[test]
 fn softmax_behind_identities_is_stripped() {
     let mut g = G::new(&[2, 3, 8, 8], 11);

@@ -195,10 +195,14 @@ impl Explainable {
         let output = graph.output.first().ok_or_else(|| OnnxError::Invalid("the model has no outputs".into()))?;
         let mut logits = output.name().to_string();
         let mut stripped_output_op = None;
-        // Through trailing Identity nodes (Paddle's `scale` op exports as one after its Softmax) to the Softmax.
+        // Through the ops after it that only move or relabel its values (Paddle's `scale` exports as an Identity,
+        // Keras and TorchScript exports reshape, flatten or cast the probabilities) to the Softmax.
         let producer = |t: &str| graph.node.iter().find(|n| n.output.first().map(String::as_str) == Some(t));
         let mut last = producer(&logits);
-        while let Some(p) = last.filter(|p| p.op_type() == "Identity" && !p.input.is_empty()) {
+        let passes_values = |p: &&super::proto::NodeProto| {
+            !p.input.is_empty() && matches!(p.op_type(), "Identity" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Cast")
+        };
+        while let Some(p) = last.filter(passes_values) {
             last = producer(&p.input[0]);
         }
         if let Some(p) = last
