@@ -26,8 +26,8 @@ impl LinearHead {
 pub type NoHead = String;
 
 /// Follows `layer` to `logits` and returns the linear head's weights if the path is exactly: global average pooling
-/// (`GlobalAveragePool`, or `ReduceMean` over the two spatial axes), shape-only ops (`Flatten`, `Reshape`,
-/// `Squeeze`), one linear op with constant weights (`Gemm` or `MatMul`), and constant bias `Add`s.
+/// (`GlobalAveragePool`, or `ReduceMean` over the two spatial axes), shape-only ops (`Flatten`, `Reshape` with a
+/// constant or computed shape, `Squeeze`, `Identity`), one linear op with constant weights (`Gemm` or `MatMul`), and constant bias `Add`s.
 pub fn linear_head(graph: &GraphProto, index: &GraphIndex, layer: &str, logits: &str, channels: usize) -> Result<LinearHead, NoHead> {
     let mut t = layer.to_string();
     let mut pooled = false;
@@ -57,7 +57,11 @@ pub fn linear_head(graph: &GraphProto, index: &GraphIndex, layer: &str, logits: 
                 }
                 pooled = true;
             }
-            "Flatten" | "Reshape" | "Squeeze" if pooled && head.is_none() && (1..n.input.len()).all(other_const) => {}
+            "Flatten" | "Reshape" | "Squeeze" | "Identity" if pooled && head.is_none() && (1..n.input.len()).all(other_const) => {}
+            // PyTorch's `x.view(x.size(0), -1)` reshapes with a shape computed from the image's batch size. After the
+            // pooling the tensor is [N, C, 1, 1], and any Reshape keeps its values in channel order: the linear layer
+            // after it must still take exactly the layer's channels (checked in `matrix`).
+            "Reshape" if pooled && head.is_none() && n.input[0] == t => {}
             "Gemm" if pooled && head.is_none() && n.input[0] == t => {
                 if attr::int_or(n, "transA", 0) != 0 {
                     return Err("the linear layer transposes its input".into());
