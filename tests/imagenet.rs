@@ -206,3 +206,43 @@ fn resizing_matches_torchvision() {
     let landscape: ndarray::Array1<i64> = npz.by_name("landscape_crop_box").unwrap();
     assert_eq!(landscape[0], 22);
 }
+
+/// Ablation-CAM on the bundled model, whose head reads the image's batch size through `Shape(input)` (PyTorch's
+/// `x.view(x.size(0), -1)`): offered (issue 28), its head model rebuilding that shape from the layer. Against
+/// pytorch-grad-cam's `AblationCAM` on the PyTorch EfficientNet-Lite0 with the same weights, at the same layer, on
+/// the same tensors (tests/fixtures/ablation_imagenet, sent through OIP): the map at the layer's grid within 1e-4
+/// of the float64 reference (max |a - b| / max |b|), criterion fixed before the measurement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ablation_cam_is_offered_and_equals_pytorch_grad_cam() {
+    let dir = root().join("tests/fixtures/ablation_imagenet");
+    let mut z = NpzReader::new(std::fs::File::open(dir.join("references.npz")).unwrap()).unwrap();
+    let mut s = Server::start(imagenet_config()).await;
+    let view: Value = s.client.get(s.url("/v1/models/imagenet")).send().await.unwrap().json().await.unwrap();
+    assert!(view["methods"].as_array().unwrap().iter().any(|m| m == "ablationcam"), "{}", view["unavailable"]);
+    let mut rows = Vec::new();
+    for k in 0..2 {
+        let x: ndarray::ArrayD<f32> = z.by_name(&format!("input_{k}.npy")).unwrap();
+        let target: ndarray::ArrayD<i64> = z.by_name(&format!("target_{k}.npy")).unwrap();
+        let target = target.iter().next().copied().unwrap() as u64;
+        let req = serde_json::json!({
+            "inputs": [{ "name": "input", "datatype": "FP32", "shape": x.shape(), "data": x.iter().copied().collect::<Vec<f32>>() }],
+            "parameters": { "methods": ["ablationcam"], "target": target },
+            "outputs": [{ "name": "ablationcam" }],
+        });
+        let res = s.client.post(s.url("/v2/models/imagenet/infer")).json(&req).send().await.unwrap();
+        let status = res.status().as_u16();
+        let res: Value = res.json().await.unwrap();
+        assert_eq!(status, 200, "{res}");
+        let got: Vec<f64> = res["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let want: ndarray::ArrayD<f64> = z.by_name(&format!("cam_f64_{k}.npy")).unwrap();
+        let want: Vec<f64> = want.iter().copied().collect();
+        assert_eq!(got.len(), want.len());
+        assert!(want.iter().any(|v| *v != 0.0));
+        let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max) / scale;
+        rows.push(format!("image {k} (class {target}): {err:.2e}"));
+        assert!(err <= 1e-4, "Ablation-CAM vs pytorch-grad-cam (float64): {err:.3e}\n{}", rows.join("\n"));
+    }
+    println!("{}", rows.join("\n"));
+    s.stop().await.unwrap();
+}

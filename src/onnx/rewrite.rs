@@ -202,15 +202,35 @@ impl Explainable {
         let passes_values = |p: &&super::proto::NodeProto| {
             !p.input.is_empty() && matches!(p.op_type(), "Identity" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Cast")
         };
+        let mut through = false;
         while let Some(p) = last.filter(passes_values) {
             last = producer(&p.input[0]);
+            through = true;
         }
+        // Seen through other ops, a Softmax is the classifier's only when it normalises over every value of an image
+        // (its axis holds them all: [N, K], [N, K, 1, 1]); a Softmax over some inner axis, then flattened, is part of
+        // the network and stays (checked once the shapes are probed).
+        let mut candidate = None;
         if let Some(p) = last
             && matches!(p.op_type(), "Softmax" | "LogSoftmax") {
-                logits = p.input[0].clone();
-                stripped_output_op = Some(p.op_type().to_string());
+                candidate = Some((p.input[0].clone(), p.op_type().to_string(), super::attr::int_or(p, "axis", -1)));
             }
+        let original_output = logits.clone();
+        if let Some((x, op, _)) = &candidate {
+            logits = x.clone();
+            stripped_output_op = Some(op.clone());
+        }
         let mut probed = probe(&model, &input, &input_dims, runner)?;
+        if through && let Some((x, _, axis)) = &candidate {
+            let whole = probed.dims(x).is_some_and(|d| {
+                let a = if *axis < 0 { *axis + d.len() as i64 } else { *axis };
+                a >= 1 && (a as usize) < d.len() && d[a as usize] == d[1..].iter().product::<i64>()
+            });
+            if !whole {
+                logits = original_output;
+                stripped_output_op = None;
+            }
+        }
         if decompose::needed(&model) {
             decompose::decompose(&mut model, &probed)?;
             // Also proves that ONNX Runtime runs the spelled-out graph.
@@ -299,6 +319,30 @@ impl Explainable {
         let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
         let logit_dims = self.probe.dims(&self.logits).unwrap_or(&[]).to_vec();
         graph.node.retain(|n| !n.output.contains(&layer.name));
+        // A shape taken from the image (PyTorch's `x.view(x.size(0), -1)` exports `Shape(input)`) is rebuilt from
+        // the layer: its batch size, then the input's own [C, H, W], which are fixed. Every consumer sees the
+        // same values as before.
+        let rest: Vec<i64> = self.input_dims[1..].to_vec();
+        let mut rebuilt = Vec::new();
+        for (k, n) in graph.node.iter_mut().enumerate() {
+            if self.is_shape_of_image(n) {
+                rebuilt.push((k, n.output[0].clone()));
+                n.output[0] = format!("{}/camserve_unused", n.output[0]);
+            }
+        }
+        for (k, out) in rebuilt.into_iter().rev() {
+            let s = format!("{out}/layer_shape");
+            let (st, en, b, r) = (format!("{out}/start"), format!("{out}/end"), format!("{out}/batch"), format!("{out}/chw"));
+            let nodes = [
+                super::builder::node("Shape", &[&layer.name], &s, vec![]),
+                const_node(&st, tensor::i64_tensor("", &[1], &[0])),
+                const_node(&en, tensor::i64_tensor("", &[1], &[1])),
+                super::builder::node("Slice", &[&s, &st, &en], &b, vec![]),
+                const_node(&r, tensor::i64_tensor("", &[rest.len() as i64], &rest)),
+                super::builder::node("Concat", &[&b, &r], &out, vec![super::attr::make_int("axis", 0)]),
+            ];
+            graph.node.splice(k + 1..k + 1, nodes);
+        }
         graph.input = vec![value_info(&layer.name, tensor::FLOAT, &with_batch(&layer.native_dims))];
         graph.output = vec![value_info(&self.logits, tensor::FLOAT, &with_batch(&logit_dims))];
         graph.value_info.clear();
@@ -319,7 +363,7 @@ impl Explainable {
             if n.output.iter().any(|o| o == layer) || !n.output.iter().any(|o| needed.contains(o.as_str())) {
                 continue;
             }
-            if n.input.contains(&self.input) {
+            if n.input.contains(&self.input) && !self.is_shape_of_image(n) {
                 return Some(format!(
                     "the part of the model after layer `{layer}` also reads the image input (node `{}`), so it cannot run on the layer's activations alone",
                     node_label(n)
@@ -328,6 +372,12 @@ impl Explainable {
             needed.extend(n.input.iter().map(String::as_str));
         }
         None
+    }
+
+    /// A `Shape` of the image input (all of it): the head reads only the image's size through it, which
+    /// [`Explainable::head_model`] rebuilds from the layer's batch size and the input's fixed [C, H, W].
+    fn is_shape_of_image(&self, n: &super::proto::NodeProto) -> bool {
+        n.op_type() == "Shape" && n.input.first() == Some(&self.input) && super::attr::find(n, "start").is_none() && super::attr::find(n, "end").is_none()
     }
 
     /// The weights of the global-average-pool + linear head that follows `layer` (what plain CAM reads), or why the
@@ -796,4 +846,9 @@ pub(crate) fn value_info(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto 
         }),
         ..Default::default()
     }
+}
+
+/// A `Constant` node holding `t`.
+fn const_node(output: &str, t: super::proto::TensorProto) -> super::proto::NodeProto {
+    super::builder::node("Constant", &[], output, vec![super::attr::make_tensor("value", t)])
 }
