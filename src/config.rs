@@ -160,6 +160,12 @@ pub struct ModelConfig {
     /// `task` metadata), else classification.
     #[serde(default)]
     pub task: Option<TaskName>,
+    /// Detectors: the output layout, where the file does not say it (an export without Ultralytics' metadata):
+    /// `ultralytics` (raw head [N, 4 + classes, anchors]), `ultralytics_end2end` ([N, rows, 6] in input pixels),
+    /// `ultralytics_rtdetr` ([N, rows, 6] normalised centre boxes) or `detr` (outputs `logits` and `pred_boxes`).
+    /// Implies `task = "detection"`. Unset: recognised from the file.
+    #[serde(default)]
+    pub detection_format: Option<FormatName>,
     /// Detectors: the score a detection needs (default: the exporter's own, Ultralytics' 0.25).
     #[serde(default)]
     pub score_threshold: Option<f32>,
@@ -177,6 +183,17 @@ pub struct ModelConfig {
 pub enum TaskName {
     Classification,
     Detection,
+}
+
+/// The `detection_format` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FormatName {
+    Ultralytics,
+    #[serde(rename = "ultralytics_end2end")]
+    UltralyticsEndToEnd,
+    UltralyticsRtdetr,
+    Detr,
 }
 
 fn one() -> f32 {
@@ -201,6 +218,7 @@ impl ModelConfig {
             resize: None,
             resize_shorter_side: None,
             task: None,
+            detection_format: None,
             score_threshold: None,
             iou_threshold: None,
             max_detections: None,

@@ -41,6 +41,7 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
         };
         let task_config = TaskConfig {
             task: m.task,
+            format: m.detection_format,
             labels: labels.clone(),
             score_threshold: m.score_threshold,
             iou_threshold: m.iou_threshold,
@@ -65,7 +66,7 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
         };
         let mut runner = ModelRunner::load(&spec, &options).map_err(|e| anyhow::anyhow!("model `{}` ({}): {e}", m.name, spec.path.display()))?;
         let task = Task::recognise(runner.describe(), &task_config).map_err(|e| {
-            anyhow::anyhow!("model `{}` ({}): {e} (config keys: task, labels, score_threshold, iou_threshold, max_detections)", m.name, spec.path.display())
+            anyhow::anyhow!("model `{}` ({}): {e} (config keys: task, detection_format, labels, score_threshold, iou_threshold, max_detections)", m.name, spec.path.display())
         })?;
         // A detector takes its exporter's preprocessing (Ultralytics: pixels / 255, letterboxed; DETR: resized,
         // ImageNet's mean and std), unless the configuration says otherwise.

@@ -114,6 +114,8 @@ impl DetectionFormat {
 #[derive(Debug, Clone, Default)]
 pub struct TaskConfig {
     pub task: Option<TaskName>,
+    /// The `detection_format` key: the layout, whatever the file's metadata says.
+    pub format: Option<crate::config::FormatName>,
     pub labels: Option<Vec<String>>,
     pub score_threshold: Option<f32>,
     pub iou_threshold: Option<f32>,
@@ -138,10 +140,14 @@ impl Task {
     /// [`Task::recognise`] from the file's metadata, its first output's dims for one image and their size (what
     /// `camserve inspect` has at hand).
     pub fn recognise_from(metadata: &std::collections::BTreeMap<String, String>, dims: &[i64], num_classes: usize, input_shape: [usize; 3], cfg: &TaskConfig) -> Result<Task, String> {
+        use crate::config::FormatName;
         let detect = match cfg.task {
             Some(TaskName::Detection) => true,
+            Some(TaskName::Classification) if cfg.format.is_some() => {
+                return Err("`detection_format` is set for a model whose `task` is classification".into());
+            }
             Some(TaskName::Classification) => false,
-            None => metadata.get("task").is_some_and(|t| t == "detect") || metadata.contains_key(JOINED_OUTPUTS_KEY),
+            None => cfg.format.is_some() || metadata.get("task").is_some_and(|t| t == "detect") || metadata.contains_key(JOINED_OUTPUTS_KEY),
         };
         if !detect {
             if let Some(l) = &cfg.labels
@@ -158,9 +164,24 @@ impl Task {
         };
         // Ultralytics writes `end2end` (True or False) and the head's class; an RT-DETR export is [N, Q, 6] too, but
         // with normalised centre boxes, so it must not be read as an end-to-end YOLO.
-        let rtdetr = metadata.get("head").is_some_and(|h| h.contains("RTDETR"));
-        let end2end = metadata.get("end2end").map(|v| v == "True");
-        let detr = metadata.get(JOINED_OUTPUTS_KEY).is_some_and(|v| v == "logits,pred_boxes");
+        let rtdetr = match cfg.format {
+            Some(f) => f == FormatName::UltralyticsRtdetr,
+            None => metadata.get("head").is_some_and(|h| h.contains("RTDETR")),
+        };
+        let end2end = match cfg.format {
+            Some(FormatName::UltralyticsEndToEnd) => Some(true),
+            Some(FormatName::Ultralytics) => Some(false),
+            Some(_) => None,
+            None => metadata.get("end2end").map(|v| v == "True"),
+        };
+        let joined = metadata.get(JOINED_OUTPUTS_KEY).is_some_and(|v| v == "logits,pred_boxes");
+        let detr = match cfg.format {
+            Some(FormatName::Detr) if !joined => {
+                return Err("`detection_format = \"detr\"` needs the outputs `logits` [N, queries, classes + 1] and `pred_boxes` [N, queries, 4], as transformers names them; this file has no such pair".into());
+            }
+            Some(f) => f == FormatName::Detr,
+            None => joined,
+        };
         let format = match dims {
             [queries, width] if detr && *queries >= 1 && *width >= 6 => DetectionFormat::Detr { classes: (*width - 5) as usize, queries: *queries as usize },
             [rows, 6] if rtdetr && *rows >= 1 => {
@@ -472,6 +493,37 @@ mod tests {
         assert_eq!(format_of(&rtdetr, &[300, 6]), Ok(DetectionFormat::UltralyticsRtDetr { classes: 2, rows: 300 }));
         assert!(format_of(&rtdetr, &[300, 84]).unwrap_err().contains("RT-DETR"));
         assert!(format_of(&[("task", "detect"), ("head", "RTDETRDecoder")], &[300, 6]).unwrap_err().contains("labels file"));
+    }
+
+    /// The `detection_format` key decides the layout where the file says nothing (or says otherwise), and implies
+    /// the detection task.
+    #[test]
+    fn detection_format_key_overrides_the_file() {
+        use crate::config::FormatName;
+        let with = |f: FormatName, labels: usize| TaskConfig { format: Some(f), labels: Some(vec!["x".into(); labels]), ..Default::default() };
+        let of = |m: &[(&str, &str)], dims: &[i64], cfg: &TaskConfig| match Task::recognise_from(&meta(m), dims, dims.iter().product::<i64>() as usize, [3, 320, 320], cfg) {
+            Ok(Task::Detection(d)) => Ok(d.format),
+            Ok(Task::Classification) => Err("classification".to_string()),
+            Err(e) => Err(e),
+        };
+        // No metadata at all (a plain torch.onnx.export of a YOLO): classification unless the key says otherwise.
+        assert_eq!(of(&[], &[84, 2100], &TaskConfig::default()), Err("classification".into()));
+        assert_eq!(of(&[], &[84, 2100], &with(FormatName::Ultralytics, 80)), Ok(DetectionFormat::UltralyticsRaw { classes: 80, anchors: 2100 }));
+        assert_eq!(of(&[], &[300, 6], &with(FormatName::UltralyticsEndToEnd, 2)), Ok(DetectionFormat::UltralyticsEndToEnd { classes: 2, rows: 300 }));
+        assert_eq!(of(&[], &[100, 6], &with(FormatName::UltralyticsRtdetr, 2)), Ok(DetectionFormat::UltralyticsRtDetr { classes: 2, rows: 100 }));
+        // The key wins over the metadata: an RT-DETR head read as an end-to-end YOLO because the user says so.
+        assert_eq!(of(&[("head", "RTDETRDecoder")], &[100, 6], &with(FormatName::UltralyticsEndToEnd, 2)), Ok(DetectionFormat::UltralyticsEndToEnd { classes: 2, rows: 100 }));
+        // DETR needs its two outputs, which the rewrite joins.
+        assert!(of(&[], &[100, 96], &with(FormatName::Detr, 91)).unwrap_err().contains("pred_boxes"));
+        let classification = TaskConfig { task: Some(TaskName::Classification), format: Some(FormatName::Ultralytics), ..Default::default() };
+        assert!(of(&[], &[84, 2100], &classification).unwrap_err().contains("detection_format"));
+        // The config file spells the values as the model view does.
+        for (text, f) in [("ultralytics", FormatName::Ultralytics), ("ultralytics_end2end", FormatName::UltralyticsEndToEnd), ("ultralytics_rtdetr", FormatName::UltralyticsRtdetr), ("detr", FormatName::Detr)] {
+            use figment::providers::Format as _;
+            let toml = format!("name = \"m\"\npath = \"m.onnx\"\ndetection_format = \"{text}\"");
+            let m: crate::config::ModelConfig = figment::Figment::from(figment::providers::Toml::string(&toml)).extract().unwrap();
+            assert_eq!(m.detection_format, Some(f));
+        }
     }
 
     #[test]
