@@ -13,6 +13,8 @@
 //! - per-detection maps and input gradients (the target: the softmax probability of the detection's class at its
 //!   query) within 1e-4 of pytorch-grad-cam and torch.autograd on the float64 model (max |a - b| / max |b|).
 
+#[path = "support/detections.rs"]
+mod detections;
 #[path = "support/server.rs"]
 mod server;
 
@@ -20,6 +22,7 @@ use camserve::detection::{self, Thresholds};
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use serde_json::Value;
+use detections::*;
 use server::*;
 
 fn dir() -> std::path::PathBuf {
@@ -42,11 +45,6 @@ fn detr_config() -> camserve::config::Config {
     c
 }
 
-fn xyxy(v: &Value) -> [f32; 4] {
-    let a: Vec<f32> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-    [a[0], a[1], a[2], a[3]]
-}
-
 /// (class, box, score) of the reference detections of image entry `r`, best first (post-processing keeps query
 /// order), boxes scaled by `scale`.
 fn reference(r: &Value, scale: [f32; 2]) -> Vec<(usize, [f32; 4], f32)> {
@@ -61,16 +59,6 @@ fn reference(r: &Value, scale: [f32; 2]) -> Vec<(usize, [f32; 4], f32)> {
         .collect();
     want.sort_by(|a, b| b.2.total_cmp(&a.2));
     want
-}
-
-fn same_detections(what: &str, got: &[(usize, [f32; 4], f32)], want: &[(usize, [f32; 4], f32)]) {
-    assert_eq!(got.len(), want.len(), "{what}: {} detections, transformers found {}:\n{got:?}\n{want:?}", got.len(), want.len());
-    for (k, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.0, w.0, "{what} detection {k}: class");
-        assert!((g.2 - w.2).abs() <= 1e-4, "{what} detection {k}: score {} vs {}", g.2, w.2);
-        let iou = detection::iou(g.1, w.1);
-        assert!(iou >= 0.99, "{what} detection {k}: IoU {iou} ({:?} vs {:?})", g.1, w.1);
-    }
 }
 
 #[test]
@@ -163,12 +151,6 @@ async fn detections_from_the_processors_tensor_equal_transformers() {
     }
     assert!(count >= 30, "only {count} detections");
     s.stop().await.unwrap();
-}
-
-/// max |a - b| / max |b|.
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let scale = b.iter().map(|v| v.abs()).fold(0.0, f64::max).max(1e-30);
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
 }
 
 /// Per-detection maps against pytorch-grad-cam on the float64 PyTorch model (gradcam_detr.json), the target the

@@ -13,6 +13,8 @@
 //!   sigmoid class scores) within 1e-4 of pytorch-grad-cam and torch.autograd on the float64 model
 //!   (max |a - b| / max |b|).
 
+#[path = "support/detections.rs"]
+mod detections;
 #[path = "support/server.rs"]
 mod server;
 
@@ -20,6 +22,7 @@ use camserve::detection::{self, Thresholds};
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use serde_json::Value;
+use detections::*;
 use server::*;
 
 fn dir() -> std::path::PathBuf {
@@ -40,24 +43,9 @@ fn config(file: &str) -> camserve::config::Config {
     c
 }
 
-fn xyxy(v: &Value) -> [f32; 4] {
-    let a: Vec<f32> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-    [a[0], a[1], a[2], a[3]]
-}
-
 /// (class, box, score) of the predictor's detections of entry `r`, in its order (the rows' order).
 fn reference(r: &Value) -> Vec<(usize, [f32; 4], f32)> {
     r["detections"].as_array().unwrap().iter().map(|d| (d["class"].as_u64().unwrap() as usize, xyxy(&d["xyxy"]), d["score"].as_f64().unwrap() as f32)).collect()
-}
-
-fn same_detections(what: &str, got: &[(usize, [f32; 4], f32)], want: &[(usize, [f32; 4], f32)]) {
-    assert_eq!(got.len(), want.len(), "{what}: {} detections, Ultralytics found {}:\n{got:?}\n{want:?}", got.len(), want.len());
-    for (k, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.0, w.0, "{what} detection {k}: class");
-        assert!((g.2 - w.2).abs() <= 1e-4, "{what} detection {k}: score {} vs {}", g.2, w.2);
-        let iou = detection::iou(g.1, w.1);
-        assert!(iou >= 0.99, "{what} detection {k}: IoU {iou} ({:?} vs {:?})", g.1, w.1);
-    }
 }
 
 #[test]
@@ -136,12 +124,6 @@ async fn detections_through_the_api_equal_ultralytics_predict() {
     assert_eq!((e["method"].as_str(), e["target"]["detection"].as_u64()), (Some("hirescam"), Some(0)), "{body}");
     println!("default layer: {}", e["layer"]);
     s.stop().await.unwrap();
-}
-
-/// max |a - b| / max |b|.
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let scale = b.iter().map(|v| v.abs()).fold(0.0, f64::max).max(1e-30);
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
 }
 
 fn raw(e: &Value) -> Vec<f64> {
