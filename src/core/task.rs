@@ -7,7 +7,7 @@ use super::answer::{Classification, Detection, Prediction, TaskResult};
 use crate::backend::engine::{ranked, ModelInfo};
 use crate::backend::batcher::Target;
 use crate::config::TaskName;
-use crate::onnx::rewrite::JOINED_OUTPUTS_KEY;
+use crate::onnx::rewrite::{JOINED_OUTPUTS_KEY, TORCHVISION_JOINED};
 use crate::preprocess::ResizePolicy;
 use crate::detection::{self, Found, Thresholds};
 use crate::methods::Method;
@@ -49,6 +49,11 @@ pub enum DetectionFormat {
     /// input, then score and class, already selected in the graph (TopK over queries x classes of the sigmoid
     /// scores); the class count comes from the labels (the file's `names`).
     UltralyticsRtDetr { classes: usize, rows: usize },
+    /// A torchvision detector exported with its post-processing (Faster R-CNN, RetinaNet, FCOS, SSD, SSDlite): its
+    /// boxes, scores and labels, which the rewrite joins into `[1, rows, 6]` (`x0, y0, x1, y1, score, label` in
+    /// input pixels, the model's detections first, zero rows after them). The model has already thresholded, run
+    /// NMS and capped them; the class count (background 0 included) comes from the labels file.
+    Torchvision { classes: usize, rows: usize },
 }
 
 impl DetectionFormat {
@@ -58,6 +63,7 @@ impl DetectionFormat {
             DetectionFormat::UltralyticsEndToEnd { .. } => "ultralytics_end2end",
             DetectionFormat::Detr { .. } => "detr",
             DetectionFormat::UltralyticsRtDetr { .. } => "ultralytics_rtdetr",
+            DetectionFormat::Torchvision { .. } => "torchvision",
         }
     }
 
@@ -67,7 +73,8 @@ impl DetectionFormat {
             DetectionFormat::UltralyticsRaw { classes, .. }
             | DetectionFormat::UltralyticsEndToEnd { classes, .. }
             | DetectionFormat::Detr { classes, .. }
-            | DetectionFormat::UltralyticsRtDetr { classes, .. } => classes,
+            | DetectionFormat::UltralyticsRtDetr { classes, .. }
+            | DetectionFormat::Torchvision { classes, .. } => classes,
         }
     }
 
@@ -75,30 +82,34 @@ impl DetectionFormat {
     pub fn rows(self) -> usize {
         match self {
             DetectionFormat::UltralyticsRaw { anchors, .. } => anchors,
-            DetectionFormat::UltralyticsEndToEnd { rows, .. } | DetectionFormat::UltralyticsRtDetr { rows, .. } => rows,
+            DetectionFormat::UltralyticsEndToEnd { rows, .. } | DetectionFormat::UltralyticsRtDetr { rows, .. } | DetectionFormat::Torchvision { rows, .. } => rows,
             DetectionFormat::Detr { queries, .. } => queries,
         }
     }
 
     /// The exporter's own predictor's thresholds: Ultralytics' `conf = 0.25, iou = 0.7`, 300 detections;
-    /// transformers' `threshold = 0.5` (no NMS, no cap beyond the queries).
+    /// transformers' `threshold = 0.5` (no NMS, no cap beyond the queries); a torchvision detector's own, inside the
+    /// graph (every detection it answers is kept; `score_threshold` and `max_detections` can only drop some).
     pub fn default_thresholds(self) -> Thresholds {
         match self {
             DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } | DetectionFormat::UltralyticsRtDetr { .. } => {
                 Thresholds::default()
             }
             DetectionFormat::Detr { queries, .. } => Thresholds { score: 0.5, iou: 0.7, max_detections: queries },
+            DetectionFormat::Torchvision { rows, .. } => Thresholds { score: 0.0, iou: 1.0, max_detections: rows },
         }
     }
 
     /// The preprocessing of the exporter's own predictor, where the configuration does not say it: Ultralytics'
     /// letterbox and pixels / 255; transformers' `DetrImageProcessor` at a fixed size: the image resized to the
-    /// input (bilinear) and normalised with ImageNet's mean and std.
+    /// input (bilinear) and normalised with ImageNet's mean and std; a torchvision detector normalises and resizes
+    /// inside its graph (`GeneralizedRCNNTransform`), so it gets pixels / 255 stretched to its fixed input size.
     pub fn default_preprocessing(self) -> ([f32; 3], [f32; 3], ResizePolicy) {
         match self {
             DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::Letterbox),
             DetectionFormat::Detr { .. } => (crate::config::IMAGENET_MEAN, crate::config::IMAGENET_STD, ResizePolicy::Stretch),
             DetectionFormat::UltralyticsRtDetr { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::ScaleFill),
+            DetectionFormat::Torchvision { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::Stretch),
         }
     }
 
@@ -175,6 +186,14 @@ impl Task {
             None => metadata.get("end2end").map(|v| v == "True"),
         };
         let joined = metadata.get(JOINED_OUTPUTS_KEY).is_some_and(|v| v == "logits,pred_boxes");
+        let torchvision = metadata.get(JOINED_OUTPUTS_KEY).is_some_and(|v| v == TORCHVISION_JOINED);
+        if cfg.format.is_some_and(|f| (f == FormatName::Torchvision) != torchvision) {
+            return Err(if torchvision {
+                "this file is a torchvision detector (one image [C, H, W] in; boxes [D, 4], scores [D] and labels [D] out): its `detection_format` is `torchvision`".into()
+            } else {
+                "`detection_format = \"torchvision\"` needs the outputs of a torchvision detector exported with its post-processing: boxes float [D, 4], scores float [D] and labels int64 [D], from one image [C, H, W]; this file has no such outputs".into()
+            });
+        }
         let detr = match cfg.format {
             Some(FormatName::Detr) if !joined => {
                 return Err("`detection_format = \"detr\"` needs the outputs `logits` [N, queries, classes + 1] and `pred_boxes` [N, queries, 4], as transformers names them; this file has no such pair".into());
@@ -183,6 +202,12 @@ impl Task {
             None => joined,
         };
         let format = match dims {
+            [rows, 6] if torchvision => {
+                let classes = labels.as_ref().map(Vec::len).ok_or_else(|| {
+                    "a torchvision detector's labels index its classes (0 is the background in torchvision's own models) and the file does not name them: give a labels file (`labels`), one line per class index".to_string()
+                })?;
+                DetectionFormat::Torchvision { classes, rows: *rows as usize }
+            }
             [queries, width] if detr && *queries >= 1 && *width >= 6 => DetectionFormat::Detr { classes: (*width - 5) as usize, queries: *queries as usize },
             [rows, 6] if rtdetr && *rows >= 1 => {
                 let classes = labels.as_ref().map(Vec::len).ok_or_else(|| {
@@ -297,6 +322,7 @@ impl Detector {
                 let [_, h, w] = self.input_shape;
                 detection::rtdetr(out, classes, rows, w as f32, h as f32, thresholds)
             }
+            DetectionFormat::Torchvision { classes, rows } => detection::yolo_end2end(out, classes, rows, thresholds),
         }
     }
 
@@ -305,9 +331,10 @@ impl Detector {
     /// probability with respect to its query's logits, `p_c (1[k = c] - p_k)`, and zero elsewhere (boxes included).
     pub fn seed(&self, out: &[f32], f: &Found) -> Target {
         match self.format {
-            DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } | DetectionFormat::UltralyticsRtDetr { .. } => {
-                Target::Class(self.score_index(f))
-            }
+            DetectionFormat::UltralyticsRaw { .. }
+            | DetectionFormat::UltralyticsEndToEnd { .. }
+            | DetectionFormat::UltralyticsRtDetr { .. }
+            | DetectionFormat::Torchvision { .. } => Target::Class(self.score_index(f)),
             DetectionFormat::Detr { classes, queries } => {
                 let (k, stride) = (classes + 1, classes + 5);
                 let mut seed = vec![0.0f32; queries * stride];
@@ -328,6 +355,8 @@ impl Detector {
             // The row's score, which the graph's TopK gathered from the class scores: the gradient flows back
             // through it.
             DetectionFormat::UltralyticsEndToEnd { .. } | DetectionFormat::UltralyticsRtDetr { .. } => f.anchor * 6 + 4,
+            // The kept score, which the graph gathered from the class scores (NMS's and TopK's indices).
+            DetectionFormat::Torchvision { .. } => f.anchor * 6 + 4,
             // The logit of its class; its explained score is the probability (`seed`).
             DetectionFormat::Detr { classes, .. } => f.anchor * (classes + 5) + f.class,
         }
@@ -338,7 +367,7 @@ impl Detector {
     pub fn proposal(&self, out: &[f32], f: &Found) -> crate::methods::drise::Proposal {
         let classes = match self.format {
             DetectionFormat::UltralyticsRaw { classes, anchors } => (0..classes).map(|c| out[(4 + c) * anchors + f.anchor]).collect(),
-            DetectionFormat::UltralyticsEndToEnd { classes, .. } | DetectionFormat::UltralyticsRtDetr { classes, .. } => {
+            DetectionFormat::UltralyticsEndToEnd { classes, .. } | DetectionFormat::UltralyticsRtDetr { classes, .. } | DetectionFormat::Torchvision { classes, .. } => {
                 (0..classes).map(|c| if c == f.class { f.score } else { 0.0 }).collect()
             }
             // The probabilities of every class and of "no object", as D-RISE's paper compares Faster R-CNN's.
@@ -365,6 +394,8 @@ impl Detector {
 ///   projection to the transformer's width. The file's own default would be a token layer, and a DETR's decoder tokens are
 ///   its queries (20 queries read as 4 + a 4 x 4 grid), not places in the image.
 ///
+/// - torchvision: the backbone's (or its FPN's) last map on the 1/16 grid.
+///
 /// `None` when no such map exists (a YOLO whose module paths are not recorded).
 pub fn detector_default_layer(format: DetectionFormat, info: &ModelInfo) -> Option<String> {
     detector_layer_of(format, &info.layers, info.input_shape)
@@ -380,6 +411,19 @@ pub fn detector_layer_of(format: DetectionFormat, layers: &[crate::onnx::rewrite
             .take_while(|l| l.layout == crate::onnx::rewrite::LayerLayout::Nchw)
             .filter(|l| l.native_dims.len() == 4)
             .last()
+            .map(|l| l.name.clone());
+    }
+    if let DetectionFormat::Torchvision { .. } = format {
+        // The backbone's (with an FPN: the pyramid's) last map on the 1/16 grid, the stride torchvision's detectors
+        // all read (SSDlite's first feature map, the FPN's P4), whose maps still resolve a box; the file's own
+        // default would be a head's reshape into anchors.
+        let [_, h, w] = input_shape;
+        return layers
+            .iter()
+            .filter(|l| l.layout == crate::onnx::rewrite::LayerLayout::Nchw && l.dims.len() == 4)
+            .filter(|l| l.module.as_deref().is_some_and(|m| m == "backbone" || m.starts_with("backbone.")))
+            .filter(|l| l.dims[2] as usize == h.div_ceil(16) && l.dims[3] as usize == w.div_ceil(16))
+            .next_back()
             .map(|l| l.name.clone());
     }
     let index = |m: &str| m.strip_prefix("model.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
@@ -518,12 +562,37 @@ mod tests {
         let classification = TaskConfig { task: Some(TaskName::Classification), format: Some(FormatName::Ultralytics), ..Default::default() };
         assert!(of(&[], &[84, 2100], &classification).unwrap_err().contains("detection_format"));
         // The config file spells the values as the model view does.
-        for (text, f) in [("ultralytics", FormatName::Ultralytics), ("ultralytics_end2end", FormatName::UltralyticsEndToEnd), ("ultralytics_rtdetr", FormatName::UltralyticsRtdetr), ("detr", FormatName::Detr)] {
+        for (text, f) in [("ultralytics", FormatName::Ultralytics), ("ultralytics_end2end", FormatName::UltralyticsEndToEnd), ("ultralytics_rtdetr", FormatName::UltralyticsRtdetr), ("detr", FormatName::Detr), ("torchvision", FormatName::Torchvision)] {
             use figment::providers::Format as _;
             let toml = format!("name = \"m\"\npath = \"m.onnx\"\ndetection_format = \"{text}\"");
             let m: crate::config::ModelConfig = figment::Figment::from(figment::providers::Toml::string(&toml)).extract().unwrap();
             assert_eq!(m.detection_format, Some(f));
         }
+    }
+
+    /// A torchvision detector (the rewrite joined its boxes, scores and labels): recognised from the join, classes
+    /// from the labels (required), the model's own thresholds (nothing more dropped), the key only where it fits.
+    #[test]
+    fn torchvision_from_its_joined_outputs() {
+        use crate::config::FormatName;
+        let joined = [(JOINED_OUTPUTS_KEY, TORCHVISION_JOINED)];
+        let labels = |n: usize| TaskConfig { labels: Some(vec!["x".into(); n]), ..Default::default() };
+        let of = |m: &[(&str, &str)], cfg: &TaskConfig| Task::recognise_from(&meta(m), &[1000, 6], 6000, [3, 320, 320], cfg);
+        let Ok(Task::Detection(d)) = of(&joined, &labels(91)) else { panic!() };
+        assert_eq!(d.format, DetectionFormat::Torchvision { classes: 91, rows: 1000 });
+        assert_eq!((d.thresholds.score, d.thresholds.max_detections), (0.0, 1000));
+        assert_eq!(d.format.default_preprocessing(), ([0.0; 3], [1.0; 3], ResizePolicy::Stretch));
+        assert!(of(&joined, &TaskConfig::default()).unwrap_err().contains("labels file"));
+        let key = |f: FormatName| TaskConfig { format: Some(f), ..labels(91) };
+        assert!(of(&joined, &key(FormatName::Torchvision)).is_ok());
+        assert!(of(&joined, &key(FormatName::UltralyticsEndToEnd)).unwrap_err().contains("`torchvision`"));
+        assert!(of(&[], &key(FormatName::Torchvision)).unwrap_err().contains("labels int64 [D]"));
+        // Its rows decode as an end-to-end head's: the zero rows after the model's detections are not detections.
+        let mut out = vec![0.0f32; 1000 * 6];
+        out[..12].copy_from_slice(&[1.0, 2.0, 30.0, 40.0, 0.9, 3.0, 5.0, 6.0, 7.0, 8.0, 0.05, 1.0]);
+        let found = d.detect(&out, d.thresholds);
+        assert_eq!(found.iter().map(|f| (f.anchor, f.class, f.score)).collect::<Vec<_>>(), [(0, 3, 0.9), (1, 1, 0.05)]);
+        assert_eq!(d.score_index(&found[1]), 10);
     }
 
     #[test]

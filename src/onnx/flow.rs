@@ -40,6 +40,8 @@ pub fn differentiable_inputs(node: &NodeProto) -> Option<&'static [usize]> {
         | "ReduceL1" | "ReduceL2" | "ReduceLogSumExp" | "ReduceProd" | "ReduceSumSquare" | "CumSum" | "TopK"
         | "Clip" | "Dropout" | "Transpose" | "Flatten" | "Cast" | "CastLike" | "Identity" | "SpaceToDepth"
         | "DepthToSpace" | "ReverseSequence" | "Trilu" | "CenterCropPad" => FIRST,
+        // The RoIs get no gradient, as in torchvision's `roi_align` (rules/resample.rs).
+        "RoiAlign" => FIRST,
         "ScatterND" | "ScatterElements" | "Scatter" => &[0, 2],
         "Where" => &[1, 2],
         _ => return None,

@@ -121,3 +121,25 @@ pub fn node_label(node: &NodeProto) -> String {
         node.output.first().map(|o| format!("-> {o}")).unwrap_or_default()
     }
 }
+
+/// The outer-scope tensors that `node`'s subgraphs (an If's branches, a Loop's or Scan's body) read without
+/// declaring them: inputs as real as the listed ones, for pruning and ordering (torchvision's exports run NMS inside
+/// an If whose branches read the boxes and scores from the enclosing graph).
+pub fn implicit_inputs(node: &NodeProto) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in &node.attribute {
+        for g in a.g.iter().chain(a.graphs.iter()) {
+            let mut defined: HashSet<&str> = g.input.iter().map(|i| i.name()).chain(g.initializer.iter().map(|t| t.name())).collect();
+            for n in &g.node {
+                let nested = implicit_inputs(n);
+                for i in n.input.iter().map(String::as_str).chain(nested.iter().map(String::as_str)) {
+                    if !i.is_empty() && !defined.contains(i) && !out.iter().any(|o: &String| o == i) {
+                        out.push(i.to_string());
+                    }
+                }
+                defined.extend(n.output.iter().map(String::as_str));
+            }
+        }
+    }
+    out
+}

@@ -184,11 +184,14 @@ impl Explainable {
         io::declare_dynamic_dims(&mut model);
         functions::inline_local_functions(&mut model)?;
         let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
+        let torchvision = adapt_torchvision_detector(graph);
         let (input, input_dims, input_layout) = image_input(graph, opts)?;
         if input_layout == InputLayout::Nhwc {
             feed_nchw(graph, &input, &input_dims);
         }
-        if join_detr_outputs(graph) {
+        if torchvision {
+            super::contract::set_meta(&mut model, JOINED_OUTPUTS_KEY, TORCHVISION_JOINED);
+        } else if join_detr_outputs(graph) {
             super::contract::set_meta(&mut model, JOINED_OUTPUTS_KEY, "logits,pred_boxes");
         }
         let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
@@ -707,6 +710,7 @@ fn prune(graph: &mut super::proto::GraphProto) {
         if n.output.iter().any(|o| needed.contains(o)) {
             keep[i] = true;
             needed.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
+            needed.extend(super::graph::implicit_inputs(n));
         }
     }
     // Nodes are appended in a topological order (forward first, then each chain), so one reverse pass suffices.
@@ -796,6 +800,107 @@ fn join_detr_outputs(graph: &mut super::proto::GraphProto) -> bool {
     graph.node.push(super::builder::node("Concat", &[logits.name(), boxes.name()], JOINED_OUTPUT, vec![super::attr::make_int("axis", -1)]));
     let dims = [Dim::Param("N".into()), Dim::Param("queries".into()), Dim::Param("classes_and_box".into())];
     graph.output = vec![value_info(JOINED_OUTPUT, tensor::FLOAT, &dims)];
+    true
+}
+
+/// The value of `camserve.joined_outputs` for a torchvision detector's three outputs, joined into
+/// [`TORCHVISION_OUTPUT`].
+pub const TORCHVISION_JOINED: &str = "boxes,scores,labels";
+
+/// The output a torchvision detector's boxes, scores and labels are joined into: `[1, TORCHVISION_ROWS, 6]`.
+pub const TORCHVISION_OUTPUT: &str = "camserve/detections";
+
+/// The rows of [`TORCHVISION_OUTPUT`]: a torchvision detector keeps at most `detections_per_img` (100 for Faster
+/// R-CNN, RetinaNet and FCOS, 300 for SSD and SSDlite by default); a run that keeps more fails with ONNX Runtime's
+/// error.
+pub const TORCHVISION_ROWS: i64 = 1000;
+
+/// A torchvision detector exported with its post-processing inside (`torch.onnx.export(model, ([image],), ...)`:
+/// Faster R-CNN, RetinaNet, FCOS, SSD, SSDlite) takes one image `[C, H, W]`, no batch axis, and answers a
+/// variable number D of detections: boxes float `[D, 4]` (`x0, y0, x1, y1` in the input's pixels), scores float
+/// `[D]` and labels int64 `[D]`, in whatever order its dict had them. camserve explains one output of fixed size per
+/// image, so the model is adapted before anything else:
+/// - the input becomes `[1, C, H, W]` (a batch fixed at 1), squeezed into the model's own input;
+/// - the three outputs become the rows `x0, y0, x1, y1, score, label` `[D, 6]`, scattered into zeros
+///   `[TORCHVISION_ROWS, 6]` at rows `0..D` (ScatterND: the rows below D stay zero, a score no detection has),
+///   with the batch axis in front: the layout of an end-to-end YOLO head, in input pixels.
+///
+/// A detection's gradient seed is then its row's score, which flows back through the ScatterND, the Concat and
+/// the graph's own Gathers of the kept indices (NMS's, TopK's) to the score tensor the model computed. Returns
+/// whether the model was such a detector.
+fn adapt_torchvision_detector(graph: &mut super::proto::GraphProto) -> bool {
+    let ty = |vi: &ValueInfoProto| match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(t)) => {
+            let dims: Vec<Option<i64>> = t
+                .shape
+                .as_ref()
+                .map(|s| {
+                    s.dim
+                        .iter()
+                        .map(|d| match d.value {
+                            Some(tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => Some(v),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some((t.elem_type(), dims))
+        }
+        _ => None,
+    };
+    let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    let inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !inits.contains(i.name())).collect();
+    let [image] = inputs.as_slice() else { return false };
+    let Some((tensor::FLOAT, in_dims)) = ty(image) else { return false };
+    let [Some(c @ (1 | 3)), Some(h), Some(w)] = in_dims[..] else { return false };
+    if graph.output.len() != 3 {
+        return false;
+    }
+    let (mut boxes, mut scores, mut labels) = (None, None, None);
+    for o in &graph.output {
+        match ty(o) {
+            Some((tensor::FLOAT, d)) if d.len() == 2 && d[1] == Some(4) => boxes = Some(o.name().to_string()),
+            Some((tensor::FLOAT, d)) if d.len() == 1 => scores = Some(o.name().to_string()),
+            Some((tensor::INT64, d)) if d.len() == 1 => labels = Some(o.name().to_string()),
+            _ => return false,
+        }
+    }
+    let (Some(boxes), Some(scores), Some(labels)) = (boxes, scores, labels) else { return false };
+    let original = image.name().to_string();
+    let batched = format!("{original}/batched");
+    let k = |n: &str| format!("camserve/torchvision/{n}");
+    let i64s = |name: String, dims: &[i64], v: &[i64]| const_node(&name, tensor::i64_tensor(&name, dims, v));
+    // Reshape only (valid from opset 5): the file's opset may be as old as 11, which torchvision needs, and Squeeze
+    // and Unsqueeze changed their form at 13.
+    let mut head = vec![i64s(k("image_shape"), &[3], &[c, h, w]), super::builder::node("Reshape", &[&batched, &k("image_shape")], &original, vec![])];
+    let zeros_rows = vec![0.0f32; TORCHVISION_ROWS as usize * 6];
+    let tail = vec![
+        i64s(k("column"), &[2], &[-1, 1]),
+        i64s(k("scalar"), &[0], &[]),
+        i64s(k("output_shape"), &[3], &[1, TORCHVISION_ROWS, 6]),
+        i64s(k("start"), &[], &[0]),
+        i64s(k("step"), &[], &[1]),
+        const_node(&k("zeros"), tensor::f32_tensor(&k("zeros"), &[TORCHVISION_ROWS, 6], &zeros_rows)),
+        super::builder::node("Reshape", &[&scores, &k("column")], &k("score_column"), vec![]),
+        super::builder::node("Cast", &[&labels], &k("labels_float"), vec![super::attr::make_int("to", tensor::FLOAT as i64)]),
+        super::builder::node("Reshape", &[&k("labels_float"), &k("column")], &k("label_column"), vec![]),
+        super::builder::node("Concat", &[&boxes, &k("score_column"), &k("label_column")], &k("rows"), vec![super::attr::make_int("axis", 1)]),
+        super::builder::node("Shape", &[&scores], &k("count_1d"), vec![]),
+        super::builder::node("Reshape", &[&k("count_1d"), &k("scalar")], &k("count"), vec![]),
+        super::builder::node("Range", &[&k("start"), &k("count"), &k("step")], &k("range"), vec![]),
+        super::builder::node("Reshape", &[&k("range"), &k("column")], &k("row_indices"), vec![]),
+        super::builder::node("ScatterND", &[&k("zeros"), &k("row_indices"), &k("rows")], &k("padded"), vec![]),
+        super::builder::node("Reshape", &[&k("padded"), &k("output_shape")], TORCHVISION_OUTPUT, vec![]),
+    ];
+    head.append(&mut graph.node);
+    head.extend(tail);
+    graph.node = head;
+    let image_dims = [Dim::Value(1), Dim::Value(c), Dim::Value(h), Dim::Value(w)];
+    let vi = value_info(&batched, tensor::FLOAT, &image_dims);
+    if let Some(slot) = graph.input.iter_mut().find(|i| i.name() == original) {
+        *slot = vi;
+    }
+    graph.output = vec![value_info(TORCHVISION_OUTPUT, tensor::FLOAT, &[Dim::Value(1), Dim::Value(TORCHVISION_ROWS), Dim::Value(6)])];
     true
 }
 

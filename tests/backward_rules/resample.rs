@@ -403,3 +403,75 @@ fn grid_sample_other_modes_are_refused() {
         assert!(err.contains(value), "{err}");
     }
 }
+
+// ---------------------------------------------------------------- RoiAlign
+
+/// RoIs `x0, y0, x1, y1` in image pixels (the map is a quarter of the image, `spatial_scale` 0.5 on a 7 x 7 map):
+/// boxes inside, one across the border (samples in [-1, 0) read the clamped edge, samples past -1 read nothing),
+/// one wholly outside, one under a pixel wide (its side is raised to 1 with `output_half_pixel`), one that covers
+/// the map.
+const ROIS: [[f32; 4]; 6] = [
+    [2.3, 1.1, 9.7, 8.2],
+    [-5.0, 4.4, 3.1, 13.9],
+    [20.0, 20.0, 30.0, 26.0],
+    [6.1, 6.3, 6.9, 6.7],
+    [0.0, 0.0, 14.0, 14.0],
+    [10.6, 0.4, 13.8, 12.2],
+];
+
+/// RoiAlign of the map x [N, C, 7, 7] with constant RoIs (it is then linear in x: LINEAR, step 0.5). The batch is
+/// folded into the channels first, `[1, N * C, 7, 7]`, since the rule supports one map per run (torchvision's
+/// detectors run one image per graph) and the check runs a batch of 2; then unfolded.
+fn roi_align_of_x(mode: &str, sampling_ratio: i64) -> f64 {
+    let dims = [2usize, 2, 7, 7];
+    let mut g = G::new(&dims_i64(&dims), 11);
+    let x = g.x();
+    let fold = g.ints(&[1, -1, 7, 7]);
+    let folded = g.op("Reshape", &[&x, &fold], vec![]);
+    let rois = g.init(&[ROIS.len() as i64, 4], ROIS.iter().flatten().copied().collect());
+    let batch_indices = g.int64_zeros(ROIS.len());
+    let y = g.op(
+        "RoiAlign",
+        &[&folded, &rois, &batch_indices],
+        vec![
+            a_s("coordinate_transformation_mode", mode),
+            a_i("output_height", 3),
+            a_i("output_width", 2),
+            a_i("sampling_ratio", sampling_ratio),
+            a_f("spatial_scale", 0.5),
+        ],
+    );
+    // [R, N * C, 3, 2] -> [R, N, C * 6] -> [N, R, C * 6]
+    let unfold = g.ints(&[ROIS.len() as i64, -1, 12]);
+    let y = g.op("Reshape", &[&y, &unfold], vec![]);
+    let y = g.op("Transpose", &[&y], vec![a_is("perm", &[1, 0, 2])]);
+    let model = g.finish(&y);
+    check_gradients(&model, &uniform(&mut rng(3), &dims, -1.0, 1.0), 0.5, LINEAR)
+}
+
+#[test]
+fn roi_align_output_half_pixel_as_torchvision_exports_it() {
+    roi_align_of_x("output_half_pixel", 2);
+    roi_align_of_x("output_half_pixel", 3);
+}
+
+#[test]
+fn roi_align_half_pixel() {
+    roi_align_of_x("half_pixel", 2);
+}
+
+#[test]
+fn roi_align_max_and_adaptive_sampling_are_refused() {
+    for (attr, value, says) in [("mode", 1, "max"), ("sampling_ratio", 0, "sampling_ratio 0")] {
+        let err = rewrite_error(&[1, 2, 7, 7], 17, |g| {
+            let x = g.x();
+            let w = g.rand(&[2, 2, 1, 1], 1.0);
+            let conv = g.op("Conv", &[&x, &w], vec![]);
+            let rois = g.init(&[1, 4], vec![1.0, 1.0, 5.0, 5.0]);
+            let bi = g.int64_zeros(1);
+            let a = if attr == "mode" { a_s("mode", "max") } else { a_i("sampling_ratio", value) };
+            g.op("RoiAlign", &[&conv, &rois, &bi], vec![a])
+        });
+        assert!(err.contains(says), "{err}");
+    }
+}

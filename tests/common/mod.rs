@@ -76,6 +76,14 @@ impl G {
         name
     }
 
+    /// An int64 initializer of `n` zeros (RoiAlign's batch indices).
+    pub fn int64_zeros(&mut self, n: usize) -> String {
+        self.n += 1;
+        let name = format!("z{}", self.n);
+        self.inits.push(tensor::i64_tensor(&name, &[n as i64], &vec![0; n]));
+        name
+    }
+
     pub fn scalar(&mut self, v: f32) -> String {
         self.init(&[], vec![v])
     }

@@ -1,4 +1,4 @@
-//! Resize (nearest, linear, cubic) over the last two axes, and GridSample (bilinear, zero padding).
+//! Resize (nearest, linear, cubic) over the last two axes, GridSample (bilinear, zero padding), and RoiAlign (avg).
 //!
 //! Along each resized axis the forward is a constant interpolation matrix A [out, in] (each output reads fixed
 //! inputs with fixed weights that depend only on the static sizes and the attributes), so Y = A_h · X · A_w^T
@@ -15,6 +15,7 @@ use crate::onnx::{attr, OnnxError, Result};
 pub(super) fn register(m: &mut HashMap<&'static str, BackwardRule>) {
     m.insert("Resize", resize);
     m.insert("GridSample", grid_sample);
+    m.insert("RoiAlign", roi_align);
 }
 
 type Grads = Result<Vec<Option<String>>>;
@@ -451,5 +452,120 @@ fn grid_sample(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs
         let dgy = ctx.reshape_like(&dgy, &parts[1]);
         out[1] = Some(ctx.e.op("Concat", &[&dgx, &dgy], vec![attr::make_int("axis", 3)], "grid_sample_dgrid"));
     }
+    Ok(out)
+}
+
+
+/// RoiAlign (opset 16, `mode` avg, `sampling_ratio` > 0), as ONNX Runtime and torchvision's `roi_align` compute it:
+/// for RoI r (`x0, y0, x1, y1` times `spatial_scale`, minus 0.5 with `half_pixel`; with `output_half_pixel` each side
+/// at least 1), bin (ph, pw) averages G x G bilinear samples at y = y0 + ph b_h + (iy + 0.5) b_h / G (b_h = RoI
+/// height / output_height), likewise x. A sample outside [-1, H] x [-1, W] reads 0; one inside reads the map at
+/// (clamp(y, 0, H - 1), clamp(x, 0, W - 1)). Its bilinear weights are the tent max(0, 1 - |y' - h|) times the
+/// tent in x, so the whole op is separable: Y[r, c] = A_y[r] X[b_r, c] A_x[r]^T with A_y[r] [output_height, H]
+/// the tents summed over a bin's G samples, over G (likewise A_x), both built at run time from the RoIs.
+/// - dX = sum over r of A_y[r]^T dY[r, c] A_x[r]: a batched MatMul with A_x, then one MatMul with A_y that
+///   contracts the RoIs and the output rows together ([H, R * output_height] x [R * output_height, C * W]), so no
+///   [R, C, H, W] tensor exists. The map's batch must be 1 (every RoI reads image 0): torchvision's detectors run one
+///   image per graph.
+/// - The RoIs get no gradient, as in torchvision (`roi_align`'s backward returns none for them; Faster R-CNN also
+///   detaches its proposals), and `flow` treats them as not differentiable.
+fn roi_align(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs: &[bool]) -> Grads {
+    let dy = dy0(node, dy)?;
+    let mode = attr::string(node, "mode").unwrap_or_else(|| "avg".into());
+    if mode != "avg" {
+        return Err(OnnxError::node(node, format!("mode `{mode}` (avg is supported)")));
+    }
+    let g = attr::int_or(node, "sampling_ratio", 0);
+    if g <= 0 {
+        return Err(OnnxError::node(node, "sampling_ratio 0: the sampling grid adapts to each RoI's size (a positive sampling_ratio is supported; torchvision's MultiScaleRoIAlign uses 2)"));
+    }
+    let half_pixel = match attr::string(node, "coordinate_transformation_mode").as_deref() {
+        None | Some("half_pixel") => true,
+        Some("output_half_pixel") => false,
+        Some(other) => return Err(OnnxError::node(node, format!("coordinate_transformation_mode `{other}`"))),
+    };
+    let (ph, pw) = (attr::int_or(node, "output_height", 1), attr::int_or(node, "output_width", 1));
+    let scale = attr::float_or(node, "spatial_scale", 1.0);
+    let (x, rois) = (&node.input[0], &node.input[1]);
+    let xd = ctx.dims(x)?;
+    let [n, _, h, w] = xd[..] else {
+        return Err(OnnxError::node(node, format!("a {}-D input (4-D is supported)", xd.len())));
+    };
+    // The channels may fold in a batch (read at run time); the RoIs' batch indices all name image 0.
+    if n != 1 || [0, 2, 3].into_iter().any(|a| ctx.is_batch_axis(x, a)) {
+        return Err(OnnxError::node(node, "a batch of several maps (one image per run is supported, as torchvision's detectors export)"));
+    }
+    let offset = if half_pixel { 0.5 } else { 0.0 };
+    // One axis: `first`/`last` are the RoI's columns (0 and 2 for x), `bins` its output size, `size` the map's.
+    let axis = |ctx: &mut RuleCtx, first: i64, last: i64, bins: i64, size: i64, label: &str| -> String {
+        let e = &mut *ctx.e;
+        let axes = e.ints(&[1]);
+        let (s0, e0) = (e.ints(&[first]), e.ints(&[first + 1]));
+        let (s1, e1) = (e.ints(&[last]), e.ints(&[last + 1]));
+        let lo = e.op("Slice", &[rois, &s0, &e0, &axes], vec![], &format!("roi_align_{label}0"));
+        let hi = e.op("Slice", &[rois, &s1, &e1, &axes], vec![], &format!("roi_align_{label}1"));
+        let sc = e.scalar(scale);
+        let off = e.scalar(offset);
+        let lo_s = e.op("Mul", &[&lo, &sc], vec![], "roi_align_scaled");
+        let lo = e.op("Sub", &[&lo_s, &off], vec![], "roi_align_start");
+        let hi_s = e.op("Mul", &[&hi, &sc], vec![], "roi_align_scaled");
+        let hi = e.op("Sub", &[&hi_s, &off], vec![], "roi_align_end");
+        let mut extent = e.op("Sub", &[&hi, &lo], vec![], "roi_align_extent");
+        if !half_pixel {
+            let one = e.scalar(1.0);
+            extent = e.op("Max", &[&extent, &one], vec![], "roi_align_extent_min1");
+        }
+        let nb = e.scalar(bins as f32);
+        let bin = e.op("Div", &[&extent, &nb], vec![], "roi_align_bin");
+        // Sample k = bin * G + i sits at (bin + (i + 0.5) / G) bin sizes from the start: [R, bins * G].
+        let steps: Vec<f32> = (0..bins).flat_map(|b| (0..g).map(move |i| b as f32 + (i as f32 + 0.5) / g as f32)).collect();
+        let st = e.const_f32(&[1, bins * g], &steps);
+        let at = e.op("Mul", &[&bin, &st], vec![], "roi_align_at");
+        let pos = e.op("Add", &[&lo, &at], vec![], "roi_align_pos");
+        let (m1, sz) = (e.scalar(-1.0), e.scalar(size as f32));
+        let ge = e.op("GreaterOrEqual", &[&pos, &m1], vec![], "roi_align_ge");
+        let le = e.op("LessOrEqual", &[&pos, &sz], vec![], "roi_align_le");
+        let inside = e.op("And", &[&ge, &le], vec![], "roi_align_inside");
+        let inside = e.op("Cast", &[&inside], vec![attr::make_int("to", crate::onnx::tensor::FLOAT as i64)], "roi_align_inside_f");
+        let (zero, top) = (e.scalar(0.0), e.scalar((size - 1) as f32));
+        let clamped = e.op("Clip", &[&pos, &zero, &top], vec![], "roi_align_clamped");
+        // No -1: a pyramid level may get no RoI at all (R = 0), and a -1 next to a zero size is ambiguous.
+        let expand = e.ints(&[0, bins * g, 1]);
+        let col = e.op("Reshape", &[&clamped, &expand], vec![], "roi_align_col");
+        let pixels: Vec<f32> = (0..size).map(|p| p as f32).collect();
+        let px = e.const_f32(&[1, 1, size], &pixels);
+        let d = e.op("Sub", &[&col, &px], vec![], "roi_align_dist");
+        let d = e.op("Abs", &[&d], vec![], "roi_align_absdist");
+        let one = e.scalar(1.0);
+        let tent = e.op("Sub", &[&one, &d], vec![], "roi_align_tent");
+        let tent = e.op("Relu", &[&tent], vec![], "roi_align_tent_pos");
+        let inside = e.op("Reshape", &[&inside, &expand], vec![], "roi_align_inside_col");
+        let wts = e.op("Mul", &[&tent, &inside], vec![], "roi_align_weights");
+        // [R, bins, G, size] summed over the samples, over G.
+        let split = e.ints(&[0, bins, g, size]);
+        let wts = e.op("Reshape", &[&wts, &split], vec![], "roi_align_per_bin");
+        let ax2 = e.ints(&[2]);
+        let summed = e.op("ReduceSum", &[&wts, &ax2], vec![attr::make_int("keepdims", 0)], "roi_align_bin_weights");
+        let inv = e.scalar(1.0 / g as f32);
+        e.op("Mul", &[&summed, &inv], vec![], &format!("roi_align_a{label}"))
+    };
+    let ax = axis(ctx, 0, 2, pw, w, "x"); // [R, pw, W]
+    let ay = axis(ctx, 1, 3, ph, h, "y"); // [R, ph, H]
+    let e = &mut *ctx.e;
+    // V[r, c, i, x] = sum_j dY[r, c, i, j] A_x[r, j, x]
+    let u1 = e.ints(&[1]);
+    let ax4 = e.op("Unsqueeze", &[&ax, &u1], vec![], "roi_align_ax4");
+    let v = e.op("MatMul", &[dy, &ax4], vec![], "roi_align_v");
+    let vt = e.op("Transpose", &[&v], vec![attr::make_ints("perm", &[0, 2, 1, 3])], "roi_align_vt");
+    let vt = e.op("Flatten", &[&vt], vec![attr::make_int("axis", 2)], "roi_align_vk");
+    let flat_a = e.ints(&[-1, h]);
+    let ayk = e.op("Reshape", &[&ay, &flat_a], vec![], "roi_align_ayk");
+    let ayt = e.op("Transpose", &[&ayk], vec![attr::make_ints("perm", &[1, 0])], "roi_align_ayt");
+    let dx = e.op("MatMul", &[&ayt, &vt], vec![], "roi_align_dx_hcw");
+    let hcw = e.ints(&[1, h, -1, w]);
+    let dx = e.op("Reshape", &[&dx, &hcw], vec![], "roi_align_dx4");
+    let dx = e.op("Transpose", &[&dx], vec![attr::make_ints("perm", &[0, 2, 1, 3])], "roi_align_dx");
+    let mut out = vec![None; node.input.len()];
+    out[0] = Some(dx);
     Ok(out)
 }
