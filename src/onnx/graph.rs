@@ -14,6 +14,11 @@ pub struct GraphIndex {
     pub initializers: HashMap<String, usize>,
     /// Node indices in a topological order.
     pub order: Vec<usize>,
+    /// Tensors whose shape may change from run to run with the image's content, not only with the batch size:
+    /// the outputs of ops whose output size depends on values (NonZero, NonMaxSuppression, Compress, Unique,
+    /// TopK, If, Loop, Scan) and everything computed from them (torchvision's post-processing, Faster R-CNN's RoI
+    /// head). Rules must read such sizes at run time, not from the probe.
+    pub dynamic: HashSet<String>,
 }
 
 impl GraphIndex {
@@ -57,7 +62,15 @@ impl GraphIndex {
         if order.len() != graph.node.len() {
             return Err(OnnxError::Invalid("the graph has a cycle".into()));
         }
-        Ok(GraphIndex { producer, consumers, initializers, order })
+        let mut dynamic: HashSet<String> = HashSet::new();
+        for &i in &order {
+            let n = &graph.node[i];
+            let root = matches!(n.op_type(), "NonZero" | "NonMaxSuppression" | "Compress" | "Unique" | "TopK" | "If" | "Loop" | "Scan");
+            if root || n.input.iter().chain(implicit_inputs(n).iter()).any(|t| dynamic.contains(t)) {
+                dynamic.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
+            }
+        }
+        Ok(GraphIndex { producer, consumers, initializers, order, dynamic })
     }
 
     pub fn consumers_of(&self, tensor: &str) -> &[usize] {

@@ -867,12 +867,14 @@ fn adapt_torchvision_detector(graph: &mut super::proto::GraphProto) -> bool {
     }
     let (Some(boxes), Some(scores), Some(labels)) = (boxes, scores, labels) else { return false };
     let original = image.name().to_string();
-    let batched = format!("{original}/batched");
+    // The input keeps its name (what clients send); the model's own nodes read the unbatched image under a new one.
+    let unbatched = format!("{original}/image");
+    rename_reads(&mut graph.node, &original, &unbatched);
     let k = |n: &str| format!("camserve/torchvision/{n}");
     let i64s = |name: String, dims: &[i64], v: &[i64]| const_node(&name, tensor::i64_tensor(&name, dims, v));
     // Reshape only (valid from opset 5): the file's opset may be as old as 11, which torchvision needs, and Squeeze
     // and Unsqueeze changed their form at 13.
-    let mut head = vec![i64s(k("image_shape"), &[3], &[c, h, w]), super::builder::node("Reshape", &[&batched, &k("image_shape")], &original, vec![])];
+    let mut head = vec![i64s(k("image_shape"), &[3], &[c, h, w]), super::builder::node("Reshape", &[&original, &k("image_shape")], &unbatched, vec![])];
     let zeros_rows = vec![0.0f32; TORCHVISION_ROWS as usize * 6];
     let tail = vec![
         i64s(k("column"), &[2], &[-1, 1]),
@@ -896,12 +898,29 @@ fn adapt_torchvision_detector(graph: &mut super::proto::GraphProto) -> bool {
     head.extend(tail);
     graph.node = head;
     let image_dims = [Dim::Value(1), Dim::Value(c), Dim::Value(h), Dim::Value(w)];
-    let vi = value_info(&batched, tensor::FLOAT, &image_dims);
+    let vi = value_info(&original, tensor::FLOAT, &image_dims);
     if let Some(slot) = graph.input.iter_mut().find(|i| i.name() == original) {
         *slot = vi;
     }
     graph.output = vec![value_info(TORCHVISION_OUTPUT, tensor::FLOAT, &[Dim::Value(1), Dim::Value(TORCHVISION_ROWS), Dim::Value(6)])];
     true
+}
+
+/// Makes every read of tensor `from` by `nodes` (and by their subgraphs, which may read it from the enclosing graph)
+/// read `to` instead.
+fn rename_reads(nodes: &mut [super::proto::NodeProto], from: &str, to: &str) {
+    for n in nodes {
+        for i in n.input.iter_mut().filter(|i| *i == from) {
+            *i = to.to_string();
+        }
+        for a in n.attribute.iter_mut() {
+            for g in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                if !g.input.iter().any(|i| i.name() == from) {
+                    rename_reads(&mut g.node, from, to);
+                }
+            }
+        }
+    }
 }
 
 fn feed_nchw(graph: &mut super::proto::GraphProto, input: &str, dims: &[i64]) {

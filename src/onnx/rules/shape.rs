@@ -88,6 +88,26 @@ fn checked_axis(ctx: &RuleCtx, node: &NodeProto, tensor: &str, axis: i64, rank: 
 fn concat(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs: &[bool]) -> Grads {
     let dy = dy0(node, dy)?;
     let rank = ctx.dims(&node.output[0])?.len();
+    // Sizes that change with the image's content (torchvision's per-class candidates) are read at run time.
+    if node.input.iter().any(|i| ctx.index.dynamic.contains(i)) {
+        let axis = norm_axis(attr::int_or(node, "axis", 0), rank);
+        if axis < 0 || axis as usize >= rank {
+            return Err(OnnxError::node(node, "axis out of range"));
+        }
+        let (at, next) = (ctx.e.ints(&[axis]), ctx.e.ints(&[axis + 1]));
+        let sizes: Vec<String> = node
+            .input
+            .iter()
+            .map(|i| {
+                let s = ctx.shape_of(i);
+                ctx.e.op("Slice", &[&s, &at, &next], vec![], "concat_grad_size")
+            })
+            .collect();
+        let refs: Vec<&str> = sizes.iter().map(String::as_str).collect();
+        let split = ctx.e.op("Concat", &refs, vec![attr::make_int("axis", 0)], "concat_grad_sizes");
+        let parts = ctx.e.op_n("Split", &[dy, &split], vec![attr::make_int("axis", axis)], "concat_grad", sizes.len());
+        return Ok(parts.into_iter().zip(needs).map(|(p, &n)| n.then_some(p)).collect());
+    }
     let axis = checked_axis(ctx, node, &node.output[0], attr::int_or(node, "axis", 0), rank, true)?;
     let sizes: Vec<i64> = node.input.iter().map(|i| ctx.dims(i).map(|d| d[axis as usize])).collect::<Result<_>>()?;
     let split = ctx.e.ints(&sizes);
