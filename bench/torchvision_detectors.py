@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-box explanations of a torchvision Faster R-CNN: camserve against pytorch-grad-cam, one session, CPU.
 
-    /work/venv-det/bin/python bench/torchvision.py [--n 7] [--threads 2]     (needs a release build and the fixture)
+    /work/venv-det/bin/python bench/torchvision_detectors.py [--n 7] [--threads 2]     (needs a release build and the fixture)
 
 camserve serves the Faster R-CNN fixture (tests/fixtures/torchvision/fasterrcnn_320.onnx: MobileNetV3-Large FPN,
 a 128-wide box head, exported with its post-processing; 320x320) and answers HTTP requests for a PNG photo
@@ -88,8 +88,9 @@ def pytorch_times(threads, n):
     fx = fixture_module()
     model = fx.build("fasterrcnn")
     loaded = [fx.load_input(p) for p in fx.PHOTOS]
-    fx.calibrate(model, [x for x, _, _ in loaded])
-    fx.condition_heads("fasterrcnn", model)
+    batch = [x for x, _, _ in loaded]
+    fx.calibrate(model, batch)
+    fx.condition_heads("fasterrcnn", model, batch)
     model.eval()
     x = dict((p.name, xx) for p, (xx, _, _) in zip(fx.PHOTOS, loaded))[PHOTO.name][None]
     with torch.no_grad():
