@@ -194,6 +194,7 @@ pub enum FormatName {
     UltralyticsEndToEnd,
     UltralyticsRtdetr,
     Detr,
+    DetrSigmoid,
     Torchvision,
 }
 

@@ -107,6 +107,37 @@ pub fn detr(out: &[f32], k: usize, queries: usize, width: f32, height: f32, t: T
     found
 }
 
+/// The logistic function, in f64 (as the detection's score and its seed need it).
+pub fn sigmoid(x: f32) -> f32 {
+    (1.0 / (1.0 + (-(x as f64)).exp())) as f32
+}
+
+/// The detections of a DETR variant that scores each class with a sigmoid (transformers' Conditional DETR, Deformable
+/// DETR: `logits` [Q, K] with no "no object" class, joined with `pred_boxes` into `out` [Q, K + 4]), as their
+/// `post_process_object_detection` finds them: the sigmoid of every logit, the `max_detections` (its `top_k`,
+/// 100) best (query, class) pairs over all queries and classes, so a query may give several detections, kept when
+/// the probability is above the threshold (strictly), boxes `cx, cy, w, h` scaled to the input's `width x height`
+/// pixels and not clipped. Best first (equal scores in index order); no NMS, so `t.iou` has no effect.
+pub fn detr_sigmoid(out: &[f32], k: usize, queries: usize, width: f32, height: f32, t: Thresholds) -> Vec<Found> {
+    let stride = k + 4;
+    let mut pairs: Vec<(f32, usize, usize)> = (0..queries)
+        .filter_map(|q| out.get(q * stride..(q + 1) * stride).map(|row| (q, row)))
+        .flat_map(|(q, row)| row[..k].iter().enumerate().map(move |(c, &v)| (sigmoid(v), q, c)))
+        .collect();
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    pairs.truncate(t.max_detections);
+    pairs
+        .into_iter()
+        .filter(|(score, _, _)| *score > t.score)
+        .filter_map(|(score, q, class)| {
+            let row = &out[q * stride..(q + 1) * stride];
+            let [cx, cy, w, h] = [row[k], row[k + 1], row[k + 2], row[k + 3]];
+            let xyxy = [(cx - 0.5 * w) * width, (cy - 0.5 * h) * height, (cx + 0.5 * w) * width, (cy + 0.5 * h) * height];
+            xyxy.iter().all(|v| v.is_finite()).then_some(Found { xyxy, class, score, anchor: q })
+        })
+        .collect()
+}
+
 /// The detections of Ultralytics' RT-DETR head `out` (`[Q, 6]`, row-major: `cx, cy, w, h` normalised to the input,
 /// score, class; rows already selected and ranked in the graph), as its `RTDETRPredictor.postprocess` keeps them:
 /// the rows whose score is above the threshold, in order, at most `max_detections`, boxes scaled to the input's

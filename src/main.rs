@@ -228,6 +228,7 @@ fn describe_task(a: &camserve::onnx::inspect::Analysis) -> String {
                 DetectionFormat::UltralyticsEndToEnd { classes, rows } => (classes, format!("{rows} rows selected in the graph, no NMS")),
                 DetectionFormat::UltralyticsRtDetr { classes, rows } => (classes, format!("{rows} rows selected in the graph, no NMS")),
                 DetectionFormat::Detr { classes, queries } => (classes, format!("{queries} queries, softmax with \"no object\" last, no NMS; outputs `logits` and `pred_boxes` joined")),
+                DetectionFormat::DetrSigmoid { classes, queries } => (classes, format!("{queries} queries, a sigmoid per class, the best (query, class) pairs, no NMS; outputs `logits` and `pred_boxes` joined")),
                 DetectionFormat::Torchvision { classes, rows } => {
                     (classes, format!("boxes, scores and labels joined into {rows} rows; thresholds and NMS inside the graph"))
                 }

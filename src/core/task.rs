@@ -45,6 +45,11 @@ pub enum DetectionFormat {
     /// [N, Q, 4], which the rewrite joins into one [N, Q, classes + 5]): softmax class probabilities, the last
     /// "no object", and boxes `cx, cy, w, h` normalised to the input.
     Detr { classes: usize, queries: usize },
+    /// A DETR variant that scores each class with a sigmoid (transformers' Conditional DETR, Deformable DETR):
+    /// `logits` [N, Q, classes] (no "no object") joined with `pred_boxes` into [N, Q, classes + 4]; the best
+    /// (query, class) pairs over all queries and classes. The file cannot tell it from a DETR: the
+    /// `detection_format = "detr_sigmoid"` key says it.
+    DetrSigmoid { classes: usize, queries: usize },
     /// Ultralytics' RT-DETR (metadata `head` RTDETRDecoder): `[N, Q, 6]`, rows `cx, cy, w, h` normalised to the
     /// input, then score and class, already selected in the graph (TopK over queries x classes of the sigmoid
     /// scores); the class count comes from the labels (the file's `names`).
@@ -62,6 +67,7 @@ impl DetectionFormat {
             DetectionFormat::UltralyticsRaw { .. } => "ultralytics",
             DetectionFormat::UltralyticsEndToEnd { .. } => "ultralytics_end2end",
             DetectionFormat::Detr { .. } => "detr",
+            DetectionFormat::DetrSigmoid { .. } => "detr_sigmoid",
             DetectionFormat::UltralyticsRtDetr { .. } => "ultralytics_rtdetr",
             DetectionFormat::Torchvision { .. } => "torchvision",
         }
@@ -73,6 +79,7 @@ impl DetectionFormat {
             DetectionFormat::UltralyticsRaw { classes, .. }
             | DetectionFormat::UltralyticsEndToEnd { classes, .. }
             | DetectionFormat::Detr { classes, .. }
+            | DetectionFormat::DetrSigmoid { classes, .. }
             | DetectionFormat::UltralyticsRtDetr { classes, .. }
             | DetectionFormat::Torchvision { classes, .. } => classes,
         }
@@ -83,7 +90,7 @@ impl DetectionFormat {
         match self {
             DetectionFormat::UltralyticsRaw { anchors, .. } => anchors,
             DetectionFormat::UltralyticsEndToEnd { rows, .. } | DetectionFormat::UltralyticsRtDetr { rows, .. } | DetectionFormat::Torchvision { rows, .. } => rows,
-            DetectionFormat::Detr { queries, .. } => queries,
+            DetectionFormat::Detr { queries, .. } | DetectionFormat::DetrSigmoid { queries, .. } => queries,
         }
     }
 
@@ -96,6 +103,8 @@ impl DetectionFormat {
                 Thresholds::default()
             }
             DetectionFormat::Detr { queries, .. } => Thresholds { score: 0.5, iou: 0.7, max_detections: queries },
+            // Its post-processing's `threshold = 0.5, top_k = 100`.
+            DetectionFormat::DetrSigmoid { .. } => Thresholds { score: 0.5, iou: 0.7, max_detections: 100 },
             DetectionFormat::Torchvision { rows, .. } => Thresholds { score: 0.0, iou: 1.0, max_detections: rows },
         }
     }
@@ -107,7 +116,7 @@ impl DetectionFormat {
     pub fn default_preprocessing(self) -> ([f32; 3], [f32; 3], ResizePolicy) {
         match self {
             DetectionFormat::UltralyticsRaw { .. } | DetectionFormat::UltralyticsEndToEnd { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::Letterbox),
-            DetectionFormat::Detr { .. } => (crate::config::IMAGENET_MEAN, crate::config::IMAGENET_STD, ResizePolicy::Stretch),
+            DetectionFormat::Detr { .. } | DetectionFormat::DetrSigmoid { .. } => (crate::config::IMAGENET_MEAN, crate::config::IMAGENET_STD, ResizePolicy::Stretch),
             DetectionFormat::UltralyticsRtDetr { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::ScaleFill),
             DetectionFormat::Torchvision { .. } => ([0.0; 3], [1.0; 3], ResizePolicy::Stretch),
         }
@@ -116,7 +125,7 @@ impl DetectionFormat {
     /// Whether the predictor clips boxes to the image (Ultralytics' `scale_boxes` does for YOLO; transformers' DETR
     /// post-processing and Ultralytics' RT-DETR predictor, which scale normalised boxes, do not).
     pub fn clips_boxes(self) -> bool {
-        !matches!(self, DetectionFormat::Detr { .. } | DetectionFormat::UltralyticsRtDetr { .. })
+        !matches!(self, DetectionFormat::Detr { .. } | DetectionFormat::DetrSigmoid { .. } | DetectionFormat::UltralyticsRtDetr { .. })
     }
 }
 
@@ -194,6 +203,10 @@ impl Task {
                 "`detection_format = \"torchvision\"` needs the outputs of a torchvision detector exported with its post-processing: boxes float [D, 4], scores float [D] and labels int64 [D], from one image [C, H, W]; this file has no such outputs".into()
             });
         }
+        let detr_sigmoid = cfg.format == Some(FormatName::DetrSigmoid);
+        if detr_sigmoid && !joined {
+            return Err("`detection_format = \"detr_sigmoid\"` needs the outputs `logits` [N, queries, classes] and `pred_boxes` [N, queries, 4], as transformers names them; this file has no such pair".into());
+        }
         let detr = match cfg.format {
             Some(FormatName::Detr) if !joined => {
                 return Err("`detection_format = \"detr\"` needs the outputs `logits` [N, queries, classes + 1] and `pred_boxes` [N, queries, 4], as transformers names them; this file has no such pair".into());
@@ -207,6 +220,14 @@ impl Task {
                     "a torchvision detector's labels index its classes (0 is the background in torchvision's own models) and the file does not name them: give a labels file (`labels`), one line per class index".to_string()
                 })?;
                 DetectionFormat::Torchvision { classes, rows: *rows as usize }
+            }
+            [queries, width] if detr_sigmoid && *queries >= 1 && *width >= 5 => {
+                DetectionFormat::DetrSigmoid { classes: (*width - 4) as usize, queries: *queries as usize }
+            }
+            _ if detr_sigmoid => {
+                return Err(format!(
+                    "a sigmoid-scored DETR's outputs `logits` [N, queries, classes] and `pred_boxes` [N, queries, 4] join into [N, queries, classes + 4]; this model's join is {dims:?} per image"
+                ));
             }
             [queries, width] if detr && *queries >= 1 && *width >= 6 => DetectionFormat::Detr { classes: (*width - 5) as usize, queries: *queries as usize },
             [rows, 6] if rtdetr && *rows >= 1 => {
@@ -318,6 +339,10 @@ impl Detector {
                 let [_, h, w] = self.input_shape;
                 detection::detr(out, classes + 1, queries, w as f32, h as f32, thresholds)
             }
+            DetectionFormat::DetrSigmoid { classes, queries } => {
+                let [_, h, w] = self.input_shape;
+                detection::detr_sigmoid(out, classes, queries, w as f32, h as f32, thresholds)
+            }
             DetectionFormat::UltralyticsRtDetr { classes, rows } => {
                 let [_, h, w] = self.input_shape;
                 detection::rtdetr(out, classes, rows, w as f32, h as f32, thresholds)
@@ -344,6 +369,14 @@ impl Detector {
                 }
                 Target::Seed(seed.into())
             }
+            // The probability is the sigmoid of its logit: the seed is p (1 - p) there, zero elsewhere.
+            DetectionFormat::DetrSigmoid { classes, queries } => {
+                let mut seed = vec![0.0f32; queries * (classes + 4)];
+                let i = self.score_index(f);
+                let p = detection::sigmoid(out[i]);
+                seed[i] = p * (1.0 - p);
+                Target::Seed(seed.into())
+            }
         }
     }
 
@@ -359,6 +392,7 @@ impl Detector {
             DetectionFormat::Torchvision { .. } => f.anchor * 6 + 4,
             // The logit of its class; its explained score is the probability (`seed`).
             DetectionFormat::Detr { classes, .. } => f.anchor * (classes + 5) + f.class,
+            DetectionFormat::DetrSigmoid { classes, .. } => f.anchor * (classes + 4) + f.class,
         }
     }
 
@@ -372,6 +406,7 @@ impl Detector {
             }
             // The probabilities of every class and of "no object", as D-RISE's paper compares Faster R-CNN's.
             DetectionFormat::Detr { classes, .. } => detection::softmax(&out[f.anchor * (classes + 5)..f.anchor * (classes + 5) + classes + 1]),
+            DetectionFormat::DetrSigmoid { classes, .. } => out[f.anchor * (classes + 4)..f.anchor * (classes + 4) + classes].iter().map(|&v| detection::sigmoid(v)).collect(),
         };
         crate::methods::drise::Proposal { xyxy: f.xyxy, classes }
     }
@@ -403,7 +438,7 @@ pub fn detector_default_layer(format: DetectionFormat, info: &ModelInfo) -> Opti
 
 /// [`detector_default_layer`] from the candidate layers and the input shape `[C, H, W]`.
 pub fn detector_layer_of(format: DetectionFormat, layers: &[crate::onnx::rewrite::LayerInfo], input_shape: [usize; 3]) -> Option<String> {
-    if let DetectionFormat::Detr { .. } = format {
+    if let DetectionFormat::Detr { .. } | DetectionFormat::DetrSigmoid { .. } = format {
         // Layers are in topological order: the last map before the first token layer (the flatten into the encoder).
         // Later 4-D tensors inside the attention blocks ([N, T, heads, d]) only look like grids.
         return layers
@@ -562,7 +597,7 @@ mod tests {
         let classification = TaskConfig { task: Some(TaskName::Classification), format: Some(FormatName::Ultralytics), ..Default::default() };
         assert!(of(&[], &[84, 2100], &classification).unwrap_err().contains("detection_format"));
         // The config file spells the values as the model view does.
-        for (text, f) in [("ultralytics", FormatName::Ultralytics), ("ultralytics_end2end", FormatName::UltralyticsEndToEnd), ("ultralytics_rtdetr", FormatName::UltralyticsRtdetr), ("detr", FormatName::Detr), ("torchvision", FormatName::Torchvision)] {
+        for (text, f) in [("ultralytics", FormatName::Ultralytics), ("ultralytics_end2end", FormatName::UltralyticsEndToEnd), ("ultralytics_rtdetr", FormatName::UltralyticsRtdetr), ("detr", FormatName::Detr), ("detr_sigmoid", FormatName::DetrSigmoid), ("torchvision", FormatName::Torchvision)] {
             use figment::providers::Format as _;
             let toml = format!("name = \"m\"\npath = \"m.onnx\"\ndetection_format = \"{text}\"");
             let m: crate::config::ModelConfig = figment::Figment::from(figment::providers::Toml::string(&toml)).extract().unwrap();
@@ -607,6 +642,40 @@ mod tests {
         assert!(!d.format.clips_boxes());
         let wrong = TaskConfig { labels: Some(vec!["a".into(); 6]), ..Default::default() };
         assert!(Task::recognise_from(&meta(&joined), &[20, 10], 200, [3, 320, 320], &wrong).unwrap_err().contains("6 labels for 5 classes"));
+    }
+
+    /// A sigmoid-scored DETR (the key says it; the file cannot): the best (query, class) pairs over all queries and
+    /// classes, a query giving two detections, `top_k` (`max_detections`) cutting before the threshold; the seed is
+    /// the gradient of the pair's sigmoid probability, checked against central differences.
+    #[test]
+    fn detr_sigmoid_from_the_key() {
+        use crate::config::FormatName;
+        let joined = [(JOINED_OUTPUTS_KEY, "logits,pred_boxes")];
+        let cfg = TaskConfig { format: Some(FormatName::DetrSigmoid), ..Default::default() };
+        let Ok(Task::Detection(d)) = Task::recognise_from(&meta(&joined), &[2, 7], 14, [3, 10, 20], &cfg) else { panic!() };
+        assert_eq!(d.format, DetectionFormat::DetrSigmoid { classes: 3, queries: 2 });
+        assert_eq!((d.thresholds.score, d.thresholds.max_detections), (0.5, 100));
+        assert!(Task::recognise_from(&meta(&[]), &[2, 7], 14, [3, 10, 20], &cfg).unwrap_err().contains("pred_boxes"));
+        // Without the key the same file is a softmax DETR of two classes.
+        let Ok(Task::Detection(plain)) = Task::recognise_from(&meta(&joined), &[2, 7], 14, [3, 10, 20], &TaskConfig::default()) else { panic!() };
+        assert_eq!(plain.format, DetectionFormat::Detr { classes: 2, queries: 2 });
+        let out = vec![2.0, 0.5, -1.0, 0.5, 0.5, 0.2, 0.4, /* query 1 */ 1.0, 3.0, 0.1, 0.25, 0.25, 0.1, 0.1];
+        let found = d.detect(&out, d.thresholds);
+        assert_eq!(found.iter().map(|f| (f.anchor, f.class)).collect::<Vec<_>>(), [(1, 1), (0, 0), (1, 0), (0, 1), (1, 2)]);
+        assert_eq!(found[0].xyxy, [(0.25 - 0.05) * 20.0, (0.25 - 0.05) * 10.0, (0.25 + 0.05) * 20.0, (0.25 + 0.05) * 10.0]);
+        let top2 = d.detect(&out, Thresholds { max_detections: 2, ..d.thresholds });
+        assert_eq!(top2.len(), 2);
+        for f in &found {
+            let Target::Seed(seed) = d.seed(&out, f) else { panic!() };
+            let score = |o: &[f32]| detection::sigmoid(o[f.anchor * 7 + f.class]) as f64;
+            for (j, g) in seed.iter().enumerate() {
+                let (mut up, mut down) = (out.clone(), out.clone());
+                up[j] += 1e-3;
+                down[j] -= 1e-3;
+                let fd = (score(&up) - score(&down)) / 2e-3;
+                assert!((fd - *g as f64).abs() < 1e-4, "entry {j}: seed {g}, finite difference {fd}");
+            }
+        }
     }
 
     /// DETR's seed is the gradient of the softmax probability of the detection's class with respect to its query's
