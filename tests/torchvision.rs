@@ -296,3 +296,21 @@ fn preprocessing_equals_torchvisions_resize() {
     let failed = rows.iter().any(|r| !r.contains(": 0 of"));
     assert!(!failed, "camserve's resize vs torchvision's:\n{}", rows.join("\n"));
 }
+
+/// A torchvision export whose input size is dynamic (`dynamic_axes` on the image) is not adapted, and the refusal
+/// says why and what export works.
+#[test]
+fn a_dynamic_size_export_is_refused_with_the_remedy() {
+    use camserve::onnx::proto::{tensor_shape_proto::dimension::Value, type_proto};
+    let mut model = camserve::onnx::io::load_model(&dir().join("ssdlite_320.onnx")).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let Some(type_proto::Value::TensorType(t)) = graph.input[0].r#type.as_mut().and_then(|t| t.value.as_mut()) else { panic!() };
+    let shape = t.shape.as_mut().unwrap();
+    shape.dim[1].value = Some(Value::DimParam("height".into()));
+    shape.dim[2].value = Some(Value::DimParam("width".into()));
+    let err = match camserve::backend::probe::analyse(model, &Default::default()) {
+        Ok(_) => panic!("a dynamic-size torchvision export was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("[C, H, W] (3, ?, ?)") && err.contains("Export it at a fixed size"), "{err}");
+}

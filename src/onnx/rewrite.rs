@@ -748,6 +748,14 @@ fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Resul
                 .collect()
         })
         .unwrap_or_default();
+    if dims.len() == 3 {
+        // A torchvision detector's input (one image [C, H, W]) is adapted before this when its size is fixed and its
+        // outputs are boxes, scores and labels (`adapt_torchvision_detector`).
+        return Err(bad(&format!(
+            "one image [C, H, W] ({}) with no batch axis: camserve serves such a file as a torchvision detector when C is 1 or 3, H and W are fixed and the outputs are boxes [D, 4], scores [D] and labels int64 [D]. Export it at a fixed size (no dynamic_axes on the input: `torch.onnx.export(model, ([torch.rand(3, 320, 320)],), path, opset_version=17)`), or give the model a batch axis",
+            dims.iter().map(|d| d.map_or("?".to_string(), |v| v.to_string())).collect::<Vec<_>>().join(", ")
+        )));
+    }
     if dims.len() != 4 {
         return Err(bad("not an image tensor (rank 4: NCHW or NHWC)"));
     }
