@@ -719,23 +719,13 @@ fn prune(graph: &mut super::proto::GraphProto) {
     graph.initializer.retain(|t| needed.contains(t.name()));
 }
 
-/// The image input: its name, `[1, C, H, W]` and its layout.
-fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Result<(String, Vec<i64>, InputLayout)> {
-    let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
-    let inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !inits.contains(i.name())).collect();
-    let [vi] = inputs.as_slice() else {
-        let names: Vec<&str> = inputs.iter().map(|i| i.name()).collect();
-        return Err(OnnxError::Invalid(format!("expected one image input, found {names:?}")));
-    };
-    let bad = |why: &str| OnnxError::Invalid(format!("input `{}`: {why}", vi.name()));
+/// A declared tensor's element type and dims: positive values are sizes; symbols, -1 (Paddle), 0 and missing values
+/// are dynamic (`None`). `None` for a value that is not a tensor.
+fn declared_tensor(vi: &ValueInfoProto) -> Option<(i32, Vec<Option<i64>>)> {
     let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
-        return Err(bad("not a tensor"));
+        return None;
     };
-    if t.elem_type() != tensor::FLOAT {
-        return Err(bad("not float32"));
-    }
-    // Positive values are sizes; symbols, -1 (Paddle), 0 and missing values are dynamic.
-    let dims: Vec<Option<i64>> = t
+    let dims = t
         .shape
         .as_ref()
         .map(|s| {
@@ -748,6 +738,24 @@ fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Resul
                 .collect()
         })
         .unwrap_or_default();
+    Some((t.elem_type(), dims))
+}
+
+/// The image input: its name, `[1, C, H, W]` and its layout.
+fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Result<(String, Vec<i64>, InputLayout)> {
+    let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    let inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !inits.contains(i.name())).collect();
+    let [vi] = inputs.as_slice() else {
+        let names: Vec<&str> = inputs.iter().map(|i| i.name()).collect();
+        return Err(OnnxError::Invalid(format!("expected one image input, found {names:?}")));
+    };
+    let bad = |why: &str| OnnxError::Invalid(format!("input `{}`: {why}", vi.name()));
+    let Some((elem, dims)) = declared_tensor(vi) else {
+        return Err(bad("not a tensor"));
+    };
+    if elem != tensor::FLOAT {
+        return Err(bad("not float32"));
+    }
     if dims.len() == 3 {
         // A torchvision detector's input (one image [C, H, W]) is adapted before this when its size is fixed and its
         // outputs are boxes, scores and labels (`adapt_torchvision_detector`).
@@ -837,36 +845,17 @@ pub const TORCHVISION_ROWS: i64 = 1000;
 /// the graph's own Gathers of the kept indices (NMS's, TopK's) to the score tensor the model computed. Returns
 /// whether the model was such a detector.
 fn adapt_torchvision_detector(graph: &mut super::proto::GraphProto) -> bool {
-    let ty = |vi: &ValueInfoProto| match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        Some(type_proto::Value::TensorType(t)) => {
-            let dims: Vec<Option<i64>> = t
-                .shape
-                .as_ref()
-                .map(|s| {
-                    s.dim
-                        .iter()
-                        .map(|d| match d.value {
-                            Some(tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => Some(v),
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Some((t.elem_type(), dims))
-        }
-        _ => None,
-    };
     let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
     let inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !inits.contains(i.name())).collect();
     let [image] = inputs.as_slice() else { return false };
-    let Some((tensor::FLOAT, in_dims)) = ty(image) else { return false };
+    let Some((tensor::FLOAT, in_dims)) = declared_tensor(image) else { return false };
     let [Some(c @ (1 | 3)), Some(h), Some(w)] = in_dims[..] else { return false };
     if graph.output.len() != 3 {
         return false;
     }
     let (mut boxes, mut scores, mut labels) = (None, None, None);
     for o in &graph.output {
-        match ty(o) {
+        match declared_tensor(o) {
             Some((tensor::FLOAT, d)) if d.len() == 2 && d[1] == Some(4) => boxes = Some(o.name().to_string()),
             Some((tensor::FLOAT, d)) if d.len() == 1 => scores = Some(o.name().to_string()),
             Some((tensor::INT64, d)) if d.len() == 1 => labels = Some(o.name().to_string()),
