@@ -156,8 +156,8 @@ pub struct ModelConfig {
     /// The shorter side before the centre crop (default: the input's larger side x 256 / 224, e.g. 256 for 224).
     #[serde(default)]
     pub resize_shorter_side: Option<u32>,
-    /// What the model's outputs are: `classification` or `detection`. Unset: read from the file (Ultralytics'
-    /// `task` metadata), else classification.
+    /// What the model's outputs are: `classification`, `detection` or `segmentation`. Unset: read from the file
+    /// (Ultralytics' `task` metadata; a `[N, classes, h, w]` output is a segmentation), else classification.
     #[serde(default)]
     pub task: Option<TaskName>,
     /// Detectors: the output layout, where the file does not say it (an export without Ultralytics' metadata):
@@ -183,6 +183,7 @@ pub struct ModelConfig {
 pub enum TaskName {
     Classification,
     Detection,
+    Segmentation,
 }
 
 /// The `detection_format` key.

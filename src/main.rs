@@ -210,6 +210,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let found = match &answer.result {
                 camserve::core::answer::TaskResult::Classification(c) => c.top.first().map(|t| format!("{} ({:.3})", t.label.clone().unwrap_or_else(|| t.index.to_string()), t.score)),
                 camserve::core::answer::TaskResult::Detection(d) => Some(format!("{} detections", d.len())),
+                camserve::core::answer::TaskResult::Segmentation(s) => Some(format!(
+                    "{} classes in the label map ({})",
+                    s.classes.len(),
+                    s.classes.iter().take(3).map(|c| format!("{} {:.1}%", c.label.clone().unwrap_or_else(|| c.index.to_string()), 100.0 * c.fraction)).collect::<Vec<_>>().join(", ")
+                )),
             };
             eprintln!("{}: {}; wrote {} explanations to {}", image.display(), found.unwrap_or_default(), answer.explanations.as_ref().map_or(0, Vec::len), out.display());
             Ok(ExitCode::SUCCESS)
@@ -243,6 +248,14 @@ fn describe_task(a: &camserve::onnx::inspect::Analysis) -> String {
                 d.thresholds.max_detections
             )
         }
+        Ok(Task::Segmentation(s)) => format!(
+            "task: segmentation ({} classes on a {}x{} output grid{}; default method gradcam, hirescam with a region, at {})",
+            s.classes,
+            s.grid[1],
+            s.grid[0],
+            if s.labels.is_some() { ", labelled" } else { "" },
+            a.default_layer.clone().unwrap_or_default()
+        ),
         Err(e) => format!("task: refused: {e}"),
     }
 }
@@ -345,10 +358,14 @@ fn write_explanation(answer: &Answer, out: &std::path::Path) -> anyhow::Result<(
     // Through a `Value`, as before the encoders existed: the file's keys stay sorted.
     let json = serde_json::to_value(camserve::api::v1::encode(answer))?;
     std::fs::write(out.join("explanation.json"), serde_json::to_string_pretty(&json)?)?;
+    if let camserve::core::answer::TaskResult::Segmentation(s) = &answer.result {
+        std::fs::write(out.join("segmentation.png"), &s.mask_png)?;
+    }
     for e in answer.explanations.iter().flatten() {
         let target = match &e.target {
             camserve::core::answer::ExplainedTarget::Class { index, .. } => index.to_string(),
             camserve::core::answer::ExplainedTarget::Detection { index, .. } => format!("det{index}"),
+            camserve::core::answer::ExplainedTarget::Segment { index, .. } => format!("seg{index}"),
         };
         let stem = format!("{}_{}", e.method.as_str().replace('+', "p"), target);
         for (kind, png) in [("heatmap", &e.heatmap_png), ("overlay", &e.overlay_png), ("mask", &e.mask_png)] {

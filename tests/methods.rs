@@ -213,7 +213,7 @@ async fn integrated_gradients_match_captum() {
     assert!(rel(&methods::black_input(&s.info).into_dyn(), &baseline.clone().into_dyn()) < 1e-6, "the baseline is the black image");
     let want = f32s("ig");
     for i in 0..2 {
-        let got = integrated_gradients::run(&s.passes(), &s.info.default_layer, &s.x[i], &baseline, s.targets[i], 50, "ig").await.unwrap();
+        let got = integrated_gradients::run(&s.passes(), &s.info.default_layer, &s.x[i], &baseline, Target::Class(s.targets[i]), 50, "ig").await.unwrap();
         let e = rel(&got.into_dyn(), &want.slice(s![i, .., .., ..]).to_owned().into_dyn());
         assert!(e < TOL, "integrated gradients image {i}: {e:e}");
         eprintln!("integrated gradients image {i}: {e:.2e} (tolerance {TOL:e})");
@@ -227,7 +227,7 @@ async fn smoothgrad_matches_the_mean_gradient_and_is_saliency_without_noise() {
     let want = f32s("smoothgrad");
     let layer = s.info.default_layer.clone();
     for i in 0..2 {
-        let got = smoothgrad::mean_gradient(&s.passes(), &layer, s.targets[i], 6, "smoothgrad", |k| &s.x[i] + &noise.slice(s![i, k, .., .., ..]))
+        let got = smoothgrad::mean_gradient(&s.passes(), &layer, Target::Class(s.targets[i]), 6, "smoothgrad", |k| &s.x[i] + &noise.slice(s![i, k, .., .., ..]))
             .await
             .unwrap();
         let e = rel(&got.into_dyn(), &want.slice(s![i, .., .., ..]).to_owned().into_dyn());
@@ -239,7 +239,7 @@ async fn smoothgrad_matches_the_mean_gradient_and_is_saliency_without_noise() {
         let e = rel(&saliency.clone().into_dyn(), &f32s("saliency").slice(s![i, .., .., ..]).to_owned().into_dyn());
         assert!(e < TOL, "saliency image {i}: {e:e}");
         eprintln!("saliency image {i}: {e:.2e} (tolerance {TOL:e})");
-        let flat = smoothgrad::run(&s.passes(), &layer, &s.x[i], s.targets[i], 5, 0.0, 1, "smoothgrad").await.unwrap();
+        let flat = smoothgrad::run(&s.passes(), &layer, &s.x[i], Target::Class(s.targets[i]), 5, 0.0, 1, "smoothgrad").await.unwrap();
         assert_eq!(flat, saliency, "smoothgrad with noise 0 is saliency exactly");
     }
     // The noise: reproducible from its seed, different for another seed, of the stated sigma.

@@ -33,7 +33,7 @@ use super::error::ApiError;
 use super::oip_tensors::{images_from_bytes, images_from_fp32, respond, split_body, Data, InferRequest, RequestedOutput, Tensor};
 use super::AppState;
 use crate::backend::engine::{ranked, ModelInfo};
-use crate::core::answer::{Answer, Classification, Detection, Explanation, RawArray, TaskResult};
+use crate::core::answer::{Answer, Classification, Detection, Explanation, RawArray, Segmentation, TaskResult};
 use crate::core::task::Task;
 use crate::core::options::RawOptions;
 use crate::core::pipeline::{Endpoint, ImageInput};
@@ -155,6 +155,10 @@ pub fn model_metadata_value(info: &ModelInfo, task: &Task) -> Value {
             tensor_meta("scores", "FP32", &[-1, -1]),
             tensor_meta("classes", "INT64", &[-1, -1]),
         ],
+        Task::Segmentation(seg) => vec![
+            tensor_meta("label_map", "INT64", &[-1, seg.grid[0] as i64, seg.grid[1] as i64]),
+            tensor_meta("mask_png", "BYTES", &[-1]),
+        ],
     };
     for m in &methods {
         let shape: &[i64] = if m.kind == Kind::Gradient { &[-1, c, h, w] } else { &[-1, -1, -1] };
@@ -195,6 +199,10 @@ enum Output {
     Boxes,
     Scores,
     Classes,
+    /// A segmenter's: `[N, h, w]` the predicted label map on the output grid; `[N]` it at the upload's size as a
+    /// palette PNG whose pixel values are the class indices.
+    LabelMap,
+    MaskPng,
     Raw(Method),
     HeatmapPng(Method),
     OverlayPng(Method),
@@ -214,6 +222,8 @@ fn parse_output(o: &RequestedOutput) -> Result<Output, OipError> {
         "boxes" => Output::Boxes,
         "scores" => Output::Scores,
         "classes" => Output::Classes,
+        "label_map" => Output::LabelMap,
+        "mask_png" => Output::MaskPng,
         name => match (name.strip_suffix("_heatmap_png"), name.strip_suffix("_overlay_png")) {
             (Some(m), _) => Output::HeatmapPng(method(m)?),
             (_, Some(m)) => Output::OverlayPng(method(m)?),
@@ -272,9 +282,19 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
         .iter()
         .filter_map(|a| match &a.result {
             TaskResult::Detection(d) => Some(d.as_slice()),
-            TaskResult::Classification(_) => None,
+            TaskResult::Classification(_) | TaskResult::Segmentation(_) => None,
         })
         .collect();
+    let segmentations: Vec<&Segmentation> = answers
+        .iter()
+        .filter_map(|a| match &a.result {
+            TaskResult::Segmentation(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    if segmentations.len() != n && matches!(out, Output::LabelMap | Output::MaskPng) {
+        return Err(internal("a segmenter's result is missing. This is a bug.".into()));
+    }
     if detections.len() != n && matches!(out, Output::NumDetections | Output::Boxes | Output::Scores | Output::Classes) {
         return Err(internal("a detector's result is missing. This is a bug.".into()));
     }
@@ -303,6 +323,11 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
         Output::Boxes => tensor(vec![n, most, 4], Data::Fp32(padded(4, &|d| d.xyxy.to_vec(), 0.0))),
         Output::Scores => tensor(vec![n, most], Data::Fp32(padded(1, &|d| vec![d.score], 0.0))),
         Output::Classes => tensor(vec![n, most], Data::Int64(padded(1, &|d| vec![d.class_index as f32], -1.0).into_iter().map(|c| c as i64).collect())),
+        Output::LabelMap => {
+            let [h, w] = segmentations.first().map_or([0, 0], |s| s.grid);
+            tensor(vec![n, h, w], Data::Int64(segmentations.iter().flat_map(|s| s.label_map.iter().map(|&l| l as i64)).collect()))
+        }
+        Output::MaskPng => tensor(vec![n], Data::Bytes(segmentations.iter().map(|s| s.mask_png.clone()).collect())),
         Output::Raw(m) => {
             // A detector's image without detections has no explanation: its map is zeros of the others' shape.
             let maps: Vec<Option<&RawArray>> = answers
@@ -361,14 +386,13 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
     check_version(&p.model, p.version.as_deref())?;
     let model = p.model;
     let handle = state.service.model(&model)?;
-    let detector = matches!(handle.task, Task::Detection(_));
     let info = handle.info.clone();
     let headers = req.headers().clone();
     let body = read_body(req, state.body_limit, state.body_timeout).await?;
     let (head, mut binary) = split_body(&headers, &body)?;
     let request: InferRequest = serde_json::from_slice(head).map_err(|e| bad(format!("the inference request is not valid: {e}")))?;
     let images = read_images(&request, &info, &mut binary)?;
-    let plan = plan(&request, &info, detector, state.service.limits.options.max_top_k)?;
+    let plan = plan(&request, &info, &handle.task, state.service.limits.options.max_top_k)?;
     let jobs = per_image(&request, images, &plan.options)?;
     let answers = answer_all(&state, &model, plan.endpoint, jobs).await?;
 
@@ -410,7 +434,7 @@ fn read_images(request: &InferRequest, info: &ModelInfo, binary: &mut &[u8]) -> 
 
 /// The options from the request parameters, and the outputs: with `outputs`, the methods are those the outputs
 /// name (nothing else is computed); without, `methods`, and the three class outputs plus each method's raw map.
-fn plan(request: &InferRequest, info: &ModelInfo, detector: bool, max_top_k: usize) -> Result<InferPlan, OipError> {
+fn plan(request: &InferRequest, info: &ModelInfo, task: &Task, max_top_k: usize) -> Result<InferPlan, OipError> {
     let binary_all = truthy(request.parameters.get("binary_data_output"), "binary_data_output")?;
     let mut raw = RawOptions::default();
     for (key, value) in &request.parameters {
@@ -429,21 +453,26 @@ fn plan(request: &InferRequest, info: &ModelInfo, detector: bool, max_top_k: usi
         None => vec![],
     };
     for (o, r) in &requested {
-        let for_detectors = matches!(o, Output::Boxes | Output::Scores | Output::Classes | Output::NumDetections);
-        let for_classifiers = matches!(o, Output::Logits { .. } | Output::Probabilities { .. } | Output::TopK);
-        if (detector && for_classifiers) || (!detector && for_detectors) {
-            let kind = if detector { "a detector" } else { "a classifier" };
-            return Err(bad(format!("output `{}` does not exist for {kind}: GET /v2/models/{}, `outputs`, lists them", r.name, info.name)));
+        let serves = match o {
+            Output::Boxes | Output::Scores | Output::Classes | Output::NumDetections => matches!(task, Task::Detection(_)),
+            Output::Logits { .. } | Output::Probabilities { .. } | Output::TopK => matches!(task, Task::Classification),
+            Output::LabelMap | Output::MaskPng => matches!(task, Task::Segmentation(_)),
+            Output::Raw(_) | Output::HeatmapPng(_) | Output::OverlayPng(_) => true,
+        };
+        if !serves {
+            return Err(bad(format!("output `{}` does not exist for a model whose task is {}: GET /v2/models/{}, `outputs`, lists them", r.name, task.as_str(), info.name)));
         }
     }
     let methods = output_methods(request, &raw, &requested)?;
     let mut outputs: Vec<(Output, String, bool)> = if request.outputs.is_some() {
         requested.iter().map(|(o, r)| Ok((o.clone(), r.name.clone(), truthy(r.parameters.get("binary_data"), "binary_data")? || binary_all))).collect::<Result<_, OipError>>()?
     } else {
-        let defaults = if detector {
-            vec![(Output::NumDetections, "num_detections"), (Output::Boxes, "boxes"), (Output::Scores, "scores"), (Output::Classes, "classes")]
-        } else {
-            vec![(Output::Logits { classification: None }, "logits"), (Output::Probabilities { classification: None }, "probabilities"), (Output::TopK, "top_k")]
+        let defaults = match task {
+            Task::Detection(_) => vec![(Output::NumDetections, "num_detections"), (Output::Boxes, "boxes"), (Output::Scores, "scores"), (Output::Classes, "classes")],
+            Task::Segmentation(_) => vec![(Output::LabelMap, "label_map")],
+            Task::Classification => {
+                vec![(Output::Logits { classification: None }, "logits"), (Output::Probabilities { classification: None }, "probabilities"), (Output::TopK, "top_k")]
+            }
         };
         let mut v: Vec<(Output, String, bool)> = defaults.into_iter().map(|(o, n)| (o, n.to_string(), binary_all)).collect();
         for m in methods.iter().filter_map(|m| Method::parse(m)) {

@@ -102,13 +102,27 @@ pub struct DetectionView {
 }
 
 #[derive(Serialize)]
+pub struct SegmentationView {
+    classes: usize,
+    /// The output's grid `[height, width]`.
+    grid: [usize; 2],
+    /// The class that is never a default target, if the labels name one.
+    background: Option<usize>,
+    /// Class names, when a labels file gives them (the page's legend).
+    labels: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
 pub struct ModelView {
     name: String,
-    /// What the model's outputs are: `classification` or `detection` (core/task.rs).
+    /// What the model's outputs are: `classification`, `detection` or `segmentation` (core/task.rs).
     task: &'static str,
     /// A detector's output format, class count and thresholds.
     #[serde(skip_serializing_if = "Option::is_none")]
     detection: Option<DetectionView>,
+    /// A segmenter's classes and output grid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segmentation: Option<SegmentationView>,
     kind: ModelKind,
     device: Device,
     /// `[C, H, W]`
@@ -153,8 +167,12 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
         metric_costs: Metric::ALL.iter().map(|&m| (m.as_str(), m.cost(info))).collect(),
         name: info.name.clone(),
         task: handle.task.as_str(),
+        segmentation: match &handle.task {
+            Task::Segmentation(s) => Some(SegmentationView { classes: s.classes, grid: s.grid, background: s.background, labels: s.labels.clone() }),
+            _ => None,
+        },
         detection: match &handle.task {
-            Task::Classification => None,
+            Task::Classification | Task::Segmentation(_) => None,
             Task::Detection(d) => Some(DetectionView {
                 format: d.format.as_str(),
                 classes: d.format.classes(),
@@ -169,6 +187,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
         classes: match &handle.task {
             Task::Classification => info.num_classes,
             Task::Detection(d) => d.format.classes(),
+            Task::Segmentation(s) => s.classes,
         },
         labels: info.labels.is_some(),
         default_layer: info.default_layer.clone(),

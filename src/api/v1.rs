@@ -7,7 +7,7 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use crate::backend::engine::Device;
-use crate::core::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, Prediction, RawArray, TaskResult, Timings};
+use crate::core::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, Prediction, RawArray, Segmentation, TaskResult, Timings};
 use crate::maths::maps;
 use crate::methods::Method;
 
@@ -23,6 +23,9 @@ pub struct Response<'a> {
     /// A detector's detections, best first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detections: Option<Vec<DetectionJson<'a>>>,
+    /// A segmenter's label map.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segmentation: Option<SegmentationJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explanations: Option<Vec<ExplanationJson<'a>>>,
     pub timings_ms: TimingsJson,
@@ -52,6 +55,24 @@ pub struct DetectionJson<'a> {
     pub bbox: BoxJson,
 }
 
+#[derive(Debug, Serialize)]
+pub struct SegmentationJson<'a> {
+    /// The classes of the predicted label map, largest first.
+    pub classes: Vec<SegmentClassJson<'a>>,
+    /// The label map at the upload's size: a palette PNG whose pixel values are the class indices, base64.
+    pub mask_png: String,
+    /// The model's output grid, `[height, width]`, on which the fractions are counted.
+    pub grid: [usize; 2],
+}
+
+#[derive(Debug, Serialize)]
+pub struct SegmentClassJson<'a> {
+    pub index: usize,
+    pub label: Option<&'a str>,
+    /// The fraction of the output's pixels predicted as this class.
+    pub fraction: f64,
+}
+
 /// A box in upload pixels.
 #[derive(Debug, Serialize)]
 pub struct BoxJson {
@@ -66,6 +87,16 @@ pub struct BoxJson {
 pub enum TargetJson<'a> {
     Class { index: usize, label: Option<&'a str>, score: f32 },
     Detection { detection: usize, label: Option<&'a str>, score: f32 },
+    /// A class's logits summed over `pixels` output pixels: those predicted as the class (within `region`), or the
+    /// whole region when none of them is (`predicted` false).
+    Segment {
+        index: usize,
+        label: Option<&'a str>,
+        pixels: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        region: Option<BoxJson>,
+        predicted: bool,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -134,6 +165,13 @@ fn target(t: &ExplainedTarget) -> TargetJson<'_> {
     match t {
         ExplainedTarget::Class { index, label, score } => TargetJson::Class { index: *index, label: label.as_deref(), score: *score },
         ExplainedTarget::Detection { index, label, score } => TargetJson::Detection { detection: *index, label: label.as_deref(), score: *score },
+        ExplainedTarget::Segment { index, label, pixels, region, predicted } => TargetJson::Segment {
+            index: *index,
+            label: label.as_deref(),
+            pixels: *pixels,
+            region: region.map(|[x, y, w, h]| BoxJson { x: x as f32, y: y as f32, width: w as f32, height: h as f32 }),
+            predicted: *predicted,
+        },
     }
 }
 
@@ -145,6 +183,14 @@ fn detection(d: &Detection) -> DetectionJson<'_> {
         class_index: d.class_index,
         score: d.score,
         bbox: BoxJson { x: x0, y: y0, width: x1 - x0, height: y1 - y0 },
+    }
+}
+
+fn segmentation(s: &Segmentation) -> SegmentationJson<'_> {
+    SegmentationJson {
+        classes: s.classes.iter().map(|c| SegmentClassJson { index: c.index, label: c.label.as_deref(), fraction: c.fraction }).collect(),
+        mask_png: b64(&s.mask_png),
+        grid: s.grid,
     }
 }
 
@@ -186,9 +232,10 @@ pub fn timings(t: &Timings) -> TimingsJson {
 
 /// The v1 JSON of an answer.
 pub fn encode(a: &Answer) -> Response<'_> {
-    let (predictions, detections) = match &a.result {
-        TaskResult::Classification(c) => (Some(c.top.iter().map(prediction).collect()), None),
-        TaskResult::Detection(d) => (None, Some(d.iter().map(detection).collect())),
+    let (predictions, detections, segmentation) = match &a.result {
+        TaskResult::Classification(c) => (Some(c.top.iter().map(prediction).collect()), None, None),
+        TaskResult::Detection(d) => (None, Some(d.iter().map(detection).collect()), None),
+        TaskResult::Segmentation(s) => (None, None, Some(segmentation(s))),
     };
     Response {
         model: &a.model,
@@ -196,6 +243,7 @@ pub fn encode(a: &Answer) -> Response<'_> {
         image: size(a.image),
         predictions,
         detections,
+        segmentation,
         explanations: a.explanations.as_ref().map(|list| list.iter().map(explanation).collect()),
         timings_ms: timings(&a.timings),
     }

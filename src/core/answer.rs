@@ -29,7 +29,7 @@ impl Answer {
     pub fn classification(&self) -> Option<&Classification> {
         match &self.result {
             TaskResult::Classification(c) => Some(c),
-            TaskResult::Detection(_) => None,
+            TaskResult::Detection(_) | TaskResult::Segmentation(_) => None,
         }
     }
 
@@ -51,6 +51,28 @@ pub enum TaskResult {
     Classification(Classification),
     /// A detector's detections, best first.
     Detection(Vec<Detection>),
+    /// A segmenter's predicted label map.
+    Segmentation(Segmentation),
+}
+
+/// A segmenter's result for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segmentation {
+    /// The classes of the predicted label map, largest first, with the fraction of the output's pixels each covers.
+    pub classes: Vec<SegmentClass>,
+    /// The predicted label map on the output's grid `[h, w]`, row-major: each pixel's class.
+    pub grid: [usize; 2],
+    pub label_map: Vec<u16>,
+    /// The label map at the upload's size (nearest output pixel), as a palette PNG whose pixel values are the class
+    /// indices (16-bit grey above 256 classes).
+    pub mask_png: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentClass {
+    pub index: usize,
+    pub label: Option<String>,
+    pub fraction: f64,
 }
 
 /// One detection.
@@ -91,6 +113,9 @@ pub enum ExplainedTarget {
     Class { index: usize, label: Option<String>, score: f32 },
     /// A detection (its index in the answer's `detections`), with its label and score.
     Detection { index: usize, label: Option<String>, score: f32 },
+    /// A segment: a class's logits summed over `pixels` output pixels, those predicted as the class (within
+    /// `region`, `x, y, width, height` in upload pixels, when given; the whole region when none of them is).
+    Segment { index: usize, label: Option<String>, pixels: usize, region: Option<[f64; 4]>, predicted: bool },
 }
 
 /// One (target, method) explanation.

@@ -31,7 +31,8 @@ pub struct RawOptions {
     pub alpha: Option<f64>,
     pub size: Option<String>,
     pub metrics: Option<Vec<String>>,
-    /// Detectors: `{x, y, width, height}` in upload pixels, "explain the detection that best overlaps this".
+    /// `box` (or `region`): `{x, y, width, height}` in upload pixels. Detectors: "explain the detection that best
+    /// overlaps this"; segmenters: "explain the class over this region".
     pub region: Option<[f64; 4]>,
     /// Detectors: this request's score and IoU thresholds (default: the model's).
     pub score_threshold: Option<f64>,
@@ -55,8 +56,8 @@ fn malformed(s: impl Into<String>) -> ServiceError {
 }
 
 /// The options every request may give; the methods' parameters come after them.
-const KEYS: [&str; 12] =
-    ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size", "metrics", "box", "score_threshold", "iou_threshold"];
+const KEYS: [&str; 13] =
+    ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size", "metrics", "box", "region", "score_threshold", "iou_threshold"];
 
 /// The known option names, for the error that names an unknown one.
 fn known_keys() -> String {
@@ -164,7 +165,7 @@ fn number_json(key: &str, v: &Value) -> Result<f64, ServiceError> {
     }
 }
 
-const BOX_FORM: &str = "box must be {\"x\", \"y\", \"width\", \"height\"} in upload pixels, or \"x,y,width,height\"";
+const BOX_FORM: &str = "box (region) must be {\"x\", \"y\", \"width\", \"height\"} in upload pixels, or \"x,y,width,height\"";
 
 /// `box` as text: `x,y,width,height`.
 fn box_text(v: &str) -> Result<[f64; 4], ServiceError> {
@@ -208,7 +209,7 @@ impl RawOptions {
             "alpha" => self.alpha = Some(number_text(key, value)?),
             "size" => self.size = Some(value.trim().to_string()),
             "metrics" | "metric" => self.metrics.get_or_insert_with(Vec::new).extend(list(value)),
-            "box" => self.region = Some(box_text(value)?),
+            "box" | "region" => self.region = Some(box_text(value)?),
             "score_threshold" => self.score_threshold = Some(number_text(key, value)?),
             "iou_threshold" => self.iou_threshold = Some(number_text(key, value)?),
             other => match params::find(other) {
@@ -261,7 +262,7 @@ impl RawOptions {
             "alpha" => self.alpha = Some(number_json(key, value)?),
             "size" => self.size = Some(value.as_str().ok_or_else(|| invalid("size must be a string"))?.to_string()),
             "metrics" | "metric" => self.metrics = Some(strings(value, "metrics")?),
-            "box" => self.region = Some(box_json(value)?),
+            "box" | "region" => self.region = Some(box_json(value)?),
             "score_threshold" => self.score_threshold = Some(number_json(key, value)?),
             "iou_threshold" => self.iou_threshold = Some(number_json(key, value)?),
             other => match params::find(other) {
@@ -340,6 +341,25 @@ pub struct RequestOptions {
     /// Detectors: this request's thresholds over the model's.
     pub score_threshold: Option<f32>,
     pub iou_threshold: Option<f32>,
+    /// Segmenters: which classes to explain, in order, and over which region; `targets` then holds one placeholder
+    /// row per segment, and the pipeline turns them into seed rows once the label map is known.
+    pub segments: Vec<SegmentPick>,
+}
+
+/// A segment a request asks to explain: a class's logits summed over the pixels predicted as it, within `region`
+/// (upload pixels) when given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentPick {
+    pub class: SegmentClassPick,
+    pub region: Option<[f64; 4]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SegmentClassPick {
+    /// This class (422 when it is absent from the label map and no region is given).
+    Class(usize),
+    /// The i-th largest class that is not the background (`top_k`; left out when the map has fewer).
+    Largest(usize),
 }
 
 /// A detection a request asks to explain.
@@ -408,8 +428,14 @@ impl RawOptions {
             }
         }
         let (picks, score_threshold, iou_threshold) = self.detection_targets(task, limits)?;
+        let segments = self.segment_targets(task, limits)?;
+        if self.methods.is_none() && self.region.is_some() && !segments.is_empty() {
+            // Grad-CAM averages the gradient over the whole map, so its map barely follows a region; HiResCAM keeps
+            // each position's gradient (docs/METHODS.md, "Segmentation").
+            methods = Method::ALL.into_iter().filter(|m| m.as_str() == "hirescam").collect();
+        }
         let top_k = match self.top_k {
-            _ if !picks.is_empty() => 1,
+            _ if !picks.is_empty() || !segments.is_empty() => 1,
             None => 1,
             Some(k) if k < 1 || k as usize > limits.max_top_k.min(model.num_classes) => {
                 return Err(invalid(format!("top_k must be between 1 and {}, not {k}", limits.max_top_k.min(model.num_classes))));
@@ -418,6 +444,7 @@ impl RawOptions {
         };
         let targets = match &self.target {
             _ if !picks.is_empty() => (0..picks.len()).map(Target::Rank).collect(),
+            _ if !segments.is_empty() => (0..segments.len()).map(Target::Rank).collect(),
             None => (0..top_k).map(Target::Rank).collect(),
             Some(specs) => {
                 if self.top_k.is_some_and(|k| k > 1) {
@@ -514,7 +541,10 @@ impl RawOptions {
         if !picks.is_empty() && !metrics.is_empty() {
             return Err(invalid("the faithfulness metrics follow a classifier's softmax score; a detector's explanations have none"));
         }
-        Ok(RequestOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, picks, score_threshold, iou_threshold })
+        if !segments.is_empty() && !metrics.is_empty() {
+            return Err(invalid("the faithfulness metrics follow a classifier's softmax score; a segmenter's explanations have none"));
+        }
+        Ok(RequestOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, picks, score_threshold, iou_threshold, segments })
     }
 
     /// A detector's picks (`target`: indices or labels; `box`; `top_k`: the k best; default the best one) and
@@ -522,9 +552,10 @@ impl RawOptions {
     #[allow(clippy::type_complexity)]
     fn detection_targets(&self, task: &Task, limits: OptionLimits) -> Result<(Vec<DetectionPick>, Option<f32>, Option<f32>), ServiceError> {
         let Task::Detection(_) = task else {
-            for (key, given) in [("box", self.region.is_some()), ("score_threshold", self.score_threshold.is_some()), ("iou_threshold", self.iou_threshold.is_some())] {
+            let segmenter = matches!(task, Task::Segmentation(_));
+            for (key, given) in [("box", self.region.is_some() && !segmenter), ("score_threshold", self.score_threshold.is_some()), ("iou_threshold", self.iou_threshold.is_some())] {
                 if given {
-                    return Err(invalid(format!("`{key}` applies to detectors; this model is a classifier")));
+                    return Err(invalid(format!("`{key}` applies to detectors; this model's task is {}", task.as_str())));
                 }
             }
             return Ok((vec![], None, None));
@@ -568,6 +599,52 @@ impl RawOptions {
             (None, None, k) => (0..k.unwrap_or(1) as usize).map(DetectionPick::Rank).collect(),
         };
         Ok((picks, score, iou))
+    }
+}
+
+impl RawOptions {
+    /// A segmenter's segments: `target` (class indices or labels; default the largest class that is not the
+    /// background) or `top_k` (the k largest), each over `region` when given; nothing for other tasks.
+    fn segment_targets(&self, task: &Task, limits: OptionLimits) -> Result<Vec<SegmentPick>, ServiceError> {
+        let Task::Segmentation(seg) = task else { return Ok(vec![]) };
+        let region = match self.region {
+            Some(b) if !b.iter().all(|v| v.is_finite()) || b[2] <= 0.0 || b[3] <= 0.0 => {
+                return Err(invalid("region must have finite x and y and a positive width and height"));
+            }
+            r => r,
+        };
+        if self.target.is_some() && self.top_k.is_some_and(|k| k > 1) {
+            return Err(invalid("give either target or top_k, not both"));
+        }
+        let classes = match (&self.target, self.top_k) {
+            (Some(specs), _) => {
+                if specs.is_empty() {
+                    return Err(invalid("target is empty"));
+                }
+                if specs.len() > limits.max_targets {
+                    return Err(invalid(format!("{} targets requested, at most {} allowed", specs.len(), limits.max_targets)));
+                }
+                specs
+                    .iter()
+                    .map(|s| match s {
+                        TargetSpec::Index(i) if *i >= 0 && (*i as usize) < seg.classes => Ok(SegmentClassPick::Class(*i as usize)),
+                        TargetSpec::Index(i) => Err(invalid(format!("class index {i} is out of range 0..{}", seg.classes))),
+                        TargetSpec::Label(l) => seg.class_by_label(l).map(SegmentClassPick::Class).ok_or_else(|| {
+                            if seg.labels.is_none() {
+                                invalid(format!("this segmenter has no labels; give the class index instead of `{l}`"))
+                            } else {
+                                invalid(format!("unknown class label `{l}`"))
+                            }
+                        }),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            (None, Some(k)) if k < 1 || k as usize > limits.max_top_k.min(seg.classes) => {
+                return Err(invalid(format!("top_k must be between 1 and {}, not {k}", limits.max_top_k.min(seg.classes))));
+            }
+            (None, k) => (0..k.unwrap_or(1) as usize).map(SegmentClassPick::Largest).collect(),
+        };
+        Ok(classes.into_iter().map(|class| SegmentPick { class, region }).collect())
     }
 }
 

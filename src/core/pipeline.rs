@@ -12,10 +12,10 @@ use bytes::Bytes;
 use image::RgbImage;
 use ndarray::Array3;
 
-use super::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, TaskResult, Timings};
+use super::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, SegmentClass, Segmentation, TaskResult, Timings};
 use super::explanations::{prepare_all, render_all, ComputedMap};
-use super::options::{DetectionPick, RequestOptions, OptionLimits, RawOptions};
-use super::task::{Detector, DetectorProposals, Task};
+use super::options::{DetectionPick, RequestOptions, OptionLimits, RawOptions, SegmentClassPick};
+use super::task::{Detector, DetectorProposals, Segmenter, Task};
 use crate::backend::batcher::{Images, Queue, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
 use crate::detection::Thresholds;
@@ -136,6 +136,7 @@ impl Service {
         let (result, explanations) = match &handle.task {
             Task::Classification => request.classify(decoded, &mut timings).await?,
             Task::Detection(detector) => request.detect(detector, decoded, &mut timings).await?,
+            Task::Segmentation(segmenter) => request.segment(segmenter, decoded, &mut timings).await?,
         };
         timings.total = ms(started.elapsed());
         let ((result, image), explanations) = (result, explanations);
@@ -202,7 +203,7 @@ impl Request<'_> {
                         Ok(ExplainedTarget::Class { index: class, label: info.label(class).map(str::to_string), score: probabilities[row][class] })
                     })
                     .collect::<Result<_, ServiceError>>()?;
-                let work = Explaining { info, options, output, probabilities, targets, passes, input: kept_input, proposals: None };
+                let work = Explaining { info, options, output, probabilities, targets, passes, input: kept_input, proposals: None, seeds: vec![] };
                 Some(work.run(decoded.orig, decoded.model_rgb, decoded.region, timings).await?)
             }
         };
@@ -247,6 +248,7 @@ impl Request<'_> {
             picked.iter().map(|&i| ExplainedTarget::Detection { index: i, label: detections[i].label.clone(), score: detections[i].score }).collect();
         let needs_image = options.methods.iter().any(|m| m.is_multipass());
         let kept_input = needs_image.then(|| decoded.input.clone());
+        let row_seeds = seeds_of(&seeds);
         let out = passes.wait(passes.submit(&explain_plan(info, &options), Images::One(decoded.input), seeds, "explain")?).await?;
         timings.queue += ms(out.queue);
         timings.inference += ms(out.inference);
@@ -256,10 +258,121 @@ impl Request<'_> {
             thresholds,
             targets: picked.iter().map(|&i| detector.proposal(&values, &found[i])).collect(),
         });
-        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals };
+        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals, seeds: row_seeds };
         let explanations = work.run(decoded.orig, decoded.model_rgb, decoded.region, timings).await?;
         Ok(((TaskResult::Detection(detections), decoded.size), Some(explanations)))
     }
+}
+
+impl Request<'_> {
+    /// A segmenter: a forward pass gives the label map; an explain request then runs the explain pass with one seed
+    /// row per segment (its class's logits over its pixels).
+    async fn segment(self, seg: &Segmenter, decoded: Decoded, timings: &mut Timings) -> Result<Answered, ServiceError> {
+        let Request { info, endpoint, options, passes } = self;
+        let first = passes.wait(passes.submit(&PlanKey::Predict, Images::One(decoded.input.clone()), vec![Target::Rank(0)], "segment")?).await?;
+        (timings.queue, timings.inference) = (ms(first.queue), ms(first.inference));
+        let row = first.output.logits.row(0);
+        let labels = match row.as_slice() {
+            Some(v) => seg.label_map(v),
+            None => seg.label_map(&row.to_vec()),
+        };
+        let present = seg.present(&labels);
+        let (size, region) = (decoded.size, decoded.region);
+        let result = tokio::task::spawn_blocking({
+            let (seg, labels, present) = (seg.clone(), labels.clone(), present.clone());
+            move || segmentation_result(&seg, labels, &present, size, region)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("label map task failed: {e}")))?;
+        if endpoint == Endpoint::Predict {
+            return Ok(((TaskResult::Segmentation(result), size), None));
+        }
+        let [_, ih, iw] = info.input_shape;
+        // Upload pixels to the model's input pixels: the region of the upload the model saw fills its input.
+        let to_input = |b: [f64; 4]| {
+            let (sx, sy) = (iw as f64 / region.width, ih as f64 / region.height);
+            [(b[0] - region.x) * sx, (b[1] - region.y) * sy, b[2] * sx, b[3] * sy]
+        };
+        let name = |c: usize| seg.label(c).map_or_else(|| format!("class {c}"), |l| format!("class {c} ({l})"));
+        let larger: Vec<usize> = present.iter().map(|p| p.0).filter(|&c| Some(c) != seg.background).collect();
+        let (mut seeds, mut targets) = (Vec::new(), Vec::new());
+        for pick in &options.segments {
+            let class = match pick.class {
+                SegmentClassPick::Class(c) => c,
+                SegmentClassPick::Largest(i) => match larger.get(i) {
+                    Some(&c) => c,
+                    None if i == 0 => {
+                        return Err(ServiceError::Unprocessable(format!(
+                            "the predicted label map has no class besides the background ({}): give a target",
+                            name(seg.background.unwrap_or(0))
+                        )));
+                    }
+                    None => continue,
+                },
+            };
+            let predicted: Vec<bool> = labels.iter().map(|&l| l as usize == class).collect();
+            let (mask, in_prediction) = match pick.region {
+                None if !predicted.contains(&true) => {
+                    let list: Vec<String> = present.iter().map(|p| name(p.0)).collect();
+                    return Err(ServiceError::Unprocessable(format!(
+                        "{} is absent from the predicted label map (present: {}); give a region to explain it there",
+                        name(class),
+                        list.join(", ")
+                    )));
+                }
+                None => (predicted, true),
+                Some(b) => {
+                    let (w, h) = (size.width as f64, size.height as f64);
+                    if b[0] >= w || b[1] >= h || b[0] + b[2] <= 0.0 || b[1] + b[3] <= 0.0 {
+                        return Err(ServiceError::Unprocessable(format!(
+                            "region {{x: {}, y: {}, width: {}, height: {}}} lies outside the {}x{} image",
+                            b[0], b[1], b[2], b[3], size.width, size.height
+                        )));
+                    }
+                    let inside = seg.region_pixels(to_input(b), [ih, iw]);
+                    if !inside.contains(&true) {
+                        return Err(ServiceError::Unprocessable(format!(
+                            "region {{x: {}, y: {}, width: {}, height: {}}} holds no pixel centre of the model's {}x{} output grid",
+                            b[0], b[1], b[2], b[3], seg.grid[1], seg.grid[0]
+                        )));
+                    }
+                    let both: Vec<bool> = inside.iter().zip(&predicted).map(|(a, b)| *a && *b).collect();
+                    if both.contains(&true) { (both, true) } else { (inside, false) }
+                }
+            };
+            let pixels = mask.iter().filter(|m| **m).count();
+            seeds.push(seg.seed(class, &mask));
+            targets.push(ExplainedTarget::Segment { index: class, label: seg.label(class).map(str::to_string), pixels, region: pick.region, predicted: in_prediction });
+        }
+        if seeds.is_empty() {
+            return Ok(((TaskResult::Segmentation(result), size), Some(Vec::new())));
+        }
+        let needs_image = options.methods.iter().any(|m| m.is_multipass());
+        let kept_input = needs_image.then(|| decoded.input.clone());
+        let row_seeds = seeds_of(&seeds);
+        let out = passes.wait(passes.submit(&explain_plan(info, &options), Images::One(decoded.input), seeds, "explain")?).await?;
+        timings.queue += ms(out.queue);
+        timings.inference += ms(out.inference);
+        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals: None, seeds: row_seeds };
+        let explanations = work.run(decoded.orig, decoded.model_rgb, region, timings).await?;
+        Ok(((TaskResult::Segmentation(result), size), Some(explanations)))
+    }
+}
+
+/// A segmenter's answer: the classes present, the label map on its grid, and at the upload's size as a PNG (each
+/// upload pixel takes the output pixel its centre falls in, through the region of the upload the model saw).
+fn segmentation_result(seg: &Segmenter, labels: Vec<u16>, present: &[(usize, f64)], size: ImageSize, region: preprocess::Region) -> Segmentation {
+    let [gh, gw] = seg.grid;
+    let cell = |v: f64, lo: f64, len: f64, n: usize| (((v - lo) / len * n as f64).floor().max(0.0) as usize).min(n - 1);
+    let cols: Vec<usize> = (0..size.width).map(|x| cell(x as f64 + 0.5, region.x, region.width, gw)).collect();
+    let mut upload = Vec::with_capacity(size.width as usize * size.height as usize);
+    for y in 0..size.height {
+        let r = cell(y as f64 + 0.5, region.y, region.height, gh) * gw;
+        upload.extend(cols.iter().map(|&c| labels[r + c]));
+    }
+    let mask_png = crate::render::png_labels(&upload, size.width, size.height, seg.classes);
+    let classes = present.iter().map(|&(index, fraction)| SegmentClass { index, label: seg.label(index).map(str::to_string), fraction }).collect();
+    Segmentation { classes, grid: seg.grid, label_map: labels, mask_png }
 }
 
 /// The detections a request's picks name, as indices into `detections` (best first): 422 for an index beyond
@@ -355,11 +468,18 @@ struct Explaining<'a> {
     input: Option<Array3<f32>>,
     /// A detector's detections, when D-RISE runs.
     proposals: Option<DetectorProposals<'a>>,
+    /// Each row's seed, where it has one (a detection's or a segment's): the multi-pass gradient methods reuse it.
+    seeds: Vec<Option<Arc<[f32]>>>,
+}
+
+/// The seeds among a pass's targets, row by row.
+fn seeds_of(targets: &[Target]) -> Vec<Option<Arc<[f32]>>> {
+    targets.iter().map(|t| if let Target::Seed(s) = t { Some(s.clone()) } else { None }).collect()
 }
 
 impl Explaining<'_> {
     async fn run(self, orig: RgbImage, model_rgb: RgbImage, region: preprocess::Region, timings: &mut Timings) -> Result<Vec<Explanation>, ServiceError> {
-        let Explaining { info, options, output, probabilities, targets, passes, input, proposals } = self;
+        let Explaining { info, options, output, probabilities, targets, passes, input, proposals, seeds } = self;
         // Every (row, method) map, through the one computation path.
         let t0 = Instant::now();
         let request = methods::Request {
@@ -369,6 +489,7 @@ impl Explaining<'_> {
             out: &output,
             passes: input.as_ref().map(|i| (passes, i)),
             proposals: proposals.as_ref().map(|p| p as &dyn methods::drise::Proposals),
+            seeds: &seeds,
         };
         let mut computed = Vec::with_capacity(output.len() * options.methods.len());
         for row in 0..output.len() {

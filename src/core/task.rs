@@ -18,6 +18,21 @@ pub enum Task {
     Classification,
     /// An object detector: targets are detections; the answer has `detections`.
     Detection(Detector),
+    /// A semantic segmenter (class maps `[N, classes, h, w]`): a target is a class over the pixels predicted as it
+    /// (within a region, if given); the answer has `segmentation`.
+    Segmentation(Segmenter),
+}
+
+/// A semantic segmenter: its classes, output grid and labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segmenter {
+    pub classes: usize,
+    /// The output's grid `[h, w]`: the input's size for torchvision's models, a quarter of it for SegFormer.
+    pub grid: [usize; 2],
+    pub labels: Option<Vec<String>>,
+    /// The class labelled background (`background`, `__background__`, `_background_`), if any: never the default
+    /// target.
+    pub background: Option<usize>,
 }
 
 /// A detector: its output format, class names and thresholds.
@@ -147,6 +162,7 @@ impl Task {
         match self {
             Task::Classification => "classification",
             Task::Detection(_) => "detection",
+            Task::Segmentation(_) => "segmentation",
         }
     }
 
@@ -161,13 +177,25 @@ impl Task {
     /// `camserve inspect` has at hand).
     pub fn recognise_from(metadata: &std::collections::BTreeMap<String, String>, dims: &[i64], num_classes: usize, input_shape: [usize; 3], cfg: &TaskConfig) -> Result<Task, String> {
         use crate::config::FormatName;
+        let detector_file = metadata.get("task").is_some_and(|t| t == "detect") || metadata.contains_key(JOINED_OUTPUTS_KEY);
+        let segment = match cfg.task {
+            Some(TaskName::Segmentation) => true,
+            Some(_) => false,
+            None => cfg.format.is_none() && !detector_file && Segmenter::has_class_maps(dims),
+        };
+        if segment {
+            if cfg.format.is_some() {
+                return Err("`detection_format` is set for a model whose `task` is segmentation".into());
+            }
+            return Segmenter::new(dims, cfg.labels.clone()).map(Task::Segmentation);
+        }
         let detect = match cfg.task {
             Some(TaskName::Detection) => true,
             Some(TaskName::Classification) if cfg.format.is_some() => {
                 return Err("`detection_format` is set for a model whose `task` is classification".into());
             }
-            Some(TaskName::Classification) => false,
-            None => cfg.format.is_some() || metadata.get("task").is_some_and(|t| t == "detect") || metadata.contains_key(JOINED_OUTPUTS_KEY),
+            Some(TaskName::Classification) | Some(TaskName::Segmentation) => false,
+            None => cfg.format.is_some() || detector_file,
         };
         if !detect {
             if let Some(l) = &cfg.labels
@@ -292,6 +320,7 @@ impl Task {
         match self {
             Task::Classification => Method::DEFAULT.to_vec(),
             Task::Detection(_) => Method::ALL.into_iter().filter(|m| m.as_str() == "hirescam").collect(),
+            Task::Segmentation(_) => Method::ALL.into_iter().filter(|m| m.as_str() == "gradcam").collect(),
         }
     }
 
@@ -310,6 +339,14 @@ impl Task {
                 "method `{method}` follows a classifier's class token through its attention; a detector has none (a DETR's decoder attends from its queries, not from image tokens)"
             )),
             Task::Detection(_) => None,
+            Task::Segmentation(_) if ["cam", "ablationcam", "finercam", "scorecam"].contains(&method.as_str()) => Some(format!(
+                "method `{method}` scores a classifier's class (its linear head, its softmax, or other classes); a segment's score is a sum of its class's logits over pixels: use the gradient methods or eigencam"
+            )),
+            Task::Segmentation(_) if method.as_str() == "drise" => Some("method `drise` (D-RISE) explains a detection of an object detector; a segmenter has none".to_string()),
+            Task::Segmentation(_) if method.kind == crate::methods::Kind::Attention => {
+                Some(format!("method `{method}` follows a classifier's class token through its attention; a segmenter has none"))
+            }
+            Task::Segmentation(_) => None,
         }
     }
 
@@ -322,6 +359,93 @@ impl Task {
             .map(|i| Prediction { index: i, label: info.label(i).map(str::to_string), score: probabilities[i], logit: logits[i] })
             .collect();
         TaskResult::Classification(Classification { logits, probabilities, top })
+    }
+}
+
+impl Segmenter {
+    /// Whether an output's dims for one image are class maps `[classes, h, w]` (two classes or more, a grid larger
+    /// than 1 x 1).
+    pub fn has_class_maps(dims: &[i64]) -> bool {
+        matches!(dims, [c, h, w] if *c >= 2 && *h >= 1 && *w >= 1 && h * w > 1)
+    }
+
+    /// A segmenter from its output's dims for one image and its labels (one per class).
+    pub fn new(dims: &[i64], labels: Option<Vec<String>>) -> Result<Segmenter, String> {
+        if !Segmenter::has_class_maps(dims) {
+            return Err(format!(
+                "a segmentation model's first output is class maps [N, classes, h, w] (two classes or more; a one-channel sigmoid mask is not supported); this model's is {dims:?} per image"
+            ));
+        }
+        let (classes, grid) = (dims[0] as usize, [dims[1] as usize, dims[2] as usize]);
+        if let Some(l) = &labels
+            && l.len() != classes
+        {
+            return Err(format!("{} labels for {classes} classes (the output has {classes} class maps)", l.len()));
+        }
+        let background = labels.as_ref().and_then(|l| {
+            l.iter().position(|x| ["background", "__background__", "_background_"].contains(&x.trim().to_ascii_lowercase().as_str()))
+        });
+        Ok(Segmenter { classes, grid, labels, background })
+    }
+
+    pub fn label(&self, class: usize) -> Option<&str> {
+        self.labels.as_ref().and_then(|l| l.get(class)).map(String::as_str)
+    }
+
+    /// A class by index (in range) or label.
+    pub fn class_by_label(&self, label: &str) -> Option<usize> {
+        self.labels.as_ref()?.iter().position(|l| l == label)
+    }
+
+    /// The predicted label map `[h * w]` of one image's output `[classes, h, w]`: the class with the highest logit
+    /// at each pixel (the first on a tie, as NumPy's and PyTorch's argmax).
+    pub fn label_map(&self, out: &[f32]) -> Vec<u16> {
+        let n = self.grid[0] * self.grid[1];
+        let mut best = vec![0u16; n];
+        let mut top: Vec<f32> = out[..n].to_vec();
+        for c in 1..self.classes {
+            for (p, &v) in out[c * n..(c + 1) * n].iter().enumerate() {
+                if v > top[p] {
+                    top[p] = v;
+                    best[p] = c as u16;
+                }
+            }
+        }
+        best
+    }
+
+    /// The classes present in a label map with the fraction of its pixels each covers, largest first (ties by
+    /// index).
+    pub fn present(&self, labels: &[u16]) -> Vec<(usize, f64)> {
+        let mut count = vec![0usize; self.classes];
+        for &l in labels {
+            count[l as usize] += 1;
+        }
+        let mut out: Vec<(usize, f64)> =
+            count.iter().enumerate().filter(|(_, n)| **n > 0).map(|(c, n)| (c, *n as f64 / labels.len() as f64)).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
+    }
+
+    /// The output pixels whose centre lies in `region` (`x, y, width, height` in the model's input pixels, an input
+    /// of `[h, w]` pixels).
+    pub fn region_pixels(&self, region: [f64; 4], input: [usize; 2]) -> Vec<bool> {
+        let [gh, gw] = self.grid;
+        let (sy, sx) = (input[0] as f64 / gh as f64, input[1] as f64 / gw as f64);
+        let [x, y, w, h] = region;
+        let inside = |v: f64, lo: f64, len: f64| v >= lo && v < lo + len;
+        (0..gh * gw).map(|p| inside((p % gw) as f64 * sx + 0.5 * sx, x, w) && inside((p / gw) as f64 * sy + 0.5 * sy, y, h)).collect()
+    }
+
+    /// The gradient seed of a class's logits summed over `mask`'s pixels (pytorch-grad-cam's
+    /// `SemanticSegmentationTarget`): one at those pixels of its class map, zero elsewhere.
+    pub fn seed(&self, class: usize, mask: &[bool]) -> Target {
+        let n = self.grid[0] * self.grid[1];
+        let mut seed = vec![0.0f32; self.classes * n];
+        for (s, _) in seed[class * n..(class + 1) * n].iter_mut().zip(mask).filter(|(_, m)| **m) {
+            *s = 1.0;
+        }
+        Target::Seed(seed.into())
     }
 }
 
@@ -547,8 +671,49 @@ mod tests {
     fn format_of(pairs: &[(&str, &str)], dims: &[i64]) -> Result<DetectionFormat, String> {
         match Task::recognise_from(&meta(pairs), dims, dims.iter().product::<i64>() as usize, [3, 320, 320], &TaskConfig::default())? {
             Task::Detection(d) => Ok(d.format),
-            Task::Classification => Err("classification".into()),
+            other => Err(other.as_str().into()),
         }
+    }
+
+    #[test]
+    fn class_maps_are_a_segmentation() {
+        let task = |dims: &[i64], cfg: &TaskConfig| Task::recognise_from(&meta(&[]), dims, dims.iter().product::<i64>() as usize, [3, 64, 64], cfg);
+        let labels = |l: &[&str]| TaskConfig { labels: Some(l.iter().map(|s| s.to_string()).collect()), ..Default::default() };
+        let Ok(Task::Segmentation(s)) = task(&[3, 16, 16], &labels(&["road", "__background__", "car"])) else { panic!("not a segmentation") };
+        assert_eq!((s.classes, s.grid, s.background), (3, [16, 16], Some(1)));
+        assert_eq!(task(&[3, 16, 16], &Default::default()).map(|t| t.as_str()), Ok("segmentation"));
+        // A classifier's logits, and [K, 1, 1] maps, stay classification; the key overrides the shape.
+        assert_eq!(task(&[1000], &Default::default()).map(|t| t.as_str()), Ok("classification"));
+        assert_eq!(task(&[1000, 1, 1], &Default::default()).map(|t| t.as_str()), Ok("classification"));
+        let classification = TaskConfig { task: Some(TaskName::Classification), ..Default::default() };
+        assert_eq!(task(&[3, 16, 16], &classification).map(|t| t.as_str()), Ok("classification"));
+        assert!(task(&[3, 16, 16], &labels(&["a", "b"])).unwrap_err().contains("2 labels for 3 classes"));
+        let forced = TaskConfig { task: Some(TaskName::Segmentation), ..Default::default() };
+        assert!(task(&[1000], &forced).unwrap_err().contains("class maps [N, classes, h, w]"));
+        // Ultralytics' detectors are never read as class maps.
+        assert_eq!(Task::recognise_from(&meta(&[("task", "detect"), ("names", "{0: 'a'}"), ("end2end", "True")]), &[300, 6], 1800, [3, 64, 64], &Default::default()).map(|t| t.as_str()), Ok("detection"));
+    }
+
+    #[test]
+    fn label_maps_regions_and_seeds() {
+        let s = Segmenter::new(&[3, 2, 4], None).unwrap();
+        // Class maps [3, 2, 4]: class 2 wins the first row, class 1 the second; a tie (pixel 3) goes to the first.
+        #[rustfmt::skip]
+        let out = [
+            0.0, 0.0, 0.0, 5.0,   0.0, 0.0, 0.0, 0.0,
+            1.0, 1.0, 1.0, 5.0,   3.0, 3.0, 3.0, 3.0,
+            2.0, 2.0, 2.0, 5.0,   1.0, 1.0, 1.0, 1.0f32,
+        ];
+        let labels = s.label_map(&out);
+        assert_eq!(labels, [2, 2, 2, 0, 1, 1, 1, 1]);
+        assert_eq!(s.present(&labels), vec![(1, 0.5), (2, 0.375), (0, 0.125)]);
+        // An 8 x 16 input on this 2 x 4 grid: output pixel (i, j)'s centre is at (4 j + 2, 4 i + 2).
+        assert_eq!(s.region_pixels([0.0, 0.0, 6.0, 8.0], [8, 16]), [true, false, false, false, true, false, false, false]);
+        assert_eq!(s.region_pixels([6.0, 2.0, 100.0, 0.5], [8, 16]), [false, true, true, true, false, false, false, false]);
+        assert_eq!(s.region_pixels([2.5, 0.0, 3.0, 8.0], [8, 16]), [false; 8], "no centre inside");
+        let Target::Seed(seed) = s.seed(1, &[true, false, false, false, true, true, false, false]) else { panic!() };
+        assert_eq!(seed.len(), 24);
+        assert_eq!(seed.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, v)| (i, *v)).collect::<Vec<_>>(), [(8, 1.0), (12, 1.0), (13, 1.0)]);
     }
 
     #[test]
@@ -582,7 +747,7 @@ mod tests {
         let with = |f: FormatName, labels: usize| TaskConfig { format: Some(f), labels: Some(vec!["x".into(); labels]), ..Default::default() };
         let of = |m: &[(&str, &str)], dims: &[i64], cfg: &TaskConfig| match Task::recognise_from(&meta(m), dims, dims.iter().product::<i64>() as usize, [3, 320, 320], cfg) {
             Ok(Task::Detection(d)) => Ok(d.format),
-            Ok(Task::Classification) => Err("classification".to_string()),
+            Ok(other) => Err(other.as_str().to_string()),
             Err(e) => Err(e),
         };
         // No metadata at all (a plain torch.onnx.export of a YOLO): classification unless the key says otherwise.

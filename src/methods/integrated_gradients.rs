@@ -7,6 +7,7 @@ use ndarray::{Array3, Axis, Zip};
 
 use super::params::{Param, ParamKind};
 use super::{black_input, Compute, Heatmap, Kind, MethodDef, Passes, PassesCtx, Pending, RawMap};
+use crate::backend::batcher::Target;
 use crate::error::ServiceError;
 use crate::onnx::rules::ReluRule;
 
@@ -44,20 +45,21 @@ pub fn gauss_legendre(n: usize) -> (Vec<f64>, Vec<f64>) {
     (alphas, weights)
 }
 
-/// The attribution `[C, H, W]` of target `class` at `input` against `baseline`.
+/// The attribution `[C, H, W]` of `target` (a class, or a detection's or segment's seed) at `input` against
+/// `baseline`.
 pub async fn run(
     passes: &Passes<'_>,
     layer: &str,
     input: &Array3<f32>,
     baseline: &Array3<f32>,
-    class: usize,
+    target: Target,
     steps: usize,
     label: &str,
 ) -> Result<Array3<f32>, ServiceError> {
     let (alphas, weights) = if steps == 1 { (vec![0.5], vec![1.0]) } else { gauss_legendre(steps) };
     let diff = input - baseline;
     let grads = passes
-        .plain_gradients(layer, class, steps, label, |i| {
+        .plain_gradients(layer, target, steps, label, |i| {
             let a = alphas[i] as f32;
             Zip::from(baseline).and(&diff).map_collect(|&b, &d| b + a * d)
         })
@@ -85,7 +87,7 @@ pub const DEF: MethodDef = MethodDef {
 fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move {
         let baseline = black_input(cx.passes.info);
-        let a = run(cx.passes, cx.layer, cx.input, &baseline, cx.class, cx.params.count(&STEPS), cx.label).await?;
+        let a = run(cx.passes, cx.layer, cx.input, &baseline, cx.target.clone(), cx.params.count(&STEPS), cx.label).await?;
         Ok(RawMap::Gradient(a).into())
     })
 }

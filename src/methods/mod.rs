@@ -35,6 +35,7 @@ use std::pin::Pin;
 
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 
+use crate::backend::batcher::Target;
 use crate::backend::engine::{BatchOutput, ModelInfo};
 use crate::error::ServiceError;
 use crate::onnx::rules::ReluRule;
@@ -192,6 +193,9 @@ pub struct PassesCtx<'a> {
     pub out: &'a BatchOutput,
     pub row: usize,
     pub class: usize,
+    /// What the row explains, as the batcher takes it: the class, or the seed of a detection or a segment (the
+    /// gradient passes of integrated gradients and SmoothGrad reuse it).
+    pub target: Target,
     /// The row's activations of the layer `[K, h, w]`.
     pub acts: ArrayView3<'a, f32>,
     /// The preprocessed image `[C, H, W]`.
@@ -435,6 +439,8 @@ pub struct Request<'a> {
     pub passes: Option<(&'a Passes<'a>, &'a Array3<f32>)>,
     /// A detector's detections, for D-RISE (`None` for a classifier).
     pub proposals: Option<&'a dyn drise::Proposals>,
+    /// Each row's seed, where the pass had one (a detection's, a segment's); a row without explains its class.
+    pub seeds: &'a [Option<std::sync::Arc<[f32]>>],
 }
 
 /// The one computation path: `method`'s raw map (and what it returns besides) for target row `row` of the
@@ -458,6 +464,10 @@ pub async fn compute(method: Method, req: &Request<'_>, row: usize) -> Result<Co
                 out: req.out,
                 row,
                 class: row_class(req.out, row)?,
+                target: match req.seeds.get(row) {
+                    Some(Some(seed)) => Target::Seed(seed.clone()),
+                    _ => Target::Class(row_class(req.out, row)?),
+                },
                 acts,
                 input,
                 label: method.as_str(),

@@ -105,13 +105,14 @@ impl Passes<'_> {
         stack_logits(&outs)
     }
 
-    /// The plain input gradients `[n, C, H, W]` of `class`'s logit at `n` images (`row(i)`).
-    pub async fn plain_gradients<F>(&self, layer: &str, class: usize, n: usize, label: &str, mut row: F) -> Result<Array4<f32>, ServiceError>
+    /// The plain input gradients `[n, C, H, W]` of `target` (a class's logit, or the score a seed stands for) at `n`
+    /// images (`row(i)`).
+    pub async fn plain_gradients<F>(&self, layer: &str, target: Target, n: usize, label: &str, mut row: F) -> Result<Array4<f32>, ServiceError>
     where
         F: FnMut(usize) -> Array3<f32>,
     {
         let plan = PlanKey::explain(self.info, ExplainPlan::new(layer.to_string(), [ReluRule::Plain]));
-        let outs = self.run(&plan, n, label, |i| (row(i), Target::Class(class))).await?;
+        let outs = self.run(&plan, n, label, |i| (row(i), target.clone())).await?;
         let grads: Vec<_> = outs
             .iter()
             .map(|o| o.input_grads.iter().find(|(r, _)| *r == ReluRule::Plain).map(|(_, g)| g.view()))

@@ -11,6 +11,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::params::{Param, ParamKind};
 use super::{Compute, Kind, MethodDef, Passes, PassesCtx, Pending, RawMap, Returned};
+use crate::backend::batcher::Target;
 use crate::error::ServiceError;
 use crate::onnx::rules::ReluRule;
 
@@ -41,12 +42,12 @@ impl Noise {
     }
 }
 
-/// The mean of the plain input gradients of `class` at `n` inputs, summed in float64.
-pub async fn mean_gradient<F>(passes: &Passes<'_>, layer: &str, class: usize, n: usize, label: &str, row: F) -> Result<Array3<f32>, ServiceError>
+/// The mean of the plain input gradients of `target` at `n` inputs, summed in float64.
+pub async fn mean_gradient<F>(passes: &Passes<'_>, layer: &str, target: Target, n: usize, label: &str, row: F) -> Result<Array3<f32>, ServiceError>
 where
     F: FnMut(usize) -> Array3<f32>,
 {
-    let grads = passes.plain_gradients(layer, class, n, label, row).await?;
+    let grads = passes.plain_gradients(layer, target, n, label, row).await?;
     let mut sum = Array3::<f64>::zeros((grads.shape()[1], grads.shape()[2], grads.shape()[3]));
     for g in grads.axis_iter(Axis(0)) {
         Zip::from(&mut sum).and(&g).for_each(|s, &v| *s += v as f64);
@@ -54,20 +55,20 @@ where
     Ok(sum.mapv(|s| (s / n as f64) as f32))
 }
 
-/// SmoothGrad's map `[C, H, W]` of target `class`.
+/// SmoothGrad's map `[C, H, W]` of `target` (a class, or a detection's or segment's seed).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     passes: &Passes<'_>,
     layer: &str,
     input: &Array3<f32>,
-    class: usize,
+    target: Target,
     samples: usize,
     noise: f32,
     seed: u64,
     label: &str,
 ) -> Result<Array3<f32>, ServiceError> {
     let mut rng = Noise::new(seed, sigma(input, noise));
-    mean_gradient(passes, layer, class, samples, label, |_| rng.copy(input)).await
+    mean_gradient(passes, layer, target, samples, label, |_| rng.copy(input)).await
 }
 
 /// Its noisy copies.
@@ -89,7 +90,7 @@ pub const DEF: MethodDef = MethodDef {
 fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move {
         let seed = cx.params.integer(&SEED).unwrap_or_else(rand::random);
-        let g = run(cx.passes, cx.layer, cx.input, cx.class, cx.params.count(&SAMPLES), cx.params.number(&NOISE), seed, cx.label).await?;
+        let g = run(cx.passes, cx.layer, cx.input, cx.target.clone(), cx.params.count(&SAMPLES), cx.params.number(&NOISE), seed, cx.label).await?;
         Ok(super::Computed { map: RawMap::Gradient(g), returned: Returned { seed: Some(seed), ..Default::default() } })
     })
 }

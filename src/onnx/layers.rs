@@ -136,7 +136,8 @@ fn join_scopes(parts: &[&str]) -> Option<String> {
 ///   in ViT, `layers[-1].blocks[-1].norm1` in Swin), as pytorch-grad-cam's ViT and Swin tutorials choose it. The
 ///   layers after it reach the logits only through the class token or pooling, so their grid gradients are zero
 ///   or carry no attention.
-/// - Otherwise the last layer with spatial size > 1 before global pooling. A tensor counts only if the input
+/// - Otherwise the last layer with spatial size > 1 before global pooling (for class maps, [`classifier_input`]
+///   comes first). A tensor counts only if the input
 ///   reaches it without passing a global pooling: squeeze-excitation gates (pooled, then multiplied back) keep
 ///   the main path, while ConvNeXt's LayerNorm2d after its pooling (which permutes [N,C,1,1] to [N,1,1,C]) does
 ///   not.
@@ -209,6 +210,38 @@ pub fn default_layer(
         .rev()
         .find(|l| l.dims[2] * l.dims[3] > 1 && unpooled.contains(l.name.as_str()))
         .map(|l| l.name.clone())
+}
+
+/// A segmenter's default layer: when the logits are class maps `[N, classes, h, w]` (a grid larger than 1 x 1), the
+/// feature map that enters its classifier, the decoder's last. Walking back from the logits through the ops that
+/// only resample or combine class maps (Resize, Upsample, Add, Sum, Identity, Cast), the classifier is the last
+/// Conv reached in the graph's order (LRASPP adds a low-level branch's 1x1 conv to its main one; the main one comes
+/// last); the layer is that Conv's input. `None` when the logits are not class maps or no Conv is reached.
+pub fn classifier_input(graph: &GraphProto, index: &GraphIndex, probe: &Probe, logits: &str, layers: &[LayerInfo]) -> Option<String> {
+    let dims = probe.dims(logits)?;
+    if dims.len() != 4 || dims[1] < 2 || dims[2] * dims[3] <= 1 {
+        return None;
+    }
+    let mut stack = vec![logits.to_string()];
+    let mut seen = HashSet::new();
+    let mut convs = Vec::new();
+    while let Some(t) = stack.pop() {
+        let Some(&p) = index.producer.get(&t) else { continue };
+        if !seen.insert(p) {
+            continue;
+        }
+        let node = &graph.node[p];
+        match node.op_type() {
+            "Conv" => convs.push(p),
+            // A resize's data is its first input; its scales and sizes are not class maps.
+            "Resize" | "Upsample" | "Identity" | "Cast" => stack.extend(node.input.first().cloned()),
+            "Add" | "Sum" => stack.extend(node.input.iter().filter(|i| probe.dims(i).is_some_and(|d| d.len() == 4)).cloned()),
+            _ => {}
+        }
+    }
+    let conv = &graph.node[*convs.iter().max()?];
+    let input = conv.input.first()?;
+    layers.iter().any(|l| &l.name == input).then(|| input.clone())
 }
 
 #[cfg(test)]

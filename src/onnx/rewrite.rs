@@ -275,7 +275,8 @@ impl Explainable {
                 Some(LayerInfo { name: o.clone(), dims: grid, layout, native_dims: dims.to_vec(), module: modules[i].clone() })
             })
             .collect();
-        let default_layer = layers::default_layer(graph, &index, &probed, &path, &carry, &layers, &input);
+        let default_layer = layers::classifier_input(graph, &index, &probed, &logits, &layers)
+            .or_else(|| layers::default_layer(graph, &index, &probed, &path, &carry, &layers, &input));
         let attention = find_attention(graph, &probed, &path, &layers);
         Ok(Explainable {
             model,

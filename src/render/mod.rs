@@ -103,6 +103,45 @@ fn encode(data: &[u8], w: u32, h: u32, ty: ExtendedColorType) -> Vec<u8> {
     out
 }
 
+/// The colour of class `c` in a label map: the PASCAL VOC palette (the bits of the index spread over the three
+/// channels, high bits first), which DeepLab's, torchvision's and most segmentation tools' pictures use; class 0 is
+/// black.
+pub fn class_colour(c: usize) -> [u8; 3] {
+    let mut rgb = [0u8; 3];
+    let mut c = c;
+    for shift in (0..8).rev() {
+        for (ch, v) in rgb.iter_mut().enumerate() {
+            *v |= (((c >> ch) & 1) as u8) << shift;
+        }
+        c >>= 3;
+    }
+    rgb
+}
+
+/// A label map `[height, width]` of class indices as a PNG whose pixel values are the indices: 8-bit with the VOC
+/// palette ([`class_colour`]) for up to 256 classes, so viewers show colours and readers get the indices; 16-bit
+/// grey above that.
+pub fn png_labels(labels: &[u16], width: u32, height: u32, classes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(labels.len() / 4 + 1024);
+    {
+        let mut enc = png::Encoder::new(&mut out, width, height);
+        enc.set_compression(png::Compression::Fast);
+        let data: Vec<u8> = if classes <= 256 {
+            enc.set_color(png::ColorType::Indexed);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.set_palette((0..classes).flat_map(class_colour).collect::<Vec<u8>>());
+            labels.iter().map(|&l| l as u8).collect()
+        } else {
+            enc.set_color(png::ColorType::Grayscale);
+            enc.set_depth(png::BitDepth::Sixteen);
+            labels.iter().flat_map(|l| l.to_be_bytes()).collect()
+        };
+        let mut w = enc.write_header().expect("writing into memory cannot fail. This is a bug.");
+        w.write_image_data(&data).expect("a label map of width x height values. This is a bug.");
+    }
+    out
+}
+
 pub fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -127,6 +166,24 @@ mod tests {
         assert_eq!(overlay(&base, &heat, 0.5).get_pixel(0, 0).0, [150, 128, 100]);
         assert_eq!(overlay(&base, &heat, 0.0).get_pixel(0, 0).0, [100, 0, 200]);
         assert_eq!(overlay(&base, &heat, 1.0).get_pixel(0, 0).0, [200, 255, 0]);
+    }
+
+    #[test]
+    fn label_maps_keep_their_indices() {
+        // VOC's first colours: background black, aeroplane (128, 0, 0), bicycle (0, 128, 0), person (192, 128, 128).
+        assert_eq!([class_colour(0), class_colour(1), class_colour(2), class_colour(15)], [[0, 0, 0], [128, 0, 0], [0, 128, 0], [192, 128, 128]]);
+        let labels: Vec<u16> = (0..12).map(|i| i % 5).collect();
+        let bytes = png_labels(&labels, 4, 3, 5);
+        let mut r = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+        assert_eq!(r.info().color_type, png::ColorType::Indexed);
+        assert_eq!(r.info().palette.as_ref().map(|p| p.len()), Some(15));
+        let mut buf = vec![0; r.output_buffer_size().unwrap()];
+        r.next_frame(&mut buf).unwrap();
+        assert_eq!(buf.iter().map(|&b| b as u16).collect::<Vec<_>>(), labels);
+        // Above 256 classes: 16-bit grey with the indices as values.
+        let big: Vec<u16> = vec![0, 300, 299, 1];
+        let img = image::load_from_memory(&png_labels(&big, 2, 2, 301)).unwrap().to_luma16();
+        assert_eq!(img.into_raw(), big);
     }
 
     #[test]
