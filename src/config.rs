@@ -156,8 +156,9 @@ pub struct ModelConfig {
     /// The shorter side before the centre crop (default: the input's larger side x 256 / 224, e.g. 256 for 224).
     #[serde(default)]
     pub resize_shorter_side: Option<u32>,
-    /// What the model's outputs are: `classification`, `detection` or `segmentation`. Unset: read from the file
-    /// (Ultralytics' `task` metadata; a `[N, classes, h, w]` output is a segmentation), else classification.
+    /// What the model's outputs are: `classification`, `detection`, `segmentation` or `multilabel`. Unset: read
+    /// from the file (Ultralytics' `task` metadata; a `[N, classes, h, w]` output is a segmentation; a `[N, K]`
+    /// output made by a Sigmoid is a multi-label classifier), else classification.
     #[serde(default)]
     pub task: Option<TaskName>,
     /// Detectors: the output layout, where the file does not say it (an export without Ultralytics' metadata):
@@ -166,7 +167,8 @@ pub struct ModelConfig {
     /// Implies `task = "detection"`. Unset: recognised from the file.
     #[serde(default)]
     pub detection_format: Option<FormatName>,
-    /// Detectors: the score a detection needs (default: the exporter's own, Ultralytics' 0.25).
+    /// Detectors: the score a detection needs (default: the exporter's own, Ultralytics' 0.25). Multi-label
+    /// classifiers: the sigmoid score a class needs to be explained by default (default 0.5).
     #[serde(default)]
     pub score_threshold: Option<f32>,
     /// Detectors: the IoU above which NMS drops the weaker of two boxes of a class (default 0.7).
@@ -184,6 +186,7 @@ pub enum TaskName {
     Classification,
     Detection,
     Segmentation,
+    Multilabel,
 }
 
 /// The `detection_format` key.

@@ -256,6 +256,12 @@ fn describe_task(a: &camserve::onnx::inspect::Analysis) -> String {
             if s.labels.is_some() { ", labelled" } else { "" },
             a.default_layer.clone().unwrap_or_default()
         ),
+        Ok(Task::MultiLabel(m)) => format!(
+            "task: multilabel ({} classes, each scored by {}; default targets: every class scoring >= {})",
+            m.classes,
+            if m.sigmoid_in_graph { "the model's own final Sigmoid" } else { "the sigmoid of its logit" },
+            m.threshold
+        ),
         Err(e) => format!("task: refused: {e}"),
     }
 }

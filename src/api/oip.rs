@@ -144,7 +144,7 @@ pub fn model_metadata_value(info: &ModelInfo, task: &Task) -> Value {
     let k = info.num_classes as i64;
     let methods: Vec<Method> = super::routes::methods_for(info).into_iter().filter(|&m| task.refuses(m).is_none()).collect();
     let mut outputs = match task {
-        Task::Classification => vec![
+        Task::Classification | Task::MultiLabel(_) => vec![
             tensor_meta("logits", "FP32", &[-1, k]),
             tensor_meta("probabilities", "FP32", &[-1, k]),
             tensor_meta("top_k", "BYTES", &[-1, -1]),
@@ -455,7 +455,7 @@ fn plan(request: &InferRequest, info: &ModelInfo, task: &Task, max_top_k: usize)
     for (o, r) in &requested {
         let serves = match o {
             Output::Boxes | Output::Scores | Output::Classes | Output::NumDetections => matches!(task, Task::Detection(_)),
-            Output::Logits { .. } | Output::Probabilities { .. } | Output::TopK => matches!(task, Task::Classification),
+            Output::Logits { .. } | Output::Probabilities { .. } | Output::TopK => matches!(task, Task::Classification | Task::MultiLabel(_)),
             Output::LabelMap | Output::MaskPng => matches!(task, Task::Segmentation(_)),
             Output::Raw(_) | Output::HeatmapPng(_) | Output::OverlayPng(_) => true,
         };
@@ -470,7 +470,7 @@ fn plan(request: &InferRequest, info: &ModelInfo, task: &Task, max_top_k: usize)
         let defaults = match task {
             Task::Detection(_) => vec![(Output::NumDetections, "num_detections"), (Output::Boxes, "boxes"), (Output::Scores, "scores"), (Output::Classes, "classes")],
             Task::Segmentation(_) => vec![(Output::LabelMap, "label_map")],
-            Task::Classification => {
+            Task::Classification | Task::MultiLabel(_) => {
                 vec![(Output::Logits { classification: None }, "logits"), (Output::Probabilities { classification: None }, "probabilities"), (Output::TopK, "top_k")]
             }
         };

@@ -113,6 +113,14 @@ pub struct SegmentationView {
 }
 
 #[derive(Serialize)]
+pub struct MultiLabelView {
+    /// The sigmoid score a class needs to be explained by default.
+    score_threshold: f32,
+    /// Whether the model ends in its Sigmoid (explanations then differentiate the scores; otherwise the logits).
+    sigmoid_in_graph: bool,
+}
+
+#[derive(Serialize)]
 pub struct ModelView {
     name: String,
     /// What the model's outputs are: `classification`, `detection` or `segmentation` (core/task.rs).
@@ -123,6 +131,9 @@ pub struct ModelView {
     /// A segmenter's classes and output grid.
     #[serde(skip_serializing_if = "Option::is_none")]
     segmentation: Option<SegmentationView>,
+    /// A multi-label classifier's default threshold and where its sigmoid is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    multilabel: Option<MultiLabelView>,
     kind: ModelKind,
     device: Device,
     /// `[C, H, W]`
@@ -171,8 +182,12 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
             Task::Segmentation(s) => Some(SegmentationView { classes: s.classes, grid: s.grid, background: s.background, labels: s.labels.clone() }),
             _ => None,
         },
+        multilabel: match &handle.task {
+            Task::MultiLabel(m) => Some(MultiLabelView { score_threshold: m.threshold, sigmoid_in_graph: m.sigmoid_in_graph }),
+            _ => None,
+        },
         detection: match &handle.task {
-            Task::Classification | Task::Segmentation(_) => None,
+            Task::Classification | Task::Segmentation(_) | Task::MultiLabel(_) => None,
             Task::Detection(d) => Some(DetectionView {
                 format: d.format.as_str(),
                 classes: d.format.classes(),
@@ -185,7 +200,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
         device: info.device,
         input_shape: info.input_shape,
         classes: match &handle.task {
-            Task::Classification => info.num_classes,
+            Task::Classification | Task::MultiLabel(_) => info.num_classes,
             Task::Detection(d) => d.format.classes(),
             Task::Segmentation(s) => s.classes,
         },

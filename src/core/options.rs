@@ -341,6 +341,10 @@ pub struct RequestOptions {
     /// Detectors: this request's thresholds over the model's.
     pub score_threshold: Option<f32>,
     pub iou_threshold: Option<f32>,
+    /// Multi-label classifiers without `target` or `top_k`: explain every class whose sigmoid score reaches this
+    /// threshold (the request's `score_threshold`, else the model's), at most `max_targets` of them, best first;
+    /// `targets` then holds one placeholder row, and the pipeline finds the classes after a forward pass.
+    pub above_threshold: Option<(f32, usize)>,
     /// Segmenters: which classes to explain, in order, and over which region; `targets` then holds one placeholder
     /// row per segment, and the pipeline turns them into seed rows once the label map is known.
     pub segments: Vec<SegmentPick>,
@@ -544,7 +548,24 @@ impl RawOptions {
         if !segments.is_empty() && !metrics.is_empty() {
             return Err(invalid("the faithfulness metrics follow a classifier's softmax score; a segmenter's explanations have none"));
         }
-        Ok(RequestOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, picks, score_threshold, iou_threshold, segments })
+        let above_threshold = match task {
+            Task::MultiLabel(ml) if self.target.is_none() && self.top_k.is_none() => {
+                let t = match self.score_threshold {
+                    None => ml.threshold,
+                    Some(t) if t.is_finite() && (0.0..=1.0).contains(&t) => t as f32,
+                    Some(t) => return Err(invalid(format!("score_threshold must be between 0 and 1, not {t}"))),
+                };
+                Some((t, limits.max_targets))
+            }
+            Task::MultiLabel(_) if self.score_threshold.is_some() => {
+                return Err(invalid("score_threshold chooses a multi-label classifier's default targets; this request gives target or top_k"));
+            }
+            _ => None,
+        };
+        if matches!(task, Task::MultiLabel(_)) && !metrics.is_empty() {
+            return Err(invalid("the faithfulness metrics follow a classifier's softmax score; a multi-label classifier's classes have independent sigmoid scores"));
+        }
+        Ok(RequestOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, picks, score_threshold, iou_threshold, segments, above_threshold })
     }
 
     /// A detector's picks (`target`: indices or labels; `box`; `top_k`: the k best; default the best one) and
@@ -553,7 +574,12 @@ impl RawOptions {
     fn detection_targets(&self, task: &Task, limits: OptionLimits) -> Result<(Vec<DetectionPick>, Option<f32>, Option<f32>), ServiceError> {
         let Task::Detection(_) = task else {
             let segmenter = matches!(task, Task::Segmentation(_));
-            for (key, given) in [("box", self.region.is_some() && !segmenter), ("score_threshold", self.score_threshold.is_some()), ("iou_threshold", self.iou_threshold.is_some())] {
+            let multilabel = matches!(task, Task::MultiLabel(_));
+            for (key, given) in [
+                ("box", self.region.is_some() && !segmenter),
+                ("score_threshold", self.score_threshold.is_some() && !multilabel),
+                ("iou_threshold", self.iou_threshold.is_some()),
+            ] {
                 if given {
                     return Err(invalid(format!("`{key}` applies to detectors; this model's task is {}", task.as_str())));
                 }

@@ -15,7 +15,7 @@ use ndarray::Array3;
 use super::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, SegmentClass, Segmentation, TaskResult, Timings};
 use super::explanations::{prepare_all, render_all, ComputedMap};
 use super::options::{DetectionPick, RequestOptions, OptionLimits, RawOptions, SegmentClassPick};
-use super::task::{Detector, DetectorProposals, Segmenter, Task};
+use super::task::{Detector, DetectorProposals, MultiLabel, Segmenter, Task};
 use crate::backend::batcher::{Images, Queue, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
 use crate::detection::Thresholds;
@@ -132,9 +132,10 @@ impl Service {
         let deadline = started + self.limits.request_timeout;
         // The request's own pass and every multi-pass method's and metric's batches go through one handle.
         let passes = Passes { queue: &handle.queue, info: &info, max_batch: handle.max_batch, deadline, timeout: self.limits.request_timeout };
-        let request = Request { info: &info, endpoint, options, passes: &passes };
+        let request = Request { info: &info, endpoint, options, passes: &passes, budget: self.limits.max_forward_passes };
         let (result, explanations) = match &handle.task {
-            Task::Classification => request.classify(decoded, &mut timings).await?,
+            Task::Classification => request.classify(decoded, &mut timings, None).await?,
+            Task::MultiLabel(ml) => request.classify(decoded, &mut timings, Some(ml)).await?,
             Task::Detection(detector) => request.detect(detector, decoded, &mut timings).await?,
             Task::Segmentation(segmenter) => request.segment(segmenter, decoded, &mut timings).await?,
         };
@@ -173,25 +174,55 @@ struct Request<'a> {
     endpoint: Endpoint,
     options: RequestOptions,
     passes: &'a Passes<'a>,
+    /// `server.max_forward_passes`, for a cost known only after a first pass (a multi-label request's classes).
+    budget: u64,
 }
 
 /// A task's result and the explanations, if asked for.
 type Answered = ((TaskResult, ImageSize), Option<Vec<Explanation>>);
 
 impl Request<'_> {
-    /// A classifier: one pass, whose targets (ranks or classes) are chosen in the graph.
-    async fn classify(self, decoded: Decoded, timings: &mut Timings) -> Result<Answered, ServiceError> {
-        let Request { info, endpoint, options, passes } = self;
+    /// A classifier: one pass, whose targets (ranks or classes) are chosen in the graph. A multi-label classifier
+    /// (`multilabel`) scores classes with their sigmoid; its default targets, the classes at or above the threshold,
+    /// are found by a forward pass first.
+    async fn classify(self, decoded: Decoded, timings: &mut Timings, multilabel: Option<&MultiLabel>) -> Result<Answered, ServiceError> {
+        let Request { info, endpoint, options, passes, budget } = self;
+        let scores = |logits: ndarray::ArrayView1<f32>| match multilabel {
+            Some(ml) => ml.scores(&logits.to_vec()),
+            None => crate::maths::softmax(logits),
+        };
+        let mut targets = options.targets.clone();
+        if endpoint == Endpoint::Explain
+            && let Some((threshold, most)) = options.above_threshold
+        {
+            let first = passes.wait(passes.submit(&PlanKey::Predict, Images::One(decoded.input.clone()), vec![Target::Rank(0)], "predict")?).await?;
+            let probabilities = scores(first.output.logits.row(0));
+            let classes: Vec<usize> = multilabel.map(|ml| ml.above(&probabilities, threshold)).unwrap_or_default();
+            if classes.is_empty() {
+                (timings.queue, timings.inference) = (ms(first.queue), ms(first.inference));
+                let result = Task::classify(info, first.output.logits.row(0).to_vec(), probabilities, options.top_k.max(5));
+                return Ok(((result, decoded.size), Some(Vec::new())));
+            }
+            targets = classes.into_iter().take(most).map(Target::Class).collect();
+            let cost = methods::request_cost(info, &methods::Work { targets: targets.len(), ..options.work() });
+            if cost > budget {
+                return Err(ServiceError::Unprocessable(format!(
+                    "this request explains {} classes at or above the score threshold {threshold}, which costs {cost} forward passes, over the limit of {budget} (server.max_forward_passes): raise score_threshold or give target",
+                    targets.len()
+                )));
+            }
+        }
         let (plan, targets, label) = match endpoint {
             Endpoint::Predict => (PlanKey::Predict, vec![Target::Rank(0)], "predict"),
-            Endpoint::Explain => (explain_plan(info, &options), options.targets.clone(), "explain"),
+            Endpoint::Explain => (explain_plan(info, &options), targets, "explain"),
         };
         let needs_image = endpoint == Endpoint::Explain && (options.methods.iter().any(|m| m.is_multipass()) || !options.metrics.is_empty());
         let kept_input = needs_image.then(|| decoded.input.clone());
         let out = passes.wait(passes.submit(&plan, Images::One(decoded.input), targets, label)?).await?;
         (timings.queue, timings.inference) = (ms(out.queue), ms(out.inference));
-        // Softmax once per row of the pass: the predictions, the targets' scores and the metrics read it.
-        let probabilities: Vec<Vec<f32>> = out.output.logits.outer_iter().map(crate::maths::softmax).collect();
+        // Softmax (sigmoid for a multi-label classifier) once per row of the pass: the predictions, the targets'
+        // scores and the metrics read it.
+        let probabilities: Vec<Vec<f32>> = out.output.logits.outer_iter().map(scores).collect();
         let result = Task::classify(info, out.output.logits.row(0).to_vec(), probabilities[0].clone(), options.top_k.max(5));
         let explanations = match endpoint {
             Endpoint::Predict => None,
@@ -213,7 +244,7 @@ impl Request<'_> {
     /// A detector: a forward pass finds the detections; an explain request then runs the explain pass with one
     /// seed row per picked detection (its class score at its own output row).
     async fn detect(self, detector: &Detector, decoded: Decoded, timings: &mut Timings) -> Result<Answered, ServiceError> {
-        let Request { info, endpoint, options, passes } = self;
+        let Request { info, endpoint, options, passes, .. } = self;
         let first = passes.wait(passes.submit(&PlanKey::Predict, Images::One(decoded.input.clone()), vec![Target::Rank(0)], "detect")?).await?;
         (timings.queue, timings.inference) = (ms(first.queue), ms(first.inference));
         let d = detector.thresholds;
@@ -268,7 +299,7 @@ impl Request<'_> {
     /// A segmenter: a forward pass gives the label map; an explain request then runs the explain pass with one seed
     /// row per segment (its class's logits over its pixels).
     async fn segment(self, seg: &Segmenter, decoded: Decoded, timings: &mut Timings) -> Result<Answered, ServiceError> {
-        let Request { info, endpoint, options, passes } = self;
+        let Request { info, endpoint, options, passes, .. } = self;
         let first = passes.wait(passes.submit(&PlanKey::Predict, Images::One(decoded.input.clone()), vec![Target::Rank(0)], "segment")?).await?;
         (timings.queue, timings.inference) = (ms(first.queue), ms(first.inference));
         let row = first.output.logits.row(0);

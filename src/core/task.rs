@@ -7,7 +7,7 @@ use super::answer::{Classification, Detection, Prediction, TaskResult};
 use crate::backend::engine::{ranked, ModelInfo};
 use crate::backend::batcher::Target;
 use crate::config::TaskName;
-use crate::onnx::rewrite::{JOINED_OUTPUTS_KEY, TORCHVISION_JOINED};
+use crate::onnx::rewrite::{FINAL_OP_KEY, JOINED_OUTPUTS_KEY, TORCHVISION_JOINED};
 use crate::preprocess::ResizePolicy;
 use crate::detection::{self, Found, Thresholds};
 use crate::methods::Method;
@@ -21,6 +21,32 @@ pub enum Task {
     /// A semantic segmenter (class maps `[N, classes, h, w]`): a target is a class over the pixels predicted as it
     /// (within a region, if given); the answer has `segmentation`.
     Segmentation(Segmenter),
+    /// A multi-label classifier (independent sigmoid scores `[N, K]`): targets are classes, by default every class
+    /// whose score reaches the threshold; the answer has `predictions` with sigmoid scores.
+    MultiLabel(MultiLabel),
+}
+
+/// A multi-label classifier: whether its Sigmoid is inside the graph, and the default targets' threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiLabel {
+    pub classes: usize,
+    /// The model ends in a Sigmoid (its outputs are the scores, and explanations differentiate them); otherwise
+    /// its outputs are logits, the scores their sigmoid, and explanations differentiate the logits.
+    pub sigmoid_in_graph: bool,
+    /// The score a class needs to be a default target (`score_threshold`, default 0.5).
+    pub threshold: f32,
+}
+
+impl MultiLabel {
+    /// The sigmoid scores of one image's outputs.
+    pub fn scores(&self, out: &[f32]) -> Vec<f32> {
+        if self.sigmoid_in_graph { out.to_vec() } else { out.iter().map(|&v| detection::sigmoid(v)).collect() }
+    }
+
+    /// The classes at or above `threshold`, best first.
+    pub fn above(&self, scores: &[f32], threshold: f32) -> Vec<usize> {
+        ranked(scores.iter().copied()).into_iter().filter(|&c| scores[c] >= threshold).collect()
+    }
 }
 
 /// A semantic segmenter: its classes, output grid and labels.
@@ -163,6 +189,7 @@ impl Task {
             Task::Classification => "classification",
             Task::Detection(_) => "detection",
             Task::Segmentation(_) => "segmentation",
+            Task::MultiLabel(_) => "multilabel",
         }
     }
 
@@ -189,12 +216,33 @@ impl Task {
             }
             return Segmenter::new(dims, cfg.labels.clone()).map(Task::Segmentation);
         }
+        let sigmoid_in_graph = metadata.get(FINAL_OP_KEY).is_some_and(|op| op == "Sigmoid");
+        let multilabel = match cfg.task {
+            Some(TaskName::Multilabel) => true,
+            Some(_) => false,
+            None => cfg.format.is_none() && !detector_file && sigmoid_in_graph && dims.len() == 1,
+        };
+        if multilabel {
+            if cfg.format.is_some() {
+                return Err("`detection_format` is set for a model whose `task` is multilabel".into());
+            }
+            let [k] = dims else {
+                return Err(format!("a multi-label classifier's first output is [N, classes] (logits, or scores after a Sigmoid); this model's is {dims:?} per image"));
+            };
+            let classes = *k as usize;
+            if let Some(l) = &cfg.labels
+                && l.len() != classes
+            {
+                return Err(format!("{} labels for {classes} classes", l.len()));
+            }
+            return Ok(Task::MultiLabel(MultiLabel { classes, sigmoid_in_graph, threshold: cfg.score_threshold.unwrap_or(0.5) }));
+        }
         let detect = match cfg.task {
             Some(TaskName::Detection) => true,
             Some(TaskName::Classification) if cfg.format.is_some() => {
                 return Err("`detection_format` is set for a model whose `task` is classification".into());
             }
-            Some(TaskName::Classification) | Some(TaskName::Segmentation) => false,
+            Some(TaskName::Classification) | Some(TaskName::Segmentation) | Some(TaskName::Multilabel) => false,
             None => cfg.format.is_some() || detector_file,
         };
         if !detect {
@@ -321,6 +369,7 @@ impl Task {
             Task::Classification => Method::DEFAULT.to_vec(),
             Task::Detection(_) => Method::ALL.into_iter().filter(|m| m.as_str() == "hirescam").collect(),
             Task::Segmentation(_) => Method::ALL.into_iter().filter(|m| m.as_str() == "gradcam").collect(),
+            Task::MultiLabel(_) => Method::DEFAULT.to_vec(),
         }
     }
 
@@ -330,7 +379,10 @@ impl Task {
             Task::Classification if method.as_str() == "drise" => {
                 Some("method `drise` (D-RISE) explains a detection of an object detector; a classifier has none".to_string())
             }
-            Task::Classification => None,
+            Task::MultiLabel(_) if method.as_str() == "drise" => {
+                Some("method `drise` (D-RISE) explains a detection of an object detector; a multi-label classifier has none".to_string())
+            }
+            Task::Classification | Task::MultiLabel(_) => None,
             // These compare classes or reuse a classifier's head: no meaning for one detection's score.
             Task::Detection(_) if ["cam", "ablationcam", "finercam"].contains(&method.as_str()) => {
                 Some(format!("method `{method}` explains a classifier's class (its linear head, or other classes); detectors get the gradient and gradient-free maps"))

@@ -119,9 +119,15 @@ impl fmt::Display for Inspection {
             if a.input_layout == super::rewrite::InputLayout::Nhwc {
                 writeln!(f, "input layout: NHWC (camserve feeds NCHW through a Transpose)")?;
             }
+            // One image's output: `K classes` for a classifier's `[K]`, the dims otherwise (a detector's head,
+            // a segmenter's class maps).
+            let size = match a.output_dims.as_slice() {
+                [k] => format!("{k} classes"),
+                dims => format!("{dims:?} per image"),
+            };
             match &a.stripped_output_op {
-                Some(op) => writeln!(f, "logits: {} ({} classes), the scores before the final {op}", a.logits, a.num_classes)?,
-                None => writeln!(f, "logits: {} ({} classes)", a.logits, a.num_classes)?,
+                Some(op) => writeln!(f, "logits: {} ({size}), the scores before the final {op}", a.logits)?,
+                None => writeln!(f, "logits: {} ({size})", a.logits)?,
             }
             writeln!(f, "candidate layers ({}):", a.layers.len())?;
             for l in &a.layers {

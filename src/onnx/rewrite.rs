@@ -213,6 +213,8 @@ impl Explainable {
         // Seen through other ops, a Softmax is the classifier's only when it normalises over every value of an image
         // (its axis holds them all: [N, K], [N, K, 1, 1]); a Softmax over some inner axis, then flattened, is part of
         // the network and stays (checked once the shapes are probed).
+        // A final Sigmoid (a multi-label head) stays in the graph; the metadata tells the task it is there.
+        let final_sigmoid = last.is_some_and(|p| p.op_type() == "Sigmoid");
         let mut candidate = None;
         if let Some(p) = last
             && matches!(p.op_type(), "Softmax" | "LogSoftmax") {
@@ -222,6 +224,9 @@ impl Explainable {
         if let Some((x, op, _)) = &candidate {
             logits = x.clone();
             stripped_output_op = Some(op.clone());
+        }
+        if final_sigmoid {
+            super::contract::set_meta(&mut model, FINAL_OP_KEY, "Sigmoid");
         }
         let mut probed = probe(&model, &input, &input_dims, runner)?;
         if through && let Some((x, _, axis)) = &candidate {
@@ -795,6 +800,10 @@ fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Resul
 /// The metadata key that says the model's outputs were joined into one (its value: the joined outputs' names, in
 /// order), so that what decodes the output knows its layout.
 pub const JOINED_OUTPUTS_KEY: &str = "camserve.joined_outputs";
+
+/// The metadata key that names the op ending the model when the task reads it: `Sigmoid` (a multi-label head,
+/// possibly behind ops that only move values, as the Softmax search sees them), set by [`Explainable::analyse`].
+pub const FINAL_OP_KEY: &str = "camserve.final_op";
 
 /// The output a DETR-family export's two heads are joined into.
 pub const JOINED_OUTPUT: &str = "camserve/logits_and_boxes";
