@@ -272,8 +272,9 @@ impl Default for BatchingConfig {
 }
 
 impl Default for Config {
-    /// Serves the bundled models: `imagenet` (EfficientNet-Lite0, ImageNet-1k), `demo` (six shapes) and `shapes`
-    /// (a detector of the same shapes; its task, labels and preprocessing come from the file).
+    /// Serves the bundled models: `imagenet` (EfficientNet-Lite0, ImageNet-1k), `demo` (six shapes), `shapes` (a
+    /// detector of the same shapes; its task, labels and preprocessing come from the file) and `segmenter` (a semantic
+    /// segmenter of the same scenes; its task from the output's shape).
     fn default() -> Self {
         Config {
             server: ServerConfig::default(),
@@ -294,6 +295,7 @@ impl Default for Config {
                     ..ModelConfig::new("demo", "models/demo.onnx")
                 },
                 ModelConfig::new("shapes", "models/shapes_detector.onnx"),
+                ModelConfig { labels: Some("models/shapes_segmenter.labels.txt".into()), ..ModelConfig::new("segmenter", "models/shapes_segmenter.onnx") },
             ],
         }
     }

@@ -3,12 +3,13 @@
 // pixels not blank), click another class, check the explanations follow it, try the keyboard path, and save
 // screenshots (desktop and phone-sized) in the given folder. Run by scripts/browser-test.sh:
 // Then the bundled detector on one of its held-out scenes: boxes drawn on the picture, clicking a box explains that
-// box, the boxes and the map overlay toggle.
-//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO [SCENE]]
+// box, the boxes and the map overlay toggle. Then the bundled segmenter on one of its scenes: the label map over the
+// picture with a legend, clicking a class explains it, dragging draws a region explained with HiResCAM.
+//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO [SCENE [SEGMENTATION_SCENE]]]
 import { chromium } from "playwright-core";
 import { strict as assert } from "node:assert";
 
-const [url, photo, outDir, realPhoto, scene] = process.argv.slice(2);
+const [url, photo, outDir, realPhoto, scene, segScene] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -154,6 +155,41 @@ if (scene) {
   detected = `; detector: ${boxes.length} boxes, clicked ${boxes.find((b) => b.index === target).label}`;
 }
 
+// The segmenter: Grad-CAM by default; the label map lies over the picture, the legend lists its classes with their
+// colours; clicking another class explains it; dragging on the picture draws a region, explained with HiResCAM.
+let segmented = "";
+if (segScene) {
+  await page.selectOption("#model", "segmenter");
+  assert.deepEqual(await page.$$eval("#methods input:checked", (cs) => cs.map((c) => c.value)), ["gradcam"], "a segmenter's default method");
+  await page.evaluate(() => { document.getElementById("status").textContent = ""; });
+  await page.setInputFiles("#file", segScene);
+  await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("Explained"), null, { timeout: 60000 });
+  const shown = (sel) => page.$eval(sel, (e) => e.getBoundingClientRect().width > 0 && getComputedStyle(e).display !== "none");
+  assert.deepEqual([await shown("#segmap"), await shown("#detimg"), await page.$$eval("#detboxes button", (b) => b.length)], [true, true, 0], "the label map over the picture, no boxes");
+  assert.ok(await page.$eval("#segmap", (m) => m.naturalWidth) > 0, "the label map PNG decodes");
+  const legend = await page.$$eval("#preds li button", (bs) => bs.map((b) => ({ name: b.children[0].textContent, swatch: !!b.querySelector(".swatch"), pressed: b.getAttribute("aria-pressed") })));
+  assert.ok(legend.length >= 2 && legend.every((l) => l.swatch), `a legend with colours: ${JSON.stringify(legend)}`);
+  const explained = await page.$eval(".card h3 small", (s) => s.textContent);
+  const other = legend.find((l) => l.pressed !== "true" && !explained.startsWith(l.name));
+  assert.ok(other, `another class to click: ${JSON.stringify(legend)}`);
+  await page.click(`#preds li button:has-text("${other.name}")`);
+  await page.waitForFunction((n) => document.querySelector(".card h3 small")?.textContent.startsWith(n), other.name, { timeout: 60000 });
+  await page.screenshot({ path: `${outDir}/page-segmenter.png`, fullPage: true });
+  // A region: drag across the picture's top-left quarter (scrolled into view: clicking the legend scrolled down).
+  const r = await page.$eval("#detimg", (i) => { i.scrollIntoView(); const b = i.getBoundingClientRect(); return { x: b.left, y: b.top, w: b.width, h: b.height }; });
+  await page.mouse.move(r.x + r.w * 0.05, r.y + r.h * 0.05);
+  await page.mouse.down();
+  await page.mouse.move(r.x + r.w * 0.3, r.y + r.h * 0.3, { steps: 5 });
+  await page.mouse.move(r.x + r.w * 0.5, r.y + r.h * 0.5, { steps: 5 });
+  await page.mouse.up();
+  await page.waitForFunction(() => document.querySelector(".card h3 span")?.textContent === "hirescam" && document.querySelector(".card h3 small")?.textContent.includes("in the region"), null, { timeout: 60000 })
+    .catch(async (e) => { throw new Error(`${e}: status "${await page.$eval("#status", (s) => s.textContent)}", card "${await page.$eval(".card h3", (s) => s.textContent)}"`); });
+  assert.equal(await shown("#region"), true, "the region is drawn");
+  assert.deepEqual(await page.$$eval("#methods input:checked", (cs) => cs.map((c) => c.value)), ["hirescam"], "a region switches to a method that follows it");
+  await page.screenshot({ path: `${outDir}/page-segmenter-region.png`, fullPage: true });
+  segmented = `; segmenter: ${legend.length} classes, clicked ${other.name}, then a region`;
+}
+
 assert.deepEqual(errors, [], "no JavaScript errors");
 await browser.close();
-console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}${detected}; screenshots in ${outDir}`);
+console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}${detected}${segmented}; screenshots in ${outDir}`);
