@@ -431,7 +431,7 @@ impl RawOptions {
                 return Err(invalid(why));
             }
         }
-        let (picks, score_threshold, iou_threshold) = self.detection_targets(task, limits)?;
+        let (picks, score_threshold, iou_threshold) = self.detection_targets(task, &model.name, limits)?;
         let segments = self.segment_targets(task, limits)?;
         if self.methods.is_none() && self.region.is_some() && !segments.is_empty() {
             // Grad-CAM averages the gradient over the whole map, so its map barely follows a region; HiResCAM keeps
@@ -571,17 +571,17 @@ impl RawOptions {
     /// A detector's picks (`target`: indices or labels; `box`; `top_k`: the k best; default the best one) and
     /// thresholds; nothing for a classifier, which refuses the detector-only options.
     #[allow(clippy::type_complexity)]
-    fn detection_targets(&self, task: &Task, limits: OptionLimits) -> Result<(Vec<DetectionPick>, Option<f32>, Option<f32>), ServiceError> {
+    fn detection_targets(&self, task: &Task, model_name: &str, limits: OptionLimits) -> Result<(Vec<DetectionPick>, Option<f32>, Option<f32>), ServiceError> {
         let Task::Detection(_) = task else {
             let segmenter = matches!(task, Task::Segmentation(_));
             let multilabel = matches!(task, Task::MultiLabel(_));
-            for (key, given) in [
-                ("box", self.region.is_some() && !segmenter),
-                ("score_threshold", self.score_threshold.is_some() && !multilabel),
-                ("iou_threshold", self.iou_threshold.is_some()),
+            for (key, given, applies) in [
+                ("box` or `region", self.region.is_some() && !segmenter, "detectors and segmenters"),
+                ("score_threshold", self.score_threshold.is_some() && !multilabel, "detectors and multi-label classifiers"),
+                ("iou_threshold", self.iou_threshold.is_some(), "detectors"),
             ] {
                 if given {
-                    return Err(invalid(format!("`{key}` applies to detectors; this model's task is {}", task.as_str())));
+                    return Err(invalid(format!("`{key}` applies to {applies}; model `{}`'s task is {}", model_name, task.as_str())));
                 }
             }
             return Ok((vec![], None, None));
