@@ -13,6 +13,8 @@
 #[path = "support/detections.rs"]
 #[allow(dead_code)]
 mod detections;
+#[path = "support/fixture.rs"]
+mod fixture;
 #[path = "support/server.rs"]
 mod server;
 
@@ -20,10 +22,11 @@ use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use serde_json::Value;
 use detections::rel;
+use fixture::{floats, oip_output, Fixture};
 use server::*;
 
 fn dir() -> std::path::PathBuf {
-    root().join("tests/fixtures/multilabel")
+    Fixture::new("multilabel").0
 }
 
 fn config() -> camserve::config::Config {
@@ -35,25 +38,11 @@ fn config() -> camserve::config::Config {
 }
 
 fn fixture() -> Value {
-    serde_json::from_slice(&std::fs::read(dir().join("gradcam.json")).unwrap()).unwrap()
+    Fixture::new("multilabel").json("gradcam.json")
 }
 
 fn tensor_request(k: usize, parameters: Value, outputs: &[&str]) -> Value {
-    let x: ArrayD<f32> = NpzReader::new(std::fs::File::open(dir().join("inputs.npz")).unwrap()).unwrap().by_name(&format!("{k}.npy")).unwrap();
-    let mut req = serde_json::json!({
-        "inputs": [{ "name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": x.iter().copied().collect::<Vec<f32>>() }],
-        "parameters": parameters,
-    });
-    req["outputs"] = outputs.iter().map(|o| serde_json::json!({ "name": o })).collect();
-    req
-}
-
-fn oip_output<'a>(res: &'a Value, name: &str) -> &'a Value {
-    res["outputs"].as_array().unwrap_or_else(|| panic!("{res}")).iter().find(|o| o["name"] == name).unwrap_or_else(|| panic!("no {name} in {res}"))
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    fixture::tensor_request(&mut Fixture::new("multilabel").npz("inputs.npz"), &k.to_string(), "input", parameters, outputs)
 }
 
 /// The model's final Sigmoid makes it a multi-label classifier with no configuration; its scores are the model's,
