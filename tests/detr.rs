@@ -15,6 +15,9 @@
 
 #[path = "support/detections.rs"]
 mod detections;
+#[path = "support/fixture.rs"]
+#[allow(dead_code)]
+mod fixture;
 #[path = "support/server.rs"]
 mod server;
 
@@ -23,18 +26,19 @@ use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use serde_json::Value;
 use detections::*;
+use fixture::{oip_output, Fixture};
 use server::*;
 
 fn dir() -> std::path::PathBuf {
-    root().join("tests/fixtures/detr")
+    Fixture::new("detr").0
 }
 
 fn npz(name: &str) -> NpzReader<std::fs::File> {
-    NpzReader::new(std::fs::File::open(dir().join(name)).unwrap()).unwrap()
+    Fixture::new("detr").npz(name)
 }
 
 fn json(name: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(dir().join(name)).unwrap()).unwrap()
+    Fixture::new("detr").json(name)
 }
 
 fn detr_config() -> camserve::config::Config {
@@ -105,19 +109,7 @@ fn preprocessing_equals_detr_image_processor() {
 
 /// The OIP request with the processor's own tensor for image `k` as the model's input.
 fn tensor_request(z: &mut NpzReader<std::fs::File>, k: usize, parameters: Value, outputs: &[&str]) -> Value {
-    let x: ArrayD<f32> = z.by_name(&format!("{k}.npy")).unwrap();
-    let mut req = serde_json::json!({
-        "inputs": [{ "name": "pixel_values", "datatype": "FP32", "shape": x.shape(), "data": x.iter().copied().collect::<Vec<f32>>() }],
-        "parameters": parameters,
-    });
-    if !outputs.is_empty() {
-        req["outputs"] = outputs.iter().map(|o| serde_json::json!({ "name": o })).collect();
-    }
-    req
-}
-
-fn oip_output(res: &Value, name: &str) -> Value {
-    res["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap_or_else(|| panic!("no {name} in {res}")).clone()
+    fixture::tensor_request(z, &k.to_string(), "pixel_values", parameters, outputs)
 }
 
 /// The model loads with no configuration beyond its labels: task detection, format `detr`, transformers' threshold;

@@ -15,6 +15,9 @@
 
 #[path = "support/detections.rs"]
 mod detections;
+#[path = "support/fixture.rs"]
+#[allow(dead_code)]
+mod fixture;
 #[path = "support/server.rs"]
 mod server;
 
@@ -23,18 +26,19 @@ use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use serde_json::Value;
 use detections::*;
+use fixture::Fixture;
 use server::*;
 
 fn dir() -> std::path::PathBuf {
-    root().join("tests/fixtures/rtdetr")
+    Fixture::new("rtdetr").0
 }
 
 fn npz(name: &str) -> NpzReader<std::fs::File> {
-    NpzReader::new(std::fs::File::open(dir().join(name)).unwrap()).unwrap()
+    Fixture::new("rtdetr").npz(name)
 }
 
 fn json(name: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(dir().join(name)).unwrap()).unwrap()
+    Fixture::new("rtdetr").json(name)
 }
 
 fn config(file: &str) -> camserve::config::Config {

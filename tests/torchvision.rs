@@ -13,6 +13,9 @@
 
 #[path = "support/detections.rs"]
 mod detections;
+#[path = "support/fixture.rs"]
+#[allow(dead_code)]
+mod fixture;
 #[path = "support/server.rs"]
 mod server;
 
@@ -20,20 +23,21 @@ use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use serde_json::Value;
 use detections::*;
+use fixture::{oip_output, Fixture};
 use server::*;
 
 const MODELS: [&str; 3] = ["ssdlite", "retinanet", "fasterrcnn"];
 
 fn dir() -> std::path::PathBuf {
-    root().join("tests/fixtures/torchvision")
+    Fixture::new("torchvision").0
 }
 
 fn npz(name: &str) -> NpzReader<std::fs::File> {
-    NpzReader::new(std::fs::File::open(dir().join(name)).unwrap()).unwrap()
+    Fixture::new("torchvision").npz(name)
 }
 
 fn json(name: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(dir().join(name)).unwrap()).unwrap()
+    Fixture::new("torchvision").json(name)
 }
 
 fn config() -> camserve::config::Config {
@@ -61,19 +65,7 @@ fn reference(r: &Value, photo: bool) -> Vec<(usize, [f32; 4], f32)> {
 }
 
 fn tensor_request(z: &mut NpzReader<std::fs::File>, k: usize, parameters: Value, outputs: &[&str]) -> Value {
-    let x: ArrayD<f32> = z.by_name(&format!("{k}.npy")).unwrap();
-    let mut req = serde_json::json!({
-        "inputs": [{ "name": "images", "datatype": "FP32", "shape": x.shape(), "data": x.iter().copied().collect::<Vec<f32>>() }],
-        "parameters": parameters,
-    });
-    if !outputs.is_empty() {
-        req["outputs"] = outputs.iter().map(|o| serde_json::json!({ "name": o })).collect();
-    }
-    req
-}
-
-fn oip_output(res: &Value, name: &str) -> Value {
-    res["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap_or_else(|| panic!("no {name} in {res}")).clone()
+    fixture::tensor_request(z, &k.to_string(), "images", parameters, outputs)
 }
 
 fn detections_of(body: &Value) -> Vec<(usize, [f32; 4], f32)> {

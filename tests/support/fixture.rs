@@ -1,4 +1,4 @@
-//! What the reference-fixture tests (tests/segmentation.rs, tests/multilabel.rs) share: reading a fixture folder's
+//! What the reference-fixture tests (segmentation, multilabel, detr, detr_sigmoid, torchvision, rtdetr) share: reading a fixture folder's
 //! npz and json files, an Open Inference Protocol request with one image's input tensor, and its outputs.
 
 use ndarray::ArrayD;
@@ -27,7 +27,7 @@ impl Fixture {
 }
 
 /// An OIP infer request with array `key` of `inputs` (one image's tensor `[C, H, W]`, or `[1, C, H, W]`) as the
-/// model's input `input`, the request's `parameters`, and the named outputs.
+/// model's input `input`, the request's `parameters`, and the named outputs (none: the protocol's defaults).
 pub fn tensor_request(inputs: &mut NpzReader<std::fs::File>, key: &str, input: &str, parameters: Value, outputs: &[&str]) -> Value {
     let x: ArrayD<f32> = inputs.by_name(&format!("{key}.npy")).unwrap();
     let mut shape = vec![1];
@@ -36,7 +36,9 @@ pub fn tensor_request(inputs: &mut NpzReader<std::fs::File>, key: &str, input: &
         "inputs": [{ "name": input, "datatype": "FP32", "shape": shape, "data": x.iter().copied().collect::<Vec<f32>>() }],
         "parameters": parameters,
     });
-    req["outputs"] = outputs.iter().map(|o| serde_json::json!({ "name": o })).collect();
+    if !outputs.is_empty() {
+        req["outputs"] = outputs.iter().map(|o| serde_json::json!({ "name": o })).collect();
+    }
     req
 }
 
