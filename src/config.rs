@@ -187,6 +187,7 @@ pub enum TaskName {
     Detection,
     Segmentation,
     Multilabel,
+    Embedding,
 }
 
 /// The `detection_format` key.
@@ -274,7 +275,8 @@ impl Default for BatchingConfig {
 impl Default for Config {
     /// Serves the bundled models: `imagenet` (EfficientNet-Lite0, ImageNet-1k), `demo` (six shapes), `shapes` (a
     /// detector of the same shapes; its task, labels and preprocessing come from the file) and `segmenter` (a semantic
-    /// segmenter of the same scenes; its task from the output's shape).
+    /// segmenter of the same scenes; its task from the output's shape) and `embedder` (an embedder of the demo's pictures; its
+    /// task from its output's name, `embedding`).
     fn default() -> Self {
         Config {
             server: ServerConfig::default(),
@@ -296,6 +298,7 @@ impl Default for Config {
                 },
                 ModelConfig::new("shapes", "models/shapes_detector.onnx"),
                 ModelConfig { labels: Some("models/shapes_segmenter.labels.txt".into()), ..ModelConfig::new("segmenter", "models/shapes_segmenter.onnx") },
+                ModelConfig { mean: Some(IMAGENET_MEAN), std: Some(IMAGENET_STD), ..ModelConfig::new("embedder", "models/shapes_embedder.onnx") },
             ],
         }
     }

@@ -74,6 +74,13 @@ enum Command {
         model: PathBuf,
         #[arg(long)]
         image: PathBuf,
+        /// An embedder's reference image (repeatable: several are compared through their mean direction); every
+        /// image is explained, the references' files named `ref<i>_...`.
+        #[arg(long = "reference")]
+        references: Vec<PathBuf>,
+        /// An embedder's reference vector: comma-separated numbers, or `@FILE` holding them (commas or whitespace).
+        #[arg(long)]
+        reference_vector: Option<String>,
         /// Method (repeatable).
         #[arg(long = "method", ignore_case = true, value_parser = clap::builder::PossibleValuesParser::new(camserve::methods::Method::ALL.map(camserve::methods::Method::as_str)))]
         methods: Vec<String>,
@@ -186,7 +193,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(if report.has_unsupported() { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }
         Command::Explain {
-            model, image, methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, labels, input_size, out,
+            model, image, references, reference_vector, methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, labels, input_size, out,
         } => {
             let (name, config) = explain_config(model, labels, &input_size)?;
             let mut raw = RawOptions::default();
@@ -204,8 +211,23 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             for (name, value) in &params.0 {
                 raw.set_text(name, value)?;
             }
+            if let Some(v) = reference_vector {
+                let text = match v.strip_prefix('@') {
+                    Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+                    None => v,
+                };
+                let joined = text.split(|c: char| c == ',' || c.is_whitespace()).filter(|t| !t.is_empty()).collect::<Vec<_>>().join(",");
+                raw.set_text("reference_vector", &joined)?;
+            }
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
-            let answer = explain_offline(config, &name, bytes, raw)?;
+            let references = references
+                .iter()
+                .map(|p| {
+                    let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                    Ok(camserve::core::pipeline::Reference { name: p.display().to_string(), image: camserve::core::pipeline::ImageInput::Encoded(bytes.into()) })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let answer = explain_offline(config, &name, bytes, references, raw)?;
             write_explanation(&answer, &out)?;
             let found = match &answer.result {
                 camserve::core::answer::TaskResult::Classification(c) => c.top.first().map(|t| format!("{} ({:.3})", t.label.clone().unwrap_or_else(|| t.index.to_string()), t.score)),
@@ -215,6 +237,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     s.classes.len(),
                     s.classes.iter().take(3).map(|c| format!("{} {:.1}%", c.label.clone().unwrap_or_else(|| c.index.to_string()), 100.0 * c.fraction)).collect::<Vec<_>>().join(", ")
                 )),
+                camserve::core::answer::TaskResult::Embedding(e) => Some(match e.similarity {
+                    Some(s) => format!("a {}-dimensional embedding, similarity {s:.4} to the reference", e.vector.len()),
+                    None => format!("a {}-dimensional embedding", e.vector.len()),
+                }),
             };
             eprintln!("{}: {}; wrote {} explanations to {}", image.display(), found.unwrap_or_default(), answer.explanations.as_ref().map_or(0, Vec::len), out.display());
             Ok(ExitCode::SUCCESS)
@@ -254,6 +280,12 @@ fn describe_task(a: &camserve::onnx::inspect::Analysis) -> String {
             s.grid[1],
             s.grid[0],
             if s.labels.is_some() { ", labelled" } else { "" },
+            a.default_layer.clone().unwrap_or_default()
+        ),
+        Ok(Task::Embedding(e)) => format!(
+            "task: embedding ({}-dimensional vectors{}; explain needs a reference image or vector; default method gradcam at {})",
+            e.dim,
+            if e.normalised { ", L2-normalised in the graph" } else { "" },
             a.default_layer.clone().unwrap_or_default()
         ),
         Ok(Task::MultiLabel(m)) => format!(
@@ -343,7 +375,7 @@ fn explain_config(model: PathBuf, labels: Option<PathBuf>, input_size: &Option<S
 }
 
 /// Loads the one model and explains the image, as the server would.
-fn explain_offline(config: Config, name: &str, image: Vec<u8>, raw: RawOptions) -> anyhow::Result<Answer> {
+fn explain_offline(config: Config, name: &str, image: Vec<u8>, references: Vec<camserve::core::pipeline::Reference>, raw: RawOptions) -> anyhow::Result<Answer> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let service = Service::new(camserve::core::loading::service_limits(&config));
@@ -354,7 +386,8 @@ fn explain_offline(config: Config, name: &str, image: Vec<u8>, raw: RawOptions) 
         })
         .await??;
         service.install(models);
-        service.handle(name, Endpoint::Explain, image.into(), raw).await.map_err(anyhow::Error::from)
+        let image = camserve::core::pipeline::ImageInput::Encoded(image.into());
+        service.handle_input(name, Endpoint::Explain, image, references, raw).await.map_err(anyhow::Error::from)
     })
 }
 
@@ -372,6 +405,8 @@ fn write_explanation(answer: &Answer, out: &std::path::Path) -> anyhow::Result<(
             camserve::core::answer::ExplainedTarget::Class { index, .. } => index.to_string(),
             camserve::core::answer::ExplainedTarget::Detection { index, .. } => format!("det{index}"),
             camserve::core::answer::ExplainedTarget::Segment { index, .. } => format!("seg{index}"),
+            camserve::core::answer::ExplainedTarget::Similarity { reference: None, .. } => "query".to_string(),
+            camserve::core::answer::ExplainedTarget::Similarity { reference: Some(i), .. } => format!("ref{i}"),
         };
         let stem = format!("{}_{}", e.method.as_str().replace('+', "p"), target);
         for (kind, png) in [("heatmap", &e.heatmap_png), ("overlay", &e.overlay_png), ("mask", &e.mask_png)] {

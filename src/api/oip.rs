@@ -30,13 +30,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::oip_tensors::{images_from_bytes, images_from_fp32, respond, split_body, Data, InferRequest, RequestedOutput, Tensor};
+use super::oip_tensors::{fp32_values, images_from_bytes, images_from_fp32, respond, split_body, Data, InferRequest, InputTensor, RequestedOutput, Tensor};
 use super::AppState;
 use crate::backend::engine::{ranked, ModelInfo};
-use crate::core::answer::{Answer, Classification, Detection, Explanation, RawArray, Segmentation, TaskResult};
+use crate::core::answer::{Answer, Classification, Detection, Embedding, Explanation, RawArray, Segmentation, TaskResult};
 use crate::core::task::Task;
 use crate::core::options::RawOptions;
-use crate::core::pipeline::{Endpoint, ImageInput};
+use crate::core::pipeline::{Endpoint, ImageInput, Reference, MAX_REFERENCES};
 use crate::error::ServiceError;
 use crate::methods::{Kind, Method};
 
@@ -44,6 +44,10 @@ use crate::methods::{Kind, Method};
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 /// The encoded-image input.
 pub const IMAGE_INPUT: &str = "image";
+/// An embedder's reference images: `BYTES [R]` encoded files, or `FP32 [R, C, H, W]` preprocessed tensors.
+pub const REFERENCE_INPUT: &str = "reference";
+/// An embedder's reference vector, `FP32 [D]` (or `[1, D]`).
+pub const REFERENCE_VECTOR_INPUT: &str = "reference_vector";
 /// The most images one infer request may carry (each is one row of the model's batcher).
 pub const MAX_IMAGES: usize = 64;
 /// The only model version: camserve serves one file per model name.
@@ -159,7 +163,13 @@ pub fn model_metadata_value(info: &ModelInfo, task: &Task) -> Value {
             tensor_meta("label_map", "INT64", &[-1, seg.grid[0] as i64, seg.grid[1] as i64]),
             tensor_meta("mask_png", "BYTES", &[-1]),
         ],
+        Task::Embedding(e) => vec![tensor_meta("embedding", "FP32", &[-1, e.dim as i64]), tensor_meta("similarity", "FP32", &[-1])],
     };
+    let mut inputs = vec![tensor_meta(IMAGE_INPUT, "BYTES", &[-1]), tensor_meta(&info.input_name, "FP32", &[-1, c, h, w])];
+    if let Task::Embedding(e) = task {
+        inputs.push(tensor_meta(REFERENCE_INPUT, "BYTES", &[-1]));
+        inputs.push(tensor_meta(REFERENCE_VECTOR_INPUT, "FP32", &[e.dim as i64]));
+    }
     for m in &methods {
         let shape: &[i64] = if m.kind == Kind::Gradient { &[-1, c, h, w] } else { &[-1, -1, -1] };
         outputs.push(tensor_meta(m.as_str(), "FP32", shape));
@@ -170,7 +180,7 @@ pub fn model_metadata_value(info: &ModelInfo, task: &Task) -> Value {
         "name": info.name,
         "versions": [VERSION],
         "platform": "camserve",
-        "inputs": [tensor_meta(IMAGE_INPUT, "BYTES", &[-1]), tensor_meta(&info.input_name, "FP32", &[-1, c, h, w])],
+        "inputs": inputs,
         "outputs": outputs,
         "parameters": {
             "device": info.device.to_string(),
@@ -203,6 +213,9 @@ enum Output {
     /// palette PNG whose pixel values are the class indices.
     LabelMap,
     MaskPng,
+    /// An embedder's: `[N, D]` each image's embedding; `[N]` its cosine similarity to the reference.
+    Embedding,
+    Similarity,
     Raw(Method),
     HeatmapPng(Method),
     OverlayPng(Method),
@@ -224,6 +237,8 @@ fn parse_output(o: &RequestedOutput) -> Result<Output, OipError> {
         "classes" => Output::Classes,
         "label_map" => Output::LabelMap,
         "mask_png" => Output::MaskPng,
+        "embedding" => Output::Embedding,
+        "similarity" => Output::Similarity,
         name => match (name.strip_suffix("_heatmap_png"), name.strip_suffix("_overlay_png")) {
             (Some(m), _) => Output::HeatmapPng(method(m)?),
             (_, Some(m)) => Output::OverlayPng(method(m)?),
@@ -282,9 +297,19 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
         .iter()
         .filter_map(|a| match &a.result {
             TaskResult::Detection(d) => Some(d.as_slice()),
-            TaskResult::Classification(_) | TaskResult::Segmentation(_) => None,
+            TaskResult::Classification(_) | TaskResult::Segmentation(_) | TaskResult::Embedding(_) => None,
         })
         .collect();
+    let embeddings: Vec<&Embedding> = answers
+        .iter()
+        .filter_map(|a| match &a.result {
+            TaskResult::Embedding(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    if embeddings.len() != n && matches!(out, Output::Embedding | Output::Similarity) {
+        return Err(internal("an embedder's result is missing. This is a bug.".into()));
+    }
     let segmentations: Vec<&Segmentation> = answers
         .iter()
         .filter_map(|a| match &a.result {
@@ -328,6 +353,15 @@ fn build_output(out: &Output, name: &str, info: &ModelInfo, answers: &[Answer], 
             tensor(vec![n, h, w], Data::Int64(segmentations.iter().flat_map(|s| s.label_map.iter().map(|&l| l as i64)).collect()))
         }
         Output::MaskPng => tensor(vec![n], Data::Bytes(segmentations.iter().map(|s| s.mask_png.clone()).collect())),
+        Output::Embedding => {
+            let d = embeddings.first().map_or(0, |e| e.vector.len());
+            tensor(vec![n, d], Data::Fp32(embeddings.iter().flat_map(|e| e.vector.iter().copied()).collect()))
+        }
+        Output::Similarity => {
+            let values: Option<Vec<f32>> = embeddings.iter().map(|e| e.similarity.map(|s| s as f32)).collect();
+            let values = values.ok_or_else(|| bad("output `similarity` needs a reference: the input `reference` (images) or `reference_vector`"))?;
+            tensor(vec![n], Data::Fp32(values))
+        }
         Output::Raw(m) => {
             // A detector's image without detections has no explanation: its map is zeros of the others' shape.
             let maps: Vec<Option<&RawArray>> = answers
@@ -391,9 +425,17 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
     let body = read_body(req, state.body_limit, state.body_timeout).await?;
     let (head, mut binary) = split_body(&headers, &body)?;
     let request: InferRequest = serde_json::from_slice(head).map_err(|e| bad(format!("the inference request is not valid: {e}")))?;
-    let images = read_images(&request, &info, &mut binary)?;
-    let plan = plan(&request, &info, &handle.task, state.service.limits.options.max_top_k)?;
-    let jobs = per_image(&request, images, &plan.options)?;
+    let inputs = read_inputs(&request, &info, &handle.task, &mut binary)?;
+    let mut plan = plan(&request, &info, &handle.task, state.service.limits.options.max_top_k)?;
+    if let Some(v) = inputs.vector {
+        plan.options.reference_vector = Some(v.into_iter().map(f64::from).collect());
+    }
+    let mut jobs = per_image(&request, inputs.images, &plan.options)?;
+    if !inputs.references.is_empty() {
+        for job in &mut jobs {
+            job.1 = inputs.references.clone();
+        }
+    }
     let answers = answer_all(&state, &model, plan.endpoint, jobs).await?;
 
     let tensors: Vec<Tensor> = plan
@@ -408,28 +450,59 @@ pub async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, req:
     Ok(res)
 }
 
-/// The request's one input: the encoded images or the model's own input tensor, at most [`MAX_IMAGES`] of them.
-fn read_images(request: &InferRequest, info: &ModelInfo, binary: &mut &[u8]) -> Result<Vec<ImageInput>, OipError> {
-    let [input] = request.inputs.as_slice() else {
-        return Err(bad(format!("expected one input, `{IMAGE_INPUT}` (BYTES) or `{}` (FP32); got {}", info.input_name, request.inputs.len())));
+/// What an infer request's inputs bring: the images, and an embedder's references.
+struct Inputs {
+    images: Vec<ImageInput>,
+    references: Vec<Reference>,
+    vector: Option<Vec<f32>>,
+}
+
+/// The request's inputs, in order (binary data follows them in that order): one of the encoded images or the
+/// model's own input tensor, at most [`MAX_IMAGES`] images; for an embedder, also `reference` (images, compared
+/// with every image of the request) or `reference_vector`.
+fn read_inputs(request: &InferRequest, info: &ModelInfo, task: &Task, binary: &mut &[u8]) -> Result<Inputs, OipError> {
+    let expected = || {
+        let refs = if matches!(task, Task::Embedding(_)) { format!(", plus `{REFERENCE_INPUT}` (BYTES or FP32) or `{REFERENCE_VECTOR_INPUT}` (FP32)") } else { String::new() };
+        format!("`{IMAGE_INPUT}` (BYTES, encoded image files) or `{}` (FP32, [N, 3, H, W]){refs}", info.input_name)
     };
-    let images = match (input.name.as_str(), input.datatype.as_str()) {
-        (IMAGE_INPUT, "BYTES") => images_from_bytes(input, binary)?,
-        (name, "FP32") if name == info.input_name => images_from_fp32(input, info, binary)?,
-        (name, dt) => {
-            return Err(bad(format!(
-                "input `{name}` ({dt}) is not one of model `{}`'s: `{IMAGE_INPUT}` (BYTES, encoded image files) or `{}` (FP32, [N, 3, H, W])",
-                info.name, info.input_name
-            )));
+    let images_of = |input: &InputTensor, binary: &mut &[u8]| match input.datatype.as_str() {
+        "BYTES" => images_from_bytes(input, binary),
+        "FP32" => images_from_fp32(input, info, binary),
+        dt => Err(bad(format!("input `{}` ({dt}) is not one of model `{}`'s: {}", input.name, info.name, expected()))),
+    };
+    let (mut images, mut references, mut vector) = (None, None, None);
+    for input in &request.inputs {
+        let embedder = matches!(task, Task::Embedding(_));
+        match (input.name.as_str(), input.datatype.as_str()) {
+            (IMAGE_INPUT, "BYTES") if images.is_none() => images = Some(images_from_bytes(input, binary)?),
+            (name, "FP32") if name == info.input_name && images.is_none() => images = Some(images_from_fp32(input, info, binary)?),
+            (REFERENCE_INPUT, _) if embedder && references.is_none() => references = Some(images_of(input, binary)?),
+            (REFERENCE_VECTOR_INPUT, "FP32") if embedder && vector.is_none() => {
+                let Task::Embedding(e) = task else { unreachable!("checked above") };
+                let d = match input.shape.as_slice() {
+                    [d] | [1, d] if *d >= 1 => *d as usize,
+                    s => return Err(bad(format!("input `{REFERENCE_VECTOR_INPUT}` must have shape [{}] or [1, {}], not {s:?}", e.dim, e.dim))),
+                };
+                vector = Some(fp32_values(input, d, binary)?);
+            }
+            (name, dt) => {
+                return Err(bad(format!("input `{name}` ({dt}) is not one of model `{}`'s, or is given twice: {}", info.name, expected())));
+            }
         }
-    };
+    }
+    let images = images.ok_or_else(|| bad(format!("no image input: expected {}", expected())))?;
     if !binary.is_empty() {
         return Err(bad(format!("{} bytes of binary data after the inputs", binary.len())));
     }
     if images.len() > MAX_IMAGES {
         return Err(bad(format!("{} images in one request; at most {MAX_IMAGES} are accepted", images.len())));
     }
-    Ok(images)
+    let references = references.unwrap_or_default();
+    if references.len() > MAX_REFERENCES {
+        return Err(bad(format!("{} reference images; at most {MAX_REFERENCES} are accepted", references.len())));
+    }
+    let references = references.into_iter().enumerate().map(|(i, image)| Reference { name: format!("input `{REFERENCE_INPUT}`[{i}]"), image }).collect();
+    Ok(Inputs { images, references, vector })
 }
 
 /// The options from the request parameters, and the outputs: with `outputs`, the methods are those the outputs
@@ -457,6 +530,7 @@ fn plan(request: &InferRequest, info: &ModelInfo, task: &Task, max_top_k: usize)
             Output::Boxes | Output::Scores | Output::Classes | Output::NumDetections => matches!(task, Task::Detection(_)),
             Output::Logits { .. } | Output::Probabilities { .. } | Output::TopK => matches!(task, Task::Classification | Task::MultiLabel(_)),
             Output::LabelMap | Output::MaskPng => matches!(task, Task::Segmentation(_)),
+            Output::Embedding | Output::Similarity => matches!(task, Task::Embedding(_)),
             Output::Raw(_) | Output::HeatmapPng(_) | Output::OverlayPng(_) => true,
         };
         if !serves {
@@ -470,6 +544,7 @@ fn plan(request: &InferRequest, info: &ModelInfo, task: &Task, max_top_k: usize)
         let defaults = match task {
             Task::Detection(_) => vec![(Output::NumDetections, "num_detections"), (Output::Boxes, "boxes"), (Output::Scores, "scores"), (Output::Classes, "classes")],
             Task::Segmentation(_) => vec![(Output::LabelMap, "label_map")],
+            Task::Embedding(_) => vec![(Output::Embedding, "embedding")],
             Task::Classification | Task::MultiLabel(_) => {
                 vec![(Output::Logits { classification: None }, "logits"), (Output::Probabilities { classification: None }, "probabilities"), (Output::TopK, "top_k")]
             }
@@ -523,7 +598,7 @@ fn output_methods(request: &InferRequest, raw: &RawOptions, requested: &[(Output
 }
 
 /// Each image with its options: `target` is one class for every image, or a list of one class per image.
-fn per_image(request: &InferRequest, images: Vec<ImageInput>, raw: &RawOptions) -> Result<Vec<(ImageInput, RawOptions)>, OipError> {
+fn per_image(request: &InferRequest, images: Vec<ImageInput>, raw: &RawOptions) -> Result<Vec<Job>, OipError> {
     let n = images.len();
     let targets: Vec<Option<Value>> = match request.parameters.get("target") {
         None => vec![None; n],
@@ -544,7 +619,7 @@ fn per_image(request: &InferRequest, images: Vec<ImageInput>, raw: &RawOptions) 
         {
             return Err(bad("one target per image: give one class for all images, or a list with one per image"));
         }
-        jobs.push((image, options));
+        jobs.push((image, vec![], options));
     }
     Ok(jobs)
 }
@@ -581,13 +656,16 @@ pub(super) async fn read_body(req: Request, limit: usize, timeout: Duration) -> 
     Ok(body.map_err(|_| super::upload::body_timeout(timeout))??)
 }
 
+/// One image's request: the image, an embedder's reference images, the options.
+pub(super) type Job = (ImageInput, Vec<Reference>, RawOptions);
+
 /// Each image's answer, in order: one job per image, all queued at once, so the model's batcher batches them.
-pub(super) async fn answer_all(state: &AppState, model: &str, endpoint: Endpoint, jobs: Vec<(ImageInput, RawOptions)>) -> Result<Vec<Answer>, OipError> {
+pub(super) async fn answer_all(state: &AppState, model: &str, endpoint: Endpoint, jobs: Vec<Job>) -> Result<Vec<Answer>, OipError> {
     let tasks: Vec<_> = jobs
         .into_iter()
-        .map(|(image, options)| {
+        .map(|(image, references, options)| {
             let (service, model) = (state.service.clone(), model.to_string());
-            tokio::spawn(async move { service.handle_input(&model, endpoint, image, options).await })
+            tokio::spawn(async move { service.handle_input(&model, endpoint, image, references, options).await })
         })
         .collect();
     let mut answers = Vec::with_capacity(tasks.len());

@@ -136,14 +136,20 @@ pub fn images_from_fp32(t: &InputTensor, info: &ModelInfo, binary: &mut &[u8]) -
         [n, sc, sh, sw] if *n >= 1 && [*sc, *sh, *sw] == [c as i64, h as i64, w as i64] => *n as usize,
         s => return Err(bad(format!("input `{}` must have shape [N, {c}, {h}, {w}], not {s:?}", t.name))),
     };
-    let count = n * c * h * w;
-    let values: Vec<f32> = match (binary_size(t)?, &t.data) {
+    let values = fp32_values(t, n * c * h * w, binary)?;
+    let all = ndarray::Array4::from_shape_vec((n, c, h, w), values).map_err(|e| OipError(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())))?;
+    Ok(all.outer_iter().map(|img| ImageInput::Tensor(img.to_owned())).collect())
+}
+
+/// An FP32 input's `count` values, from its JSON `data` or its binary data.
+pub fn fp32_values(t: &InputTensor, count: usize, binary: &mut &[u8]) -> Result<Vec<f32>, OipError> {
+    match (binary_size(t)?, &t.data) {
         (Some(size), None) => {
             let raw = take(binary, size, &t.name)?;
             if raw.len() != count * 4 {
                 return Err(bad(format!("input `{}`: {} bytes of binary data for {count} FP32 values", t.name, raw.len())));
             }
-            raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
         }
         (None, Some(data)) => {
             let mut leaves = Vec::new();
@@ -154,13 +160,11 @@ pub fn images_from_fp32(t: &InputTensor, info: &ModelInfo, binary: &mut &[u8]) -
             leaves
                 .into_iter()
                 .map(|v| v.as_f64().map(|f| f as f32).ok_or_else(|| bad(format!("input `{}`: FP32 data must be numbers", t.name))))
-                .collect::<Result<_, _>>()?
+                .collect()
         }
-        (Some(_), Some(_)) => return Err(bad(format!("input `{}` has both data and binary_data_size", t.name))),
-        (None, None) => return Err(bad(format!("input `{}` has no data", t.name))),
-    };
-    let all = ndarray::Array4::from_shape_vec((n, c, h, w), values).map_err(|e| OipError(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())))?;
-    Ok(all.outer_iter().map(|img| ImageInput::Tensor(img.to_owned())).collect())
+        (Some(_), Some(_)) => Err(bad(format!("input `{}` has both data and binary_data_size", t.name))),
+        (None, None) => Err(bad(format!("input `{}` has no data", t.name))),
+    }
 }
 
 

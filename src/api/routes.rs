@@ -113,6 +113,13 @@ pub struct SegmentationView {
 }
 
 #[derive(Serialize)]
+pub struct EmbeddingView {
+    dim: usize,
+    normalised: bool,
+    max_references: usize,
+}
+
+#[derive(Debug, Serialize)]
 pub struct MultiLabelView {
     /// The sigmoid score a class needs to be explained by default.
     score_threshold: f32,
@@ -134,6 +141,10 @@ pub struct ModelView {
     /// A multi-label classifier's default threshold and where its sigmoid is.
     #[serde(skip_serializing_if = "Option::is_none")]
     multilabel: Option<MultiLabelView>,
+    /// An embedder's vector length, whether the model normalises it, and how many reference images a request
+    /// may give.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embedding: Option<EmbeddingView>,
     kind: ModelKind,
     device: Device,
     /// `[C, H, W]`
@@ -186,8 +197,12 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
             Task::MultiLabel(m) => Some(MultiLabelView { score_threshold: m.threshold, sigmoid_in_graph: m.sigmoid_in_graph }),
             _ => None,
         },
+        embedding: match &handle.task {
+            Task::Embedding(e) => Some(EmbeddingView { dim: e.dim, normalised: e.normalised, max_references: crate::core::pipeline::MAX_REFERENCES }),
+            _ => None,
+        },
         detection: match &handle.task {
-            Task::Classification | Task::Segmentation(_) | Task::MultiLabel(_) => None,
+            Task::Classification | Task::Segmentation(_) | Task::MultiLabel(_) | Task::Embedding(_) => None,
             Task::Detection(d) => Some(DetectionView {
                 format: d.format.as_str(),
                 classes: d.format.classes(),
@@ -203,6 +218,7 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
             Task::Classification | Task::MultiLabel(_) => info.num_classes,
             Task::Detection(d) => d.format.classes(),
             Task::Segmentation(s) => s.classes,
+            Task::Embedding(_) => 0,
         },
         labels: info.labels.is_some(),
         default_layer: info.default_layer.clone(),
@@ -260,7 +276,7 @@ async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -
     let up = tokio::time::timeout(state.body_timeout, upload::parse(req, state.body_limit))
         .await
         .map_err(|_| upload::body_timeout(state.body_timeout))??;
-    let answer = state.service.handle(&model, endpoint, up.image, up.options).await?;
+    let answer = state.service.handle_input(&model, endpoint, crate::core::pipeline::ImageInput::Encoded(up.image), up.references, up.options).await?;
     let mut res = Json(v1::encode(&answer)).into_response();
     // For the request log line.
     res.extensions_mut().insert(answer.timings);

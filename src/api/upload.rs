@@ -10,15 +10,39 @@ use bytes::Bytes;
 
 use super::error::ApiError;
 use crate::core::options::RawOptions;
+use crate::core::pipeline::{ImageInput, Reference, MAX_REFERENCES};
 
 pub struct Upload {
     pub image: Bytes,
+    /// An embedder's reference images: multipart parts `reference`, or JSON `reference_image` (a base64 string or
+    /// a list of them).
+    pub references: Vec<Reference>,
     pub options: RawOptions,
 }
 
 /// The most parts a multipart body may have: the image and each option once fit eight times over; repeated text
 /// parts (`-F methods=a -F methods=b`) stay possible.
 pub const MAX_PARTS: usize = 32;
+
+/// A base64 string (a data URL's too, as browsers produce them) as bytes; the error names `what`.
+fn base64_image(s: &str, what: &str) -> Result<Bytes, ApiError> {
+    let s = s.split_once(";base64,").map(|(_, b)| b).unwrap_or(s);
+    let decoded = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| ApiError::bad_request(format!("{what} is not valid base64: {e}")))?;
+    if decoded.is_empty() {
+        return Err(ApiError::bad_request(format!("{what} is empty")));
+    }
+    Ok(Bytes::from(decoded))
+}
+
+fn reference(name: String, bytes: Bytes, count: usize) -> Result<Reference, ApiError> {
+    if count >= MAX_REFERENCES {
+        return Err(ApiError::bad_request(format!("more than {MAX_REFERENCES} reference images")));
+    }
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request(format!("reference image {name} is empty")));
+    }
+    Ok(Reference { name, image: ImageInput::Encoded(bytes) })
+}
 
 /// A JSON string member's text (borrowed when it has no escapes), or `None` for any other JSON value.
 fn json_string(raw: &serde_json::value::RawValue) -> Option<std::borrow::Cow<'_, str>> {
@@ -68,10 +92,11 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
         .and_then(|v| v.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
         .unwrap_or_default();
-    let image = match content_type.as_str() {
+    let (image, references) = match content_type.as_str() {
         "multipart/form-data" => {
             let mut mp = Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(e.body_text()))?;
             let mut image = None;
+            let mut references = Vec::new();
             let mut body_opts = RawOptions::default();
             let mut json_opts = None;
             let mut parts = 0;
@@ -96,7 +121,7 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                         ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
                     }
                 })?;
-                if !matches!(name.as_str(), "image" | "file") {
+                if !matches!(name.as_str(), "image" | "file" | "reference") {
                     crate::core::options::check_option_size(&name, data.len()).map_err(ApiError::from)?;
                 }
                 match name.as_str() {
@@ -104,6 +129,10 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                         if image.replace(data).is_some() {
                             return Err(ApiError::bad_request("more than one `image` part"));
                         }
+                    }
+                    "reference" => {
+                        let n = references.len();
+                        references.push(reference(format!("part `reference` {}", n + 1), data, n)?);
                     }
                     "options" => json_opts = Some(RawOptions::from_json_object(&data).map_err(ApiError::from)?),
                     other => {
@@ -116,13 +145,14 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
             if let Some(j) = json_opts {
                 options.merge(j);
             }
-            image.ok_or_else(|| ApiError::bad_request("the multipart body has no `image` part"))?
+            (image.ok_or_else(|| ApiError::bad_request("the multipart body has no `image` part"))?, references)
         }
         "application/json" => {
             let bytes = body_bytes(req.into_body(), body_limit).await?;
             let members = crate::core::options::json_members(&bytes).map_err(|e| ApiError::bad_request(format!("the JSON body {e}")))?;
             let mut body_opts = RawOptions::default();
             let mut image = None;
+            let mut references = Vec::new();
             for (k, v) in members {
                 if k == "image" {
                     let s = json_string(v).ok_or_else(|| ApiError::bad_request("`image` must be a base64 string"))?;
@@ -132,14 +162,25 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
                         .decode(s.trim())
                         .map_err(|e| ApiError::bad_request(format!("`image` is not valid base64: {e}")))?;
                     image = Some(Bytes::from(decoded));
+                } else if k == "reference_image" || k == "reference_images" {
+                    let list: Vec<String> = match json_string(v) {
+                        Some(one) => vec![one.into_owned()],
+                        None => serde_json::from_str(v.get()).map_err(|_| ApiError::bad_request(format!("`{k}` must be a base64 string or a list of them")))?,
+                    };
+                    for (i, s) in list.iter().enumerate() {
+                        let name = if list.len() == 1 { format!("`{k}`") } else { format!("`{k}`[{i}]") };
+                        let bytes = base64_image(s, &name)?;
+                        let n = references.len();
+                        references.push(reference(name, bytes, n)?);
+                    }
                 } else {
                     body_opts.set_json_text(&k, v).map_err(ApiError::from)?;
                 }
             }
             options.merge(body_opts);
-            image.ok_or_else(|| ApiError::bad_request("the JSON body has no `image` member"))?
+            (image.ok_or_else(|| ApiError::bad_request("the JSON body has no `image` member"))?, references)
         }
-        ct if ct.starts_with("image/") || ct == "application/octet-stream" => body_bytes(req.into_body(), body_limit).await?,
+        ct if ct.starts_with("image/") || ct == "application/octet-stream" => (body_bytes(req.into_body(), body_limit).await?, vec![]),
         "" => return Err(ApiError::unsupported_media_type("no Content-Type; send multipart/form-data, application/json or image/*")),
         other => {
             return Err(ApiError::unsupported_media_type(format!(
@@ -150,5 +191,5 @@ pub async fn parse(req: Request, body_limit: usize) -> Result<Upload, ApiError> 
     if image.is_empty() {
         return Err(ApiError::bad_request("the image is empty"));
     }
-    Ok(Upload { image, options })
+    Ok(Upload { image, references, options })
 }

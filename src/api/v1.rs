@@ -7,7 +7,7 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use crate::backend::engine::Device;
-use crate::core::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, Prediction, RawArray, Segmentation, TaskResult, Timings};
+use crate::core::answer::{Answer, Detection, Embedding, ExplainedTarget, Explanation, ImageSize, Prediction, RawArray, Segmentation, TaskResult, Timings};
 use crate::maths::maps;
 use crate::methods::Method;
 
@@ -26,6 +26,15 @@ pub struct Response<'a> {
     /// A segmenter's label map.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segmentation: Option<SegmentationJson<'a>>,
+    /// An embedder's vector (its length always; the values on predict and with `outputs=embedding`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingJson>,
+    /// An embedder's cosine similarity to the reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f64>,
+    /// An embedder's reference images: each one's size and similarity to the image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub references: Option<Vec<ReferenceJson>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explanations: Option<Vec<ExplanationJson<'a>>>,
     pub timings_ms: TimingsJson,
@@ -66,6 +75,25 @@ pub struct SegmentationJson<'a> {
 }
 
 #[derive(Debug, Serialize)]
+pub struct EmbeddingJson {
+    pub dim: usize,
+    /// Its L2 norm.
+    pub norm: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<&'static str>,
+    /// Little-endian float32 values, base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReferenceJson {
+    pub index: usize,
+    pub image: Size,
+    pub similarity: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct SegmentClassJson<'a> {
     pub index: usize,
     pub label: Option<&'a str>,
@@ -96,6 +124,14 @@ pub enum TargetJson<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         region: Option<BoxJson>,
         predicted: bool,
+    },
+    /// An embedder's image (`query`, or reference image `reference`) and its similarity to what it is compared
+    /// with.
+    Similarity {
+        image: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reference: Option<usize>,
+        similarity: f64,
     },
 }
 
@@ -172,6 +208,9 @@ fn target(t: &ExplainedTarget) -> TargetJson<'_> {
             region: region.map(|[x, y, w, h]| BoxJson { x: x as f32, y: y as f32, width: w as f32, height: h as f32 }),
             predicted: *predicted,
         },
+        ExplainedTarget::Similarity { reference, similarity } => {
+            TargetJson::Similarity { image: if reference.is_some() { "reference" } else { "query" }, reference: *reference, similarity: *similarity }
+        }
     }
 }
 
@@ -186,7 +225,7 @@ fn detection(d: &Detection) -> DetectionJson<'_> {
     }
 }
 
-fn segmentation(s: &Segmentation) -> SegmentationJson<'_> {
+fn segmentation_json(s: &Segmentation) -> SegmentationJson<'_> {
     SegmentationJson {
         classes: s.classes.iter().map(|c| SegmentClassJson { index: c.index, label: c.label.as_deref(), fraction: c.fraction }).collect(),
         mask_png: b64(&s.mask_png),
@@ -194,12 +233,25 @@ fn segmentation(s: &Segmentation) -> SegmentationJson<'_> {
     }
 }
 
-fn raw(r: &RawArray) -> RawJson {
-    let mut bytes = Vec::with_capacity(r.values.len() * 4);
-    for v in &r.values {
+fn le_f32(values: &[f32]) -> String {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for v in values {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
-    RawJson { shape: r.shape.clone(), dtype: "float32", data: b64(&bytes) }
+    b64(&bytes)
+}
+
+fn raw(r: &RawArray) -> RawJson {
+    RawJson { shape: r.shape.clone(), dtype: "float32", data: le_f32(&r.values) }
+}
+
+fn embedding(e: &Embedding) -> EmbeddingJson {
+    EmbeddingJson {
+        dim: e.vector.len(),
+        norm: e.vector.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt(),
+        dtype: e.send_vector.then_some("float32"),
+        data: e.send_vector.then(|| le_f32(&e.vector)),
+    }
 }
 
 fn explanation(e: &Explanation) -> ExplanationJson<'_> {
@@ -232,11 +284,13 @@ pub fn timings(t: &Timings) -> TimingsJson {
 
 /// The v1 JSON of an answer.
 pub fn encode(a: &Answer) -> Response<'_> {
-    let (predictions, detections, segmentation) = match &a.result {
-        TaskResult::Classification(c) => (Some(c.top.iter().map(prediction).collect()), None, None),
-        TaskResult::Detection(d) => (None, Some(d.iter().map(detection).collect()), None),
-        TaskResult::Segmentation(s) => (None, None, Some(segmentation(s))),
-    };
+    let (mut predictions, mut detections, mut segmentation, mut embedded) = (None, None, None, None);
+    match &a.result {
+        TaskResult::Classification(c) => predictions = Some(c.top.iter().map(prediction).collect()),
+        TaskResult::Detection(d) => detections = Some(d.iter().map(detection).collect()),
+        TaskResult::Segmentation(s) => segmentation = Some(segmentation_json(s)),
+        TaskResult::Embedding(e) => embedded = Some(e),
+    }
     Response {
         model: &a.model,
         device: a.device,
@@ -244,6 +298,11 @@ pub fn encode(a: &Answer) -> Response<'_> {
         predictions,
         detections,
         segmentation,
+        embedding: embedded.map(embedding),
+        similarity: embedded.and_then(|e| e.similarity),
+        references: embedded.filter(|e| !e.references.is_empty()).map(|e| {
+            e.references.iter().enumerate().map(|(index, r)| ReferenceJson { index, image: size(r.size), similarity: r.similarity }).collect()
+        }),
         explanations: a.explanations.as_ref().map(|list| list.iter().map(explanation).collect()),
         timings_ms: timings(&a.timings),
     }

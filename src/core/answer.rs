@@ -29,7 +29,7 @@ impl Answer {
     pub fn classification(&self) -> Option<&Classification> {
         match &self.result {
             TaskResult::Classification(c) => Some(c),
-            TaskResult::Detection(_) | TaskResult::Segmentation(_) => None,
+            TaskResult::Detection(_) | TaskResult::Segmentation(_) | TaskResult::Embedding(_) => None,
         }
     }
 
@@ -53,6 +53,28 @@ pub enum TaskResult {
     Detection(Vec<Detection>),
     /// A segmenter's predicted label map.
     Segmentation(Segmentation),
+    /// An embedder's vector, and its similarity to the reference when the request gave one.
+    Embedding(Embedding),
+}
+
+/// An embedder's result for one image (the query).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedding {
+    /// The image's embedding, as the model outputs it.
+    pub vector: Vec<f32>,
+    /// Whether the answer carries the vector itself (predict, or `outputs=embedding`); its length is always there.
+    pub send_vector: bool,
+    /// The cosine similarity to the reference (the reference image's embedding, the mean direction of several, or
+    /// the client's vector), when there is one.
+    pub similarity: Option<f64>,
+    /// Each reference image: its size and its own similarity to the query.
+    pub references: Vec<ReferenceImage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReferenceImage {
+    pub size: ImageSize,
+    pub similarity: f64,
 }
 
 /// A segmenter's result for one image.
@@ -116,6 +138,9 @@ pub enum ExplainedTarget {
     /// A segment: a class's logits summed over `pixels` output pixels, those predicted as the class (within
     /// `region`, `x, y, width, height` in upload pixels, when given; the whole region when none of them is).
     Segment { index: usize, label: Option<String>, pixels: usize, region: Option<[f64; 4]>, predicted: bool },
+    /// An embedder's image and its cosine similarity to what it is compared with: the query (`reference: None`)
+    /// against the reference, or reference image `reference` against the query.
+    Similarity { reference: Option<usize>, similarity: f64 },
 }
 
 /// One (target, method) explanation.

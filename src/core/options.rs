@@ -37,6 +37,8 @@ pub struct RawOptions {
     /// Detectors: this request's score and IoU thresholds (default: the model's).
     pub score_threshold: Option<f64>,
     pub iou_threshold: Option<f64>,
+    /// Embedders: the vector the image's embedding is compared with (instead of a reference image).
+    pub reference_vector: Option<Vec<f64>>,
     /// The methods' declared parameters, by name, as received (checked against their declarations in `validate`).
     pub params: BTreeMap<&'static str, ParamValue>,
 }
@@ -56,8 +58,22 @@ fn malformed(s: impl Into<String>) -> ServiceError {
 }
 
 /// The options every request may give; the methods' parameters come after them.
-const KEYS: [&str; 13] =
-    ["methods", "target", "top_k", "layer", "outputs", "colormap", "alpha", "size", "metrics", "box", "region", "score_threshold", "iou_threshold"];
+const KEYS: [&str; 14] = [
+    "methods",
+    "target",
+    "top_k",
+    "layer",
+    "outputs",
+    "colormap",
+    "alpha",
+    "size",
+    "metrics",
+    "box",
+    "region",
+    "score_threshold",
+    "iou_threshold",
+    "reference_vector",
+];
 
 /// The known option names, for the error that names an unknown one.
 fn known_keys() -> String {
@@ -72,11 +88,17 @@ pub const MAX_JSON_MEMBERS: usize = 32;
 /// The most bytes one option's value may take (a multipart text part, a JSON member's text). The image is bounded
 /// by the body limit only; an option never needs more than a few hundred bytes.
 pub const MAX_OPTION_BYTES: usize = 16 * 1024;
+/// The most bytes `reference_vector` may take: 16384 values of up to 15 characters each (an embedding's length
+/// runs to a few thousand).
+pub const MAX_VECTOR_BYTES: usize = 256 * 1024;
+/// The most values `reference_vector` may have.
+pub const MAX_VECTOR_VALUES: usize = 16384;
 
 /// 400 when one option's value is over [`MAX_OPTION_BYTES`].
 pub fn check_option_size(key: &str, len: usize) -> Result<(), ServiceError> {
-    if len > MAX_OPTION_BYTES {
-        return Err(malformed(format!("option `{key}` is {len} bytes long; at most {MAX_OPTION_BYTES} are accepted")));
+    let most = if key == "reference_vector" { MAX_VECTOR_BYTES } else { MAX_OPTION_BYTES };
+    if len > most {
+        return Err(malformed(format!("option `{key}` is {len} bytes long; at most {most} are accepted")));
     }
     Ok(())
 }
@@ -189,6 +211,38 @@ fn box_json(v: &Value) -> Result<[f64; 4], ServiceError> {
     }
 }
 
+/// `reference_vector` as text: comma-separated numbers.
+fn vector_text(v: &str) -> Result<Vec<f64>, ServiceError> {
+    let values: Vec<f64> = v
+        .split(',')
+        .map(|s| s.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid("reference_vector must be a list of numbers (a JSON array, or comma-separated text)"))?;
+    check_vector(values)
+}
+
+/// `reference_vector` as JSON: an array of numbers, or the text form.
+fn vector_json(v: &Value) -> Result<Vec<f64>, ServiceError> {
+    match v {
+        Value::Array(a) => {
+            let values = a.iter().map(|x| x.as_f64().ok_or_else(|| invalid("reference_vector must be an array of numbers"))).collect::<Result<_, _>>()?;
+            check_vector(values)
+        }
+        Value::String(s) => vector_text(s),
+        _ => Err(invalid("reference_vector must be an array of numbers")),
+    }
+}
+
+fn check_vector(values: Vec<f64>) -> Result<Vec<f64>, ServiceError> {
+    if values.len() > MAX_VECTOR_VALUES {
+        return Err(invalid(format!("reference_vector has {} values; at most {MAX_VECTOR_VALUES} are accepted", values.len())));
+    }
+    if values.iter().any(|v| !v.is_finite() || v.abs() > f32::MAX as f64) {
+        return Err(invalid("reference_vector holds a value that is not a finite float32 number"));
+    }
+    Ok(values)
+}
+
 fn target_from_str(s: &str) -> TargetSpec {
     match s.parse::<i64>() {
         Ok(i) => TargetSpec::Index(i),
@@ -212,6 +266,7 @@ impl RawOptions {
             "box" | "region" => self.region = Some(box_text(value)?),
             "score_threshold" => self.score_threshold = Some(number_text(key, value)?),
             "iou_threshold" => self.iou_threshold = Some(number_text(key, value)?),
+            "reference_vector" => self.reference_vector = Some(vector_text(value)?),
             other => match params::find(other) {
                 Some(p) => {
                     self.params.insert(p.name, param_text(p, value)?);
@@ -265,6 +320,7 @@ impl RawOptions {
             "box" | "region" => self.region = Some(box_json(value)?),
             "score_threshold" => self.score_threshold = Some(number_json(key, value)?),
             "iou_threshold" => self.iou_threshold = Some(number_json(key, value)?),
+            "reference_vector" => self.reference_vector = Some(vector_json(value)?),
             other => match params::find(other) {
                 Some(p) => {
                     self.params.insert(p.name, param_json(p, value)?);
@@ -297,7 +353,7 @@ impl RawOptions {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
-        take!(methods, target, top_k, layer, outputs, colormap, alpha, size, metrics, region, score_threshold, iou_threshold);
+        take!(methods, target, top_k, layer, outputs, colormap, alpha, size, metrics, region, score_threshold, iou_threshold, reference_vector);
         self.params.extend(other.params);
     }
 }
@@ -318,6 +374,8 @@ pub struct Outputs {
     pub raw: bool,
     /// The deletion and insertion curves behind the metrics.
     pub curves: bool,
+    /// Embedders: the image's embedding vector in the answer of an explain request (predict always has it).
+    pub embedding: bool,
 }
 
 /// Validated options of one request.
@@ -348,6 +406,8 @@ pub struct RequestOptions {
     /// Segmenters: which classes to explain, in order, and over which region; `targets` then holds one placeholder
     /// row per segment, and the pipeline turns them into seed rows once the label map is known.
     pub segments: Vec<SegmentPick>,
+    /// Embedders: the client's reference vector, of the embedding's length.
+    pub reference_vector: Option<Vec<f32>>,
 }
 
 /// A segment a request asks to explain: a class's logits summed over the pixels predicted as it, within `region`
@@ -433,6 +493,7 @@ impl RawOptions {
         }
         let (picks, score_threshold, iou_threshold) = self.detection_targets(task, &model.name, limits)?;
         let segments = self.segment_targets(task, limits)?;
+        let reference_vector = self.embedding_reference(task, &model.name)?;
         if self.methods.is_none() && self.region.is_some() && !segments.is_empty() {
             // Grad-CAM averages the gradient over the whole map, so its map barely follows a region; HiResCAM keeps
             // each position's gradient (docs/METHODS.md, "Segmentation").
@@ -500,7 +561,9 @@ impl RawOptions {
                 "mask" => outputs.mask = true,
                 "raw" => outputs.raw = true,
                 "curves" => outputs.curves = true,
-                other => return Err(invalid(format!("unknown output `{other}` (known: heatmap, overlay, mask, raw, curves)"))),
+                "embedding" if matches!(task, Task::Embedding(_)) => outputs.embedding = true,
+                "embedding" => return Err(invalid(format!("output `embedding` is an embedder's vector; model `{}`'s task is {}", model.name, task.as_str()))),
+                other => return Err(invalid(format!("unknown output `{other}` (known: heatmap, overlay, mask, raw, curves, embedding)"))),
             }
         }
         let colormap = match &self.colormap {
@@ -565,7 +628,27 @@ impl RawOptions {
         if matches!(task, Task::MultiLabel(_)) && !metrics.is_empty() {
             return Err(invalid("the faithfulness metrics follow a classifier's softmax score; a multi-label classifier's classes have independent sigmoid scores"));
         }
-        Ok(RequestOptions { methods, targets, top_k, layer, outputs, colormap, alpha, size, metrics, params, picks, score_threshold, iou_threshold, segments, above_threshold })
+        if matches!(task, Task::Embedding(_)) && !metrics.is_empty() {
+            return Err(invalid("the faithfulness metrics follow a classifier's softmax score; an embedder's target is a similarity"));
+        }
+        Ok(RequestOptions {
+            methods,
+            targets,
+            top_k,
+            layer,
+            outputs,
+            colormap,
+            alpha,
+            size,
+            metrics,
+            params,
+            picks,
+            score_threshold,
+            iou_threshold,
+            segments,
+            above_threshold,
+            reference_vector,
+        })
     }
 
     /// A detector's picks (`target`: indices or labels; `box`; `top_k`: the k best; default the best one) and
@@ -629,6 +712,31 @@ impl RawOptions {
 }
 
 impl RawOptions {
+    /// An embedder's `reference_vector`, of its embedding's length; 422 for it on another task, and for the class
+    /// options on an embedder, whose target is its reference.
+    fn embedding_reference(&self, task: &Task, model_name: &str) -> Result<Option<Vec<f32>>, ServiceError> {
+        let Task::Embedding(emb) = task else {
+            if self.reference_vector.is_some() {
+                return Err(invalid(format!("`reference_vector` applies to embedders; model `{model_name}`'s task is {}", task.as_str())));
+            }
+            return Ok(None);
+        };
+        if self.target.is_some() || self.top_k.is_some_and(|k| k > 1) {
+            return Err(invalid(format!(
+                "model `{model_name}` is an embedder: its target is the similarity to a reference (a `reference` image part, `reference_image`, or `reference_vector`), not a class or `top_k`"
+            )));
+        }
+        match &self.reference_vector {
+            None => Ok(None),
+            Some(v) if v.len() != emb.dim => Err(invalid(format!(
+                "reference_vector has {} values; model `{model_name}`'s embeddings have {}",
+                v.len(),
+                emb.dim
+            ))),
+            Some(v) => Ok(Some(v.iter().map(|&x| x as f32).collect())),
+        }
+    }
+
     /// A segmenter's segments: `target` (class indices or labels; default the largest class that is not the
     /// background) or `top_k` (the k largest), each over `region` when given; nothing for other tasks.
     fn segment_targets(&self, task: &Task, limits: OptionLimits) -> Result<Vec<SegmentPick>, ServiceError> {

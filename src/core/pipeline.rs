@@ -12,10 +12,10 @@ use bytes::Bytes;
 use image::RgbImage;
 use ndarray::Array3;
 
-use super::answer::{Answer, Detection, ExplainedTarget, Explanation, ImageSize, SegmentClass, Segmentation, TaskResult, Timings};
+use super::answer::{Answer, Detection, Embedding, ExplainedTarget, Explanation, ImageSize, ReferenceImage, SegmentClass, Segmentation, TaskResult, Timings};
 use super::explanations::{prepare_all, render_all, ComputedMap};
 use super::options::{DetectionPick, RequestOptions, OptionLimits, RawOptions, SegmentClassPick};
-use super::task::{Detector, DetectorProposals, MultiLabel, Segmenter, Task};
+use super::task::{Detector, DetectorProposals, Embedder, MultiLabel, Segmenter, Task};
 use crate::backend::batcher::{Images, Queue, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo, PlanKey};
 use crate::detection::Thresholds;
@@ -71,6 +71,7 @@ pub enum Endpoint {
 }
 
 /// What a request brings as its image.
+#[derive(Clone)]
 pub enum ImageInput {
     /// An encoded file (JPEG, PNG, ...): decoded and preprocessed for the model.
     Encoded(Bytes),
@@ -118,16 +119,42 @@ impl Service {
     }
 
     pub async fn handle(&self, model: &str, endpoint: Endpoint, image: Bytes, raw: RawOptions) -> Result<Answer, ServiceError> {
-        self.handle_input(model, endpoint, ImageInput::Encoded(image), raw).await
+        self.handle_input(model, endpoint, ImageInput::Encoded(image), vec![], raw).await
     }
 
-    /// One request, start to end: admit it, decode its image, run its pass (or passes), explain and render.
-    pub async fn handle_input(&self, model: &str, endpoint: Endpoint, image: ImageInput, raw: RawOptions) -> Result<Answer, ServiceError> {
+    /// One request, start to end: admit it, decode its image (and an embedder's reference images, each named as
+    /// the request gave it, for the errors), run its pass (or passes), explain and render.
+    pub async fn handle_input(&self, model: &str, endpoint: Endpoint, image: ImageInput, references: Vec<Reference>, raw: RawOptions) -> Result<Answer, ServiceError> {
         let started = Instant::now();
         let handle = self.model(model)?;
         let info = handle.info.clone();
         let options = self.admit(handle, endpoint, &raw)?;
+        if !references.is_empty() {
+            if !matches!(handle.task, Task::Embedding(_)) {
+                return Err(ServiceError::Unprocessable(format!(
+                    "a reference image ({}) applies to embedders; model `{}`'s task is {}",
+                    references[0].name,
+                    info.name,
+                    handle.task.as_str()
+                )));
+            }
+            if options.reference_vector.is_some() {
+                return Err(ServiceError::Unprocessable("give reference images or reference_vector, not both".into()));
+            }
+            if references.len() > MAX_REFERENCES {
+                return Err(ServiceError::Unprocessable(format!("{} reference images; at most {MAX_REFERENCES} are accepted", references.len())));
+            }
+        }
         let decoded = decode(info.clone(), image, self.limits.decode).await?;
+        let mut reference_images = Vec::with_capacity(references.len());
+        for r in references {
+            let named = |e: ServiceError| match e {
+                ServiceError::BadRequest(m) => ServiceError::BadRequest(format!("reference image {}: {m}", r.name)),
+                ServiceError::TooLarge(m) => ServiceError::TooLarge(format!("reference image {}: {m}", r.name)),
+                other => other,
+            };
+            reference_images.push(decode(info.clone(), r.image.clone(), self.limits.decode).await.map_err(named)?);
+        }
         let mut timings = Timings { decode: ms(started.elapsed()), ..Default::default() };
         let deadline = started + self.limits.request_timeout;
         // The request's own pass and every multi-pass method's and metric's batches go through one handle.
@@ -138,6 +165,7 @@ impl Service {
             Task::MultiLabel(ml) => request.classify(decoded, &mut timings, Some(ml)).await?,
             Task::Detection(detector) => request.detect(detector, decoded, &mut timings).await?,
             Task::Segmentation(segmenter) => request.segment(segmenter, decoded, &mut timings).await?,
+            Task::Embedding(embedder) => request.embed(embedder, decoded, reference_images, &mut timings).await?,
         };
         timings.total = ms(started.elapsed());
         let ((result, image), explanations) = (result, explanations);
@@ -387,6 +415,101 @@ impl Request<'_> {
         let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals: None, seeds: row_seeds };
         let explanations = work.run(decoded.orig, decoded.model_rgb, region, timings).await?;
         Ok(((TaskResult::Segmentation(result), size), Some(explanations)))
+    }
+}
+
+/// The most reference images one request may compare with.
+pub const MAX_REFERENCES: usize = 8;
+
+/// An embedder's reference image, and how the request named it (`part \`reference\` 1`, `reference_image[0]`, ...).
+#[derive(Clone)]
+pub struct Reference {
+    pub name: String,
+    pub image: ImageInput,
+}
+
+impl Request<'_> {
+    /// An embedder: one forward pass embeds the image and its reference images (rows of one batch); the similarity
+    /// is the cosine to the reference (the one reference image's embedding, the mean direction of several, or the
+    /// client's vector). An explain request then runs one explain pass over the same rows, each seeded with its
+    /// similarity's gradient: the image against the reference, each reference image against the image.
+    async fn embed(self, emb: &Embedder, decoded: Decoded, references: Vec<Decoded>, timings: &mut Timings) -> Result<Answered, ServiceError> {
+        let Request { info, endpoint, options, passes, budget } = self;
+        if endpoint == Endpoint::Explain && references.is_empty() && options.reference_vector.is_none() {
+            return Err(ServiceError::Unprocessable(format!(
+                "model `{}` is an embedder: an explanation shows what makes the image similar to a reference; give one: a `reference` image part (multipart), `reference_image` (JSON, base64) or `reference_vector` ({} numbers)",
+                info.name, emb.dim
+            )));
+        }
+        let rows = 1 + references.len();
+        if endpoint == Endpoint::Explain {
+            let cost = methods::request_cost(info, &methods::Work { targets: rows, ..options.work() });
+            if cost > budget {
+                return Err(ServiceError::Unprocessable(format!(
+                    "this request explains {rows} images (the image and its references), which costs {cost} forward passes, over the limit of {budget} (server.max_forward_passes)"
+                )));
+            }
+        }
+        let mut images = Vec::with_capacity(rows);
+        images.push(decoded.input.clone());
+        images.extend(references.iter().map(|r| r.input.clone()));
+        let first = passes.wait(passes.submit(&PlanKey::Predict, Images::PerRow(images.clone()), vec![Target::Rank(0); rows], "embed")?).await?;
+        (timings.queue, timings.inference) = (ms(first.queue), ms(first.inference));
+        let vectors: Vec<Vec<f32>> = first.output.logits.outer_iter().map(|r| r.to_vec()).collect();
+        let query = &vectors[0];
+        let zero = |what: &str| ServiceError::Unprocessable(format!("the similarity is undefined: {what} is zero"));
+        let concept: Option<Vec<f32>> = match (&options.reference_vector, &vectors[1..]) {
+            (Some(v), _) => Some(v.clone()),
+            (None, []) => None,
+            (None, [one]) => Some(one.clone()),
+            (None, several) => Some(Embedder::mean_direction(&several.iter().map(Vec::as_slice).collect::<Vec<_>>()).ok_or_else(|| zero("a reference image's embedding"))?),
+        };
+        // Each row's similarity and its gradient: the image against the reference, each reference image against
+        // the image.
+        let mut compared = Vec::with_capacity(rows);
+        if let Some(c) = &concept {
+            let what = if options.reference_vector.is_some() { "the reference vector or the image's embedding" } else { "an embedding" };
+            compared.push(Embedder::similarity(query, c).ok_or_else(|| zero(what))?);
+            for r in &vectors[1..] {
+                compared.push(Embedder::similarity(r, query).ok_or_else(|| zero("an embedding"))?);
+            }
+        }
+        let result = Embedding {
+            vector: query.clone(),
+            send_vector: endpoint == Endpoint::Predict || options.outputs.embedding,
+            similarity: compared.first().map(|c| c.0),
+            references: references.iter().zip(compared.iter().skip(1)).map(|(r, c)| ReferenceImage { size: r.size, similarity: c.0 }).collect(),
+        };
+        if endpoint == Endpoint::Predict {
+            return Ok(((TaskResult::Embedding(result), decoded.size), None));
+        }
+        let seeds: Vec<Target> = compared.iter().map(|(_, g)| Target::Seed(Arc::from(g.as_slice()))).collect();
+        let row_seeds = seeds_of(&seeds);
+        let out = passes.wait(passes.submit(&explain_plan(info, &options), Images::PerRow(images), seeds, "explain")?).await?;
+        timings.queue += ms(out.queue);
+        timings.inference += ms(out.inference);
+        // Each image's explanations on its own picture.
+        let size = decoded.size;
+        let mut explanations = Vec::new();
+        let (mut explain, mut render) = (0.0, 0.0);
+        for (i, image) in std::iter::once(decoded).chain(references).enumerate() {
+            let target = ExplainedTarget::Similarity { reference: i.checked_sub(1), similarity: compared[i].0 };
+            let work = Explaining {
+                info,
+                options: options.clone(),
+                output: out.output.row(i),
+                probabilities: vec![],
+                targets: vec![target],
+                passes,
+                input: None,
+                proposals: None,
+                seeds: vec![row_seeds[i].clone()],
+            };
+            explanations.extend(work.run(image.orig, image.model_rgb, image.region, timings).await?);
+            (explain, render) = (explain + timings.explain, render + timings.render);
+        }
+        (timings.explain, timings.render) = (explain, render);
+        Ok(((TaskResult::Embedding(result), size), Some(explanations)))
     }
 }
 

@@ -7,7 +7,7 @@ use super::answer::{Classification, Detection, Prediction, TaskResult};
 use crate::backend::engine::{ranked, ModelInfo};
 use crate::backend::batcher::Target;
 use crate::config::TaskName;
-use crate::onnx::rewrite::{FINAL_OP_KEY, JOINED_OUTPUTS_KEY, TORCHVISION_JOINED};
+use crate::onnx::rewrite::{FINAL_OP_KEY, JOINED_OUTPUTS_KEY, L2_NORMALIZE, OUTPUT_NAME_KEY, TORCHVISION_JOINED};
 use crate::preprocess::ResizePolicy;
 use crate::detection::{self, Found, Thresholds};
 use crate::methods::Method;
@@ -24,6 +24,67 @@ pub enum Task {
     /// A multi-label classifier (independent sigmoid scores `[N, K]`): targets are classes, by default every class
     /// whose score reaches the threshold; the answer has `predictions` with sigmoid scores.
     MultiLabel(MultiLabel),
+    /// An embedder (a vector `[N, D]` per image): the target is the cosine similarity of an image's embedding to a
+    /// reference (another image's, the mean of several, or a vector the client gives); the answer has `embedding`
+    /// and `similarity`.
+    Embedding(Embedder),
+}
+
+/// An embedder: the length of its vectors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Embedder {
+    pub dim: usize,
+    /// The model divides its output by its L2 norm (its vectors have length 1).
+    pub normalised: bool,
+}
+
+/// The output names embedders' exporters give (transformers' CLIP and DINOv2, sentence-transformers, timm's
+/// `forward_features` exports, ...); a model with one of them and no labels file is an embedder.
+const EMBEDDING_OUTPUT_NAMES: [&str; 6] = ["embedding", "embeddings", "image_embeds", "pooler_output", "features", "feature"];
+
+impl Embedder {
+    /// Whether a file's first output looks like an embedding: `[N, D]`, no labels, and an embedder's output name
+    /// (any name containing `embed`, or one of [`EMBEDDING_OUTPUT_NAMES`]) or a final L2 normalisation.
+    pub fn recognised(metadata: &std::collections::BTreeMap<String, String>, dims: &[i64], labels: bool) -> bool {
+        let named = metadata.get(OUTPUT_NAME_KEY).is_some_and(|n| {
+            let n = n.to_ascii_lowercase();
+            n.contains("embed") || EMBEDDING_OUTPUT_NAMES.contains(&n.as_str())
+        });
+        let normalised = metadata.get(FINAL_OP_KEY).is_some_and(|op| op == L2_NORMALIZE);
+        !labels && dims.len() == 1 && dims[0] >= 2 && (named || normalised)
+    }
+
+    /// The cosine similarity of `e` to `r` (in float64) and its gradient with respect to `e`, the seed that
+    /// explains it: `d cos / d e = r / (|e| |r|) - cos * e / |e|^2` (pytorch-grad-cam's `SimilarityToConceptTarget`
+    /// differentiated). `None` when either vector is zero (or not finite), where the similarity is undefined.
+    pub fn similarity(e: &[f32], r: &[f32]) -> Option<(f64, Vec<f32>)> {
+        let dot: f64 = e.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let ne = e.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+        let nr = r.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+        if !(ne > 0.0 && nr > 0.0 && dot.is_finite() && ne.is_finite() && nr.is_finite()) {
+            return None;
+        }
+        let cos = dot / (ne * nr);
+        let seed = e.iter().zip(r).map(|(a, b)| (*b as f64 / (ne * nr) - cos * *a as f64 / (ne * ne)) as f32).collect();
+        Some((cos, seed))
+    }
+
+    /// The mean of the vectors, each divided by its L2 norm first (so that every reference image counts the same,
+    /// whatever its embedding's length); `None` if one is zero.
+    pub fn mean_direction(vectors: &[&[f32]]) -> Option<Vec<f32>> {
+        let d = vectors.first()?.len();
+        let mut sum = vec![0f64; d];
+        for v in vectors {
+            let n = v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+            if !(n > 0.0 && n.is_finite()) {
+                return None;
+            }
+            for (s, a) in sum.iter_mut().zip(v.iter()) {
+                *s += *a as f64 / n;
+            }
+        }
+        Some(sum.iter().map(|s| (s / vectors.len() as f64) as f32).collect())
+    }
 }
 
 /// A multi-label classifier: whether its Sigmoid is inside the graph, and the default targets' threshold.
@@ -190,6 +251,7 @@ impl Task {
             Task::Detection(_) => "detection",
             Task::Segmentation(_) => "segmentation",
             Task::MultiLabel(_) => "multilabel",
+            Task::Embedding(_) => "embedding",
         }
     }
 
@@ -215,6 +277,24 @@ impl Task {
                 return Err("`detection_format` is set for a model whose `task` is segmentation".into());
             }
             return Segmenter::new(dims, cfg.labels.clone()).map(Task::Segmentation);
+        }
+        let embedding = match cfg.task {
+            Some(TaskName::Embedding) => true,
+            Some(_) => false,
+            None => cfg.format.is_none() && !detector_file && Embedder::recognised(metadata, dims, cfg.labels.is_some()),
+        };
+        if embedding {
+            if cfg.format.is_some() {
+                return Err("`detection_format` is set for a model whose `task` is embedding".into());
+            }
+            if cfg.labels.is_some() {
+                return Err("an embedder's output is a vector, not classes: it takes no labels file".into());
+            }
+            let [d] = dims else {
+                return Err(format!("an embedder's first output is [N, D], one vector per image; this model's is {dims:?} per image"));
+            };
+            let normalised = metadata.get(FINAL_OP_KEY).is_some_and(|op| op == L2_NORMALIZE);
+            return Ok(Task::Embedding(Embedder { dim: *d as usize, normalised }));
         }
         let sigmoid_in_graph = metadata.get(FINAL_OP_KEY).is_some_and(|op| op == "Sigmoid");
         let multilabel = match cfg.task {
@@ -242,7 +322,7 @@ impl Task {
             Some(TaskName::Classification) if cfg.format.is_some() => {
                 return Err("`detection_format` is set for a model whose `task` is classification".into());
             }
-            Some(TaskName::Classification) | Some(TaskName::Segmentation) | Some(TaskName::Multilabel) => false,
+            Some(TaskName::Classification) | Some(TaskName::Segmentation) | Some(TaskName::Multilabel) | Some(TaskName::Embedding) => false,
             None => cfg.format.is_some() || detector_file,
         };
         if !detect {
@@ -370,6 +450,7 @@ impl Task {
             Task::Detection(_) => Method::ALL.into_iter().filter(|m| m.as_str() == "hirescam").collect(),
             Task::Segmentation(_) => Method::ALL.into_iter().filter(|m| m.as_str() == "gradcam").collect(),
             Task::MultiLabel(_) => Method::DEFAULT.to_vec(),
+            Task::Embedding(_) => Method::ALL.into_iter().filter(|m| m.as_str() == "gradcam").collect(),
         }
     }
 
@@ -399,6 +480,12 @@ impl Task {
                 Some(format!("method `{method}` follows a classifier's class token through its attention; a segmenter has none"))
             }
             Task::Segmentation(_) => None,
+            // A similarity is differentiated at the image's own embedding: the methods that score masked, blurred,
+            // interpolated or noisy copies would need the similarity of each copy, and CAM a class's linear head.
+            Task::Embedding(_) if method.is_multipass() || method.as_str() == "cam" => Some(format!(
+                "method `{method}` scores a classifier's class (its linear head, or copies of the image); an embedder's target is a similarity: use the gradient methods, eigencam or the rollouts"
+            )),
+            Task::Embedding(_) => None,
         }
     }
 

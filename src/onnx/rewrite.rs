@@ -215,6 +215,7 @@ impl Explainable {
         // the network and stays (checked once the shapes are probed).
         // A final Sigmoid (a multi-label head) stays in the graph; the metadata tells the task it is there.
         let final_sigmoid = last.is_some_and(|p| p.op_type() == "Sigmoid");
+        let final_l2 = last.is_some_and(|p| l2_normalises(graph, p));
         let mut candidate = None;
         if let Some(p) = last
             && matches!(p.op_type(), "Softmax" | "LogSoftmax") {
@@ -227,7 +228,10 @@ impl Explainable {
         }
         if final_sigmoid {
             super::contract::set_meta(&mut model, FINAL_OP_KEY, "Sigmoid");
+        } else if final_l2 {
+            super::contract::set_meta(&mut model, FINAL_OP_KEY, L2_NORMALIZE);
         }
+        super::contract::set_meta(&mut model, OUTPUT_NAME_KEY, &original_output);
         let mut probed = probe(&model, &input, &input_dims, runner)?;
         if through && let Some((x, _, axis)) = &candidate {
             let whole = probed.dims(x).is_some_and(|d| {
@@ -802,8 +806,40 @@ fn image_input(graph: &super::proto::GraphProto, opts: &PrepareOptions) -> Resul
 pub const JOINED_OUTPUTS_KEY: &str = "camserve.joined_outputs";
 
 /// The metadata key that names the op ending the model when the task reads it: `Sigmoid` (a multi-label head,
-/// possibly behind ops that only move values, as the Softmax search sees them), set by [`Explainable::analyse`].
+/// possibly behind ops that only move values, as the Softmax search sees them) or [`L2_NORMALIZE`] (an embedder),
+/// set by [`Explainable::analyse`].
 pub const FINAL_OP_KEY: &str = "camserve.final_op";
+
+/// [`FINAL_OP_KEY`]'s value for a model whose output is divided by its L2 norm (`LpNormalization` with p = 2, or
+/// PyTorch's `F.normalize`: a `Div` by a `ReduceL2`, possibly clipped and expanded): an embedder's habit.
+pub const L2_NORMALIZE: &str = "L2Normalize";
+
+/// The metadata key holding the name of the model's (first) output as the file has it: the task reads embedders'
+/// names (`embedding`, `image_embeds`, ...) from it.
+pub const OUTPUT_NAME_KEY: &str = "camserve.output_name";
+
+/// Whether `node` divides its input by the input's L2 norm: `LpNormalization` (p = 2), or a `Div` whose divisor
+/// comes from a `ReduceL2` through ops that only clamp or broadcast it (what `F.normalize` exports as).
+fn l2_normalises(graph: &super::proto::GraphProto, node: &super::proto::NodeProto) -> bool {
+    match node.op_type() {
+        "LpNormalization" => super::attr::int_or(node, "p", 2) == 2,
+        "Div" if node.input.len() == 2 => {
+            let producer = |t: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == t));
+            let mut at = producer(&node.input[1]);
+            for _ in 0..4 {
+                match at {
+                    Some(p) if p.op_type() == "ReduceL2" => return true,
+                    Some(p) if matches!(p.op_type(), "Clip" | "Max" | "Expand" | "Unsqueeze" | "Reshape" | "Add") && !p.input.is_empty() => {
+                        at = producer(&p.input[0]);
+                    }
+                    _ => return false,
+                }
+            }
+            false
+        }
+        _ => false,
+    }
+}
 
 /// The output a DETR-family export's two heads are joined into.
 pub const JOINED_OUTPUT: &str = "camserve/logits_and_boxes";

@@ -166,6 +166,22 @@ pub struct BatchOutput {
     pub attention: Vec<(Array4<f32>, Array4<f32>)>,
 }
 
+impl BatchOutput {
+    /// Row `i` alone, as a batch of one (an embedder's request runs its images as rows of one batch and explains
+    /// each on its own picture).
+    pub fn row(&self, i: usize) -> BatchOutput {
+        let one4 = |a: &Array4<f32>| a.slice_axis(Axis(0), (i..i + 1).into()).to_owned();
+        BatchOutput {
+            logits: self.logits.slice_axis(Axis(0), (i..i + 1).into()).to_owned(),
+            targets: self.targets.as_ref().map(|t| t.get(i).copied().into_iter().collect()),
+            activations: self.activations.as_ref().map(one4),
+            gradients: self.gradients.as_ref().map(one4),
+            input_grads: self.input_grads.iter().map(|(r, g)| (*r, one4(g))).collect(),
+            attention: self.attention.iter().map(|(a, g)| (one4(a), one4(g))).collect(),
+        }
+    }
+}
+
 /// Where the model's graphs come from.
 enum Source {
     Plain(Box<Explainable>),
