@@ -23,6 +23,7 @@
 #[allow(dead_code)]
 mod detections;
 #[path = "support/fixture.rs"]
+#[allow(dead_code)]
 mod fixture;
 #[path = "support/server.rs"]
 mod server;

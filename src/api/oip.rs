@@ -470,9 +470,12 @@ fn read_inputs(request: &InferRequest, info: &ModelInfo, task: &Task, binary: &m
         "FP32" => images_from_fp32(input, info, binary),
         dt => Err(bad(format!("input `{}` ({dt}) is not one of model `{}`'s: {}", input.name, info.name, expected()))),
     };
+    let embedder = matches!(task, Task::Embedding(_));
+    if request.inputs.len() != 1 && !(embedder && request.inputs.len() == 2) {
+        return Err(bad(format!("expected {}: {}; got {}", if embedder { "one or two inputs" } else { "one input" }, expected(), request.inputs.len())));
+    }
     let (mut images, mut references, mut vector) = (None, None, None);
     for input in &request.inputs {
-        let embedder = matches!(task, Task::Embedding(_));
         match (input.name.as_str(), input.datatype.as_str()) {
             (IMAGE_INPUT, "BYTES") if images.is_none() => images = Some(images_from_bytes(input, binary)?),
             (name, "FP32") if name == info.input_name && images.is_none() => images = Some(images_from_fp32(input, info, binary)?),

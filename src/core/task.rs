@@ -1003,4 +1003,51 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn similarity_seed_is_the_cosine_gradient() {
+        let e = [0.3f32, -1.2, 2.0, 0.05, -0.7];
+        let r = [1.0f32, 0.4, -0.3, 2.2, 0.1];
+        let cos = |x: &[f64]| {
+            let dot: f64 = x.iter().zip(&r).map(|(a, b)| a * *b as f64).sum();
+            dot / (x.iter().map(|a| a * a).sum::<f64>().sqrt() * r.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt())
+        };
+        let e64: Vec<f64> = e.iter().map(|v| *v as f64).collect();
+        let (value, seed) = Embedder::similarity(&e, &r).unwrap();
+        assert!((value - cos(&e64)).abs() < 1e-12);
+        for (j, g) in seed.iter().enumerate() {
+            let (mut up, mut down) = (e64.clone(), e64.clone());
+            up[j] += 1e-6;
+            down[j] -= 1e-6;
+            let fd = (cos(&up) - cos(&down)) / 2e-6;
+            assert!((fd - *g as f64).abs() < 1e-6, "entry {j}: seed {g}, finite difference {fd}");
+        }
+        // The seed is orthogonal to e (cosine does not change with e's length) and zero vectors have no similarity.
+        assert!(seed.iter().zip(&e).map(|(g, a)| *g as f64 * *a as f64).sum::<f64>().abs() < 1e-6);
+        assert!(Embedder::similarity(&[0.0; 5], &r).is_none() && Embedder::similarity(&e, &[0.0; 5]).is_none());
+        // The mean direction counts each vector the same whatever its length.
+        let m = Embedder::mean_direction(&[&[3.0, 0.0], &[0.0, 0.5]]).unwrap();
+        assert_eq!(m, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn embedders_from_the_output_name_or_a_final_normalisation() {
+        let meta = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>();
+        let cfg = TaskConfig::default();
+        let task = |m: &std::collections::BTreeMap<String, String>, dims: &[i64], cfg: &TaskConfig| Task::recognise_from(m, dims, dims.iter().product::<i64>() as usize, [3, 224, 224], cfg);
+        for name in ["embedding", "image_embeds", "pooler_output", "text_embeds_proj"] {
+            assert_eq!(task(&meta(&[(OUTPUT_NAME_KEY, name)]), &[512], &cfg), Ok(Task::Embedding(Embedder { dim: 512, normalised: false })), "{name}");
+        }
+        assert_eq!(task(&meta(&[(OUTPUT_NAME_KEY, "output"), (FINAL_OP_KEY, L2_NORMALIZE)]), &[128], &cfg), Ok(Task::Embedding(Embedder { dim: 128, normalised: true })));
+        // A classifier's output, or any output with a labels file, stays a classification.
+        assert_eq!(task(&meta(&[(OUTPUT_NAME_KEY, "logits")]), &[1000], &cfg), Ok(Task::Classification));
+        let labelled = TaskConfig { labels: Some(vec!["a".into(); 512]), ..Default::default() };
+        assert_eq!(task(&meta(&[(OUTPUT_NAME_KEY, "embedding")]), &[512], &labelled), Ok(Task::Classification));
+        // The key states it; an embedder takes no labels.
+        let stated = TaskConfig { task: Some(TaskName::Embedding), ..Default::default() };
+        assert_eq!(task(&meta(&[(OUTPUT_NAME_KEY, "output")]), &[64], &stated), Ok(Task::Embedding(Embedder { dim: 64, normalised: false })));
+        let both = TaskConfig { task: Some(TaskName::Embedding), labels: Some(vec!["a".into(); 64]), ..Default::default() };
+        assert!(task(&meta(&[]), &[64], &both).unwrap_err().contains("takes no labels file"));
+        assert!(task(&meta(&[]), &[6, 8, 8], &stated).unwrap_err().contains("[N, D]"));
+    }
 }

@@ -5,11 +5,12 @@
 // Then the bundled detector on one of its held-out scenes: boxes drawn on the picture, clicking a box explains that
 // box, the boxes and the map overlay toggle. Then the bundled segmenter on one of its scenes: the label map over the
 // picture with a legend, clicking a class explains it, dragging draws a region explained with HiResCAM.
-//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO [SCENE [SEGMENTATION_SCENE]]]
+// Then the bundled embedder: the picture and a reference picture, both explained, with their similarity.
+//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO [SCENE [SEGMENTATION_SCENE [REFERENCE_PICTURE]]]]
 import { chromium } from "playwright-core";
 import { strict as assert } from "node:assert";
 
-const [url, photo, outDir, realPhoto, scene, segScene] = process.argv.slice(2);
+const [url, photo, outDir, realPhoto, scene, segScene, refPicture] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -194,6 +195,28 @@ if (segScene) {
   segmented = `; segmenter: ${legend.length} classes, a region, then ${other.name} in it`;
 }
 
+// The embedder: without a reference the page asks for one; with one, both pictures are explained (each card on its
+// own picture) and the similarity is shown.
+let embedded = "";
+if (refPicture) {
+  await page.selectOption("#model", "embedder");
+  assert.equal(await page.$eval("#refbox", (b) => b.hidden), false, "the reference picker shows for an embedder");
+  await page.evaluate(() => { document.getElementById("status").textContent = ""; });
+  await page.setInputFiles("#file", photo);
+  await page.waitForFunction(() => document.getElementById("status").textContent.includes("choose a reference image"), null, { timeout: 60000 });
+  await page.setInputFiles("#reffile", refPicture);
+  await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("Explained"), null, { timeout: 60000 });
+  const titles = await page.$$eval(".card h3 small", (ss) => ss.map((s) => s.textContent));
+  assert.equal(titles.length, 2, `the picture and its reference: ${JSON.stringify(titles)}`);
+  assert.ok(titles[0].startsWith("the image, against the reference · similarity") && titles[1].startsWith("the reference, against the image"), JSON.stringify(titles));
+  const similarity = await page.$eval("#preds-title", (t) => t.textContent);
+  assert.match(similarity, /^Similarity to the reference: -?[0-9.]+/);
+  const distinct = await page.$$eval(".card .views canvas", (cs) => cs.map((c) => new Set(Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 === 0))).size));
+  assert.ok(distinct.every((n) => n > 8), `rendered maps: ${distinct}`);
+  await page.screenshot({ path: `${outDir}/page-embedder.png`, fullPage: true });
+  embedded = `; embedder: ${similarity}`;
+}
+
 assert.deepEqual(errors, [], "no JavaScript errors");
 await browser.close();
-console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}${detected}${segmented}; screenshots in ${outDir}`);
+console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}${detected}${segmented}${embedded}; screenshots in ${outDir}`);
