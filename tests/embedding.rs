@@ -326,6 +326,17 @@ async fn requests_on_the_bundled_embedder() {
     let query = format!("?reference_vector={}", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
     let q: Value = s.client.post(url(&format!("explain{query}"))).header("content-type", "image/jpeg").body(pic(0)).send().await.unwrap().json().await.unwrap();
     assert_eq!(q["similarity"], body["similarity"], "the query-string form");
+    // A multipart text part (a JSON array reads too) and the `options` part, which may hold a vector longer than
+    // the other options' 16 KiB (here 64 numbers written with 300 decimals each).
+    let long = format!(r#"{{"methods": "gradcam", "reference_vector": [{}]}}"#, v.iter().map(|x| format!("{x:.300}")).collect::<Vec<_>>().join(","));
+    assert!(long.len() > camserve::core::options::MAX_OPTION_BYTES);
+    for form in [
+        Form::new().part("image", Part::bytes(pic(0)).file_name("0.jpg")).text("reference_vector", serde_json::to_string(&v).unwrap()),
+        Form::new().part("image", Part::bytes(pic(0)).file_name("0.jpg")).text("options", long),
+    ] {
+        let m: Value = s.client.post(url("explain")).multipart(form).send().await.unwrap().json().await.unwrap();
+        assert!((m["similarity"].as_f64().unwrap() - cosine(&e[0], &v)).abs() < 1e-6, "{m}");
+    }
 
     // Bad input.
     let bad_vector = json!({ "image": b64(&pic(0)), "reference_vector": [1.0, 2.0, 3.0] });

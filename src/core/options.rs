@@ -96,7 +96,12 @@ pub const MAX_VECTOR_VALUES: usize = 16384;
 
 /// 400 when one option's value is over [`MAX_OPTION_BYTES`].
 pub fn check_option_size(key: &str, len: usize) -> Result<(), ServiceError> {
-    let most = if key == "reference_vector" { MAX_VECTOR_BYTES } else { MAX_OPTION_BYTES };
+    // The `options` part holds every option, `reference_vector` among them.
+    let most = match key {
+        "reference_vector" => MAX_VECTOR_BYTES,
+        "options" => MAX_VECTOR_BYTES + MAX_OPTION_BYTES,
+        _ => MAX_OPTION_BYTES,
+    };
     if len > most {
         return Err(malformed(format!("option `{key}` is {len} bytes long; at most {most} are accepted")));
     }
@@ -211,8 +216,11 @@ fn box_json(v: &Value) -> Result<[f64; 4], ServiceError> {
     }
 }
 
-/// `reference_vector` as text: comma-separated numbers.
+/// `reference_vector` as text: comma-separated numbers (in brackets or not, so a JSON array in a text part reads
+/// too).
 fn vector_text(v: &str) -> Result<Vec<f64>, ServiceError> {
+    let v = v.trim();
+    let v = v.strip_prefix('[').and_then(|v| v.strip_suffix(']')).unwrap_or(v);
     let values: Vec<f64> = v
         .split(',')
         .map(|s| s.trim().parse::<f64>())
