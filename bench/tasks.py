@@ -29,7 +29,7 @@ that tensor, else `layer=<the fixture's ONNX tensor>`, checked with GET /v1/mode
 parts `image` (chelsea.png) and `reference` (coffee.png): one forward pass embeds both, one explain pass over both
 rows, both maps (the image against the reference's embedding, the reference against the image's); (b) multipart with
 `image` and the text part `reference_vector` (the fixture's client vector, `vector` in references_<m>.npz,
-comma-separated float32 values: a text part does not take the JSON array form): one row. pytorch-grad-cam 1.5.7's
+comma-separated float32 values): one row. pytorch-grad-cam 1.5.7's
 GradCAM runs on the same PyTorch models (the fixture script's `build`, ResNet-50's BatchNorm `calibrate` on the 7
 photos: the same weights), on the fixture's preprocessing of the same photos (`load_input`, without the fixture's
 jitter, as camserve gets the PNG files), with the fixture's `SimilarityToConceptTarget` (the library's tutorial

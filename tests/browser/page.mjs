@@ -6,11 +6,13 @@
 // box, the boxes and the map overlay toggle. Then the bundled segmenter on one of its scenes: the label map over the
 // picture with a legend, clicking a class explains it, dragging draws a region explained with HiResCAM.
 // Then the bundled embedder: the picture and a reference picture, both explained, with their similarity.
-//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO [SCENE [SEGMENTATION_SCENE [REFERENCE_PICTURE]]]]
+// Then the bundled multi-label classifier on a scene: its sigmoid scores, every class at or above the threshold
+// explained, and a higher threshold explaining fewer.
+//   node page.mjs URL PICTURE OUT_DIR [REAL_PHOTO [SCENE [SEGMENTATION_SCENE [REFERENCE_PICTURE [MULTILABEL_SCENE]]]]]
 import { chromium } from "playwright-core";
 import { strict as assert } from "node:assert";
 
-const [url, photo, outDir, realPhoto, scene, segScene, refPicture] = process.argv.slice(2);
+const [url, photo, outDir, realPhoto, scene, segScene, refPicture, multiScene] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -217,6 +219,36 @@ if (refPicture) {
   embedded = `; embedder: ${similarity}`;
 }
 
+// The multi-label classifier: the threshold control shows; every class scoring at least 0.5 is marked and explained
+// (one card per class and method); raising the threshold above all but the best explains only it.
+let multi = "";
+if (multiScene) {
+  await page.selectOption("#model", "multilabel");
+  assert.equal(await page.$eval("#threshold-label", (l) => l.hidden), false, "the threshold control shows for a multi-label classifier");
+  await page.evaluate(() => { document.getElementById("status").textContent = ""; });
+  await page.setInputFiles("#file", multiScene);
+  await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("Explained"), null, { timeout: 60000 });
+  const scores = await page.$$eval("#preds li button", (bs) => bs.map((b) => ({ name: b.children[0].textContent, score: parseFloat(b.children[2].textContent) / 100, pressed: b.getAttribute("aria-pressed") === "true" })));
+  const above = scores.filter((p) => p.score >= 0.5);
+  assert.ok(above.length >= 2, `a scene with two classes or more at 0.5: ${JSON.stringify(scores)}`);
+  assert.deepEqual(scores.filter((p) => p.pressed).map((p) => p.name), above.map((p) => p.name), "the classes at or above the threshold are marked");
+  const methods = (await page.$$eval("#methods input:checked", (cs) => cs.length));
+  const explained = await page.$$eval(".card h3 small", (ss) => ss.map((s) => s.textContent.split(" · ")[0]));
+  assert.equal(explained.length, above.length * methods, `one card per class and method: ${JSON.stringify(explained)}`);
+  assert.deepEqual([...new Set(explained)].sort(), above.map((p) => p.name).sort(), "the explained classes are those at or above the threshold");
+  assert.match(await page.$eval("#preds-title", (t) => t.textContent), /^Sigmoid scores: the classes at or above 0.5 are explained/);
+  await page.screenshot({ path: `${outDir}/page-multilabel.png`, fullPage: true });
+  // A threshold between the best score and the second: only the best is explained.
+  const t = (above[0].score + above[1].score) / 2;
+  await page.evaluate(() => { document.getElementById("status").textContent = ""; });
+  await page.fill("#threshold", t.toFixed(3));
+  await page.dispatchEvent("#threshold", "change");
+  await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("Explained"), null, { timeout: 60000 });
+  const now = await page.$$eval(".card h3 small", (ss) => [...new Set(ss.map((s) => s.textContent.split(" · ")[0]))]);
+  assert.deepEqual(now, [above[0].name], `a higher threshold explains fewer classes: ${JSON.stringify(now)}`);
+  multi = `; multilabel: ${above.map((p) => p.name).join(", ")} at 0.5, ${now[0]} at ${t.toFixed(3)}`;
+}
+
 assert.deepEqual(errors, [], "no JavaScript errors");
 await browser.close();
-console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}${detected}${segmented}${embedded}; screenshots in ${outDir}`);
+console.log(`browser test passed: ${cards.join(", ")}; first target ${first}, then ${now}${detected}${segmented}${embedded}${multi}; screenshots in ${outDir}`);
