@@ -2,7 +2,7 @@
 # The deployment manifests (scripts/validate_manifests.py: Kubernetes schemas with kubernetes-validate, strict;
 # the InferenceService against the kserve package's models), then the Open Inference Protocol ("v2") and KServe
 # v1 endpoints with the real clients: installs Triton's tritonclient[http], the kserve SDK and kubernetes-validate
-# (scripts/test-requirements.txt) into target/oip-venv, serves the demo model
+# (scripts/test-requirements.txt) into target/oip-venv, serves the demo model and the bundled embedder
 # with the release binary, and runs scripts/oip_clients.py against it: live/ready/metadata, infer with binary and
 # JSON tensors, BYTES images and FP32 tensors, one and several images, error cases, and the KServe v1 shim, each
 # answer compared with the /v1 API's (raw maps within 1e-6). Exits 1 on the first failed check. Part of `make test`.
@@ -27,6 +27,9 @@ threads = 2
 name = "demo"
 path = "$PWD/models/demo.onnx"
 labels = "$PWD/models/demo.labels.txt"
+[[models]]
+name = "embedder"
+path = "$PWD/models/shapes_embedder.onnx"
 TOML
 NO_COLOR=1 target/release/camserve serve --config "$dir/camserve.toml" > "$dir/log" 2>&1 &
 pid=$!

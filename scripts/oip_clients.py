@@ -180,6 +180,33 @@ def triton_checks():
     check(c.is_server_ready(), "still ready after the errors")
 
 
+def embedder_checks():
+    """An embedder through tritonclient: the image and a reference image as two BYTES inputs, the embedding and
+    similarity outputs and the image's Grad-CAM map, each equal to /v1's answer for the same pair (multipart);
+    a reference vector as a second FP32 input."""
+    c = triton.InferenceServerClient(HOSTPORT)
+    meta = c.get_model_metadata("embedder")
+    check([i["name"] for i in meta["inputs"]] == ["image", "input", "reference", "reference_vector"], f"tritonclient: an embedder's inputs {meta['inputs']}")
+    a, b = SHAPES[0].read_bytes(), SHAPES[6].read_bytes()
+    import httpx  # the kserve SDK's HTTP client
+
+    ref = httpx.post(f"{BASE}/v1/models/embedder/explain", params={"methods": "gradcam", "outputs": "raw,embedding"},
+                     files={"image": ("a.jpg", a, "image/jpeg"), "reference": ("b.jpg", b, "image/jpeg")}, timeout=60).json()
+    image, reference = triton.InferInput("image", [1], "BYTES"), triton.InferInput("reference", [1], "BYTES")
+    image.set_data_from_numpy(np.array([a], dtype=object))
+    reference.set_data_from_numpy(np.array([b], dtype=object))
+    r = c.infer("embedder", [image, reference], outputs=[triton.InferRequestedOutput(n) for n in ("embedding", "similarity", "gradcam")])
+    emb = np.frombuffer(base64.b64decode(ref["embedding"]["data"]), "<f4")
+    check(np.array_equal(r.as_numpy("embedding")[0], emb), "tritonclient: an embedder's embedding = v1's")
+    check(abs(float(r.as_numpy("similarity")[0]) - ref["similarity"]) <= TOL, f"tritonclient: similarity {r.as_numpy('similarity')[0]} = v1's {ref['similarity']}")
+    want = np.frombuffer(base64.b64decode(ref["explanations"][0]["raw"]["data"]), "<f4").reshape(ref["explanations"][0]["raw"]["shape"])
+    check(close(r.as_numpy("gradcam")[0], want), "tritonclient: the image's Grad-CAM against its reference = v1's")
+    vector = triton.InferInput("reference_vector", [emb.size], "FP32")
+    vector.set_data_from_numpy(emb.astype(np.float32))
+    r = c.infer("embedder", [image, vector], outputs=[triton.InferRequestedOutput("similarity")])
+    check(abs(float(r.as_numpy("similarity")[0]) - 1.0) <= 1e-6, f"tritonclient: the image against its own embedding: similarity {r.as_numpy('similarity')[0]}")
+
+
 async def kserve_checks():
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
@@ -232,6 +259,7 @@ def kserve_v1_checks():
 
 if __name__ == "__main__":
     triton_checks()
+    embedder_checks()
     if "--no-kserve" not in sys.argv:
         asyncio.run(kserve_checks())
     if "--no-kserve-v1" not in sys.argv:
