@@ -250,6 +250,15 @@ async fn both_images_are_explained_in_one_request() {
         let png = |e: &Value| base64::engine::general_purpose::STANDARD.decode(e["overlay_png"].as_str().unwrap()).unwrap();
         assert_eq!(size(&png(&e[0])), (224, 224));
         assert_eq!(ab["references"][0]["image"], json!({ "width": size(&b).0, "height": size(&b).1 }));
+        // At size=original, each at its own picture's size.
+        let form = Form::new()
+            .part("image", Part::bytes(a.clone()).file_name("a.png"))
+            .part("reference", Part::bytes(b.clone()).file_name("b.png"))
+            .text("size", "original");
+        let orig: Value = s.client.post(s.url(&format!("/v1/models/{name}/explain"))).multipart(form).send().await.unwrap().json().await.unwrap();
+        let e = orig["explanations"].as_array().unwrap();
+        assert_ne!(size(&a), size(&b), "two pictures of different sizes");
+        assert_eq!((size(&png(&e[0])), size(&png(&e[1]))), (size(&a), size(&b)), "{name}: each overlay at its own picture's size");
     }
     s.stop().await.unwrap();
 }
