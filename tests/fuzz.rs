@@ -17,8 +17,16 @@ use camserve::onnx::{io, proto::ModelProto};
 use camserve::preprocess::{self, DecodeLimits};
 use proptest::prelude::*;
 
+/// FUZZ_CASES, default 200. A value that would run no case (0, or not a number) fails the targets rather than let
+/// them pass having checked nothing.
 fn cases() -> u32 {
-    std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+    match std::env::var("FUZZ_CASES") {
+        Err(_) => 200,
+        Ok(v) => match v.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => n,
+            _ => panic!("FUZZ_CASES={v:?} runs no case: give a positive number (unset: 200)"),
+        },
+    }
 }
 
 const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 4_000_000, max_dimension: 8192 };
