@@ -31,7 +31,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certifi
     && useradd --system --uid 10001 --home-dir /opt/camserve --shell /usr/sbin/nologin camserve
 COPY --from=ort /ort/ /opt/camserve/lib/
 COPY --from=build /src/target/release/camserve /usr/local/bin/camserve
-COPY models/imagenet.onnx models/imagenet.labels.txt models/demo.onnx models/demo.labels.txt models/shapes_detector.onnx models/shapes_segmenter.onnx models/shapes_segmenter.labels.txt models/shapes_embedder.onnx /opt/camserve/models/
+COPY models/imagenet.onnx models/imagenet.labels.txt models/demo.onnx models/demo.labels.txt models/shapes_detector.onnx models/shapes_segmenter.onnx models/shapes_segmenter.labels.txt models/shapes_embedder.onnx models/shapes_multilabel.onnx models/shapes_multilabel.labels.txt /opt/camserve/models/
 COPY config/camserve.toml /opt/camserve/config/camserve.toml
 WORKDIR /opt/camserve
 # Every setting can be overridden with CAMSERVE_SECTION__KEY (see config/camserve.toml), e.g.

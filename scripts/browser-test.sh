@@ -43,4 +43,4 @@ out=${BROWSER_SHOTS:-target/browser-shots}
 mkdir -p "$out"
 CHROMIUM=$chromium node tests/browser/page.mjs "http://127.0.0.1:$port/" "$PWD/tests/data/shapes/000.jpg" "$out" \
   "$PWD/assets/photos/chelsea.jpg" "$PWD/tests/data/scenes/009.jpg" "$PWD/tests/data/seg_scenes/000.png" \
-  "$PWD/tests/data/shapes/006.jpg"
+  "$PWD/tests/data/shapes/006.jpg" "$PWD/tests/data/scenes/003.jpg"

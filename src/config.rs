@@ -276,7 +276,8 @@ impl Default for Config {
     /// Serves the bundled models: `imagenet` (EfficientNet-Lite0, ImageNet-1k), `demo` (six shapes), `shapes` (a
     /// detector of the same shapes; its task, labels and preprocessing come from the file) and `segmenter` (a semantic
     /// segmenter of the same scenes; its task from the output's shape) and `embedder` (an embedder of the demo's pictures; its
-    /// task from its output's name, `embedding`).
+    /// task from its output's name, `embedding`) and `multilabel` (which of the shapes a scene holds; its task from its
+    /// final Sigmoid).
     fn default() -> Self {
         Config {
             server: ServerConfig::default(),
@@ -299,6 +300,7 @@ impl Default for Config {
                 ModelConfig::new("shapes", "models/shapes_detector.onnx"),
                 ModelConfig { labels: Some("models/shapes_segmenter.labels.txt".into()), ..ModelConfig::new("segmenter", "models/shapes_segmenter.onnx") },
                 ModelConfig { mean: Some(IMAGENET_MEAN), std: Some(IMAGENET_STD), ..ModelConfig::new("embedder", "models/shapes_embedder.onnx") },
+                ModelConfig { labels: Some("models/shapes_multilabel.labels.txt".into()), ..ModelConfig::new("multilabel", "models/shapes_multilabel.onnx") },
             ],
         }
     }
