@@ -146,7 +146,7 @@ fn hard_swish(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs
     // d/dx x*relu6(x+3)/6 = 0 (x < -3), x/3 + 1/2 (-3 <= x <= 3), 1 (x > 3); as PyTorch's hardswish_backward.
     let dy = dy0(node, dy)?;
     let x = &node.input[0];
-    let x3 = ctx.mul_scalar(x, 1.0 / 3.0);
+    let x3 = ctx.div_scalar(x, 3.0);
     let half = ctx.e.scalar(0.5);
     let slope = ctx.e.op("Add", &[&x3, &half], vec![], "hswish_slope");
     let mid = ctx.mul(dy, &slope);

@@ -399,12 +399,12 @@ fn rms_normalization(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>],
     }
     let eps = attr::float_or(node, "epsilon", 1e-5);
     let axes: Vec<i64> = (axis..rank as i64).collect();
-    let inv_count = 1.0 / xd[axis as usize..].iter().product::<i64>() as f32;
+    let count = xd[axis as usize..].iter().product::<i64>() as f32;
     let ax = ctx.e.ints(&axes);
     let keep = || vec![attr::make_int("keepdims", 1)];
     let x2 = ctx.mul(&x, &x);
     let ss = ctx.e.op("ReduceSum", &[&x2, &ax], keep(), "rms_sumsq");
-    let ms = ctx.mul_scalar(&ss, inv_count);
+    let ms = ctx.div_scalar(&ss, count);
     let e = ctx.e.scalar(eps);
     let v = ctx.e.op("Add", &[&ms, &e], vec![], "rms_var");
     let sd = ctx.e.op("Sqrt", &[&v], vec![], "rms_sd");
@@ -412,7 +412,7 @@ fn rms_normalization(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>],
     let g = ctx.mul(dy, &scale);
     let gx = ctx.mul(&g, &x);
     let sgx = ctx.e.op("ReduceSum", &[&gx, &ax], keep(), "rms_sum_gx");
-    let mgx = ctx.mul_scalar(&sgx, inv_count);
+    let mgx = ctx.div_scalar(&sgx, count);
     let r2 = ctx.mul(&r, &r);
     let r3 = ctx.mul(&r2, &r);
     let c = ctx.mul(&r3, &mgx);

@@ -202,6 +202,14 @@ impl RuleCtx<'_> {
         self.mul(a, &c)
     }
 
+    /// `a / n`, for a mean's count or a fraction's denominator: a Div by the integer-valued `n` is exact wherever the
+    /// graph runs in higher precision and correctly rounded in float32, where a Mul by float32(1 / n) carries the
+    /// reciprocal's rounding (scripts/float64_check.py, docs/COVERAGE.md).
+    pub fn div_scalar(&mut self, a: &str, n: f32) -> String {
+        let c = self.e.scalar(n);
+        self.e.op("Div", &[a, &c], vec![], "div")
+    }
+
     /// `a` where `cond` holds, else 0, as `a * Cast(cond)`: ONNX Runtime's Where with a broadcast scalar is about
     /// four times slower than Cast + Mul, which also stay closer to the convolutions' NCHWc layout.
     pub fn where_else_zero(&mut self, cond: &str, a: &str) -> String {

@@ -66,7 +66,7 @@ fn layer_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs:
     let a = ctx.e.ints(&axes);
     let mean = |ctx: &mut RuleCtx, t: &str, label: &str| {
         let s = ctx.e.op("ReduceSum", &[t, &a], vec![attr::make_int("keepdims", 1)], label);
-        ctx.mul_scalar(&s, 1.0 / count as f32)
+        ctx.div_scalar(&s, count as f32)
     };
     let mu = mean(ctx, x, "ln_mean");
     let xc = ctx.e.op("Sub", &[x, &mu], vec![], "ln_centred");
@@ -94,7 +94,7 @@ fn normalized_grad(ctx: &mut RuleCtx, x: &str, g: &str, axes: &[i64], count: i64
     let a = ctx.e.ints(axes);
     let mean = |ctx: &mut RuleCtx, t: &str, what: &str| {
         let s = ctx.e.op("ReduceSum", &[t, &a], vec![attr::make_int("keepdims", 1)], &format!("{label}_{what}"));
-        ctx.mul_scalar(&s, 1.0 / count as f32)
+        ctx.div_scalar(&s, count as f32)
     };
     let mu = mean(ctx, x, "mean");
     let xc = ctx.e.op("Sub", &[x, &mu], vec![], &format!("{label}_centred"));

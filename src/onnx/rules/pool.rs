@@ -138,7 +138,7 @@ fn global_average_pool(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>
     let x = &node.input[0];
     let xd = ctx.dims(x)?;
     let count = tensor::numel(&xd[2..]) as f32;
-    let scaled = ctx.mul_scalar(dy, 1.0 / count);
+    let scaled = ctx.div_scalar(dy, count);
     // dY is [N, C, 1, ...]: expanding to the constant [1, C, H, ...] gives [N, C, H, ...] and, unlike a
     // Shape-fed Expand, keeps the batch symbol for shape inference (see the Flatten rule).
     let mut shape = xd.clone();
@@ -201,7 +201,7 @@ fn reduce(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], mean: bool
     let mut g = keep_reduced(ctx, node, dy, &axes);
     if mean {
         let count: i64 = axes.iter().map(|&a| xd[a as usize]).product();
-        g = ctx.mul_scalar(&g, 1.0 / count as f32);
+        g = ctx.div_scalar(&g, count as f32);
     }
     let shape = ctx.shape_of(x);
     Ok(vec![Some(ctx.e.op("Expand", &[&g, &shape], vec![], "reduce_grad")), None])

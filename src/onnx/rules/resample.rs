@@ -546,8 +546,8 @@ fn roi_align(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], _needs:
         let wts = e.op("Reshape", &[&wts, &split], vec![], "roi_align_per_bin");
         let ax2 = e.ints(&[2]);
         let summed = e.op("ReduceSum", &[&wts, &ax2], vec![attr::make_int("keepdims", 0)], "roi_align_bin_weights");
-        let inv = e.scalar(1.0 / g as f32);
-        e.op("Mul", &[&summed, &inv], vec![], &format!("roi_align_a{label}"))
+        let count = e.scalar(g as f32);
+        e.op("Div", &[&summed, &count], vec![], &format!("roi_align_a{label}"))
     };
     let ax = axis(ctx, 0, 2, pw, w, "x"); // [R, pw, W]
     let ay = axis(ctx, 1, 3, ph, h, "y"); // [R, ph, H]
