@@ -256,6 +256,15 @@ def main():
     }
     (HERE / "shapes_embedder.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: metrics[k] for k in ("fresh_eval", "heldout_tests_data_shapes", "seconds")}))
+    # The goals, fixed before the first training run: recall@1 >= 0.9 on the held-out pictures; the ONNX file equal
+    # to PyTorch (1e-4 of the largest value) and batch-independent. The files are written either way; a miss exits 1.
+    missed = [what for what, ok in (
+        (f"held-out recall@1 {ev_held['recall_at_1']} < 0.9", ev_held["recall_at_1"] >= 0.9),
+        (f"ONNX vs PyTorch {onnx_check['max_abs_diff_vs_pytorch']:.2e}", onnx_check["max_abs_diff_vs_pytorch"] <= 1e-4 * onnx_check["max_abs_embedding"]),
+        (f"batch 1 vs 7 {onnx_check['batch1_vs_batch7_max_abs_diff']:.2e}", onnx_check["batch1_vs_batch7_max_abs_diff"] == 0.0),
+    ) if not ok]
+    if missed:
+        raise SystemExit("goal missed: " + "; ".join(missed))
 
 
 if __name__ == "__main__":
