@@ -371,3 +371,31 @@ async fn readiness_follows_the_registry() {
     assert_problem(st, &ctype, &body, StatusCode::SERVICE_UNAVAILABLE, "draining");
     assert_eq!(call(&ready.router, explain("", png())).await.0, StatusCode::OK);
 }
+
+/// The time estimate: once a pass has been measured (here the stand-in's 100 ms explain batch), a request whose
+/// estimate exceeds the request timeout is refused with a 422 that states the estimate and the limit, before any
+/// row runs; `GET /v1/models/{model}` gives each method's estimate; a request within the limit still runs.
+#[tokio::test]
+async fn a_request_estimated_past_its_deadline_is_refused_before_any_work() {
+    let h = harness(Behaviour::Slow(Duration::from_millis(100)), 64, Duration::from_secs(2), true);
+    // Nothing measured yet: no estimate, no refusal.
+    let (st, _, m) = call(&h.router, get("/v1/models/standin")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(m["estimates"], serde_json::json!({}), "no estimate before a pass is measured");
+    let (st, _, _) = call(&h.router, explain("methods=gradcam", png())).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, _, m) = call(&h.router, get("/v1/models/standin")).await;
+    // One explain row of 3 forward-equivalents took ~100 ms: ~33 ms each (a bound: the sleep can only overrun).
+    let gradcam = m["estimates"]["gradcam"].as_f64().unwrap();
+    assert!((0.09..0.5).contains(&gradcam), "{m}");
+    let smoothgrad = m["estimates"]["smoothgrad"].as_f64().unwrap();
+    assert!(smoothgrad > 20.0 * gradcam, "25 samples of 3 forward-equivalents each: {m}");
+    let before = h.rows.load(Ordering::SeqCst);
+    let (st, ctype, body) = call(&h.router, explain("methods=smoothgrad&samples=100", png())).await;
+    assert_problem(st, &ctype, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid-option");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("estimated to take") && detail.contains("over the 2 s request timeout") && detail.contains("`samples` (smoothgrad)"), "{detail}");
+    assert_eq!(h.rows.load(Ordering::SeqCst), before, "refused before any row ran");
+    let (st, _, _) = call(&h.router, explain("methods=gradcam", png())).await;
+    assert_eq!(st, StatusCode::OK, "a request within the limit still runs");
+}

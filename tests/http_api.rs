@@ -64,7 +64,13 @@ async fn service_routes() {
     assert_eq!(m["device"], "cpu");
     // Every method but the two attention rollouts and D-RISE (a detector's): the demo CNN ends in global average
     // pooling and a linear layer.
-    assert_eq!(m["methods"].as_array().unwrap().len(), 16);
+    assert_eq!(m["methods"].as_array().unwrap().len(), 18);
+    // Each offered method's time estimate, from the passes measured at warm-up: positive, and ordered as the costs
+    // (the demo layer's 16 x 16 grid makes ReciproCAM 256 head passes, Score-CAM 64 channels' forwards).
+    let est = m["estimates"].as_object().unwrap();
+    assert_eq!(est.len(), 18, "{est:?}");
+    let secs = |k: &str| est[k].as_f64().unwrap();
+    assert!(secs("gradcam") > 0.0 && secs("gradcam") < secs("scorecam") && secs("scorecam") < secs("rise"), "{est:?}");
     // The three it does not offer, each with the reason the page shows.
     let why = m["unavailable"].as_object().unwrap();
     assert_eq!(why.keys().collect::<Vec<_>>(), ["attention_rollout", "drise", "gradient_rollout"]);
@@ -542,10 +548,10 @@ async fn contract_models_are_served_as_they_are() {
     assert_eq!(m["kind"], "contract");
     assert_eq!(m["default_layer"], json!(layer));
     // No plain input gradient (so no saliency, integrated gradients, SmoothGrad) and one graph (no head for CAM
-    // or Ablation-CAM); Score-CAM runs its masked inputs through that graph, Finer-CAM its seed.
+    // or Ablation-CAM); Score-CAM and RISE run their masked inputs through that graph, Finer-CAM its seed.
     assert_eq!(
         m["methods"],
-        json!(["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "guided_gradcam", "scorecam", "finercam"])
+        json!(["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "guided_backprop", "guided_gradcam", "scorecam", "finercam", "rise"])
     );
     assert!(m["unavailable"]["saliency"].as_str().unwrap().contains("needs the `plain` input gradient"), "{m}");
     assert!(m["unavailable"]["cam"].as_str().unwrap().contains("no separate head"), "{m}");
@@ -610,10 +616,11 @@ async fn vision_transformer_without_reshape_transform() {
     let all: Vec<&str> = m["methods"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(all.contains(&"attention_rollout") && all.contains(&"gradient_rollout"), "{all:?}");
     assert_eq!(camserve::config::Config::default().server.max_methods, camserve::methods::Method::ALL.len(), "the default limit is every method once");
-    // Not plain CAM nor Ablation-CAM: a token layer has no pooling + linear head of its own; not D-RISE, a
-    // detector's.
-    assert_eq!(all.len(), camserve::methods::Method::ALL.len() - 3, "{all:?}");
-    let url = s.url(&format!("/v1/models/vit/explain?methods={}&outputs=raw", all.join(",")));
+    // Not plain CAM, Ablation-CAM nor ReciproCAM: a token layer has no pooling + linear head of its own, nor a head
+    // that runs on it alone; not D-RISE, a detector's.
+    assert_eq!(all.len(), camserve::methods::Method::ALL.len() - 4, "{all:?}");
+    // RISE's default 4,000 masks alone would take the whole forward budget: 50 here.
+    let url = s.url(&format!("/v1/models/vit/explain?methods={}&outputs=raw&rise_masks=50", all.join(",")));
     let r = s.client.post(url).header("content-type", "image/jpeg").body(img).send().await.unwrap();
     let (st, b) = json_of(r, EXPLAIN, "post").await;
     assert_eq!(st, 200, "{b}");
@@ -660,7 +667,7 @@ fn openapi_method_enum_is_the_registry() {
         kinds,
         [
             "cam", "cam", "cam", "cam", "cam", "cam", "gradient", "gradient", "gradient", "gradient", "attention", "attention", "cam", "cam",
-            "cam", "cam", "gradient", "gradient", "cam"
+            "cam", "cam", "gradient", "gradient", "cam", "cam", "cam"
         ]
     );
     for m in Method::ALL {
@@ -687,7 +694,7 @@ fn openapi_and_methods_md_follow_the_declared_parameters() {
     let query = doc["paths"]["/v1/models/{model}/explain"]["post"]["parameters"].as_array().expect("explain's parameters");
     let methods_md = std::fs::read_to_string(root().join("docs/METHODS.md")).unwrap();
     let declared = params::all();
-    assert_eq!(declared.iter().map(|p| p.name).collect::<Vec<_>>(), ["channels", "steps", "samples", "noise", "seed", "masks", "mask_grid"]);
+    assert_eq!(declared.iter().map(|p| p.name).collect::<Vec<_>>(), ["channels", "steps", "samples", "noise", "seed", "masks", "mask_grid", "rise_masks", "rise_grid", "rise_p"]);
     for p in declared {
         let q = query.iter().find(|q| q["name"] == p.name).unwrap_or_else(|| panic!("openapi.yaml has no query parameter `{}`", p.name));
         let schema = &q["schema"];

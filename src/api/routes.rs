@@ -162,6 +162,9 @@ pub struct ModelView {
     /// Each offered method's cost in forward-equivalents for one target at the default layer and options
     /// (what `server.max_forward_passes` limits; docs/METHODS.md).
     costs: std::collections::BTreeMap<&'static str, u64>,
+    /// Each offered method's estimated seconds for one target at the default layer and options, at the model's speed
+    /// as measured (since warm-up) on this server; a method is missing until its kind of pass has been measured.
+    estimates: std::collections::BTreeMap<&'static str, f64>,
     /// What each metric adds per explanation.
     metric_costs: std::collections::BTreeMap<&'static str, u64>,
     /// The image input's layout in the model file (`nchw` or `nhwc`); camserve feeds NCHW either way.
@@ -186,6 +189,10 @@ fn model_view(handle: &ModelHandle, limits: crate::core::options::OptionLimits) 
         unavailable: Method::ALL.iter().filter_map(|&m| Some((m.as_str(), handle.task.refuses(m).or_else(|| m.refusal(info, Some(&info.default_layer)).map(|r| r.reason().to_string()))?))).collect(),
         default_methods: handle.task.default_methods(),
         costs: methods.iter().filter_map(|&m| Some((m.as_str(), crate::methods::default_cost(m, info, &defaults)?))).collect(),
+        estimates: methods
+            .iter()
+            .filter_map(|&m| Some((m.as_str(), (crate::methods::default_seconds(m, info, handle.queue.times(), &defaults)? * 1e4).round() / 1e4)))
+            .collect(),
         metric_costs: Metric::ALL.iter().map(|&m| (m.as_str(), m.cost(info))).collect(),
         name: info.name.clone(),
         task: handle.task.as_str(),

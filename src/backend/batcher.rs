@@ -7,7 +7,7 @@
 //! before they cost compute. A full queue refuses new jobs at once (the HTTP layer answers 429).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,12 +75,79 @@ struct Queued {
     enqueued: Instant,
 }
 
+/// The kinds of pass a model runs, as the time estimates tell them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassKind {
+    /// A forward of the whole model (the predict plan: masked inputs, metrics).
+    Forward,
+    /// The part of the model after a layer ([`PlanKey::Head`]: Ablation-CAM, ReciproCAM).
+    Head,
+    /// A forward and backward (an explain plan).
+    Explain,
+}
+
+impl PassKind {
+    /// A plan's kind and what one of its rows counts in forward-equivalents (`methods::explain_pass_cost`: a
+    /// forward, plus two per gradient chain; a head pass counts as one, a bound).
+    pub fn of(plan: &PlanKey) -> (PassKind, u64) {
+        match plan {
+            PlanKey::Predict => (PassKind::Forward, 1),
+            PlanKey::Head(_) => (PassKind::Head, 1),
+            PlanKey::Explain(p) => (PassKind::Explain, 1 + 2 * p.rules.len().max(1) as u64),
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What one forward-equivalent of each kind of pass costs this model on this machine, in seconds: an exponentially
+/// weighted mean (weight 0.2 for the newest batch) over the batches the worker ran, seeded at warm-up. A request's
+/// time estimate is its cost in forward-equivalents of each kind times these.
+#[derive(Debug, Default)]
+pub struct PassTimes {
+    /// Seconds as f64 bits; 0: nothing measured yet.
+    seconds: [AtomicU64; 3],
+}
+
+impl PassTimes {
+    /// Weight of the newest measurement.
+    const ALPHA: f64 = 0.2;
+
+    /// Records a batch: `seconds` for `rows` rows of `plan`.
+    pub fn record(&self, plan: &PlanKey, rows: usize, seconds: f64) {
+        let (kind, fe) = PassKind::of(plan);
+        let per_fe = seconds / (rows.max(1) as u64 * fe) as f64;
+        if !per_fe.is_finite() || per_fe <= 0.0 {
+            return;
+        }
+        let cell = &self.seconds[kind.index()];
+        let _ = cell.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |bits| {
+            let old = f64::from_bits(bits);
+            Some(if old > 0.0 { (1.0 - Self::ALPHA) * old + Self::ALPHA * per_fe } else { per_fe }.to_bits())
+        });
+    }
+
+    /// Seconds per forward-equivalent of `kind`, where measured: a head pass not yet measured is taken as a whole
+    /// forward (its bound), a forward not yet measured as an explain pass's forward-equivalent, and the reverse.
+    pub fn per_forward(&self, kind: PassKind) -> Option<f64> {
+        let get = |k: PassKind| Some(f64::from_bits(self.seconds[k.index()].load(Ordering::SeqCst))).filter(|&s| s > 0.0);
+        match kind {
+            PassKind::Head => get(PassKind::Head).or_else(|| get(PassKind::Forward)).or_else(|| get(PassKind::Explain)),
+            PassKind::Forward => get(PassKind::Forward).or_else(|| get(PassKind::Explain)),
+            PassKind::Explain => get(PassKind::Explain).or_else(|| get(PassKind::Forward)),
+        }
+    }
+}
+
 /// The submitting side of a model's queue.
 #[derive(Clone)]
 pub struct Queue {
     tx: mpsc::UnboundedSender<Queued>,
     waiting_rows: Arc<AtomicUsize>,
     capacity: usize,
+    times: Arc<PassTimes>,
 }
 
 impl Queue {
@@ -102,6 +169,11 @@ impl Queue {
     /// Rows waiting to run.
     pub fn depth(&self) -> usize {
         self.waiting_rows.load(Ordering::SeqCst)
+    }
+
+    /// What each kind of pass costs this model (the time estimates).
+    pub fn times(&self) -> &PassTimes {
+        &self.times
     }
 
     /// Whether `rows` more rows would fit now (checked again, atomically, by `submit`): lets a request be
@@ -138,12 +210,14 @@ pub fn spawn(runner: impl Runner, config: BatcherConfig) -> Queue {
     // Capacity 1: the collector hands over the next batch only when the worker has taken the previous one.
     let (work_tx, work_rx) = mpsc::channel::<Vec<Queued>>(1);
     let name = info.name.clone();
+    let times = Arc::new(PassTimes::default());
+    let measured = times.clone();
     std::thread::Builder::new()
         .name(format!("camserve-worker-{name}"))
-        .spawn(move || worker(runner, work_rx))
+        .spawn(move || worker(runner, work_rx, &measured))
         .expect("spawning a thread. This is a bug.");
     tokio::spawn(collector(rx, work_tx, waiting_rows.clone(), config, info));
-    Queue { tx, waiting_rows, capacity: config.queue_capacity }
+    Queue { tx, waiting_rows, capacity: config.queue_capacity, times }
 }
 
 async fn collector(
@@ -215,7 +289,7 @@ async fn collector(
     }
 }
 
-fn worker(mut runner: impl Runner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
+fn worker(mut runner: impl Runner, mut work_rx: mpsc::Receiver<Vec<Queued>>, times: &PassTimes) {
     let info = runner.info();
     while let Some(jobs) = work_rx.blocking_recv() {
         let started = Instant::now();
@@ -236,6 +310,9 @@ fn worker(mut runner: impl Runner, mut work_rx: mpsc::Receiver<Vec<Queued>>) {
             Err(EngineError::Ort("inference failed unexpectedly (a bug; the cause is in the server log)".into()))
         });
         let inference = started.elapsed();
+        if result.is_ok() {
+            times.record(&plan, rows, inference.as_secs_f64());
+        }
         metrics::histogram!("camserve_inference_duration_seconds", "model" => info.name.clone(), "plan" => plan_label.clone())
             .record(inference.as_secs_f64());
         metrics::histogram!("camserve_batch_rows", "model" => info.name.clone()).record(rows as f64);

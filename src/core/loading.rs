@@ -86,10 +86,13 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             let plan = ExplainPlan::new(info.default_layer.clone(), [ReluRule::Guided]);
             keys.push(PlanKey::explain(&info, plan));
         }
-        runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
+        let warm = runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
         tracing::info!(model = %m.name, task = task.as_str(), device = %info.device, classes = info.num_classes, layer = %info.default_layer,
             seconds = started.elapsed().as_secs_f64(), "model loaded and warmed");
         let queue = batcher::spawn(runner, batching);
+        for (key, took) in &warm {
+            queue.times().record(key, 1, took.as_secs_f64());
+        }
         let position = models.len();
         models.insert(m.name.clone(), ModelHandle::new(info, queue, position, batching.max_batch).with_task(task));
     }

@@ -185,6 +185,17 @@ impl Service {
                     info.name, self.limits.max_forward_passes
                 )));
             }
+            // The time it would take at the model's measured speed: a request that cannot finish within its deadline
+            // is refused before any work, rather than answered 504 after the work was done.
+            if let Some(seconds) = methods::request_seconds(info, handle.queue.times(), &options.work()) {
+                let limit = self.limits.request_timeout.as_secs_f64();
+                if seconds > limit {
+                    return Err(ServiceError::Unprocessable(format!(
+                        "this request is estimated to take {seconds:.1} s ({cost} forward passes at model `{}`'s measured speed; GET /v1/models/{} gives each method's estimate), over the {limit} s request timeout (server.request_timeout_ms): ask for fewer `channels` (scorecam), `steps` (integrated_gradients), `samples` (smoothgrad), `masks` (drise) or `rise_masks` (rise), or fewer methods or targets",
+                        info.name, info.name
+                    )));
+                }
+            }
         }
         // Under overload, refuse before spending a decode on a request that cannot be queued.
         let rows = if endpoint == Endpoint::Predict { 1 } else { options.targets.len() };
@@ -262,7 +273,12 @@ impl Request<'_> {
                         Ok(ExplainedTarget::Class { index: class, label: info.label(class).map(str::to_string), score: probabilities[row][class] })
                     })
                     .collect::<Result<_, ServiceError>>()?;
-                let work = Explaining { info, options, output, probabilities, targets, passes, input: kept_input, proposals: None, seeds: vec![] };
+                let scores = match multilabel {
+                    Some(ml) if ml.sigmoid_in_graph => methods::Probabilities::AsIs,
+                    Some(_) => methods::Probabilities::Sigmoid,
+                    None => methods::Probabilities::Softmax,
+                };
+                let work = Explaining { info, options, output, probabilities, targets, passes, input: kept_input, proposals: None, seeds: vec![], scores };
                 Some(work.run(decoded.orig, decoded.model_rgb, decoded.region, timings).await?)
             }
         };
@@ -317,7 +333,7 @@ impl Request<'_> {
             thresholds,
             targets: picked.iter().map(|&i| detector.proposal(&values, &found[i])).collect(),
         });
-        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals, seeds: row_seeds };
+        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals, seeds: row_seeds, scores: Default::default() };
         let explanations = work.run(decoded.orig, decoded.model_rgb, decoded.region, timings).await?;
         Ok(((TaskResult::Detection(detections), decoded.size), Some(explanations)))
     }
@@ -412,7 +428,7 @@ impl Request<'_> {
         let out = passes.wait(passes.submit(&explain_plan(info, &options), Images::One(decoded.input), seeds, "explain")?).await?;
         timings.queue += ms(out.queue);
         timings.inference += ms(out.inference);
-        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals: None, seeds: row_seeds };
+        let work = Explaining { info, options, output: out.output, probabilities: vec![], targets, passes, input: kept_input, proposals: None, seeds: row_seeds, scores: Default::default() };
         let explanations = work.run(decoded.orig, decoded.model_rgb, region, timings).await?;
         Ok(((TaskResult::Segmentation(result), size), Some(explanations)))
     }
@@ -504,6 +520,7 @@ impl Request<'_> {
                 input: None,
                 proposals: None,
                 seeds: vec![row_seeds[i].clone()],
+                scores: Default::default(),
             };
             explanations.extend(work.run(image.orig, image.model_rgb, image.region, timings).await?);
             (explain, render) = (explain + timings.explain, render + timings.render);
@@ -624,6 +641,8 @@ struct Explaining<'a> {
     proposals: Option<DetectorProposals<'a>>,
     /// Each row's seed, where it has one (a detection's or a segment's): the multi-pass gradient methods reuse it.
     seeds: Vec<Option<Arc<[f32]>>>,
+    /// How the model's output gives class probabilities (RISE weighs its masks with them).
+    scores: methods::Probabilities,
 }
 
 /// The seeds among a pass's targets, row by row.
@@ -633,7 +652,7 @@ fn seeds_of(targets: &[Target]) -> Vec<Option<Arc<[f32]>>> {
 
 impl Explaining<'_> {
     async fn run(self, orig: RgbImage, model_rgb: RgbImage, region: preprocess::Region, timings: &mut Timings) -> Result<Vec<Explanation>, ServiceError> {
-        let Explaining { info, options, output, probabilities, targets, passes, input, proposals, seeds } = self;
+        let Explaining { info, options, output, probabilities, targets, passes, input, proposals, seeds, scores } = self;
         // Every (row, method) map, through the one computation path.
         let t0 = Instant::now();
         let request = methods::Request {
@@ -644,6 +663,7 @@ impl Explaining<'_> {
             passes: input.as_ref().map(|i| (passes, i)),
             proposals: proposals.as_ref().map(|p| p as &dyn methods::drise::Proposals),
             seeds: &seeds,
+            probabilities: scores,
         };
         let mut computed = Vec::with_capacity(output.len() * options.methods.len());
         for row in 0..output.len() {

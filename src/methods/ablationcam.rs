@@ -40,6 +40,7 @@ pub async fn run(passes: &Passes<'_>, layer: &str, acts: ArrayView3<'_, f32>, cl
 /// The registry's entry: one pass of the part after the layer per channel, counted as a whole forward (an upper
 /// bound).
 pub const DEF: MethodDef = MethodDef {
+    pass: crate::backend::batcher::PassKind::Head,
     refuses_at: head_needs_more,
     cost: |info, layer, _| info.layer(layer).map_or(0, |l| l.dims[1] as u64),
     ..MethodDef::new("ablationcam", Kind::Cam, Compute::Passes(start))

@@ -53,6 +53,7 @@ pub fn seed(logits: ArrayView1<f32>, target: usize, alpha: f64, comparisons: usi
 
 /// The registry's entry: one seeded gradient pass after the request's, counted as a forward and a backward.
 pub const DEF: MethodDef = MethodDef {
+    pass: crate::backend::batcher::PassKind::Explain,
     refuses_at: one_class,
     cost: |_, _, _| 3,
     ..MethodDef::new("finercam", Kind::Cam, Compute::Passes(start))

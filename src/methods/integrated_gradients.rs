@@ -77,6 +77,7 @@ pub const STEPS: Param = Param { name: "steps", kind: ParamKind::Count { default
 /// The registry's entry: `steps` gradient passes through the plain chain (a forward and a backward each). The
 /// attribution `[C, H, W]` is the raw output; the heatmap is its channel-summed magnitude.
 pub const DEF: MethodDef = MethodDef {
+    pass: crate::backend::batcher::PassKind::Explain,
     heatmap: Heatmap::SummedMagnitude,
     batch_rule: Some(ReluRule::Plain),
     cost: |_, _, params| 3 * params.count(&STEPS) as u64,

@@ -25,6 +25,8 @@ pub mod integrated_gradients;
 pub mod metrics;
 pub mod params;
 mod passes;
+pub mod reciprocam;
+pub mod rise;
 pub mod rollouts;
 pub mod drise;
 pub mod scorecam;
@@ -33,9 +35,9 @@ pub mod smoothgrad;
 use std::future::Future;
 use std::pin::Pin;
 
-use ndarray::{Array2, Array3, ArrayView3, Axis};
+use ndarray::{Array2, Array3, ArrayView1, ArrayView3, Axis};
 
-use crate::backend::batcher::Target;
+use crate::backend::batcher::{PassKind, PassTimes, Target};
 use crate::backend::engine::{BatchOutput, ModelInfo};
 use crate::error::ServiceError;
 use crate::onnx::rules::ReluRule;
@@ -107,6 +109,8 @@ pub struct MethodDef {
     pub cost: fn(&ModelInfo, &str, &Params) -> u64,
     /// The request parameters it reads (params.rs): the options a request may give it.
     pub params: &'static [&'static Param],
+    /// The kind of pass its `cost` is made of (the time estimates price each kind as measured).
+    pub pass: PassKind,
     pub compute: Compute,
 }
 
@@ -125,6 +129,7 @@ impl MethodDef {
             refuses_at: anywhere,
             cost: no_cost,
             params: &[],
+            pass: PassKind::Forward,
             compute,
         }
     }
@@ -204,6 +209,36 @@ pub struct PassesCtx<'a> {
     pub label: &'static str,
     /// A detector's detections (D-RISE's).
     pub proposals: Option<&'a dyn drise::Proposals>,
+    /// How the model's output gives class probabilities (RISE's).
+    pub probabilities: Probabilities,
+}
+
+/// How a row of the model's output gives its classes' probabilities, which RISE weighs its masks with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Probabilities {
+    /// A classifier's logits: their softmax.
+    #[default]
+    Softmax,
+    /// A multi-label classifier's logits: their sigmoid.
+    Sigmoid,
+    /// The output is already the probabilities (a multi-label classifier whose Sigmoid is in the graph).
+    AsIs,
+}
+
+impl Probabilities {
+    /// Class `class`'s probability in `row`.
+    pub fn of(self, row: ArrayView1<f32>, class: usize) -> f32 {
+        let v = row.get(class).copied().unwrap_or(f32::NAN);
+        match self {
+            Probabilities::AsIs => v,
+            Probabilities::Sigmoid => (1.0 / (1.0 + (-(v as f64)).exp())) as f32,
+            Probabilities::Softmax => {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+                ((v as f64 - max).exp() / sum) as f32
+            }
+        }
+    }
 }
 
 /// A method's raw map for one target row: `[h, w]` on a grid, `[C, H, W]` for the gradient methods.
@@ -256,7 +291,7 @@ pub struct Method(&'static MethodDef);
 
 impl Method {
     /// Every method of the API, in the order `GET /v1/models`, the CLI, openapi.yaml and the docs list them.
-    pub const ALL: [Method; 19] = [
+    pub const ALL: [Method; 21] = [
         Method(&cams::GRADCAM),
         Method(&cams::GRADCAM_PLUS_PLUS),
         Method(&cams::XGRADCAM),
@@ -276,6 +311,8 @@ impl Method {
         Method(&integrated_gradients::DEF),
         Method(&smoothgrad::DEF),
         Method(&drise::DEF),
+        Method(&reciprocam::DEF),
+        Method(&rise::DEF),
     ];
 
     /// What a request gets without `methods`.
@@ -410,6 +447,34 @@ pub fn request_cost(info: &ModelInfo, work: &Work<'_>) -> u64 {
     per_target * work.targets.max(1) as u64
 }
 
+/// The request's estimated time in seconds: its cost in forward-equivalents of each kind of pass (the explain pass,
+/// each method's extra passes, the metrics' forwards) times what one costs this model now (`PassTimes`, measured
+/// by the worker). `None` until the model has run a pass.
+pub fn request_seconds(info: &ModelInfo, times: &PassTimes, work: &Work<'_>) -> Option<f64> {
+    let t = |kind: PassKind| times.per_forward(kind);
+    let mut per_target = explain_pass_cost(work.methods) as f64 * t(PassKind::Explain)?;
+    for m in work.methods {
+        let cost = (m.cost)(info, work.layer, work.params);
+        if cost > 0 {
+            per_target += cost as f64 * t(m.pass)?;
+        }
+    }
+    let metrics: u64 = work.methods.len() as u64 * work.metrics.iter().map(|&m| m.cost(info)).sum::<u64>();
+    if metrics > 0 {
+        per_target += metrics as f64 * t(PassKind::Forward)?;
+    }
+    Some(per_target * work.targets.max(1) as f64)
+}
+
+/// One target explained by `method` alone at the model's default layer with `params`, in seconds as now measured;
+/// `None` where the method is not available there or nothing was measured yet.
+pub fn default_seconds(method: Method, info: &ModelInfo, times: &PassTimes, params: &Params) -> Option<f64> {
+    if method.refusal(info, Some(&info.default_layer)).is_some() {
+        return None;
+    }
+    request_seconds(info, times, &Work { layer: &info.default_layer, methods: &[method], params, metrics: &[], targets: 1 })
+}
+
 // ------------------------------------------------------------------------------------------ running them
 
 /// The class target row `row` of the explain pass explains: the one way to read it (no fallback: a missing target
@@ -441,6 +506,8 @@ pub struct Request<'a> {
     pub proposals: Option<&'a dyn drise::Proposals>,
     /// Each row's seed, where the pass had one (a detection's, a segment's); a row without explains its class.
     pub seeds: &'a [Option<std::sync::Arc<[f32]>>],
+    /// How the model's output gives class probabilities (RISE's).
+    pub probabilities: Probabilities,
 }
 
 /// The one computation path: `method`'s raw map (and what it returns besides) for target row `row` of the
@@ -472,6 +539,7 @@ pub async fn compute(method: Method, req: &Request<'_>, row: usize) -> Result<Co
                 input,
                 label: method.as_str(),
                 proposals: req.proposals,
+                probabilities: req.probabilities,
             };
             start(&cx).await
         }

@@ -80,6 +80,7 @@ pub const SEED: Param = Param { name: "seed", kind: ParamKind::Seed, help: "the 
 
 /// The registry's entry: `samples` gradient passes through the plain chain (a forward and a backward each).
 pub const DEF: MethodDef = MethodDef {
+    pass: crate::backend::batcher::PassKind::Explain,
     batch_rule: Some(ReluRule::Plain),
     cost: |_, _, params| 3 * params.count(&SAMPLES) as u64,
     params: &[&SAMPLES, &NOISE, &SEED],

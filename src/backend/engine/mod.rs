@@ -10,7 +10,7 @@ mod session;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ndarray::{Array1, Array2, Array4, ArrayD, Axis, Ix2, Ix4};
 use ort::session::Session;
@@ -345,9 +345,11 @@ impl ModelRunner {
         self.info.clone()
     }
 
-    /// Builds the sessions for `keys` and runs each once on a batch of zeros.
-    pub fn warm_up(&mut self, keys: &[PlanKey]) -> Result<(), EngineError> {
+    /// Builds the sessions for `keys` and runs each twice on a batch of zeros; returns each one's second run's time
+    /// (the first builds the session and warms its allocations), which seeds the time estimates.
+    pub fn warm_up(&mut self, keys: &[PlanKey]) -> Result<Vec<(PlanKey, Duration)>, EngineError> {
         let [c, h, w] = self.info.input_shape;
+        let mut times = Vec::with_capacity(keys.len());
         for key in keys {
             let batch = Batch {
                 images: Array4::zeros((1, c, h, w)),
@@ -355,8 +357,11 @@ impl ModelRunner {
                 ranks: Array1::from_elem(1, 0),
             };
             self.run(key, &batch)?;
+            let started = Instant::now();
+            self.run(key, &batch)?;
+            times.push((key.clone(), started.elapsed()));
         }
-        Ok(())
+        Ok(times)
     }
 
     fn session(&mut self, key: &PlanKey) -> Result<&mut Session, EngineError> {
