@@ -22,6 +22,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub runtime: RuntimeConfig,
     pub batching: BatchingConfig,
+    pub jobs: JobsConfig,
     pub models: Vec<ModelConfig>,
 }
 
@@ -113,6 +114,27 @@ pub struct BatchingConfig {
     pub max_wait_ms: u64,
     /// Rows waiting per model beyond which requests get 429.
     pub queue_capacity: usize,
+}
+
+/// Asynchronous jobs (`Prefer: respond-async`, `?async=true`; `core::jobs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// A job's own deadline (its estimate must fit it; its batches stop there).
+    pub timeout_ms: u64,
+    /// Jobs queued or running at once, over all models and keys (429 with Retry-After above).
+    pub max_running: usize,
+    /// Jobs kept (running or finished with their results) at once; the oldest finished ones go first, and with none
+    /// to drop a new job is a 503 with Retry-After.
+    pub max_kept: usize,
+    /// How long a finished job's result is kept (410 after).
+    pub ttl_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { timeout_ms: 600_000, max_running: 4, max_kept: 64, ttl_ms: 600_000 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -283,6 +305,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             runtime: RuntimeConfig::default(),
             batching: BatchingConfig::default(),
+            jobs: JobsConfig::default(),
             models: vec![
                 ModelConfig {
                     labels: Some("models/imagenet.labels.txt".into()),
@@ -352,6 +375,10 @@ impl Config {
             ("server.scorecam_max_channels", self.server.scorecam_max_channels.map_or(1, |c| c as u64)),
             ("batching.max_batch", self.batching.max_batch as u64),
             ("batching.queue_capacity", self.batching.queue_capacity as u64),
+            ("jobs.timeout_ms", self.jobs.timeout_ms),
+            ("jobs.max_running", self.jobs.max_running as u64),
+            ("jobs.max_kept", self.jobs.max_kept as u64),
+            ("jobs.ttl_ms", self.jobs.ttl_ms),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -32,6 +32,12 @@ pub async fn serve_on(
         open_endpoints: Arc::new(config.server.open_endpoints.clone()),
         body_limit: config.server.body_limit_bytes,
         body_timeout: Duration::from_millis(config.server.body_timeout_ms),
+        jobs: Arc::new(crate::core::jobs::Jobs::new(crate::core::jobs::JobLimits {
+            timeout: Duration::from_millis(config.jobs.timeout_ms),
+            max_running: config.jobs.max_running,
+            max_kept: config.jobs.max_kept,
+            ttl: Duration::from_millis(config.jobs.ttl_ms),
+        })),
     };
     let router = app(state, &config.server.cors_origins);
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);

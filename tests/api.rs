@@ -138,6 +138,7 @@ struct Harness {
     router: Router,
     service: Arc<Service>,
     rows: Arc<AtomicUsize>,
+    jobs: Arc<camserve::core::jobs::Jobs>,
 }
 
 fn limits(timeout: Duration) -> ServiceLimits {
@@ -160,7 +161,14 @@ fn harness(behaviour: Behaviour, queue_capacity: usize, timeout: Duration, ready
     if ready {
         service.install([("standin".to_string(), handle)].into());
     }
+    let jobs = Arc::new(camserve::core::jobs::Jobs::new(camserve::core::jobs::JobLimits {
+        timeout: Duration::from_secs(60),
+        max_running: 2,
+        max_kept: 3,
+        ttl: Duration::from_millis(1500),
+    }));
     let state = AppState {
+        jobs: jobs.clone(),
         service: service.clone(),
         metrics: metrics_handle(),
         api_keys: Arc::new(camserve::config::ApiKeys(vec![])),
@@ -168,7 +176,7 @@ fn harness(behaviour: Behaviour, queue_capacity: usize, timeout: Duration, ready
         body_limit: 1 << 20,
         body_timeout: Duration::from_secs(5),
     };
-    Harness { router: app(state, &[]), service, rows }
+    Harness { router: app(state, &[]), service, rows, jobs }
 }
 
 /// An 8 x 8 RGB PNG whose pixel (x, y) has channels (x, y, x + y) * 16.
@@ -398,4 +406,142 @@ async fn a_request_estimated_past_its_deadline_is_refused_before_any_work() {
     assert_eq!(h.rows.load(Ordering::SeqCst), before, "refused before any row ran");
     let (st, _, _) = call(&h.router, explain("methods=gradcam", png())).await;
     assert_eq!(st, StatusCode::OK, "a request within the limit still runs");
+}
+
+async fn poll_until_finished(router: &Router, location: &str) -> Vec<Value> {
+    let mut seen = vec![];
+    for _ in 0..400 {
+        let (st, _, job) = call(router, get(location)).await;
+        assert_eq!(st, StatusCode::OK, "{job}");
+        let finished = ["done", "failed", "cancelled"].contains(&job["state"].as_str().unwrap());
+        seen.push(job);
+        if finished {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the job did not finish: {:?}", seen.last());
+}
+
+/// A job (`?async=true` or `Prefer: respond-async`): 202 with Location and the plan; polled, its progress rises
+/// to the planned forward-equivalents; done, it gives the synchronous request's answer; then it expires (410).
+/// Unknown ids are 404, a bad `async` value 400, a refused request (over its budget) a 422 at once, not a job.
+#[tokio::test]
+async fn a_job_runs_reports_its_progress_and_answers_as_the_request_would() {
+    let h = harness(Behaviour::Slow(Duration::from_millis(60)), 64, Duration::from_secs(10), true);
+    let query = "methods=smoothgrad&samples=12&seed=3&outputs=raw";
+    let res = h.router.clone().oneshot(explain(&format!("{query}&async=true"), png())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let location = res.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(res.headers()["preference-applied"], "respond-async");
+    let body: Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["location"], location.as_str());
+    assert!(location.starts_with("/v1/jobs/"), "{location}");
+    // Smoothgrad: the explain pass (3) and 12 noisy copies of 3 each.
+    assert_eq!(body["progress"]["planned"], 39, "{body}");
+    assert!(["queued", "running"].contains(&body["state"].as_str().unwrap()), "{body}");
+    let seen = poll_until_finished(&h.router, &location).await;
+    let done: Vec<u64> = seen.iter().map(|j| j["progress"]["done"].as_u64().unwrap()).collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "progress only rises: {done:?}");
+    assert!(done.iter().any(|&d| d > 0 && d < 39), "progress seen part-way: {done:?}");
+    let last = seen.last().unwrap();
+    assert_eq!(last["state"], "done", "{last}");
+    assert_eq!(last["progress"]["done"], 39);
+    assert_eq!(last["remaining_seconds"], 0.0);
+    // The answer is the synchronous request's (same seed).
+    let (st, _, sync) = call(&h.router, explain(query, png())).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(raw(&last["result"]["explanations"][0]), raw(&sync["explanations"][0]));
+    assert_eq!(last["result"]["explanations"][0]["seed"], 3);
+    // `Prefer: respond-async` asks for a job too.
+    let req = Request::post(format!("/v1/models/standin/explain?{query}")).header("content-type", "image/png").header("prefer", "wait=5, respond-async").body(Body::from(png())).unwrap();
+    assert_eq!(h.router.clone().oneshot(req).await.unwrap().status(), StatusCode::ACCEPTED);
+    // Refused at once, not as a failed job: over the forward budget, a bad async value, an unknown model.
+    let (st, ctype, body) = call(&h.router, explain("methods=smoothgrad,integrated_gradients&samples=1000&steps=1000&async=true", png())).await;
+    assert_problem(st, &ctype, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid-option");
+    let (st, ctype, body) = call(&h.router, explain("async=maybe", png())).await;
+    assert_problem(st, &ctype, &body, StatusCode::BAD_REQUEST, "bad-request");
+    // Unknown ids: 404; once expired (jobs.ttl_ms, 1.5 s here): 410.
+    let (st, ctype, body) = call(&h.router, get("/v1/jobs/camserve.0000")).await;
+    assert_problem(st, &ctype, &body, StatusCode::NOT_FOUND, "unknown-job");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (st, ctype, body) = call(&h.router, get(&location)).await;
+    assert_problem(st, &ctype, &body, StatusCode::GONE, "job-expired");
+}
+
+/// Cancelling: DELETE stops a running job, whose remaining batches never run; a second DELETE (a finished job) is
+/// 409. Meanwhile a synchronous request is answered before the job's batches (they run in the background). Over
+/// `jobs.max_running` (2 here) a new job is 429 with Retry-After.
+#[tokio::test]
+async fn a_job_yields_to_requests_is_cancelled_and_jobs_are_limited() {
+    let h = harness(Behaviour::Slow(Duration::from_millis(50)), 1024, Duration::from_secs(10), true);
+    let long = "methods=smoothgrad&samples=300&async=true";
+    let (st, _, a) = call(&h.router, explain(long, png())).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{a}");
+    let (st, _, b) = call(&h.router, explain(long, png())).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{b}");
+    let (st, ctype, body) = call(&h.router, explain(long, png())).await;
+    assert_problem(st, &ctype, &body, StatusCode::TOO_MANY_REQUESTS, "too-many-jobs");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A synchronous request meanwhile: answered while both jobs still run.
+    let (st, _, _) = call(&h.router, explain("methods=gradcam", png())).await;
+    assert_eq!(st, StatusCode::OK);
+    let a_loc = a["location"].as_str().unwrap();
+    let (_, _, now) = call(&h.router, get(a_loc)).await;
+    assert_eq!(now["state"], "running", "{now}");
+    // Cancel both; their batches stop (at most the batches already handed to the worker run).
+    let (st, _, cancelled) = call(&h.router, Request::delete(a_loc).body(Body::empty()).unwrap()).await;
+    assert_eq!(st, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["state"], "cancelled");
+    let (st, _, _) = call(&h.router, Request::delete(b["location"].as_str().unwrap()).body(Body::empty()).unwrap()).await;
+    assert_eq!(st, StatusCode::OK);
+    let rows = h.rows.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = h.rows.load(Ordering::SeqCst);
+    assert!(after <= rows + 8, "cancelled jobs ran {} more rows", after - rows);
+    let (st, ctype, body) = call(&h.router, Request::delete(a_loc).body(Body::empty()).unwrap()).await;
+    assert_problem(st, &ctype, &body, StatusCode::CONFLICT, "job-finished");
+    let (_, _, job) = call(&h.router, get(a_loc)).await;
+    assert_eq!(job["state"], "cancelled");
+    assert!(job["progress"]["done"].as_u64().unwrap() < job["progress"]["planned"].as_u64().unwrap());
+    // Room again for a new job.
+    let (st, _, _) = call(&h.router, explain("methods=gradcam&async=true", png())).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+}
+
+/// The event stream: `progress` events, then `done` with the whole job and its answer, and the stream ends; a
+/// client that goes away mid-stream drops its stream (the count returns to 0) and the job carries on.
+#[tokio::test]
+async fn job_events_stream_progress_and_end() {
+    let h = harness(Behaviour::Slow(Duration::from_millis(40)), 64, Duration::from_secs(10), true);
+    let (st, _, job) = call(&h.router, explain("methods=smoothgrad&samples=16&async=true", png())).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let loc = job["location"].as_str().unwrap().to_string();
+    let res = h.router.clone().oneshot(get(&format!("{loc}/events"))).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    assert_eq!(h.jobs.streams(), 1);
+    let text = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert!(events.len() >= 2 && events[..events.len() - 1].iter().all(|&e| e == "progress"), "{events:?}");
+    assert_eq!(events.last(), Some(&"done"));
+    let last: Value = serde_json::from_str(text.lines().filter_map(|l| l.strip_prefix("data: ")).last().unwrap()).unwrap();
+    assert_eq!(last["state"], "done");
+    assert_eq!(last["result"]["explanations"][0]["method"], "smoothgrad");
+    assert_eq!(h.jobs.streams(), 0, "the stream ended with the job");
+
+    // A client that leaves: read one event, drop the body.
+    let (_, _, job) = call(&h.router, explain("methods=smoothgrad&samples=40&async=true", png())).await;
+    let loc = job["location"].as_str().unwrap().to_string();
+    let res = h.router.clone().oneshot(get(&format!("{loc}/events"))).await.unwrap();
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("event: progress"));
+    assert_eq!(h.jobs.streams(), 1);
+    drop(body);
+    assert_eq!(h.jobs.streams(), 0, "a dropped stream is gone at once");
+    let seen = poll_until_finished(&h.router, &loc).await;
+    assert_eq!(seen.last().unwrap()["state"], "done", "the job carried on");
+    let (st, ctype, body) = call(&h.router, get("/v1/jobs/nope/events")).await;
+    assert_problem(st, &ctype, &body, StatusCode::NOT_FOUND, "unknown-job");
 }

@@ -19,7 +19,7 @@ fn runner() -> ModelRunner {
 fn job(plan: &PlanKey, targets: Vec<Target>, seed: f32) -> (Job, oneshot::Receiver<Result<batcher::JobOutput, camserve::backend::engine::EngineError>>) {
     let (tx, rx) = oneshot::channel();
     let image = Array3::from_shape_fn((3, 64, 64), |(c, y, x)| ((c + y * 3 + x * 7) as f32 * seed).sin());
-    (Job { plan: plan.clone(), images: Images::One(image), targets, deadline: Instant::now() + Duration::from_secs(30), reply: tx }, rx)
+    (Job { plan: plan.clone(), images: Images::One(image), targets, deadline: Instant::now() + Duration::from_secs(30), reply: tx, background: false }, rx)
 }
 
 fn explain_plan(r: &ModelRunner) -> PlanKey {

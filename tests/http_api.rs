@@ -836,3 +836,51 @@ async fn the_forward_pass_budget_refuses_with_the_cost() {
     assert!(p["detail"].as_str().unwrap().contains("costs 220 forward passes"), "{p}");
     s.stop().await.unwrap();
 }
+
+/// Jobs through the real server, with API keys: the 202, the job and its answer match openapi.yaml; another key's
+/// job is a 404 (not 403: ids cannot be probed), no key a 401; the answer equals the synchronous request's.
+#[tokio::test]
+async fn jobs_belong_to_their_key_and_answer_as_the_request_would() {
+    let mut config = demo_config();
+    config.server.api_keys = vec!["key-one".to_string(), "key-two".to_string()].into();
+    let mut s = Server::start(config).await;
+    let query = "methods=scorecam,gradcam&outputs=raw";
+    let post = |q: String, key: &'static str| s.client.post(s.url(&format!("/v1/models/demo/explain?{q}"))).bearer_auth(key).header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send();
+    let r = post(format!("{query}&async=true"), "key-one").await.unwrap();
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let (st, job) = json_of(r, EXPLAIN, "post").await;
+    assert_eq!(st, 202, "{job}");
+    let get = |key: Option<&'static str>| {
+        let mut r = s.client.get(s.url(&location));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    let (st, other) = json_of(get(Some("key-two")).await.unwrap(), "/v1/jobs/{id}", "get").await;
+    assert_eq!(st, 404, "{other}");
+    assert_eq!(get(None).await.unwrap().status(), 401);
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (st, j) = json_of(get(Some("key-one")).await.unwrap(), "/v1/jobs/{id}", "get").await;
+        assert_eq!(st, 200, "{j}");
+        last = j;
+        if last["state"] == "done" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(last["state"], "done", "{last}");
+    let (st, sync) = json_of(post(query.to_string(), "key-one").await.unwrap(), EXPLAIN, "post").await;
+    assert_eq!(st, 200);
+    for i in 0..2 {
+        assert_eq!(last["result"]["explanations"][i]["raw"], sync["explanations"][i]["raw"], "explanation {i}");
+    }
+    let r = s.client.delete(s.url(&location)).bearer_auth("key-two").send().await.unwrap();
+    assert_eq!(r.status(), 404, "another key cannot cancel it either");
+    let (st, _) = json_of(s.client.delete(s.url(&location)).bearer_auth("key-one").send().await.unwrap(), "/v1/jobs/{id}", "delete").await;
+    assert_eq!(st, 409, "finished");
+    let r = s.client.post(s.url("/v1/models/demo/predict?async=true")).bearer_auth("key-one").header("content-type", "image/jpeg").body(image_bytes("006.jpg")).send().await.unwrap();
+    assert_eq!(r.status(), 400, "predict has no jobs");
+    s.stop().await.unwrap();
+}

@@ -81,7 +81,7 @@ impl Setup {
     }
 
     fn passes(&self) -> Passes<'_> {
-        Passes { queue: &self.queue, info: &self.info, max_batch: 4, deadline: Instant::now() + Duration::from_secs(120), timeout: Duration::from_secs(120) }
+        Passes::new(&self.queue, &self.info, 4, Instant::now() + Duration::from_secs(120), Duration::from_secs(120))
     }
 
     /// The request's explain pass for image `i` and its target (plain rule too, for saliency).
@@ -94,6 +94,7 @@ impl Setup {
             targets: vec![Target::Class(self.targets[i])],
             deadline: Instant::now() + Duration::from_secs(60),
             reply: tx,
+            background: false,
         };
         self.queue.submit(job).unwrap();
         rx.await.unwrap().unwrap().output

@@ -68,14 +68,14 @@ impl Model {
     }
 
     fn passes(&self) -> Passes<'_> {
-        Passes { queue: &self.queue, info: &self.info, max_batch: 8, deadline: Instant::now() + Duration::from_secs(300), timeout: Duration::from_secs(300) }
+        Passes::new(&self.queue, &self.info, 8, Instant::now() + Duration::from_secs(300), Duration::from_secs(300))
     }
 
     /// The explain pass for `x` and `class` at the default layer.
     async fn explain(&self, x: &Array3<f32>, class: usize) -> BatchOutput {
         let plan = PlanKey::Explain(ExplainPlan::new(self.info.default_layer.clone(), []).with_target_selection());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job = Job { plan, images: Images::One(x.clone()), targets: vec![Target::Class(class)], deadline: Instant::now() + Duration::from_secs(60), reply: tx };
+        let job = Job { plan, images: Images::One(x.clone()), targets: vec![Target::Class(class)], deadline: Instant::now() + Duration::from_secs(60), reply: tx, background: false };
         self.queue.submit(job).unwrap();
         rx.await.unwrap().unwrap().output
     }

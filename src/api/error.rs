@@ -61,8 +61,26 @@ pub fn catch_panics() -> tower_http::catch_panic::CatchPanicLayer<fn(Box<dyn std
 /// The one mapping of the serving half's errors to statuses (problem+json and OIP's error form both use it).
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
+        ApiError::from(&e)
+    }
+}
+
+impl ApiError {
+    /// The problem+json body, as a value (a failed job's `error`).
+    pub fn problem(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": format!("urn:camserve:problem:{}", self.kind),
+            "title": self.status.canonical_reason().unwrap_or("Error"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        })
+    }
+}
+
+impl From<&ServiceError> for ApiError {
+    fn from(e: &ServiceError) -> Self {
         let detail = e.to_string();
-        let (status, kind) = match &e {
+        let (status, kind) = match e {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ServiceError::UnknownModel(_) => (StatusCode::NOT_FOUND, "unknown-model"),
             ServiceError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),

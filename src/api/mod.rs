@@ -7,6 +7,7 @@
 //! model loading `crate::core::loading`.
 
 pub mod error;
+pub mod jobs;
 pub mod kserve;
 pub mod oip;
 mod oip_tensors;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub body_limit: usize,
     /// How long the body may take to arrive (408 after).
     pub body_timeout: Duration,
+    /// The asynchronous jobs (`Prefer: respond-async`).
+    pub jobs: Arc<crate::core::jobs::Jobs>,
 }
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -66,6 +69,8 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         .route("/v1/models/{model}", get(routes::get_model).post(kserve::infer))
         .route("/v1/models/{model}/predict", post(routes::predict))
         .route("/v1/models/{model}/explain", post(routes::explain))
+        .route("/v1/jobs/{id}", get(jobs::get_job).delete(jobs::cancel_job))
+        .route("/v1/jobs/{id}/events", get(jobs::job_events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     // The Open Inference Protocol (oip.rs): health and metadata, and infer, behind the same keys as /v1.
     let v2 = Router::new()
@@ -122,8 +127,9 @@ pub fn app(state: AppState, cors_origins: &[String]) -> Router {
         router = router.layer(
             CorsLayer::new()
                 .allow_origin(origins)
-                .allow_methods([HttpMethod::GET, HttpMethod::POST, HttpMethod::OPTIONS])
-                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, "x-api-key".parse().expect("static header name. This is a bug.")])
+                .allow_methods([HttpMethod::GET, HttpMethod::POST, HttpMethod::DELETE, HttpMethod::OPTIONS])
+                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, "x-api-key".parse().expect("static header name. This is a bug."), "prefer".parse().expect("static header name. This is a bug.")])
+                .expose_headers([header::LOCATION, "preference-applied".parse().expect("static header name. This is a bug.")])
                 .max_age(Duration::from_secs(3600)),
         );
     }
@@ -205,18 +211,22 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
     if req.uri().path().starts_with("/v2") { oip::OipError(ApiError::unauthorized()).into_response() } else { ApiError::unauthorized().into_response() }
 }
 
+/// The API key a request presents: `Authorization: Bearer <key>`, else `X-API-Key`.
+fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+}
+
 /// True when no keys are configured, or the request presents one of them (compared in constant time).
 fn key_accepted(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
     if state.api_keys.0.is_empty() {
         return true;
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim);
-    presented.is_some_and(|p| {
+    presented_key(headers).is_some_and(|p| {
         use subtle::ConstantTimeEq;
         state.api_keys.0.iter().fold(false, |acc, k| acc | bool::from(k.as_bytes().ct_eq(p.as_bytes())))
     })

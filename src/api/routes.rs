@@ -291,10 +291,17 @@ async fn run(state: AppState, model: String, endpoint: Endpoint, req: Request) -
 }
 
 pub async fn predict(State(state): State<AppState>, Path(model): Path<String>, req: Request) -> Result<Response, ApiError> {
+    if super::jobs::wants_async(&req)? {
+        return Err(ApiError::bad_request("asynchronous jobs (`async=true`, `Prefer: respond-async`) are for explain requests; a prediction is one forward pass"));
+    }
     run(state, model, Endpoint::Predict, req).await
 }
 
 pub async fn explain(State(state): State<AppState>, Path(model): Path<String>, req: Request) -> Result<Response, ApiError> {
+    if super::jobs::wants_async(&req)? {
+        state.service.model(&model)?;
+        return super::jobs::submit(state, model, req).await;
+    }
     run(state, model, Endpoint::Explain, req).await
 }
 

@@ -58,6 +58,10 @@ fn query_options(query: Option<&str>) -> Result<RawOptions, ApiError> {
         let pairs: Vec<(String, String)> =
             serde_urlencoded::from_str(q).map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
         for (k, v) in pairs {
+            // `async=true` asks for a job (api::jobs), not an option of the request.
+            if k == "async" {
+                continue;
+            }
             o.set_text(&k, &v).map_err(ApiError::from)?;
         }
     }

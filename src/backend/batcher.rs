@@ -50,6 +50,9 @@ pub struct Job {
     pub targets: Vec<Target>,
     pub deadline: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
+    /// A background job's batch (an asynchronous job's, `core::jobs`): it runs only when no synchronous request's
+    /// batch is waiting, so interactive requests are not starved by long work.
+    pub background: bool,
 }
 
 /// A job's share of a batch run.
@@ -60,6 +63,8 @@ pub struct JobOutput {
     pub inference: Duration,
     /// Rows in the batch this job ran in.
     pub batch_rows: usize,
+    /// What this job's rows counted in forward-equivalents (`PassKind::of`): a request's progress.
+    pub forward_equivalents: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,12 +262,15 @@ async fn collector(
                 _ = tokio::time::sleep_until(deadline.into()) => break,
             }
         }
-        // The batch: the oldest job's plan, in arrival order, up to max_batch rows (one oversized job runs alone).
-        let plan = pending[0].job.plan.clone();
+        // The batch: the oldest synchronous job's plan (a background job's when none waits), in arrival order, up to
+        // max_batch rows (one oversized job runs alone); background jobs join a batch of their plan only when no
+        // synchronous job waits.
+        let foreground = pending.iter().any(|q| !q.job.background);
+        let plan = pending.iter().find(|q| !foreground || !q.job.background).map(|q| q.job.plan.clone()).expect("pending is not empty. This is a bug.");
         let now = Instant::now();
         let (mut batch, mut taken, mut rest) = (Vec::new(), 0usize, VecDeque::new());
         while let Some(q) = pending.pop_front() {
-            if q.job.plan != plan || (taken > 0 && taken + rows(&q) > config.max_batch) {
+            if q.job.plan != plan || (foreground && q.job.background) || (taken > 0 && taken + rows(&q) > config.max_batch) {
                 rest.push_back(q);
                 continue;
             }
@@ -292,6 +300,21 @@ async fn collector(
 fn worker(mut runner: impl Runner, mut work_rx: mpsc::Receiver<Vec<Queued>>, times: &PassTimes) {
     let info = runner.info();
     while let Some(jobs) = work_rx.blocking_recv() {
+        // A job whose requester went away while its batch waited here (a cancelled job, a client that hung up) is
+        // dropped unrun, like the collector drops those that went away before.
+        let jobs: Vec<Queued> = jobs
+            .into_iter()
+            .filter(|q| {
+                let gone = q.job.reply.is_closed();
+                if gone {
+                    metrics::counter!("camserve_jobs_dropped_total", "reason" => "client_gone").increment(1);
+                }
+                !gone
+            })
+            .collect();
+        if jobs.is_empty() {
+            continue;
+        }
         let started = Instant::now();
         let plan = jobs[0].job.plan.clone();
         let rows: usize = jobs.iter().map(|q| q.job.targets.len().max(1)).sum();
@@ -328,7 +351,7 @@ fn worker(mut runner: impl Runner, mut work_rx: mpsc::Receiver<Vec<Queued>>, tim
                     let output = if single { out.take().expect("one job takes it once. This is a bug.") } else {
                         out.as_ref().expect("taken only by a single job. This is a bug.").rows(offset..offset + n)
                     };
-                    Ok(JobOutput { output, queue: started - q.enqueued, inference, batch_rows: rows })
+                    Ok(JobOutput { output, queue: started - q.enqueued, inference, batch_rows: rows, forward_equivalents: n as u64 * PassKind::of(&plan).1 })
                 }
                 Err(EngineError::Ort(m)) => Err(EngineError::Ort(m.clone())),
                 Err(e) => Err(EngineError::Ort(e.to_string())),

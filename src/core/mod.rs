@@ -4,6 +4,7 @@
 
 pub mod answer;
 pub mod explanations;
+pub mod jobs;
 pub mod options;
 pub mod pipeline;
 pub mod loading;

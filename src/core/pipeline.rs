@@ -125,10 +125,24 @@ impl Service {
     /// One request, start to end: admit it, decode its image (and an embedder's reference images, each named as
     /// the request gave it, for the errors), run its pass (or passes), explain and render.
     pub async fn handle_input(&self, model: &str, endpoint: Endpoint, image: ImageInput, references: Vec<Reference>, raw: RawOptions) -> Result<Answer, ServiceError> {
+        self.handle_run(model, endpoint, image, references, raw, Run::default()).await
+    }
+
+    /// What admitting a request would decide, without running it: its options checked, and for an explain request
+    /// its cost against the budget and its estimated time against `timeout` (the request's deadline). An
+    /// asynchronous job is assessed so before it is accepted.
+    pub fn assess(&self, model: &str, endpoint: Endpoint, raw: &RawOptions, timeout: Duration) -> Result<Assessment, ServiceError> {
+        let handle = self.model(model)?;
+        self.admit(handle, endpoint, raw, timeout).map(|(_, a)| a)
+    }
+
+    /// [`Service::handle_input`] with its own deadline, progress counter and priority (an asynchronous job's).
+    pub async fn handle_run(&self, model: &str, endpoint: Endpoint, image: ImageInput, references: Vec<Reference>, raw: RawOptions, run: Run) -> Result<Answer, ServiceError> {
         let started = Instant::now();
+        let timeout = run.timeout.unwrap_or(self.limits.request_timeout);
         let handle = self.model(model)?;
         let info = handle.info.clone();
-        let options = self.admit(handle, endpoint, &raw)?;
+        let (options, _) = self.admit(handle, endpoint, &raw, timeout)?;
         if !references.is_empty() {
             if !matches!(handle.task, Task::Embedding(_)) {
                 return Err(ServiceError::Unprocessable(format!(
@@ -156,9 +170,9 @@ impl Service {
             reference_images.push(decode(info.clone(), r.image.clone(), self.limits.decode).await.map_err(named)?);
         }
         let mut timings = Timings { decode: ms(started.elapsed()), ..Default::default() };
-        let deadline = started + self.limits.request_timeout;
+        let deadline = started + timeout;
         // The request's own pass and every multi-pass method's and metric's batches go through one handle.
-        let passes = Passes { queue: &handle.queue, info: &info, max_batch: handle.max_batch, deadline, timeout: self.limits.request_timeout };
+        let passes = Passes { progress: run.progress.as_deref(), background: run.background, ..Passes::new(&handle.queue, &info, handle.max_batch, deadline, timeout) };
         let request = Request { info: &info, endpoint, options, passes: &passes, budget: self.limits.max_forward_passes };
         let (result, explanations) = match &handle.task {
             Task::Classification => request.classify(decoded, &mut timings, None).await?,
@@ -172,13 +186,15 @@ impl Service {
         Ok(Answer { model: info.name.clone(), device: info.device, image, result, explanations, timings })
     }
 
-    /// Validates the options and, for an explain request, its cost; refuses before any work when the model's
-    /// queue is full.
-    fn admit(&self, handle: &ModelHandle, endpoint: Endpoint, raw: &RawOptions) -> Result<RequestOptions, ServiceError> {
+    /// Validates the options and, for an explain request, its cost and estimated time (against `timeout`); refuses
+    /// before any work when the model's queue is full.
+    fn admit(&self, handle: &ModelHandle, endpoint: Endpoint, raw: &RawOptions, timeout: Duration) -> Result<(RequestOptions, Assessment), ServiceError> {
         let info = &handle.info;
         let options = raw.validate_for(info, &handle.task, self.limits.options)?;
+        let mut assessment = Assessment { cost: 1, estimate_seconds: None };
         if endpoint == Endpoint::Explain {
             let cost = methods::request_cost(info, &options.work());
+            assessment.cost = cost;
             if cost > self.limits.max_forward_passes {
                 return Err(ServiceError::Unprocessable(format!(
                     "this request costs {cost} forward passes (methods, metrics and targets together; GET /v1/models/{} gives each method's cost), over the limit of {} (server.max_forward_passes)",
@@ -188,10 +204,16 @@ impl Service {
             // The time it would take at the model's measured speed: a request that cannot finish within its deadline
             // is refused before any work, rather than answered 504 after the work was done.
             if let Some(seconds) = methods::request_seconds(info, handle.queue.times(), &options.work()) {
-                let limit = self.limits.request_timeout.as_secs_f64();
+                assessment.estimate_seconds = Some(seconds);
+                let limit = timeout.as_secs_f64();
                 if seconds > limit {
+                    let (what, how) = if timeout == self.limits.request_timeout {
+                        ("request timeout (server.request_timeout_ms)", "send it as a job (`Prefer: respond-async` or `?async=true`), or ask")
+                    } else {
+                        ("job timeout (jobs.timeout_ms)", "ask")
+                    };
                     return Err(ServiceError::Unprocessable(format!(
-                        "this request is estimated to take {seconds:.1} s ({cost} forward passes at model `{}`'s measured speed; GET /v1/models/{} gives each method's estimate), over the {limit} s request timeout (server.request_timeout_ms): ask for fewer `channels` (scorecam), `steps` (integrated_gradients), `samples` (smoothgrad), `masks` (drise) or `rise_masks` (rise), or fewer methods or targets",
+                        "this request is estimated to take {seconds:.1} s ({cost} forward passes at model `{}`'s measured speed; GET /v1/models/{} gives each method's estimate), over the {limit} s {what}: {how} for fewer `channels` (scorecam), `steps` (integrated_gradients), `samples` (smoothgrad), `masks` (drise) or `rise_masks` (rise), or fewer methods or targets",
                         info.name, info.name
                     )));
                 }
@@ -203,8 +225,25 @@ impl Service {
             metrics::counter!("camserve_queue_rejections_total").increment(1);
             return Err(ServiceError::QueueFull(info.name.clone()));
         }
-        Ok(options)
+        Ok((options, assessment))
     }
+}
+
+/// How a request runs: its deadline (default `server.request_timeout_ms`) and, for an asynchronous job, the counter
+/// its progress goes to and the background priority of its batches.
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    pub timeout: Option<Duration>,
+    pub progress: Option<Arc<std::sync::atomic::AtomicU64>>,
+    pub background: bool,
+}
+
+/// What admitting a request decided: its cost in forward-equivalents and its estimated time in seconds (`None`
+/// before the model has run a pass).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assessment {
+    pub cost: u64,
+    pub estimate_seconds: Option<f64>,
 }
 
 /// One admitted request on its model.

@@ -1,6 +1,7 @@
 //! The handle through which a method submits extra batches to the model's batcher and awaits them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ndarray::{concatenate, Array2, Array3, Array4, Axis};
@@ -21,17 +22,26 @@ pub struct Passes<'a> {
     pub max_batch: usize,
     pub deadline: Instant,
     pub timeout: Duration,
+    /// Forward-equivalents run so far, where someone watches (an asynchronous job's progress).
+    pub progress: Option<&'a AtomicU64>,
+    /// Whether the batches are a background job's (they yield to synchronous requests' batches).
+    pub background: bool,
 }
 
 /// A submitted job's answer.
 pub type Reply = oneshot::Receiver<Result<JobOutput, crate::backend::engine::EngineError>>;
 
-impl Passes<'_> {
+impl<'a> Passes<'a> {
+    /// A request's handle: its batches in the foreground, no progress watched.
+    pub fn new(queue: &'a Queue, info: &'a ModelInfo, max_batch: usize, deadline: Instant, timeout: Duration) -> Passes<'a> {
+        Passes { queue, info, max_batch, deadline, timeout, progress: None, background: false }
+    }
+
     /// Submits one job, or refuses at once when the queue is full; counts its rows under `label`.
     pub fn submit(&self, plan: &PlanKey, images: Images, targets: Vec<Target>, label: &str) -> Result<Reply, ServiceError> {
         let rows = targets.len().max(1) as u64;
         let (tx, rx) = oneshot::channel();
-        self.queue.submit(Job { plan: plan.clone(), images, targets, deadline: self.deadline, reply: tx }).map_err(|e| match e {
+        self.queue.submit(Job { plan: plan.clone(), images, targets, deadline: self.deadline, reply: tx, background: self.background }).map_err(|e| match e {
             SubmitError::QueueFull => ServiceError::QueueFull(self.info.name.clone()),
             SubmitError::Closed => ServiceError::Internal("the model's worker has stopped".into()),
         })?;
@@ -43,7 +53,13 @@ impl Passes<'_> {
     pub async fn wait(&self, rx: Reply) -> Result<JobOutput, ServiceError> {
         match tokio::time::timeout_at(self.deadline.into(), rx).await {
             Err(_) | Ok(Err(_)) => Err(ServiceError::Timeout(self.timeout)),
-            Ok(Ok(r)) => r.map_err(|e| ServiceError::Internal(e.to_string())),
+            Ok(Ok(r)) => {
+                let r = r.map_err(|e| ServiceError::Internal(e.to_string()))?;
+                if let Some(p) = self.progress {
+                    p.fetch_add(r.forward_equivalents, Ordering::Relaxed);
+                }
+                Ok(r)
+            }
         }
     }
 

@@ -58,7 +58,9 @@ impl Server {
         }));
         let client = reqwest::Client::new();
         let server = Server { addr, client, stop: Some(tx), task: Some(task) };
-        for _ in 0..600 {
+        // Up to 2 minutes: a debug build rewrites and warms a ResNet-50-sized segmenter (tests/segmentation.rs) in
+        // tens of seconds on two busy cores.
+        for _ in 0..6000 {
             if let Ok(r) = server.client.get(server.url("/readyz")).send().await
                 && r.status() == 200 {
                     return server;
