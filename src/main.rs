@@ -376,6 +376,7 @@ fn explain_config(model: PathBuf, labels: Option<PathBuf>, input_size: &Option<S
 
 /// Loads the one model and explains the image, as the server would.
 fn explain_offline(config: Config, name: &str, image: Vec<u8>, references: Vec<camserve::core::pipeline::Reference>, raw: RawOptions) -> anyhow::Result<Answer> {
+    let config_timeout_ms = config.jobs.timeout_ms;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let service = Service::new(camserve::core::loading::service_limits(&config));
@@ -387,7 +388,36 @@ fn explain_offline(config: Config, name: &str, image: Vec<u8>, references: Vec<c
         .await??;
         service.install(models);
         let image = camserve::core::pipeline::ImageInput::Encoded(image.into());
-        service.handle_input(name, Endpoint::Explain, image, references, raw).await.map_err(anyhow::Error::from)
+        // The command line waits as long as a job may run (jobs.timeout_ms), with a progress bar on a terminal for
+        // multi-pass work (more than a few passes).
+        let timeout = std::time::Duration::from_millis(config_timeout_ms);
+        let planned = service.assess(name, Endpoint::Explain, &raw, timeout)?.cost;
+        let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let bar = (planned > 12).then(|| {
+            let bar = indicatif::ProgressBar::new(planned);
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} passes, {eta} left") {
+                bar.set_style(style);
+            }
+            bar
+        });
+        let ticker = bar.clone().map(|bar| {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                loop {
+                    bar.set_position(progress.load(std::sync::atomic::Ordering::Relaxed).min(bar.length().unwrap_or(u64::MAX)));
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            })
+        });
+        let run = camserve::core::pipeline::Run { timeout: Some(timeout), progress: Some(progress), background: false };
+        let answer = service.handle_run(name, Endpoint::Explain, image, references, raw, run).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        answer.map_err(anyhow::Error::from)
     })
 }
 
