@@ -16,8 +16,9 @@ chelsea.png.
   (the tensor is built here as camserve builds it: shorter side 256, centre crop 224, (x - 127) / 128), timed around
   its call alone (no decoding), median of n: `ReciproCAM(model, embed_scaling=False)` compiled with
   `INFERENCE_PRECISION_HINT=f32` (the reference of tests/reciprocam_rise.rs; the CPU's default here is bfloat16, timed
-  too), `generate_saliency_map(x)`; `RISE(model, postprocess_fn=softmax)` with `num_masks=<masks>`, its defaults
-  otherwise (8 cells, p = 0.5), `generate_saliency_map(x, explain_target_indices=[top class])`.
+  too), `generate_saliency_map(x)`; `RISE(model, postprocess_fn=softmax)`,
+  `generate_saliency_map(x, target_indices=[top class], num_masks=<masks>, num_cells=8)` (p = 0.5; one mask per
+  forward, as it runs them).
 - The estimates: `GET /v1/models/imagenet`'s `estimates` (seconds, one target at the default options) read after the
   timed requests, against the median time of a request of each method at its default options (rise at its default 4,000
   masks is left out: minutes; its estimate is scaled to <masks> and compared with the rise row).
@@ -124,13 +125,13 @@ def ovxai_rows(n, threads, masks, top):
         out["reciprocam", label] = median_s(lambda: m.generate_saliency_map(x), n)
 
     def softmax(o):
-        logits = np.asarray(o["logits"] if "logits" in o else o[0])
+        logits = np.asarray(list(o.values())[0])
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
     r = RISE(ov.convert_model(str(MODEL)), postprocess_fn=softmax, prepare_model=False)
     r._model_compiled = ov.Core().compile_model(r.prepare_model(load_model=False), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-    out["rise", "f32"] = median_s(lambda: r.generate_saliency_map(x, explain_target_indices=[top], num_masks=masks), max(1, n // 2))
+    out["rise", "f32"] = median_s(lambda: r.generate_saliency_map(x, target_indices=[top], num_masks=masks, num_cells=8), max(1, n // 2))
     return out
 
 

@@ -134,12 +134,15 @@ impl PassTimes {
         });
     }
 
-    /// Seconds per forward-equivalent of `kind`, where measured: a head pass not yet measured is taken as a whole
-    /// forward (its bound), a forward not yet measured as an explain pass's forward-equivalent, and the reverse.
+    /// Seconds per forward-equivalent of `kind`, where measured: a forward not yet measured is taken as an explain
+    /// pass's forward-equivalent, and the reverse. A head pass is only ever its own measurement: the part after a late
+    /// layer costs a small fraction of a forward (global pooling and a linear layer on ResNet-50's last layer), so
+    /// pricing it as a whole forward would refuse Ablation-CAM requests that take a second (docs/BENCHMARKS.md (k):
+    /// 11.9 s estimated, 0.14 s taken); until one runs, such a method has no estimate.
     pub fn per_forward(&self, kind: PassKind) -> Option<f64> {
         let get = |k: PassKind| Some(f64::from_bits(self.seconds[k.index()].load(Ordering::SeqCst))).filter(|&s| s > 0.0);
         match kind {
-            PassKind::Head => get(PassKind::Head).or_else(|| get(PassKind::Forward)).or_else(|| get(PassKind::Explain)),
+            PassKind::Head => get(PassKind::Head),
             PassKind::Forward => get(PassKind::Forward).or_else(|| get(PassKind::Explain)),
             PassKind::Explain => get(PassKind::Explain).or_else(|| get(PassKind::Forward)),
         }
