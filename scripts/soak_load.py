@@ -4,7 +4,10 @@ Drives one camserve with CLIENTS threads for DURATION seconds. Each request pick
 in turn), and one of:
   - good (80 %): one or two of the model's methods (every method is drawn over a run), in one of the three
     request forms (raw body with query options, multipart, JSON with base64), random outputs/size/colormap, one of
-    the bundled photos; expected answer 200 (or 429 if the queue is full);
+    the bundled photos; expected answer 200 (or 429 if the queue is full). A request whose methods the model
+    estimates (GET /v1/models' `estimates`) at over JOB_SECONDS goes as a job (`async=true`), as the page sends it,
+    and is polled to its end: expected 202 and then `done` (or 429/503 when the job limits are reached); a request
+    the server refuses up front with its estimate (422 "estimated to take") is counted apart, as allowed;
   - bad (12 %): a corrupt image, an unknown method, a class index out of range, an unsupported content type, an
     empty body, malformed JSON; expected a 4xx problem+json;
   - disconnect (8 %): the client sends half of the body and closes, or sends the whole request and closes before
@@ -14,8 +17,9 @@ It samples the server's RSS every 10 s from /proc, and judges, after a warm-up o
   - every bad request got a 4xx with application/problem+json;
   - every method of every model answered 200 at least once;
   - RSS growth under 5 %: the largest RSS of the last window is at most 5 % above the largest RSS of the warm-up;
-  - stable p99: for each model, each later window's p99 latency (good requests) is within 1.5x of the median of
-    those windows' p99s.
+  - stable p99: for each model, each later window's p99 latency (good synchronous requests; jobs apart) is within
+    1.5x of the median of those windows' p99s;
+  - no job failed (a job's 504 is work done for nothing).
 Exits 1 on any missed goal. Usage: soak_load.py BASE_URL PID DURATION CLIENTS OUT.json
 """
 
@@ -60,9 +64,20 @@ def rss_kib():
     return 0
 
 
+JOB_SECONDS = 3.0
+
+
 def good_request(rng, model):
     info = models[model]
     methods = rng.sample(info["methods"], k=min(len(info["methods"]), rng.choice([1, 1, 2])))
+    heavy = sum(info.get("estimates", {}).get(m, 0.0) for m in methods) > JOB_SECONDS
+    method, path, body, headers = good_body(rng, model, methods)
+    if heavy:
+        path += ("&" if "?" in path else "?") + "async=true"
+    return methods, method, path, body, headers
+
+
+def good_body(rng, model, methods):
     outputs = rng.sample(["heatmap", "overlay", "mask", "raw"], k=rng.randint(1, 2))
     opts = {"methods": ",".join(methods), "outputs": ",".join(outputs), "size": rng.choice(["model", "original"]),
             "colormap": rng.choice(["jet", "turbo", "viridis"]), "top_k": str(rng.choice([1, 1, 2]))}
@@ -71,18 +86,29 @@ def good_request(rng, model):
     path = f"/v1/models/{model}/explain"
     if form == "raw":
         q = urllib.parse.urlencode(opts)
-        return methods, "POST", f"{path}?{q}", photo, {"content-type": "image/jpeg"}
+        return "POST", f"{path}?{q}", photo, {"content-type": "image/jpeg"}
     if form == "json":
         body = {"image": base64.b64encode(photo).decode(), "methods": methods, "outputs": outputs,
                 "size": opts["size"], "colormap": opts["colormap"], "top_k": int(opts["top_k"])}
-        return methods, "POST", path, json.dumps(body).encode(), {"content-type": "application/json"}
+        return "POST", path, json.dumps(body).encode(), {"content-type": "application/json"}
     boundary = uuid.uuid4().hex
     parts = [f'--{boundary}\r\ncontent-disposition: form-data; name="image"; filename="x.jpg"\r\n'
              f"content-type: image/jpeg\r\n\r\n".encode() + photo + b"\r\n"]
     for k, v in opts.items():
         parts.append(f'--{boundary}\r\ncontent-disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return methods, "POST", path, body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+    return "POST", path, body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def follow_job(location):
+    """Polls a job to its end: its final state and its problem's status when it failed."""
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        job = get_json(location)
+        if job.get("state") in ("done", "failed", "cancelled"):
+            return job["state"], (job.get("error") or {}).get("status")
+        time.sleep(0.5)
+    return "unfinished", None
 
 
 def bad_request(rng, model):
@@ -143,14 +169,22 @@ def worker(i):
                 ctype = r.getheader("content-type", "")
                 c.close()
                 status = r.status
-                if kind == "good" and status == 200:
+                if kind == "good" and status == 202:
+                    kind = "job"
+                    state, failed_status = follow_job(r.getheader("location"))
+                    status = 200 if state == "done" else (failed_status or 599)
+                    if state != "done":
+                        detail = detail + [f"job {state}"]
+                if kind == "good" and status == 422 and b"estimated to take" in data:
+                    kind = "refused-estimate"
+                if kind in ("good", "job") and status == 200:
                     with lock:
                         for m in detail:
                             answered_methods[(model, m)] += 1
                 info = detail if kind == "bad" else ",".join(detail)
                 if kind == "bad" and "application/problem+json" not in ctype:
                     info += f" (content-type {ctype!r})"
-                if status >= 500 or (kind == "good" and status not in (200, 429)):
+                if status >= 500 or (kind in ("good", "job") and status not in (200, 429, 503)):
                     info += f" body {data[:300]!r}"
                 rec = (kind, status, info)
             except (OSError, http.client.HTTPException) as e:
@@ -196,6 +230,9 @@ if bad_wrong:
 good_wrong = [r for r in records if r[2] == "good" and r[3] is not None and r[3] not in (200, 429)]
 if good_wrong:
     fails.append(f"{len(good_wrong)} good requests got neither 200 nor 429, e.g. {good_wrong[:3]}")
+jobs_wrong = [r for r in records if r[2] == "job" and r[3] not in (200, 429, 503)]
+if jobs_wrong:
+    fails.append(f"{len(jobs_wrong)} jobs did not finish done, e.g. {jobs_wrong[:3]}")
 never = [k for k, n in answered_methods.items() if n == 0]
 if never:
     fails.append(f"never answered 200: {never}")
