@@ -7,7 +7,8 @@ in turn), and one of:
     the bundled photos; expected answer 200 (or 429 if the queue is full). A request whose methods the model
     estimates (GET /v1/models' `estimates`) at over JOB_SECONDS goes as a job (`async=true`), as the page sends it,
     and is polled to its end: expected 202 and then `done` (or 429/503 when the job limits are reached); a request
-    the server refuses up front with its estimate (422 "estimated to take") is counted apart, as allowed;
+    the server refuses up front (422: its estimate over the request timeout, or its cost over
+    server.max_forward_passes) is counted apart, as allowed (before 2026-12-06 a budget 422 failed the soak);
   - bad (12 %): a corrupt image, an unknown method, a class index out of range, an unsupported content type, an
     empty body, malformed JSON; expected a 4xx problem+json;
   - disconnect (8 %): the client sends half of the body and closes, or sends the whole request and closes before
@@ -175,8 +176,10 @@ def worker(i):
                     status = 200 if state == "done" else (failed_status or 599)
                     if state != "done":
                         detail = detail + [f"job {state}"]
-                if kind == "good" and status == 422 and b"estimated to take" in data:
-                    kind = "refused-estimate"
+                # Refused up front, before any work (issue 29: heavy requests go through jobs or are refused so):
+                # over the request timeout by the estimate, or over server.max_forward_passes.
+                if kind == "good" and status == 422 and (b"estimated to take" in data or b"server.max_forward_passes" in data):
+                    kind = "refused-up-front"
                 if kind in ("good", "job") and status == 200:
                     with lock:
                         for m in detail:
