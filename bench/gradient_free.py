@@ -2,10 +2,11 @@
 """ReciproCAM and RISE: camserve against OpenVINO XAI 1.1 on the same ONNX model and photo, one session, CPU; and the
 time estimates camserve publishes against the times it then takes.
 
-    /work/venv-ovxai/bin/python bench/gradient_free.py [--n 5] [--threads 2] [--masks 1000]
+    /work/venv-ovxai/bin/python bench/gradient_free.py [--n 5] [--threads 2] [--masks 1000] [--model PATH]
     (needs a release build; the venv of tests/fixtures/reciprocam/README.md: openvino-xai 1.1.0, onnxruntime, pillow)
 
-The model is the bundled ImageNet EfficientNet-Lite0 (models/imagenet.onnx, 224x224, its layer `/_swish_1/Clip_output_0`
+`--model` serves another classifier file with the same preprocessing (target/resnet50.onnx: the soak's random-weight
+ResNet-50, written by scripts/make_resnet50.py; no labels). The default model is the bundled ImageNet EfficientNet-Lite0 (models/imagenet.onnx, 224x224, its layer `/_swish_1/Clip_output_0`
 7x7x1280, camserve's default layer and OpenVINO XAI's own choice). The photo is tests/fixtures/detection/photos/
 chelsea.png.
 
@@ -77,8 +78,9 @@ def tensor():
 def camserve_rows(n, threads, masks):
     port = 18751
     cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+    labels = f'labels = "{ROOT / "models/imagenet.labels.txt"}"\n' if MODEL == ROOT / "models/imagenet.onnx" else ""
     cfg.write(f'[server]\nrequest_timeout_ms = 600000\n[[models]]\nname = "imagenet"\npath = "{MODEL}"\n'
-              f'labels = "{ROOT / "models/imagenet.labels.txt"}"\nresize = "shorter_side_then_center_crop"\n'
+              f'{labels}resize = "shorter_side_then_center_crop"\n'
               f'mean = [0.4980392156862745, 0.4980392156862745, 0.4980392156862745]\n'
               f'std = [0.5019607843137255, 0.5019607843137255, 0.5019607843137255]\n')
     cfg.close()
@@ -136,14 +138,17 @@ def ovxai_rows(n, threads, masks, top):
 
 
 def main():
+    global MODEL
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--masks", type=int, default=1000)
+    ap.add_argument("--model", default=str(MODEL))
     a = ap.parse_args()
+    MODEL = pathlib.Path(a.model).resolve()
     cs, est, warm_est, costs, top = camserve_rows(a.n, a.threads, a.masks)
     ov = ovxai_rows(a.n, a.threads, a.masks, top)
-    print(f"\nEfficientNet-Lite0 224x224, chelsea.png, {a.threads} threads, median of {a.n} (rise: of {max(1, a.n // 2)})\n")
+    print(f"\n{MODEL.name} 224x224, chelsea.png, {a.threads} threads, median of {a.n} (rise: of {max(1, a.n // 2)})\n")
     print("| method | camserve (HTTP, whole request) | OpenVINO XAI 1.1 f32 (call alone) | ratio | OpenVINO XAI default precision |")
     print("|---|---|---|---|---|")
     print(f"| gradcam (camserve only) | {cs['gradcam'] * 1e3:.0f} ms | — | — | — |")
@@ -158,7 +163,8 @@ def main():
             print(f"| {name} | {costs.get(name)} | — | — | {cs[name]:.3f} s | — |")
             continue
         cost = 3 + a.masks if name == "rise" else costs.get(name)
-        print(f"| {name}{f' ({a.masks} masks)' if name == 'rise' else ''} | {cost} | {w * scale:.3f} s | {e * scale:.3f} s | {cs[name]:.3f} s | {cs[name] / (e * scale):.2f} |")
+        warm = f"{w * scale:.3f} s" if w is not None else "— (not measured yet)"
+        print(f"| {name}{f' ({a.masks} masks)' if name == 'rise' else ''} | {cost} | {warm} | {e * scale:.3f} s | {cs[name]:.3f} s | {cs[name] / (e * scale):.2f} |")
 
 
 if __name__ == "__main__":
