@@ -41,16 +41,11 @@ pub async fn run(passes: &Passes<'_>, layer: &str, acts: ArrayView3<'_, f32>, cl
 /// bound).
 pub const DEF: MethodDef = MethodDef {
     pass: crate::backend::batcher::PassKind::Head,
-    refuses_at: head_needs_more,
+    refuses_at: ModelInfo::why_no_head,
     cost: |info, layer, _| info.layer(layer).map_or(0, |l| l.dims[1] as u64),
     ..MethodDef::new("ablationcam", Kind::Cam, Compute::Passes(start))
 };
 
-/// Offered where the part of the model after the layer runs on the layer's activations alone.
-/// Why the part of the model after the layer does not run on the layer's activations alone, if it does not.
-fn head_needs_more(info: &ModelInfo, layer: &str) -> Option<String> {
-    info.why_no_head(layer)
-}
 
 fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move {

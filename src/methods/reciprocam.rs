@@ -37,15 +37,11 @@ pub async fn run(passes: &Passes<'_>, layer: &str, acts: ArrayView3<'_, f32>, cl
 /// forward (an upper bound).
 pub const DEF: MethodDef = MethodDef {
     pass: crate::backend::batcher::PassKind::Head,
-    refuses_at: head_needs_more,
+    refuses_at: ModelInfo::why_no_head,
     cost: |info, layer, _| info.layer(layer).map_or(0, |l| l.dims.iter().skip(2).map(|&d| d.max(1) as u64).product()),
     ..MethodDef::new("reciprocam", Kind::Cam, Compute::Passes(start))
 };
 
-/// Why the part of the model after the layer does not run on the layer's activations alone, if it does not.
-fn head_needs_more(info: &ModelInfo, layer: &str) -> Option<String> {
-    info.why_no_head(layer)
-}
 
 fn start<'a>(cx: &'a PassesCtx<'a>) -> Pending<'a> {
     Box::pin(async move { Ok(RawMap::Cam(run(cx.passes, cx.layer, cx.acts, cx.class, cx.label).await?).into()) })
