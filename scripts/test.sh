@@ -8,7 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
 log=target/make-test.log
-cargo test --locked 2>&1 | tee "$log"
+# The disk before and after the build, in the log: a full disk kills the linker (SIGBUS), which CI hit once.
+echo "disk before the build: $(df -h . | awk 'NR == 2 {print $4 " free of " $2}')" | tee "$log"
+# No incremental-compilation caches: a clean clone builds once, and they only take disk.
+CARGO_INCREMENTAL=0 cargo test --locked 2>&1 | tee -a "$log"
+echo "disk after the Rust tests: $(df -h . | awk 'NR == 2 {print $4 " free of " $2}'); target/ holds $(du -sh target | cut -f1)" | tee -a "$log"
 scripts/browser-test.sh 2>&1 | tee -a "$log"
 scripts/oip-test.sh 2>&1 | tee -a "$log"
 sum() { grep -o "[0-9]* $1" "$log" | awk '{s += $1} END {print s + 0}'; }
