@@ -271,7 +271,7 @@ impl Default for ServerConfig {
             cors_origins: vec![],
             max_top_k: 10,
             max_targets: 10,
-            max_methods: 21,
+            max_methods: 22,
             // A full Score-CAM on ResNet-50's last layer (2,048 masked forwards + the explain pass) with room for a
             // deletion and an insertion curve (2 x 225).
             max_forward_passes: 4096,

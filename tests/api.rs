@@ -72,6 +72,7 @@ fn info() -> ModelInfo {
         attention: None,
         linear_heads: [(LAYER.to_string(), Ok(Arc::new(LinearHead { weights, classes: 4, channels: 2 })))].into(),
         heads: [(LAYER.to_string(), Ok(()))].into(),
+        token_heads: Default::default(),
         output_dims: vec![4],
         metadata: Default::default(),
         batch_fixed: false,
@@ -241,8 +242,8 @@ async fn explanations_from_a_stand_in_backend() {
     assert_eq!(m["name"], "standin");
     let offered: Vec<&str> = m["methods"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(offered.contains(&"cam") && offered.contains(&"ablationcam") && offered.contains(&"scorecam"), "{offered:?}");
-    // Not the rollouts (no attention) nor D-RISE (a detector's).
-    assert_eq!(m["unavailable"].as_object().unwrap().keys().collect::<Vec<_>>(), ["attention_rollout", "drise", "gradient_rollout"]);
+    // Not the rollouts (no attention), D-RISE (a detector's) nor ViT ReciproCAM (no token layer).
+    assert_eq!(m["unavailable"].as_object().unwrap().keys().collect::<Vec<_>>(), ["attention_rollout", "drise", "gradient_rollout", "vit_reciprocam"]);
     // Ablation-CAM's cost is one head pass per channel: 2, on top of the explain pass (1 forward + 1 backward chain
     // counted as 2).
     assert_eq!(m["costs"]["ablationcam"], 5);

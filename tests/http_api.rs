@@ -62,8 +62,8 @@ async fn service_routes() {
     assert_eq!(m["classes"], 6);
     assert_eq!(m["labels"], true);
     assert_eq!(m["device"], "cpu");
-    // Every method but the two attention rollouts and D-RISE (a detector's): the demo CNN ends in global average
-    // pooling and a linear layer.
+    // Every method but the two attention rollouts, D-RISE (a detector's) and ViT ReciproCAM (a transformer's): the
+    // demo CNN ends in global average pooling and a linear layer.
     assert_eq!(m["methods"].as_array().unwrap().len(), 18);
     // Each offered method's time estimate, from the passes measured at warm-up: positive, and ordered as the costs
     // (Score-CAM 64 channels' forwards, RISE 4,000); the methods that run the part after the layer (Ablation-CAM,
@@ -73,9 +73,10 @@ async fn service_routes() {
     assert!(!est.contains_key("ablationcam") && !est.contains_key("reciprocam"), "{est:?}");
     let secs = |k: &str| est[k].as_f64().unwrap();
     assert!(secs("gradcam") > 0.0 && secs("gradcam") < secs("scorecam") && secs("scorecam") < secs("rise"), "{est:?}");
-    // The three it does not offer, each with the reason the page shows.
+    // The four it does not offer, each with the reason the page shows.
     let why = m["unavailable"].as_object().unwrap();
-    assert_eq!(why.keys().collect::<Vec<_>>(), ["attention_rollout", "drise", "gradient_rollout"]);
+    assert_eq!(why.keys().collect::<Vec<_>>(), ["attention_rollout", "drise", "gradient_rollout", "vit_reciprocam"]);
+    assert!(why["vit_reciprocam"].as_str().unwrap().contains("not a transformer's token layer"), "{why:?}");
     assert!(why["drise"].as_str().unwrap().contains("detection"), "{why:?}");
     assert!(why["attention_rollout"].as_str().unwrap().contains("has no attention blocks"), "{why:?}");
     assert!(m["layers"].as_array().unwrap().iter().any(|l| l["name"] == m["default_layer"]));
@@ -619,8 +620,9 @@ async fn vision_transformer_without_reshape_transform() {
     assert!(all.contains(&"attention_rollout") && all.contains(&"gradient_rollout"), "{all:?}");
     assert_eq!(camserve::config::Config::default().server.max_methods, camserve::methods::Method::ALL.len(), "the default limit is every method once");
     // Not plain CAM, Ablation-CAM nor ReciproCAM: a token layer has no pooling + linear head of its own, nor a head
-    // that runs on it alone; not D-RISE, a detector's.
+    // that runs on it alone; not D-RISE, a detector's. ReciproCAM's transformer form is offered.
     assert_eq!(all.len(), camserve::methods::Method::ALL.len() - 4, "{all:?}");
+    assert!(all.contains(&"vit_reciprocam"), "{all:?}");
     // RISE's default 4,000 masks alone would take the whole forward budget: 50 here.
     let url = s.url(&format!("/v1/models/vit/explain?methods={}&outputs=raw&rise_masks=50", all.join(",")));
     let r = s.client.post(url).header("content-type", "image/jpeg").body(img).send().await.unwrap();
@@ -669,7 +671,7 @@ fn openapi_method_enum_is_the_registry() {
         kinds,
         [
             "cam", "cam", "cam", "cam", "cam", "cam", "gradient", "gradient", "gradient", "gradient", "attention", "attention", "cam", "cam",
-            "cam", "cam", "gradient", "gradient", "cam", "cam", "cam"
+            "cam", "cam", "gradient", "gradient", "cam", "cam", "cam", "cam"
         ]
     );
     for m in Method::ALL {
@@ -797,6 +799,7 @@ async fn multipass_methods_and_metrics_through_the_api() {
     for (q, model, want) in [
         ("methods=cam", "vit", "not available for layer"),
         ("methods=ablationcam", "vit", "not available for layer"),
+        ("methods=vit_reciprocam", "demo", "not a transformer's token layer"),
         ("methods=gradcam&metrics=beauty", "demo", "unknown metric `beauty`"),
         ("methods=gradcam&outputs=curves", "demo", "curves needs metrics"),
         ("methods=integrated_gradients&steps=0", "demo", "steps must be between 1 and 1000"),

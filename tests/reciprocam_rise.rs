@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use camserve::backend::batcher::{self, BatcherConfig, Images, Job, Target};
 use camserve::backend::engine::{BatchOutput, DeviceChoice, EngineOptions, ModelInfo, ModelRunner, ModelSpec, PlanKey};
-use camserve::methods::{reciprocam, rise, Passes, Probabilities};
+use camserve::methods::{reciprocam, rise, vit_reciprocam, Passes, Probabilities};
 use camserve::onnx::rewrite::ExplainPlan;
 use ndarray::{Array2, Array3, ArrayD, Axis, Ix1, Ix2, Ix3, Ix4};
 use ndarray_npy::NpzReader;
@@ -59,8 +59,12 @@ struct Model {
 
 impl Model {
     fn load(name: &str) -> Model {
+        Model::load_file(name, &format!("models/{name}.onnx"))
+    }
+
+    fn load_file(name: &str, path: &str) -> Model {
         // The inputs are stored tensors: mean and std are not used.
-        let spec = ModelSpec::new(name, root().join(format!("models/{name}.onnx")), [0.0; 3], [1.0; 3]);
+        let spec = ModelSpec::new(name, root().join(path), [0.0; 3], [1.0; 3]);
         let r = ModelRunner::load(&spec, &EngineOptions { device: DeviceChoice::Cpu, intra_threads: 2, ..Default::default() }).unwrap();
         let info = r.info();
         let queue = batcher::spawn(r, BatcherConfig { max_batch: 8, max_wait: Duration::from_millis(1), queue_capacity: 1 << 16 });
@@ -111,6 +115,46 @@ async fn reciprocam_matches_openvino_xai() {
         }
     }
     assert_eq!(compared, 2 * 6 + 2 * 5, "every recorded class compared");
+}
+
+/// OpenVINO XAI's ViTReciproCAM (defaults: Gaussian masks, class token kept) on the ViT fixture: its target, the Add
+/// before the last block, pairs with the last block's `norm1` output, camserve's default layer; camserve is asked at
+/// both names of the pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vit_reciprocam_matches_openvino_xai() {
+    let spec: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/reciprocam/reciprocam.json")).unwrap()).unwrap();
+    let mut z = npz("tests/fixtures/reciprocam/reciprocam.npz");
+    let m = Model::load_file("vit", "tests/fixtures/reciprocam/vit_tiny.onnx");
+    let vit = &spec["models"]["vit"];
+    let (add, norm) = (vit["onnx_target_add_tensor"].as_str().unwrap(), vit["onnx_norm_output_tensor"].as_str().unwrap());
+    assert_eq!(m.info.default_layer, norm, "camserve's default layer is the norm OpenVINO XAI masks");
+    let mut compared = 0;
+    for layer in [norm, add] {
+        assert_eq!(m.info.why_no_token_head(layer), None, "{layer}");
+        for k in 0..2 {
+            let key = format!("vit_k{k}");
+            let x = first_image(f32s(&mut z, &format!("{key}_input")));
+            let classes = i64s(&mut z, &format!("{key}_classes")).into_dimensionality::<Ix1>().unwrap();
+            let want = f32s(&mut z, &format!("{key}_maps")).into_dimensionality::<Ix3>().unwrap();
+            // The fixture's own ONNX Runtime reconstruction (hand-built mosaics through a cut of the model), printed
+            // beside: how far two float32 evaluations of the same maps are.
+            let ort = f32s(&mut z, &format!("{key}_maps_ort")).into_dimensionality::<Ix3>().unwrap();
+            for (i, &c) in classes.iter().enumerate() {
+                let got = vit_reciprocam::run(&m.passes(), layer, &x, c as usize, "vit_reciprocam").await.unwrap();
+                let e = rel(&got, &want.index_axis(Axis(0), i).to_owned());
+                let (e_ort, ort_ref) = (rel(&got, &ort.index_axis(Axis(0), i).to_owned()), rel(&ort.index_axis(Axis(0), i).to_owned(), &want.index_axis(Axis(0), i).to_owned()));
+                eprintln!("vit_reciprocam {key} at {layer} class {c}: {e:.2e} (vs the fixture's ONNX Runtime maps {e_ort:.2e}; those vs OpenVINO XAI {ort_ref:.2e})");
+                assert!(e <= 1e-4, "vit_reciprocam {key} at {layer} class {c}: {e:e} over 1e-4");
+                compared += 1;
+            }
+        }
+    }
+    assert_eq!(compared, 2 * 2 * 5, "every recorded class compared at both layers");
+    // The last block's output feeds the final norm's slice of the class token, not a block: refused, and why.
+    let why = m.info.why_no_token_head("/blocks/blocks.11/Add_1_output_0").expect("refused");
+    assert!(why.contains("feeds Slice"), "{why}");
+    // Inside a block (the attention's qkv) is not a residual stream either.
+    assert!(m.info.why_no_token_head("/blocks/blocks.11/attn/qkv/MatMul_output_0").is_some());
 }
 
 /// The OIP v2 request for one FP32 input tensor `[1, C, H, W]` with `parameters`, asking for `output`.

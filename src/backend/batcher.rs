@@ -97,7 +97,9 @@ impl PassKind {
     pub fn of(plan: &PlanKey) -> (PassKind, u64) {
         match plan {
             PlanKey::Predict => (PassKind::Forward, 1),
-            PlanKey::Head(_) => (PassKind::Head, 1),
+            PlanKey::Head(_) | PlanKey::TokenHead(_) => (PassKind::Head, 1),
+            // A part of the forward; counted as a whole one (a bound).
+            PlanKey::Tap(_) => (PassKind::Forward, 1),
             PlanKey::Explain(p) => (PassKind::Explain, 1 + 2 * p.rules.len().max(1) as u64),
         }
     }
@@ -406,6 +408,8 @@ pub fn plan_label(plan: &PlanKey) -> String {
     match plan {
         PlanKey::Predict => "predict".into(),
         PlanKey::Head(_) => "head".into(),
+        PlanKey::TokenHead(_) => "token-head".into(),
+        PlanKey::Tap(_) => "tap".into(),
         PlanKey::Explain(p) => {
             let mut parts = vec!["cam"];
             parts.extend(p.rules.iter().map(|r| r.as_str()));

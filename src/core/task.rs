@@ -465,7 +465,7 @@ impl Task {
             }
             Task::Classification | Task::MultiLabel(_) => None,
             // These compare classes or reuse a classifier's head: no meaning for one detection's score.
-            Task::Detection(_) if ["reciprocam", "rise"].contains(&method.as_str()) => Some(format!(
+            Task::Detection(_) if ["reciprocam", "vit_reciprocam", "rise"].contains(&method.as_str()) => Some(format!(
                 "method `{method}` scores a classifier's class on masked copies; a detection's score needs its box matched in each copy: use `drise`, the gradient methods or eigencam"
             )),
             Task::Detection(_) if ["cam", "ablationcam", "finercam"].contains(&method.as_str()) => {
@@ -475,7 +475,7 @@ impl Task {
                 "method `{method}` follows a classifier's class token through its attention; a detector has none (a DETR's decoder attends from its queries, not from image tokens)"
             )),
             Task::Detection(_) => None,
-            Task::Segmentation(_) if ["cam", "ablationcam", "finercam", "scorecam", "reciprocam", "rise"].contains(&method.as_str()) => Some(format!(
+            Task::Segmentation(_) if ["cam", "ablationcam", "finercam", "scorecam", "reciprocam", "vit_reciprocam", "rise"].contains(&method.as_str()) => Some(format!(
                 "method `{method}` scores a classifier's class (its linear head, its softmax, or other classes); a segment's score is a sum of its class's logits over pixels: use the gradient methods or eigencam"
             )),
             Task::Segmentation(_) if method.as_str() == "drise" => Some("method `drise` (D-RISE) explains a detection of an object detector; a segmenter has none".to_string()),

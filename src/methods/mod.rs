@@ -31,6 +31,7 @@ pub mod rollouts;
 pub mod drise;
 pub mod scorecam;
 pub mod smoothgrad;
+pub mod vit_reciprocam;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -291,7 +292,7 @@ pub struct Method(&'static MethodDef);
 
 impl Method {
     /// Every method of the API, in the order `GET /v1/models`, the CLI, openapi.yaml and the docs list them.
-    pub const ALL: [Method; 21] = [
+    pub const ALL: [Method; 22] = [
         Method(&cams::GRADCAM),
         Method(&cams::GRADCAM_PLUS_PLUS),
         Method(&cams::XGRADCAM),
@@ -312,6 +313,7 @@ impl Method {
         Method(&smoothgrad::DEF),
         Method(&drise::DEF),
         Method(&reciprocam::DEF),
+        Method(&vit_reciprocam::DEF),
         Method(&rise::DEF),
     ];
 

@@ -113,11 +113,19 @@ impl<'a> Passes<'a> {
     }
 
     /// The logits of the part of the model after `layer`, on `n` activations `[C, h, w]` (`row(i)`).
-    pub async fn head_logits<F>(&self, layer: &str, n: usize, label: &str, mut row: F) -> Result<Array2<f32>, ServiceError>
+    pub async fn head_logits<F>(&self, layer: &str, n: usize, label: &str, row: F) -> Result<Array2<f32>, ServiceError>
     where
         F: FnMut(usize) -> Array3<f32>,
     {
-        let outs = self.run(&PlanKey::Head(layer.to_string()), n, label, |i| (row(i), Target::Rank(0))).await?;
+        self.outputs(&PlanKey::Head(layer.to_string()), n, label, row).await
+    }
+
+    /// The first outputs `[n, K]` of `n` rows (`row(i)`) through `plan`, whose rows need no target (a head, a tap).
+    pub async fn outputs<F>(&self, plan: &PlanKey, n: usize, label: &str, mut row: F) -> Result<Array2<f32>, ServiceError>
+    where
+        F: FnMut(usize) -> Array3<f32>,
+    {
+        let outs = self.run(plan, n, label, |i| (row(i), Target::Rank(0))).await?;
         stack_logits(&outs)
     }
 

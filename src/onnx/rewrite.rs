@@ -332,9 +332,68 @@ impl Explainable {
         let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
         let logit_dims = self.probe.dims(&self.logits).unwrap_or(&[]).to_vec();
         graph.node.retain(|n| !n.output.contains(&layer.name));
-        // A shape taken from the image (PyTorch's `x.view(x.size(0), -1)` exports `Shape(input)`) is rebuilt from
-        // the layer: its batch size, then the input's own [C, H, W], which are fixed. Every consumer sees the
-        // same values as before.
+        self.rebuild_image_shapes(graph, &layer.name);
+        graph.input = vec![value_info(&layer.name, tensor::FLOAT, &with_batch(&layer.native_dims))];
+        graph.output = vec![value_info(&self.logits, tensor::FLOAT, &with_batch(&logit_dims))];
+        graph.value_info.clear();
+        prune(graph);
+        if let Some(why) = self.head_reads_image(&layer.name) {
+            return Err(OnnxError::Invalid(why));
+        }
+        Ok(model)
+    }
+
+    /// The two tensors ViT ReciproCAM masks at token layer `layer` (see [`super::token_head`]), or why it cannot.
+    pub fn token_head(&self, layer: &str) -> std::result::Result<super::token_head::TokenHead, String> {
+        let info = self.layer(layer).ok_or_else(|| format!("no layer `{layer}`"))?;
+        if !matches!(info.layout, LayerLayout::Tokens { .. }) {
+            return Err(format!("layer `{}` is a {} layer, not a transformer's tokens", info.name, info.layout.as_str()));
+        }
+        let graph = self.model.graph.as_ref().ok_or("the model has no graph")?;
+        let head = super::token_head::find(graph, &self.index, &info.name, &info.native_dims)?;
+        if self.probe.dims(&head.x).map(|d| &d[1..]) != Some(&info.native_dims[1..]) {
+            return Err(format!("the residual stream `{}` does not have the layer's token dims {:?}", head.x, info.native_dims));
+        }
+        match self.head_reads_image(&head.x) {
+            Some(why) => Err(why),
+            None => Ok(head),
+        }
+    }
+
+    /// The part of the model after token layer `layer`, taking [`super::token_head::MOSAIC`] `[N, 1, T, D + 1]`
+    /// (tokens and a per-token mask) and giving the logits: ViT ReciproCAM's head passes.
+    pub fn token_head_model(&self, layer: &str) -> Result<ModelProto> {
+        let head = self.token_head(layer).map_err(OnnxError::Invalid)?;
+        let mut model = self.model.clone();
+        let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
+        let logit_dims = self.probe.dims(&self.logits).unwrap_or(&[]).to_vec();
+        super::token_head::rewire(graph, &head);
+        self.rebuild_image_shapes(graph, super::token_head::MOSAIC);
+        let dims = [Dim::Param("N".into()), Dim::Value(1), Dim::Value(head.tokens as i64), Dim::Value(head.dim as i64 + 1)];
+        graph.input = vec![value_info(super::token_head::MOSAIC, tensor::FLOAT, &dims)];
+        graph.output = vec![value_info(&self.logits, tensor::FLOAT, &with_batch(&logit_dims))];
+        graph.value_info.clear();
+        prune(graph);
+        Ok(model)
+    }
+
+    /// The model from the image to `tensor` (a float tensor the probe measured), its only output: what a layer's
+    /// raw values are read with (ViT ReciproCAM's tokens, the class token included).
+    pub fn tap_model(&self, tensor_name: &str) -> Result<ModelProto> {
+        let dims = self.probe.dims(tensor_name).ok_or_else(|| OnnxError::BadLayer(tensor_name.to_string()))?.to_vec();
+        let mut model = self.model.clone();
+        let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Invalid("the model has no graph".into()))?;
+        graph.input = vec![value_info(&self.input, tensor::FLOAT, &with_batch(&self.input_dims))];
+        graph.output = vec![value_info(tensor_name, tensor::FLOAT, &with_batch(&dims))];
+        graph.value_info.clear();
+        prune(graph);
+        Ok(model)
+    }
+
+    /// A shape taken from the image (PyTorch's `x.view(x.size(0), -1)` exports `Shape(input)`) in a graph cut
+    /// below the image is rebuilt from `batch_source`: its batch size, then the input's own [C, H, W], which are
+    /// fixed. Every consumer sees the same values as before.
+    fn rebuild_image_shapes(&self, graph: &mut super::proto::GraphProto, batch_source: &str) {
         let rest: Vec<i64> = self.input_dims[1..].to_vec();
         let mut rebuilt = Vec::new();
         for (k, n) in graph.node.iter_mut().enumerate() {
@@ -347,7 +406,7 @@ impl Explainable {
             let s = format!("{out}/layer_shape");
             let (st, en, b, r) = (format!("{out}/start"), format!("{out}/end"), format!("{out}/batch"), format!("{out}/chw"));
             let nodes = [
-                super::builder::node("Shape", &[&layer.name], &s, vec![]),
+                super::builder::node("Shape", &[batch_source], &s, vec![]),
                 const_node(&st, tensor::i64_tensor("", &[1], &[0])),
                 const_node(&en, tensor::i64_tensor("", &[1], &[1])),
                 super::builder::node("Slice", &[&s, &st, &en], &b, vec![]),
@@ -356,14 +415,6 @@ impl Explainable {
             ];
             graph.node.splice(k + 1..k + 1, nodes);
         }
-        graph.input = vec![value_info(&layer.name, tensor::FLOAT, &with_batch(&layer.native_dims))];
-        graph.output = vec![value_info(&self.logits, tensor::FLOAT, &with_batch(&logit_dims))];
-        graph.value_info.clear();
-        prune(graph);
-        if let Some(why) = self.head_reads_image(&layer.name) {
-            return Err(OnnxError::Invalid(why));
-        }
-        Ok(model)
     }
 
     /// Why the part of the model after `layer` cannot run on the layer's activations alone (it also reads the

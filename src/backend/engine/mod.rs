@@ -83,6 +83,9 @@ pub struct ModelInfo {
     /// Per convolutional layer: whether the part of the model after it runs on its activations alone
     /// (Ablation-CAM's [`PlanKey::Head`]), or why not.
     pub heads: std::collections::BTreeMap<String, Result<(), String>>,
+    /// Per token layer: the residual stream and LayerNorm output ViT ReciproCAM masks ([`PlanKey::TokenHead`]), or
+    /// why the layer has none.
+    pub token_heads: std::collections::BTreeMap<String, Result<crate::onnx::token_head::TokenHead, String>>,
     /// The dims of the first output for one image (the batch axis left out): `[K]` for a classifier, `[4 + nc, A]`
     /// for a raw YOLO head. `core::task` reads the task from them and the metadata.
     pub output_dims: Vec<i64>,
@@ -124,6 +127,20 @@ impl ModelInfo {
             None => Some(format!("layer `{layer}` is not a convolutional [N, C, h, w] layer")),
         }
     }
+
+    /// The token head at `layer` (ViT ReciproCAM's), or why there is none.
+    pub fn token_head(&self, layer: &str) -> Result<&crate::onnx::token_head::TokenHead, String> {
+        match self.token_heads.get(layer) {
+            Some(r) => r.as_ref().map_err(Clone::clone),
+            None if self.kind == ModelKind::Contract => Err("a contract model carries one graph and no separate head".into()),
+            None => Err(format!("layer `{layer}` is not a transformer's token layer [N, T, D]")),
+        }
+    }
+
+    /// Why ViT ReciproCAM cannot run at `layer`, if it cannot.
+    pub fn why_no_token_head(&self, layer: &str) -> Option<String> {
+        self.token_head(layer).err()
+    }
 }
 
 /// The graph a batch runs through.
@@ -135,6 +152,12 @@ pub enum PlanKey {
     /// The part of the model after a layer (a tensor name): the batch's "images" are the layer's activations
     /// `[N, C, h, w]`, the output the logits. Ablation-CAM's ablated batches.
     Head(String),
+    /// The part of a transformer after a token layer (a tensor name), on masked tokens: the batch's "images" are
+    /// `[1, T, D + 1]`, tokens and a mask column (`onnx::token_head`). ViT ReciproCAM's batches.
+    TokenHead(String),
+    /// The model from the image to one tensor (a name), its raw values the output `[N, size]`: a layer's tokens,
+    /// the class token included.
+    Tap(String),
 }
 
 impl PlanKey {
@@ -257,6 +280,7 @@ impl ModelRunner {
             attention: None,
             linear_heads: Default::default(),
             heads: Default::default(),
+            token_heads: Default::default(),
             output_dims: vec![],
             metadata: Default::default(),
             batch_fixed: false,
@@ -276,6 +300,12 @@ impl ModelRunner {
         let conv = ex.layers.iter().filter(|l| l.layout == crate::onnx::rewrite::LayerLayout::Nchw);
         let linear_heads = conv.clone().map(|l| (l.name.clone(), ex.linear_head(&l.name).map(Arc::new))).collect();
         let heads = conv.map(|l| (l.name.clone(), ex.head_reads_image(&l.name).map_or(Ok(()), Err))).collect();
+        let token_heads = ex
+            .layers
+            .iter()
+            .filter(|l| matches!(l.layout, crate::onnx::rewrite::LayerLayout::Tokens { .. }))
+            .map(|l| (l.name.clone(), ex.token_head(&l.name)))
+            .collect();
         let info = ModelInfo {
             input_name: ex.input.clone(),
             input_shape: [d[1] as usize, d[2] as usize, d[3] as usize],
@@ -288,6 +318,7 @@ impl ModelRunner {
             attention: ex.attention.clone(),
             linear_heads,
             heads,
+            token_heads,
             output_dims: ex.output_dims(),
             metadata: ex.metadata(),
             batch_fixed: ex.probe.batch_fixed,
@@ -371,7 +402,9 @@ impl ModelRunner {
                 (Source::Plain(ex), PlanKey::Predict) => io::encode_model(&ex.forward_model()?)?,
                 (Source::Plain(ex), PlanKey::Explain(plan)) => io::encode_model(&ex.build(plan)?)?,
                 (Source::Plain(ex), PlanKey::Head(layer)) => io::encode_model(&ex.head_model(layer)?)?,
-                (Source::Contract { .. }, PlanKey::Head(_)) => {
+                (Source::Plain(ex), PlanKey::TokenHead(layer)) => io::encode_model(&ex.token_head_model(layer)?)?,
+                (Source::Plain(ex), PlanKey::Tap(tensor)) => io::encode_model(&ex.tap_model(tensor)?)?,
+                (Source::Contract { .. }, PlanKey::Head(_) | PlanKey::TokenHead(_) | PlanKey::Tap(_)) => {
                     return Err(EngineError::Ort("a contract model has no separate head. This is a bug.".into()));
                 }
                 (Source::Contract { bytes, .. }, _) => bytes.clone(),
@@ -408,6 +441,7 @@ impl ModelRunner {
         }
         let input_name = match key {
             PlanKey::Head(layer) => layer.clone(),
+            PlanKey::TokenHead(_) => crate::onnx::token_head::MOSAIC.to_string(),
             _ => self.info.input_name.clone(),
         };
         let blocks = self.info.attention.as_ref().map_or(0, |a| a.outputs.len());
