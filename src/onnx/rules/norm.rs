@@ -25,25 +25,18 @@ fn batch_norm(ctx: &mut RuleCtx, node: &NodeProto, dy: &[Option<String>], needs:
     let eps = attr::float_or(node, "epsilon", 1e-5);
     let rank = ctx.dims(&node.input[0])?.len();
     let (scale, var) = (&node.input[1], &node.input[4]);
-    // y = (x - mean) * scale / sqrt(var + eps) + bias  =>  dx = dy * scale / sqrt(var + eps)
-    let factor = match (ctx.const_f32(scale), ctx.const_f32(var)) {
-        (Some((_, s)), Some((_, v))) if s.len() == v.len() => {
-            let f: Vec<f32> = s.iter().zip(&v).map(|(s, v)| s / (v + eps).sqrt()).collect();
-            let mut dims = vec![1, f.len() as i64];
-            dims.resize(rank, 1);
-            ctx.e.const_f32(&dims, &f)
-        }
-        _ => {
-            let e = ctx.e.scalar(eps);
-            let ve = ctx.e.op("Add", &[var, &e], vec![], "bn_var_eps");
-            let sd = ctx.e.op("Sqrt", &[&ve], vec![], "bn_std");
-            let f = ctx.e.op("Div", &[scale, &sd], vec![], "bn_factor");
-            let mut dims = vec![1, -1];
-            dims.resize(rank, 1);
-            let shape = ctx.e.ints(&dims);
-            ctx.e.op("Reshape", &[&f, &shape], vec![], "bn_factor_shaped")
-        }
-    };
+    // y = (x - mean) * scale / sqrt(var + eps) + bias  =>  dx = dy * scale / sqrt(var + eps). The factor is computed
+    // in the graph, also where scale and var are constants (ONNX Runtime folds it to the same float32 values), so
+    // that the explain graph run in float64 (scripts/float64_check.py) computes it in float64, not from a float32
+    // rounding stored here.
+    let e = ctx.e.scalar(eps);
+    let ve = ctx.e.op("Add", &[var, &e], vec![], "bn_var_eps");
+    let sd = ctx.e.op("Sqrt", &[&ve], vec![], "bn_std");
+    let f = ctx.e.op("Div", &[scale, &sd], vec![], "bn_factor");
+    let mut dims = vec![1, -1];
+    dims.resize(rank, 1);
+    let shape = ctx.e.ints(&dims);
+    let factor = ctx.e.op("Reshape", &[&f, &shape], vec![], "bn_factor_shaped");
     Ok(vec![Some(ctx.mul(dy, &factor)), None, None, None, None])
 }
 
