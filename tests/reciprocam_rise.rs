@@ -198,7 +198,7 @@ async fn reciprocam_through_oip_matches_openvino_xai() {
         eprintln!("reciprocam via OIP {key} class {c}: {e:.2e}");
         assert!(e <= 1e-4, "{key}: {e:e}");
     }
-    // Its head passes are now measured: the model lists ReciproCAM's (and Ablation-CAM's) estimate.
+    // Its head pass was warmed at load and has run here: the model lists ReciproCAM's (and Ablation-CAM's) estimate.
     let meta: Value = s.client.get(s.url("/v1/models/demo")).send().await.unwrap().json().await.unwrap();
     assert!(meta["estimates"]["reciprocam"].as_f64().is_some_and(|t| t > 0.0) && meta["estimates"]["ablationcam"].as_f64().is_some(), "{}", meta["estimates"]);
 }

@@ -80,11 +80,21 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             }
         }
         let info = runner.info();
-        // Warm the graphs the default request uses: predict, and Grad-CAM + guided Grad-CAM.
+        // Warm the graphs the default request uses: predict, and Grad-CAM + guided Grad-CAM; for a classifier also
+        // the part after the default layer (Ablation-CAM's and ReciproCAM's head, or a transformer's token head for
+        // ViT ReciproCAM), so that those methods have a measured time estimate from the start and a request
+        // estimated too long for its deadline goes as a job instead of meeting the timeout.
         let mut keys = vec![PlanKey::Predict];
         if info.rules.contains(&ReluRule::Guided) {
             let plan = ExplainPlan::new(info.default_layer.clone(), [ReluRule::Guided]);
             keys.push(PlanKey::explain(&info, plan));
+        }
+        if matches!(task, Task::Classification | Task::MultiLabel(_)) {
+            if info.why_no_head(&info.default_layer).is_none() {
+                keys.push(PlanKey::Head(info.default_layer.clone()));
+            } else if info.why_no_token_head(&info.default_layer).is_none() {
+                keys.push(PlanKey::TokenHead(info.default_layer.clone()));
+            }
         }
         let warm = runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
         tracing::info!(model = %m.name, task = task.as_str(), device = %info.device, classes = info.num_classes, layer = %info.default_layer,

@@ -382,8 +382,20 @@ impl ModelRunner {
         let [c, h, w] = self.info.input_shape;
         let mut times = Vec::with_capacity(keys.len());
         for key in keys {
+            // A head runs on the layer's activations, a token head on the tokens and their mask column.
+            let shape = match key {
+                PlanKey::Head(layer) => match self.info.layer(layer).map(|l| l.native_dims.as_slice()) {
+                    Some(&[_, c, h, w]) => (1, c as usize, h as usize, w as usize),
+                    _ => return Err(EngineError::Ort(format!("warm-up: layer `{layer}` is not [N, C, h, w]"))),
+                },
+                PlanKey::TokenHead(layer) => {
+                    let head = self.info.token_head(layer).map_err(EngineError::Ort)?;
+                    (1, 1, head.tokens, head.dim + 1)
+                }
+                _ => (1, c, h, w),
+            };
             let batch = Batch {
-                images: Array4::zeros((1, c, h, w)),
+                images: Array4::zeros(shape),
                 seeds: Array2::zeros((1, self.info.num_classes)),
                 ranks: Array1::from_elem(1, 0),
             };
