@@ -20,13 +20,19 @@ It samples the server's RSS every 10 s from /proc, and judges, after a warm-up o
   - RSS growth under 5 %: the largest RSS of the last window is at most 5 % above the largest RSS of the warm-up;
   - stable p99: for each model, each later window's p99 latency (good synchronous requests; jobs apart) is within
     1.5x of the median of those windows' p99s;
-  - no job failed (a job's 504 is work done for nothing).
+  - no job failed (a job's 504 is work done for nothing);
+  - with SOAK_ONE_PASS_BASELINE=<an earlier run's OUT.json made with SOAK_METHODS=one-pass>: for each model, the p99
+    of the one-pass requests (every method of the request costs at most ONE_PASS_COST forward-equivalents: the
+    explain pass and up to two gradient chains, no batches of its own), over the windows after warm-up, is within
+    1.5x of that baseline's (issue 29: interactive requests are not starved by the heavy ones).
+SOAK_METHODS=one-pass draws only one-pass methods (the baseline run). Every run prints and stores the one-pass p99.
 Exits 1 on any missed goal. Usage: soak_load.py BASE_URL PID DURATION CLIENTS OUT.json
 """
 
 import base64
 import http.client
 import json
+import os
 import random
 import socket
 import statistics
@@ -53,6 +59,18 @@ def get_json(path):
 models = {m["name"]: m for m in get_json("/v1/models")["models"]}
 lock = threading.Lock()
 records = []  # (t_done, model, kind, status or None, latency_s, detail)
+ONE_PASS_COST = 5
+ONE_PASS_ONLY = os.environ.get("SOAK_METHODS", "") == "one-pass"
+BASELINE = os.environ.get("SOAK_ONE_PASS_BASELINE")
+
+
+def one_pass(model, method):
+    return models[model].get("costs", {}).get(method, ONE_PASS_COST + 1) <= ONE_PASS_COST
+
+
+if ONE_PASS_ONLY:
+    for name, m in models.items():
+        m["methods"] = [meth for meth in m["methods"] if one_pass(name, meth)]
 answered_methods = {(m, meth): 0 for m in models for meth in models[m]["methods"]}
 t0 = time.monotonic()
 stop_at = t0 + duration
@@ -270,8 +288,30 @@ for model in sorted(models):
             fails.append(f"{model}: p99 not stable: windows {[round(p * 1000) for p in p99s]} ms vs median "
                          f"{med * 1000:.0f} ms (bound 1.5x)")
 
+# The one-pass requests' p99 over the windows after warm-up, against the baseline run's (SOAK_METHODS=one-pass).
+one_pass_p99 = {}
+for model in sorted(models):
+    lat = sorted(r[4] for r in records if r[1] == model and r[2] == "good" and r[3] == 200 and r[0] >= window
+                 and all(one_pass(model, m) for m in r[5].split(",")))
+    if lat:
+        one_pass_p99[model] = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+        print(f"{model}: one-pass requests after warm-up: {len(lat)}, p50 {lat[len(lat) // 2] * 1000:.0f} ms, p99 "
+              f"{one_pass_p99[model] * 1000:.0f} ms" + (" (one-pass methods only)" if ONE_PASS_ONLY else ""))
+if BASELINE:
+    base = json.load(open(BASELINE)).get("one_pass_p99", {})
+    for model, p99 in one_pass_p99.items():
+        if model not in base:
+            fails.append(f"{model}: no one-pass p99 in the baseline {BASELINE}")
+            continue
+        print(f"{model}: one-pass p99 {p99 * 1000:.0f} ms vs {base[model] * 1000:.0f} ms without the heavy methods: "
+              f"{p99 / base[model]:.2f}x (bound 1.5x)")
+        if p99 > 1.5 * base[model]:
+            fails.append(f"{model}: one-pass p99 {p99 * 1000:.0f} ms is {p99 / base[model]:.2f}x the baseline's "
+                         f"{base[model] * 1000:.0f} ms (bound 1.5x)")
+
 json.dump({"records": len(records), "counts": {f"{m} {k} {s}": n for (m, k, s), n in counts.items()},
-           "rss_kib": rss_samples, "p99": table, "fails": fails}, open(out_path, "w"), indent=1)
+           "rss_kib": rss_samples, "p99": table, "one_pass_p99": one_pass_p99, "one_pass_only": ONE_PASS_ONLY,
+           "fails": fails}, open(out_path, "w"), indent=1)
 for f in fails:
     print("FAIL:", f)
 sys.exit(1 if fails else 0)
