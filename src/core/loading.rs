@@ -89,14 +89,22 @@ pub fn load_models(config: &Config) -> anyhow::Result<BTreeMap<String, ModelHand
             let plan = ExplainPlan::new(info.default_layer.clone(), [ReluRule::Guided]);
             keys.push(PlanKey::explain(&info, plan));
         }
-        if matches!(task, Task::Classification | Task::MultiLabel(_)) {
-            if info.why_no_head(&info.default_layer).is_none() {
-                keys.push(PlanKey::Head(info.default_layer.clone()));
-            } else if info.why_no_token_head(&info.default_layer).is_none() {
-                keys.push(PlanKey::TokenHead(info.default_layer.clone()));
+        let mut warm = runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
+        // The head is an extra: a model serves without it (its methods then have no estimate until they run), so a
+        // head that cannot be built here is logged, not fatal.
+        let head = match &task {
+            Task::Classification | Task::MultiLabel(_) if info.why_no_head(&info.default_layer).is_none() => Some(PlanKey::Head(info.default_layer.clone())),
+            Task::Classification | Task::MultiLabel(_) if info.why_no_token_head(&info.default_layer).is_none() => {
+                Some(PlanKey::TokenHead(info.default_layer.clone()))
+            }
+            _ => None,
+        };
+        if let Some(key) = head {
+            match runner.warm_up(std::slice::from_ref(&key)) {
+                Ok(t) => warm.extend(t),
+                Err(e) => tracing::warn!(model = %m.name, plan = ?key, error = %e, "the head after the default layer could not be warmed"),
             }
         }
-        let warm = runner.warm_up(&keys).map_err(|e| anyhow::anyhow!("model `{}`: warm-up failed: {e}", m.name))?;
         tracing::info!(model = %m.name, task = task.as_str(), device = %info.device, classes = info.num_classes, layer = %info.default_layer,
             seconds = started.elapsed().as_secs_f64(), "model loaded and warmed");
         let queue = batcher::spawn(runner, batching);
